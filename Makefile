@@ -1,0 +1,30 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv from
+# requirements.txt the first time (a stamp file re-installs when requirements change).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean-venv
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mcl_jax.main --config=configs/digits_mcl_x2.py --workdir=workdirs/demo_mcl_x2 --baseline
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Slow tests too (full-length runs that the default suite skips).
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests --runslow
+
+bench: $(STAMP)
+	$(PY) -m mcl_jax.bench --arch=resnet32 --members=1,2,4 --strategies=vmap,unroll,map --batch=128
+
+clean-venv:
+	rm -rf $(VENV)
