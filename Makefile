@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: venv demo test test-all bench clean-venv
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+venv: $(STAMP)
+
 demo: $(STAMP)
-	$(PY) -m mcl_jax.main --config=configs/digits_mcl_x2.py --workdir=workdirs/demo_mcl_x2 --baseline
+	$(PY) -m mcl_jax.demo --workdir=workdirs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

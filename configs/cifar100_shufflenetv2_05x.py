@@ -1,0 +1,15 @@
+"""CIFAR-100, shufflenetv2_0.5x: baseline and MCL (paper Table 3 / Table 1).
+
+Launch (one variant per run; final-epoch top-1 is what to compare):
+  python -m mcl_jax.main --config=configs/cifar100_shufflenetv2_05x.py:baseline --workdir=WORKDIR   # published top-1 67.39%
+  python -m mcl_jax.main --config=configs/cifar100_shufflenetv2_05x.py:mcl_x2 --workdir=WORKDIR   # published top-1 69.55%
+  python -m mcl_jax.main --config=configs/cifar100_shufflenetv2_05x.py:mcl_x4 --workdir=WORKDIR   # published top-1 70.92%
+  python -m mcl_jax.main --config=configs/cifar100_shufflenetv2_05x.py:mcl_x4_logit --workdir=WORKDIR   # no published number
+Smoke run on a CPU: --config=configs/cifar100_shufflenetv2_05x.py:mcl_x2,smoke
+Variants are described in configs/cifar100_common.py.
+"""
+from configs import cifar100_common
+
+
+def get_config(arg=None):
+  return cifar100_common.make('shufflenetv2_0.5x', arg)

@@ -1,0 +1,86 @@
+"""The full config schema with defaults: every experiment config starts from this.
+
+Configs are data: this file imports only ml_collections. Every field that exists anywhere
+is declared here, so `mcl_jax.config_lib.validate` can reject a misspelt field with one
+sentence instead of letting it be silently ignored. The official code's flag each field
+stands for is named in its comment (`main_cifar.py --flag`).
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.trainer = "supervised"  # supervised | moco | lincls
+  c.seed = 0  # --manual_seed
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet32"  # --arch
+  c.model.num_classes = 0  # 0: take it from the dataset
+  # Leading stages shared by all members (stage 0 = stem). The official code shares the
+  # stem + first block group for M > 2 on CIFAR (2) and stem + layer1 + layer2 on ImageNet (3).
+  c.model.shared_stages = 0
+  c.model.embed_dim = 128  # --feat-dim: projection head output
+  c.model.strategy = "auto"  # auto | vmap | unroll | map: how the M members execute
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.cohort = ml_collections.ConfigDict()
+  c.cohort.num_members = 2  # --number-net
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.regime = "batch"  # batch (in-batch, CIFAR) | bank (memory bank, ImageNet) | moco
+  c.loss.vcl_weight = 0.1  # --alpha
+  c.loss.icl_weight = 0.1  # --beta
+  c.loss.soft_vcl_weight = 1.0  # --gamma
+  c.loss.soft_icl_weight = 1.0  # --lam
+  c.loss.tau = 0.1  # --tau: contrastive temperature
+  c.loss.kd_temperature = 3.0  # --kd_T
+  c.loss.logit_kd_weight = 0.0  # --logit-distill (1.0 when on, as the official code)
+  c.loss.logit_kd_targets = "all"  # all | last: which members distil from the ensemble
+
+  c.bank = ml_collections.ConfigDict()
+  c.bank.num_positives = 1  # --pos_k
+  c.bank.num_negatives = 8192  # --neg_k
+  c.bank.momentum = 0.5  # --nce_m
+
+  c.moco = ml_collections.ConfigDict()
+  c.moco.version = 1  # 1: MoCo (linear head), 2: MoCo v2 (MLP head, stronger augmentation)
+  c.moco.queue_size = 65536  # --moco-k
+  c.moco.key_momentum = 0.999  # --moco-m
+  c.moco.knn_every_epochs = 0  # 0: off; else kNN accuracy on the eval split as a progress signal
+
+  c.input = ml_collections.ConfigDict()
+  c.input.dataset = "cifar100"  # digits | cifar10 | cifar100 | imagenet2012 | image_folder | synthetic
+  c.input.data_dir = ""  # tfds data_dir, or the root of an image folder
+  c.input.global_batch_size = 128  # --batch-size (summed over all devices and hosts)
+  c.input.samples_per_class = 2  # class-aware batches (m per class); 0: plain shuffled batches
+  c.input.image_size = 32
+  c.input.eval_batch_size = 256
+  c.input.synthetic_train_size = 512  # synthetic source only
+  c.input.synthetic_eval_size = 128  # synthetic source only
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.1  # --init-lr
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.optim.weight_decay = 5e-4  # --weight-decay (applied to every parameter, as torch SGD)
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.kind = "cosine"  # cosine | step   (--lr-type cosine | multistep)
+  c.schedule.epochs = 300  # --epochs
+  c.schedule.boundaries = (150, 225)  # --milestones (epochs), step schedule only
+  c.schedule.decay_factor = 0.1
+  # The official code sets the LR once per epoch; True keeps that, False updates every step.
+  c.schedule.per_epoch = True
+  c.schedule.num_train_steps = 0  # >0 stops early (smoke runs); 0 means schedule.epochs
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_epochs = 1
+  c.checkpoint.keep = 2
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+
+  c.lincls = ml_collections.ConfigDict()
+  c.lincls.pretrained = ""  # an export directory (python -m mcl_jax.export --out=...)
+  return c

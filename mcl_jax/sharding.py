@@ -1,0 +1,49 @@
+"""Meshes and shardings: data parallelism over every device of every host.
+
+One mesh axis, `data`, spans all devices (all hosts in a multi-process run). Batches are
+split along it; params, optimizer state and BN statistics are replicated; the memory bank
+is split along its row axis (see memory_bank.py). Global arrays are built from each
+process's local share, so the same code runs on one CPU and on a TPU pod.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: list[Any] | None = None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over devices."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def bank_sharded(mesh: Mesh) -> NamedSharding:
+  """[M, N, d] memory bank: rows N split over devices, so no device holds it all."""
+  return NamedSharding(mesh, P(None, DATA_AXIS, None))
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+  """Global arrays (split on the batch axis) from this process's local share of a batch."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def process_slice(global_size: int) -> slice:
+  """The contiguous slice of a global batch that this process feeds."""
+  per_process = global_size // jax.process_count()
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
