@@ -58,6 +58,8 @@ def get_config(arg=None):
   c.input.eval_batch_size = 256
   c.input.synthetic_train_size = 512  # synthetic source only
   c.input.synthetic_eval_size = 128  # synthetic source only
+  c.input.synthetic_num_classes = 10  # synthetic source only
+  c.input.download = True  # CIFAR: let tfds download when data_dir has no copy
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 0.1  # --init-lr

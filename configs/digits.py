@@ -4,7 +4,7 @@
   python -m mcl_jax.main --config=configs/digits.py:baseline --workdir=/tmp/digits_base
   make demo      # both, then a side-by-side table (python -m mcl_jax.demo)
 
-1,437 training / 360 test images of 10 classes, 8x8 grey levels. The digits have only 10
+1,437 training / 360 test images of 10 classes, 8x8 grey levels shown at 16x16. The digits have only 10
 classes, so class-aware batches hold 8 classes x 8 samples (the paper's CIFAR batches hold
 64 classes x 2); the loss is the same. Append ',smoke' for a few steps only.
 """
@@ -19,6 +19,7 @@ def get_config(arg=None):
   c = default.get_config()
   c.model.arch = "resnet32"
   c.input.dataset = "digits"
+  c.input.image_size = 16  # the 8x8 digits upsampled 2x (pixel repeat)
   c.input.global_batch_size = 64
   c.input.samples_per_class = 8
   c.input.eval_batch_size = 360
