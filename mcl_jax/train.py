@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -156,40 +158,6 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.Cohort,
-               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-               preprocess: Callable[[jax.Array, jax.Array], jax.Array],
-               bank_cfg: ml_collections.ConfigDict | None = None,
-               bank_ops: "BankOps | None" = None) -> tuple[TrainState, dict]:
-  """One SGD step of the whole cohort. batch: image [B, ...], label [B], index [B]."""
-  rng, aug_rng, sample_rng = jax.random.split(state.rng, 3)
-  images = preprocess(aug_rng, batch["image"])
-  labels = batch["label"]
-  bank_idx = None
-  if bank_ops is not None:
-    bank_idx = bank_ops.sample(sample_rng, labels, batch["index"])
-
-  def loss_fn(params):
-    outputs, mutated = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    bank_terms = None
-    if bank_ops is not None:
-      bank_terms = bank_ops.losses(outputs["embeddings"], state.bank, *bank_idx)
-    loss, metrics = total_loss(outputs, labels, loss_cfg, bank_terms=bank_terms)
-    return loss, (metrics, mutated["batch_stats"], outputs["embeddings"])
-
-  grads, (metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  bank = state.bank
-  if bank_ops is not None:
-    bank = bank_ops.update(bank, batch["index"], embeddings, bank_cfg.momentum)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, rng=rng, bank=bank)
-  return new_state, metrics
-
-
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               model: models.Cohort, preprocess: Callable[[jax.Array], jax.Array]) -> dict:
   """Correct-prediction counts of every member and the ensemble (mean of logits).
@@ -211,16 +179,110 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 @dataclasses.dataclass(frozen=True)
 class BankOps:
-  """The memory-bank regime's three on-device operations, bound to a mesh and a class table.
+  """The memory-bank regime's on-device operations (SPEC 2.2), bound to a mesh.
 
-  Kept as one object so `train_step` stays free of sharding details.
+  The bank [M, N, d] is split along N over the mesh. Each step samples 1 + P positives and
+  K negatives per example from the class table, gathers exactly those rows with
+  `memory_bank.gather_rows` (each device contributes the rows it holds, reduce-scattered
+  to the devices that hold the batch's examples: no all-gather of the bank), and after the
+  step writes each example's row on the device that owns it (`update_sharded`).
   """
-  sample: Callable[..., tuple[jax.Array, jax.Array]]
-  losses: Callable[..., dict[str, jax.Array]]
-  update: Callable[..., jax.Array]
+  mesh: jax.sharding.Mesh
+  num_positives: int
+  num_negatives: int
+  tau: float
+  kd_temperature: float
+
+  def sample(self, rng, labels, own_idx, table):
+    return memory_bank.sample_indices(rng, labels, own_idx, table,
+                                      num_positives=self.num_positives,
+                                      num_negatives=self.num_negatives)
+
+  def losses(self, z, bank, pos_idx, neg_idx):
+    idx = jnp.concatenate([pos_idx, neg_idx], axis=1)
+    rows = memory_bank.gather_rows(bank, idx, self.mesh, scatter=True)
+    return losses.bank_mcl_from_rows(z, rows, num_positives=self.num_positives, tau=self.tau,
+                                     kd_temperature=self.kd_temperature)
+
+  def update(self, bank, own_idx, z, momentum):
+    return memory_bank.update_sharded(bank, own_idx, z, momentum, self.mesh)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str, jax.Array],
+               *, model: models.Cohort, tx: optax.GradientTransformation,
+               loss_cfg: ml_collections.ConfigDict,
+               preprocess: Callable[[jax.Array, jax.Array], jax.Array],
+               bank_ops: BankOps | None = None,
+               bank_momentum: float = 0.5) -> tuple[TrainState, dict]:
+  """One SGD step of the whole cohort.
+
+  batch: either image [B, ...], label [B], index [B] (streamed from the host), or only
+  index [B], gathered here from the training set kept on device (consts['train_image'],
+  consts['train_label']). consts also carries the bank's class table.
+  """
+  if "image" not in batch:  # In-memory dataset: the batch is its example indices.
+    batch = {"image": consts["train_image"][batch["index"]],
+             "label": consts["train_label"][batch["index"]], "index": batch["index"]}
+  rng, aug_rng, sample_rng = jax.random.split(state.rng, 3)
+  images = preprocess(aug_rng, batch["image"])
+  labels, own_idx = batch["label"], batch["index"]
+  if bank_ops is not None:
+    pos_idx, neg_idx = bank_ops.sample(sample_rng, labels, own_idx, consts)
+
+  def loss_fn(params):
+    outputs, mutated = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+        mutable=["batch_stats"])
+    bank_terms = None
+    if bank_ops is not None:
+      bank_terms = bank_ops.losses(outputs["embeddings"], state.bank, pos_idx, neg_idx)
+    loss, metrics = total_loss(outputs, labels, loss_cfg, bank_terms=bank_terms)
+    return loss, (metrics, mutated["batch_stats"], outputs["embeddings"])
+
+  grads, (metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  bank = state.bank
+  if bank_ops is not None:  # After the step, from this step's embeddings (official order).
+    bank = bank_ops.update(bank, own_idx, embeddings, bank_momentum)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, rng=rng, bank=bank)
+  return new_state, metrics
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (a TPU preemption notice, SLURM's --signal before the time limit) into
+  "save at this step and stop".
+
+  Single process: our own handler sets a flag. Several processes: JAX's preemption
+  service (on by default with jax.distributed) catches the signal and agrees on a step at
+  which every host saves; `reached_preemption_sync_point` must then be asked every step.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _progress(total_steps: int, initial: int):
@@ -238,7 +300,7 @@ def format_accuracy(acc: dict[str, np.ndarray]) -> str:
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-  """[M]-vectors become one scalar per member (`ce/member_0`), plus their sum for CE."""
+  """[M]-vectors become one scalar per member (`ce/member_0`)."""
   flat = {}
   for name, value in metrics.items():
     value = np.asarray(value)
@@ -250,11 +312,15 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
   return flat
 
 
-class Trainer:
-  """Wires a config to data, state, compiled steps, checkpoints and metric writers.
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
 
-  `train_and_evaluate` is the whole job; the attributes are there so tests can drive a
-  few steps, check shardings, or compare two runs.
+
+class Trainer:
+  """Wires a config to data, state, the compiled step, eval and checkpoints.
+
+  `train_and_evaluate` is the whole job; the pieces are public so tests can drive a few
+  steps, check shardings, or compare two runs.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
@@ -264,32 +330,48 @@ class Trainer:
     self.mesh = mesh or sharding_lib.make_mesh()
     config_lib.validate(config, num_devices=self.mesh.size, workdir=workdir)
     self.dataset = data_lib.make_source(config.input)
+    self.streaming = bool(getattr(self.dataset, "streaming", False))
     num_classes = config.model.num_classes or self.dataset.num_classes
     self.model = build_model(config, num_classes)
     self.global_batch = config.input.global_batch_size
-    self.steps_per_epoch = len(self.dataset.train_labels) // self.global_batch
+    num_train = self.dataset.num_train
+    self.steps_per_epoch = num_train // self.global_batch
     if self.steps_per_epoch < 1:
       raise config_lib.ConfigError(
           f"config.input.global_batch_size={self.global_batch} is larger than the "
-          f"{len(self.dataset.train_labels)} training examples.")
+          f"{num_train} training examples.")
     self.total_steps = config.schedule.num_train_steps or (
         config.schedule.epochs * self.steps_per_epoch)
     self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch)
-    image_shape = self.dataset.train_images.shape[1:]
-    self.state = create_train_state(
-        self.model, self.tx, image_shape, jax.random.PRNGKey(config.seed), self.mesh)
-    self.shardings = state_shardings(self.state, self.mesh)
-    # The training set, once, on every device: steps gather their batch from it by index.
+    self.bank_ops = None
     replicated = sharding_lib.replicated(self.mesh)
-    self.train_data = {
-        "image": jax.device_put(self.dataset.train_images, replicated),
-        "label": jax.device_put(self.dataset.train_labels.astype(np.int32), replicated)}
+    self.consts = {}  # Replicated arrays every step reads.
+    bank_rows = 0
+    if config.loss.regime == "bank":
+      # N padded to a multiple of the device count so the rows split evenly; padding rows
+      # are never sampled (indices come from the class table of the N real examples).
+      bank_rows = _round_up(num_train, self.mesh.size)
+      table = memory_bank.class_index_table(np.asarray(self.dataset.train_labels), num_classes)
+      self.consts.update({k: jax.device_put(v, replicated) for k, v in table.items()})
+      self.bank_ops = BankOps(self.mesh, config.bank.num_positives, config.bank.num_negatives,
+                              config.loss.tau, config.loss.kd_temperature)
+    if not self.streaming:
+      # The training set, once, on every device: steps gather their batch by index.
+      self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
+      self.consts["train_label"] = jax.device_put(
+          self.dataset.train_labels.astype(np.int32), replicated)
+    self.state = create_train_state(
+        self.model, self.tx, tuple(self.dataset.image_shape), jax.random.PRNGKey(config.seed),
+        self.mesh, bank_rows=bank_rows)
+    self.shardings = state_shardings(self.state, self.mesh)
     self._train_step = self._compile_train_step()
     self._eval_step = jax.jit(functools.partial(
         eval_step, model=self.model, preprocess=self._eval_preprocess))
 
-  # Preprocessing is data-dependent (mean/std, crop padding) and jit-traced with the step.
+  # Preprocessing is traced into the step. Streamed images come cropped and flipped.
   def _train_preprocess(self, rng: jax.Array, images: jax.Array) -> jax.Array:
+    if self.streaming:
+      return augment_lib.normalize(images, self.dataset.mean, self.dataset.std)
     return augment_lib.train_augment(rng, images, self.dataset.augment,
                                      mean=self.dataset.mean, std=self.dataset.std)
 
@@ -297,18 +379,15 @@ class Trainer:
     return augment_lib.normalize(images, self.dataset.mean, self.dataset.std)
 
   def _compile_train_step(self):
-    step = functools.partial(train_step, model=self.model, tx=self.tx,
-                             loss_cfg=self.config.loss, preprocess=self._train_preprocess)
-
-    def step_on_indices(state, data, idx):
-      batch = {"image": data["image"][idx], "label": data["label"][idx], "index": idx}
-      return step(state, batch)
-
+    step = functools.partial(
+        train_step, model=self.model, tx=self.tx, loss_cfg=self.config.loss,
+        preprocess=self._train_preprocess, bank_ops=self.bank_ops,
+        bank_momentum=self.config.bank.momentum)
+    replicated = sharding_lib.replicated(self.mesh)
     return jax.jit(
-        step_on_indices,
-        in_shardings=(self.shardings, sharding_lib.replicated(self.mesh),
-                      sharding_lib.batch_sharded(self.mesh)),
-        out_shardings=(self.shardings, sharding_lib.replicated(self.mesh)),
+        step,
+        in_shardings=(self.shardings, sharding_lib.batch_sharded(self.mesh), replicated),
+        out_shardings=(self.shardings, replicated),
         donate_argnums=(0,))
 
   # -- data order: a pure function of (seed, epoch), so a resumed run sees the same batches.
@@ -319,46 +398,61 @@ class Trainer:
       return sampler.class_aware_epoch(
           self.dataset.train_labels, epoch=epoch, seed=self.config.seed,
           global_batch_size=self.global_batch, samples_per_class=cfg.samples_per_class)
-    return sampler.shuffled_epoch(len(self.dataset.train_labels), epoch=epoch,
-                                  seed=self.config.seed, global_batch_size=self.global_batch)
+    return sampler.shuffled_epoch(self.dataset.num_train, epoch=epoch, seed=self.config.seed,
+                                  global_batch_size=self.global_batch)
 
-  def step_indices(self) -> Iterator[tuple[int, np.ndarray]]:
-    """(step, global index batch) from the state's step to the end of training."""
+  def local_batches(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(step, this process's share of the batch) from the state's step to the end."""
     step = int(self.state.step)
     while step < self.total_steps:
       epoch, offset = divmod(step, self.steps_per_epoch)
-      for idx in self.epoch_indices(epoch)[offset:]:
+      if self.streaming:
+        batches = self.dataset.train_batches(epoch, seed=self.config.seed,
+                                             global_batch_size=self.global_batch,
+                                             start_step=offset)
+      else:
+        batches = ({"index": idx[sharding_lib.process_slice(len(idx))].astype(np.int32)}
+                   for idx in self.epoch_indices(epoch)[offset:])
+      for batch in batches:
         if step >= self.total_steps:
           return
-        yield step, idx
+        yield step, batch
         step += 1
 
+  def step(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    self.state, metrics = self._train_step(
+        self.state, sharding_lib.global_batch(local_batch, self.mesh), self.consts)
+    return metrics
+
   def train_steps(self, num_steps: int | None = None) -> list[dict]:
-    """Runs steps (all remaining by default); returns per-step host metrics."""
+    """Runs `num_steps` steps (all remaining by default); returns per-step metrics."""
     history = []
-    for step, idx in self.step_indices():
+    for _, batch in self.local_batches():
       if num_steps is not None and len(history) >= num_steps:
         break
-      local = np.asarray(idx[sharding_lib.process_slice(len(idx))], np.int32)
-      self.state, metrics = self._train_step(
-          self.state, self.train_data, sharding_lib.global_batch(local, self.mesh))
-      history.append(metrics)
+      history.append(self.step(batch))
     return history
+
+  def eval_local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    batch_size = _round_up(self.config.input.eval_batch_size, self.mesh.size)
+    if self.streaming:
+      yield from self.dataset.eval_batches(batch_size)
+      return
+    from mcl_jax.data import pipeline
+    for batch in pipeline.eval_batches(self.dataset.eval_images, self.dataset.eval_labels,
+                                       batch_size):
+      yield {k: v[sharding_lib.process_slice(len(v))] for k, v in batch.items()}
 
   def evaluate(self) -> dict[str, np.ndarray]:
     """Top-1/top-5 of every member and the ensemble over the whole eval split."""
-    from mcl_jax.data import pipeline
-    batch_size = _round_up(self.config.input.eval_batch_size, self.mesh.size)
     totals = None
-    for batch in pipeline.eval_batches(self.dataset.eval_images, self.dataset.eval_labels,
-                                       batch_size):
-      local = {k: v[sharding_lib.process_slice(len(v))] for k, v in batch.items()}
+    for local in self.eval_local_batches():
+      local = {k: local[k] for k in ("image", "label", "mask")}
       counts = self._eval_step(self.state, sharding_lib.global_batch(local, self.mesh))
       counts = jax.tree.map(np.asarray, counts)
       totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
     return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
 
-  # -- checkpoints
   def restore_or_keep(self, ckpt: checkpointing.Checkpointer) -> bool:
     restored = ckpt.restore_latest(self.state)
     if restored is None:
@@ -367,25 +461,23 @@ class Trainer:
     return True
 
   def meta(self) -> dict[str, Any]:
+    """What export needs to rebuild a member without the config file."""
     return {"arch": self.config.model.arch, "num_members": self.config.cohort.num_members,
             "shared_stages": self.config.model.shared_stages,
             "num_classes": int(self.model.num_classes), "trainer": self.config.trainer,
             "embed_dim": self.config.model.embed_dim,
-            "image_shape": list(self.dataset.train_images.shape[1:]),
+            "image_shape": list(self.dataset.image_shape),
             "mean": np.asarray(self.dataset.mean).tolist(),
             "std": np.asarray(self.dataset.std).tolist(),
             "config": self.config.to_json_best_effort()}
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the cohort, evaluating every `eval_every_epochs`; resumes from `workdir`.
 
-  Returns the final evaluation ({"top1": [M + 1], "top5": [M + 1]}, last entry = ensemble)
-  and the last step's training metrics.
+  Returns {"eval": {"top1": [M + 1], "top5": [M + 1]} (last entry = ensemble), "train": the
+  last logged training metrics, "steps": the step reached, "preempted": bool}. On SIGTERM
+  it saves at the current step and returns early with preempted=True.
   """
   from clu import metric_writers, periodic_actions
   trainer = Trainer(config, workdir)
@@ -401,46 +493,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_secs=30)
   bar = _progress(total, start_step)
-  train_metrics: list[dict] = []
-  last_train = {}
-  eval_result = None
+  guard = PreemptionGuard()
+  pending, last_train, eval_result, done = [], {}, None, start_step
   t0 = time.time()
-  for step, idx in trainer.step_indices():
-    local = np.asarray(idx[sharding_lib.process_slice(len(idx))], np.int32)
-    trainer.state, metrics = trainer._train_step(
-        trainer.state, trainer.train_data, sharding_lib.global_batch(local, trainer.mesh))
-    train_metrics.append(metrics)
-    done = step + 1
-    report(done)
-    if bar is not None:
-      bar.update(1)
-    if done % config.log_every_steps == 0 or done == total:
-      last_train = _mean_metrics(train_metrics)
-      last_train["learning_rate"] = float(trainer.schedule(step))
-      writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
+  try:
+    for step, batch in trainer.local_batches():
+      pending.append(trainer.step(batch))
+      done = step + 1
+      report(done)
       if bar is not None:
-        bar.set_postfix(loss=f"{last_train['loss']:.3f}")
-      train_metrics = []
-    epoch_end = done % spe == 0
-    if (epoch_end and (done // spe) % config.eval_every_epochs == 0) or done == total:
-      eval_result = trainer.evaluate()
-      writer.write_scalars(done, flatten_metrics(eval_result, "eval/"))
-      logging.info("step %d (epoch %.1f) eval top-1/top-5 %%: %s", done, done / spe,
-                   format_accuracy(eval_result))
-    if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
-      ckpt.save(done, trainer.state, trainer.meta())
-  if bar is not None:
-    bar.close()
+        bar.update(1)
+      if done % config.log_every_steps == 0 or done == total:
+        last_train = _mean_metrics(pending)
+        last_train["learning_rate"] = float(trainer.schedule(step))
+        writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
+        if bar is not None:
+          bar.set_postfix(loss=f"{last_train['loss']:.3f}")
+        pending = []
+      if guard.reached(done):
+        ckpt.save(done, trainer.state, trainer.meta())
+        logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
+                        "to resume.", done, workdir)
+        return {"eval": eval_result, "train": last_train, "steps": done, "preempted": True}
+      epoch_end = done % spe == 0
+      if (epoch_end and (done // spe) % config.eval_every_epochs == 0) or done == total:
+        eval_result = trainer.evaluate()
+        writer.write_scalars(done, flatten_metrics(eval_result, "eval/"))
+        logging.info("step %d (epoch %.2f) eval top-1/top-5 %%: %s", done, done / spe,
+                     format_accuracy(eval_result))
+      if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
+        ckpt.save(done, trainer.state, trainer.meta())
+  finally:
+    guard.close()
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+    writer.flush()
   if eval_result is None:  # Resumed after the last step: report the final state anyway.
     eval_result = trainer.evaluate()
-  ckpt.close()
-  writer.flush()
-  logging.info("Finished %d steps in %.1f s. Final eval: %s", total - start_step,
+  logging.info("Finished %d steps in %.1f s. Final eval top-1/top-5 %%: %s", done - start_step,
                time.time() - t0, format_accuracy(eval_result))
-  return {"eval": eval_result, "train": last_train, "steps": total}
+  return {"eval": eval_result, "train": last_train, "steps": done, "preempted": False}
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  host = jax.tree.map(np.asarray, jax.device_get(history))
+  host = jax.device_get(history)
   mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *host)
   return flatten_metrics(mean)
