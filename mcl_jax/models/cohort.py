@@ -1,0 +1,180 @@
+"""The Cohort: M networks of one architecture over stacked variables (SPEC 1, docs/DESIGN.md).
+
+Layout of the variables (every leaf under `members` has a leading axis M):
+
+  params:      {'trunk': <stages [0, s) of the backbone>,          # only when s > 0
+                'members': {'backbone': <stages [s, end) + classifier>,
+                            'head': {'fc1', 'fc2'}}}                 # projection heads
+  batch_stats: {'trunk': ..., 'members': {'backbone': ...}}
+
+The official code builds M = 2 as independent networks (s = 0) and M > 2 with a shared
+trunk: stem + first block group on CIFAR (s = 2), stem + layer1 + layer2 on ImageNet
+(s = 3). Here `shared_stages` is explicit and independent of M.
+
+Execution strategies, one set of variables (a checkpoint written under one runs under any):
+  vmap    nn.vmap over members: one batched program (convs with a member axis).
+  unroll  a Python loop inside one jit: member m runs `_Member.apply` on slice m of the
+          stacked variables, so XLA sees M ordinary convolutions it can schedule freely.
+  map     jax.lax.map over the stacked variables: one member's program in a loop (smallest
+          compile and memory, members run one after another).
+  auto    `resolve_strategy`: picked per backend from the measurements in its docstring.
+Initialisation always goes through the nn.vmap path (params RNG split per member, so
+members differ at init), hence the same RNG gives the same variables for every strategy.
+
+The `train` flag reaches the members as a module attribute, never as a keyword argument
+through a lifted transform: Flax's lifted transforms drop keyword arguments with only a
+RuntimeWarning, which would leave BatchNorm in training mode during evaluation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import models
+from mcl_jax.models import layers
+
+Array = jax.Array
+
+STRATEGIES = ("vmap", "unroll", "map")
+
+
+def resolve_strategy(strategy: str, backend: str | None = None) -> str:
+  """The concrete strategy for `strategy` ('auto' | 'vmap' | 'unroll' | 'map').
+
+  'auto' is 'unroll' on every backend: on CPU it compiled and ran a resnet32 M=2 train
+  step faster than vmap (vmap turns per-member kernels into grouped convolutions) and map
+  (serial members). See the module docstring of mcl_jax/bench.py or the models report for
+  the figures; measure with `make bench` before changing this.
+  """
+  del backend  # One answer for now; kept so callers need not change when it differs.
+  if strategy == "auto":
+    return "unroll"
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown cohort strategy {strategy!r}; use one of auto, "
+                     f"{', '.join(STRATEGIES)}.")
+  return strategy
+
+
+class ProjectionHead(nn.Module):
+  """h_m (SPEC 1): Dense(F, d) - ReLU - Dense(d, d), then L2 normalisation; no BatchNorm."""
+  embed_dim: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Array) -> Array:
+    h = layers.linear(self.embed_dim, features.shape[-1], dtype=self.dtype, name="fc1")(features)
+    h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype, name="fc2")(nn.relu(h))
+    h = h.astype(jnp.float32)
+    # F.normalize(h, dim=1): h / max(||h||, 1e-12).
+    return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+
+
+class _Member(nn.Module):
+  """One member: backbone stages [first_stage, end) + classifier, and its projection head.
+
+  `train` is an attribute (see the module docstring for why).
+  """
+  arch: str
+  num_classes: int
+  first_stage: int
+  embed_dim: int
+  dtype: Any
+  train: bool
+
+  @nn.compact
+  def __call__(self, h: Array) -> dict[str, Array]:
+    backbone = models.create(self.arch, self.num_classes, dtype=self.dtype,
+                             stage_slice=(self.first_stage, None), name="backbone")
+    logits, features = backbone(h, self.train)
+    embeddings = ProjectionHead(self.embed_dim, dtype=self.dtype, name="head")(features)
+    return {"logits": logits.astype(jnp.float32), "features": features,
+            "embeddings": embeddings}
+
+
+class Cohort(nn.Module):
+  """M members of `arch` on one input batch, optionally behind a shared trunk.
+
+  __call__(x [B, H, W, C], train) -> {'logits': [M, B, C] float32, 'features': [M, B, F]
+  (compute dtype), 'embeddings': [M, B, embed_dim] float32, L2-normalised}.
+  Apply with mutable=['batch_stats'] when train is True.
+  """
+  arch: str
+  num_classes: int
+  num_members: int
+  shared_stages: int = 0
+  embed_dim: int = 128
+  strategy: str = "unroll"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+    strategy = resolve_strategy(self.strategy)
+    if self.num_members < 1:
+      raise ValueError(f"Cohort num_members must be >= 1, got {self.num_members}.")
+    num_stages = models.create(self.arch, self.num_classes).num_stages
+    if not 0 <= self.shared_stages < num_stages:
+      raise ValueError(f"shared_stages={self.shared_stages} must be in [0, {num_stages}) for "
+                       f"{self.arch} ({num_stages} stages, stem included).")
+    h = x
+    if self.shared_stages:
+      h = models.create(self.arch, self.num_classes, dtype=self.dtype,
+                        stage_slice=(0, self.shared_stages), name="trunk")(x, train)
+    member = functools.partial(_Member, self.arch, self.num_classes, self.shared_stages,
+                               self.embed_dim, self.dtype, train)
+    if strategy == "vmap" or self.is_initializing():
+      stacked = nn.vmap(
+          _Member, variable_axes={"params": 0, "batch_stats": 0},
+          split_rngs={"params": True}, in_axes=None, out_axes=0,
+          axis_size=self.num_members)
+      # Same arguments as `member`, but the lifted class needs them as keywords here.
+      return stacked(self.arch, self.num_classes, self.shared_stages, self.embed_dim,
+                     self.dtype, train, name="members")(h)
+    return self._apply_stacked(member(parent=None), h, train, strategy)
+
+  def _apply_stacked(self, member: _Member, h: Array, train: bool,
+                     strategy: str) -> dict[str, Array]:
+    """unroll / map: run the unbound `member` on each slice of the stacked variables."""
+    variables = {"params": self.get_variable("params", "members")}
+    stats = self.get_variable("batch_stats", "members")
+    if stats is not None:
+      variables["batch_stats"] = stats
+    update = train and stats is not None
+
+    def run(v: Mapping[str, Any]):
+      if update:
+        out, new = member.apply(v, h, mutable=["batch_stats"])
+        return out, new["batch_stats"]
+      return member.apply(v, h), None
+
+    if strategy == "unroll":
+      per_member = [run(jax.tree.map(lambda a, m=m: a[m], variables))
+                    for m in range(self.num_members)]
+      out, new_stats = jax.tree.map(lambda *a: jnp.stack(a), *per_member)
+    else:  # map
+      out, new_stats = jax.lax.map(run, variables)
+    if update:
+      self.put_variable("batch_stats", "members", new_stats)
+    return out
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays or jax.ShapeDtypeStructs."""
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def count_cohort_params(variables: Mapping[str, Any], heads: bool = False) -> int:
+  """Cohort parameter count: trunk + every member's backbone and classifier.
+
+  The projection heads are left out unless `heads` (SPEC 1 counts backbone + classifier).
+  Accepts the variables dict or its 'params' entry, arrays or eval_shape structs.
+  """
+  params = variables.get("params", variables)
+  total = count_params(params)
+  if not heads:
+    total -= count_params(params["members"].get("head", {}))
+  return total
