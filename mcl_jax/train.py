@@ -89,7 +89,13 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], rng: jax.Array,
                        mesh: jax.sharding.Mesh, *, bank_rows: int = 0) -> TrainState:
-  """The state, created already sharded (params replicated, bank split along its rows)."""
+  """The state, created already sharded (params replicated, bank split along its rows).
+
+  bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
+  those rows, then zero-padded to a multiple of the device count so it splits evenly: the
+  same seed gives the same bank on any number of devices, and padding rows are never
+  sampled (indices come from the class table of the real examples).
+  """
 
   def init(rng):
     init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
@@ -98,6 +104,8 @@ def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
     bank = None
     if bank_rows:
       bank = memory_bank.init(bank_rng, model.num_members, bank_rows, model.embed_dim)
+      padding = _round_up(bank_rows, mesh.size) - bank_rows
+      bank = jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=state_rng, bank=bank)
@@ -347,10 +355,10 @@ class Trainer:
     replicated = sharding_lib.replicated(self.mesh)
     self.consts = {}  # Replicated arrays every step reads.
     bank_rows = 0
-    if config.loss.regime == "bank":
-      # N padded to a multiple of the device count so the rows split evenly; padding rows
-      # are never sampled (indices come from the class table of the N real examples).
-      bank_rows = _round_up(num_train, self.mesh.size)
+    weights = (config.loss.vcl_weight, config.loss.icl_weight, config.loss.soft_vcl_weight,
+               config.loss.soft_icl_weight)
+    if config.loss.regime == "bank" and any(w != 0 for w in weights):
+      bank_rows = num_train
       table = memory_bank.class_index_table(np.asarray(self.dataset.train_labels), num_classes)
       self.consts.update({k: jax.device_put(v, replicated) for k, v in table.items()})
       self.bank_ops = BankOps(self.mesh, config.bank.num_positives, config.bank.num_negatives,
@@ -480,6 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it saves at the current step and returns early with preempted=True.
   """
   from clu import metric_writers, periodic_actions
+  from mcl_jax.data import _tf
+  _tf.tf()  # clu's TensorBoard writer runs on TensorFlow: hide the GPUs from it first.
   trainer = Trainer(config, workdir)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)

@@ -1,0 +1,121 @@
+"""ImageNet-style supervised MCL: the memory bank in the sharded train state (SPEC 2.2)."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mcl_jax import checkpointing
+from mcl_jax import config_lib
+from mcl_jax import memory_bank
+from mcl_jax import sharding as sharding_lib
+from mcl_jax import train
+
+config_lib.ensure_configs_importable()
+from configs import imagenet_r18_x3  # noqa: E402
+
+
+def tiny_bank_config():
+  """imagenet_r18_x3's smoke recipe (bank, logit KD, bf16) on the tiny architecture."""
+  c = imagenet_r18_x3.get_config("smoke")
+  c.model.arch = "tiny"
+  c.model.shared_stages = 1
+  c.input.image_size = 8
+  c.input.synthetic_train_size = 60  # not a multiple of 8: the bank is padded to 64 rows
+  return c
+
+
+def test_imagenet_r18_x3_smoke_steps_are_finite(tmp_path):
+  c = imagenet_r18_x3.get_config("smoke")
+  assert (c.model.arch, c.cohort.num_members, c.model.shared_stages) == ("resnet18", 3, 3)
+  assert c.loss.regime == "bank" and c.loss.logit_kd_targets == "last"
+  trainer = train.Trainer(c, str(tmp_path))
+  history = trainer.train_steps(2)
+  for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "logit_kd"):
+    assert np.isfinite(np.asarray(history[-1][name])).all(), name
+  assert trainer.state.bank.shape == (3, 64, 128)
+
+
+def test_bank_is_sharded_and_updated_as_memory_bank_update(tmp_path):
+  c = tiny_bank_config()
+  c.model.dtype = "float32"  # the reference forward below runs outside the step's jit
+  trainer = train.Trainer(c, str(tmp_path))
+  bank = trainer.state.bank
+  assert bank.shape == (2 if c.cohort.num_members == 2 else 3, 64, 128)
+  assert bank.sharding.spec == P(None, "data", None)
+  assert {s.data.shape for s in bank.addressable_shards} == {(bank.shape[0], 8, 128)}
+
+  before = jax.device_get(trainer.state)
+  (_, batch), = [next(iter(trainer.local_batches()))]
+  trainer.step(batch)
+  after = np.asarray(trainer.state.bank)
+
+  # The embeddings the step computed: same RNG split, preprocessing and forward pass.
+  idx = jnp.asarray(batch["index"])
+  _, aug_rng, _ = jax.random.split(before.rng, 3)
+  images = trainer._train_preprocess(aug_rng, trainer.consts["train_image"][idx])
+  outputs, _ = trainer.model.apply(
+      {"params": before.params, "batch_stats": before.batch_stats}, images, train=True,
+      mutable=["batch_stats"])
+  expected = memory_bank.update(jnp.asarray(before.bank), idx, outputs["embeddings"],
+                                c.bank.momentum)
+  np.testing.assert_allclose(after, np.asarray(expected), atol=2e-6)
+  untouched = np.setdiff1d(np.arange(64), np.asarray(idx))
+  np.testing.assert_array_equal(after[:, untouched], before.bank[:, untouched])
+  assert trainer.state.bank.sharding.spec == P(None, "data", None)
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+  c = tiny_bank_config()
+  c.model.dtype = "float32"  # compare the arithmetic, not bf16 rounding order
+  eight = train.Trainer(c, str(tmp_path / "eight"))
+  one = train.Trainer(c, str(tmp_path / "one"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  h8, h1 = eight.train_steps(2), one.train_steps(2)
+  for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "logit_kd"):
+    np.testing.assert_allclose(np.asarray(h8[-1][name]), np.asarray(h1[-1][name]),
+                               rtol=2e-5, err_msg=name)
+  # 60 real rows; 8 devices pad the bank to 64 with rows that are never read or written.
+  np.testing.assert_allclose(np.asarray(eight.state.bank)[:, :60], np.asarray(one.state.bank),
+                             atol=1e-5)
+  assert not np.asarray(eight.state.bank)[:, 60:].any()
+
+
+def test_resume_restores_the_sharded_bank(tmp_path):
+  c = tiny_bank_config()
+  trainer = train.Trainer(c, str(tmp_path))
+  trainer.train_steps(2)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(2, trainer.state, trainer.meta())
+  ckpt.close()
+  fresh = train.Trainer(c, str(tmp_path))
+  assert not np.array_equal(np.asarray(fresh.state.bank), np.asarray(trainer.state.bank))
+  assert fresh.restore_or_keep(checkpointing.Checkpointer(str(tmp_path)))
+  np.testing.assert_array_equal(np.asarray(fresh.state.bank), np.asarray(trainer.state.bank))
+  assert fresh.state.bank.sharding.spec == P(None, "data", None)
+  assert int(fresh.state.step) == 2
+
+
+def test_streamed_image_folder_with_the_bank(tmp_path):
+  """The real ImageNet path: JPEGs decoded by tf.data, cropped on the host, bank on device."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, per_class in (("train", 6), ("val", 2)):
+    for cls in ("ant", "bee", "cat", "dog"):
+      folder = tmp_path / "data" / split / cls
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
+  c = tiny_bank_config()
+  c.input.dataset = "image_folder"
+  c.input.data_dir = str(tmp_path / "data")
+  c.model.num_classes = 0
+  c.input.global_batch_size = 8
+  c.input.eval_batch_size = 8
+  c.schedule.num_train_steps = 3  # crosses an epoch boundary (24 images / 8 = 3 steps)
+  result = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert result["steps"] == 3 and result["eval"]["top1"].shape == (4,)
+  assert np.isfinite(result["train"]["loss"])
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")
