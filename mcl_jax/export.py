@@ -1,0 +1,254 @@
+r"""Export one member of a trained cohort as a plain single network (SPEC 1).
+
+  python -m mcl_jax.export --workdir=DIR --member=m --out=DIR2 [--torch] [--step=N]
+
+Reads the newest checkpoint in DIR (or step N) of a supervised (`train.py`) or MoCo
+(`moco.py`) run, takes member m alone and writes to DIR2:
+- `variables/`: an Orbax checkpoint of {'params', 'batch_stats'} of
+  `models.create(arch, num_classes)`: the shared trunk (if any) merged with member m's
+  branch and classifier (`models.extract_member`). No projection head; for MoCo the QUERY
+  encoder's backbone, without the MLP's second layer, the key encoder or the queue.
+- `export.json`: arch, num_classes, the preprocessing (image shape, mean/std of [0, 1]
+  pixels) and where it came from (workdir, step, trainer, member, cohort size).
+- `model.safetensors` with `--torch`: the same weights under torchvision / official-code
+  names (`mcl_jax.convert.to_torch`), loadable with `model.load_state_dict`.
+
+For a MoCo member the classifier is MoCo's projection: v1's `fc` outputs the 128-d
+embedding, v2's `fc` is the MLP's first layer (F -> F). A linear probe (`lincls.py`)
+replaces it. `load_exported(DIR2)` gives (module, variables, info) back.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcl_jax import models
+
+FORMAT = "mcl_jax.export/1"
+INFO_FILE = "export.json"
+VARIABLES_DIR = "variables"
+TORCH_FILE = "model.safetensors"
+EXPORTABLE_TRAINERS = ("supervised", "moco")
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  # The layout of mcl_jax.checkpointing.Checkpointer.
+  if "://" in workdir:
+    return workdir.rstrip("/") + "/checkpoints"
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _cpu() -> jax.sharding.Sharding:
+  """Restore on the host: export never needs (or occupies) an accelerator."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+
+def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+  """(step, state as nested dicts of arrays, meta) of the newest checkpoint in `workdir`.
+
+  The state is restored without knowing the trainer's state class: its tree and shapes come
+  from the checkpoint's own metadata, every array lands on the host CPU.
+  """
+  import orbax.checkpoint as ocp
+  directory = _checkpoint_dir(workdir)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoint in {workdir}: {directory} does not exist; pass "
+                            "the --workdir of a training run that has saved a checkpoint.")
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_names=("state", "meta"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {workdir}: {directory} holds no complete "
+                              "checkpoint yet.")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"No checkpoint of step {step} in {workdir}; it has steps "
+                              f"{', '.join(map(str, sorted(steps)))}.")
+    metadata = manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)
+    cpu = _cpu()
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return int(step), restored["state"], dict(restored["meta"] or {})
+
+
+def _member_info(meta: dict, workdir: str) -> dict:
+  missing = [k for k in ("arch", "num_members", "shared_stages", "num_classes", "trainer",
+                         "image_shape", "mean", "std") if k not in meta]
+  if missing:
+    raise ValueError(f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
+                     "written by mcl_jax's supervised or MoCo trainer.")
+  if meta["trainer"] not in EXPORTABLE_TRAINERS:
+    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised or MoCo "
+                     "runs (a linear probe's backbone is its config.lincls.pretrained export).")
+  return meta
+
+
+def export_member(workdir: str, member: int, out: str, torch: bool = False,
+                  step: int | None = None) -> dict[str, Any]:
+  """Writes member `member` of the run in `workdir` to `out`; returns the export.json dict.
+
+  Raises FileNotFoundError (no checkpoint) or ValueError (member out of range, not an
+  exportable run), each with one sentence. An existing export in `out` is overwritten.
+  """
+  import orbax.checkpoint as ocp
+  step, state, meta = read_checkpoint(workdir, step)
+  meta = _member_info(meta, workdir)
+  num_members = int(meta["num_members"])
+  if not 0 <= member < num_members:
+    raise ValueError(f"--member={member} is out of range: the run in {workdir} has "
+                     f"{num_members} member{'s' if num_members > 1 else ''} "
+                     f"(0..{num_members - 1}).")
+  cohort = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+  variables = models.extract_member(cohort, member, int(meta["shared_stages"]))
+  variables = jax.tree.map(np.asarray, variables)
+  arch, num_classes = meta["arch"], int(meta["num_classes"])
+  _check_variables(arch, num_classes, variables, tuple(meta["image_shape"]))
+
+  out = os.path.abspath(out)
+  os.makedirs(out, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(out, VARIABLES_DIR), variables, force=True)
+  torch_file = None
+  if torch:
+    _write_torch(arch, variables, os.path.join(out, TORCH_FILE))
+    torch_file = TORCH_FILE
+  elif os.path.exists(os.path.join(out, TORCH_FILE)):
+    os.remove(os.path.join(out, TORCH_FILE))  # a stale file from an earlier export
+
+  image_shape = [int(s) for s in meta["image_shape"]]
+  info = {
+      "format": FORMAT,
+      "arch": arch,
+      "num_classes": num_classes,
+      "num_params": models.count_params(variables["params"]),
+      "preprocessing": {
+          "image_shape": image_shape, "image_size": image_shape[0],
+          "mean": [float(x) for x in meta["mean"]], "std": [float(x) for x in meta["std"]],
+          "pixels": "RGB (or grey) in [0, 1] (uint8 / 255), then (x - mean) / std, NHWC",
+      },
+      "classifier": _classifier_note(meta),
+      "source": {
+          "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
+          "step": step, "trainer": meta["trainer"], "member": member,
+          "num_members": num_members, "shared_stages": int(meta["shared_stages"]),
+          "moco_version": meta.get("moco_version"), "embed_dim": meta.get("embed_dim"),
+      },
+      "files": {"variables": VARIABLES_DIR, "torch": torch_file},
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  with open(os.path.join(out, INFO_FILE), "w") as f:
+    json.dump(info, f, indent=2)
+  return info
+
+
+def _classifier_note(meta: dict) -> str:
+  if meta["trainer"] != "moco":
+    return "the member's trained classifier"
+  if meta.get("moco_version") == 2:
+    return ("MoCo v2 projection, first layer: fc maps the pooled features F -> F (the MLP's "
+            "second layer is not exported); replace fc for a linear probe")
+  return ("MoCo projection: fc maps the pooled features to the (unnormalised) "
+          f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe")
+
+
+def _template(arch: str, num_classes: int, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  net = models.create(arch, num_classes)
+  return jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
+                                         jnp.zeros((1, *image_shape)), False))
+
+
+def _check_variables(arch: str, num_classes: int, variables: dict,
+                     image_shape: tuple[int, ...]) -> None:
+  """The exported tree must be exactly `create(arch, num_classes)`'s, shapes included."""
+  expected = jax.tree.map(lambda s: s.shape, _template(arch, num_classes, image_shape))
+  got = jax.tree.map(lambda a: a.shape, {k: variables[k] for k in expected if k in variables})
+  if got != {k: expected[k] for k in expected}:
+    raise ValueError(f"The extracted member does not match {arch} with {num_classes} classes; "
+                     "the checkpoint meta disagrees with its variables.")
+
+
+def _write_torch(arch: str, variables: dict, path: str) -> None:
+  try:
+    from mcl_jax import convert
+    to_torch, save = convert.to_torch, convert.save_safetensors
+  except (ImportError, AttributeError) as e:
+    raise RuntimeError(f"--torch needs mcl_jax.convert.to_torch and save_safetensors, which "
+                       f"this checkout lacks ({e}); export without --torch.") from None
+  save(path, to_torch(arch, variables))
+
+
+def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(module, variables, info) of an export directory.
+
+  module = models.create(info['arch'], info['num_classes']); apply it as
+  `module.apply(variables, images, False) -> (logits, features)` with images preprocessed
+  as info['preprocessing'] says. Variables are restored on the host CPU.
+  """
+  import orbax.checkpoint as ocp
+  info_path = os.path.join(path, INFO_FILE)
+  if not os.path.isfile(info_path):
+    raise FileNotFoundError(f"{path} is not an export directory (no {INFO_FILE}); create one "
+                            "with python -m mcl_jax.export --workdir=RUN --member=0 --out=DIR.")
+  with open(info_path) as f:
+    info = json.load(f)
+  if info.get("format") != FORMAT:
+    raise ValueError(f"{info_path} has format {info.get('format')!r}, not {FORMAT!r}.")
+  module = models.create(info["arch"], int(info["num_classes"]))
+  image_shape = tuple(info["preprocessing"]["image_shape"])
+  cpu = _cpu()
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
+                        _template(info["arch"], int(info["num_classes"]), image_shape))
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR), target)
+  return module, dict(variables), info
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  flags_ = flags.FLAGS
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
+  try:
+    info = export_member(flags_.workdir, flags_.member, flags_.out, torch=flags_.torch,
+                         step=flags_.step)
+  except (FileNotFoundError, ValueError, RuntimeError) as e:
+    _fail(str(e))
+  print(f"Exported member {info['source']['member']} ({info['arch']}, "
+        f"{info['num_params']:,} params, step {info['source']['step']}) to {flags_.out}.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Workdir of a supervised or MoCo run.")
+  flags.DEFINE_integer("member", 0, "Which member to export (0-based).")
+  flags.DEFINE_string("out", None, "Export directory to write.")
+  flags.DEFINE_bool("torch", False, "Also write model.safetensors with torchvision names.")
+  flags.DEFINE_integer("step", None, "Export this checkpoint step instead of the newest.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

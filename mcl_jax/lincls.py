@@ -1,0 +1,278 @@
+"""Linear probe on a frozen exported member (SPEC 4; official main_lincls.py).
+
+  python -m mcl_jax.main --config=configs/lincls_r18.py --workdir=DIR \\
+      --config.lincls.pretrained=EXPORT_DIR
+
+The pretrained network comes from an export directory (`python -m mcl_jax.export`), so a
+probe never needs the pre-training config or its cohort. As the official script:
+- the classifier is re-initialised, weight normal(0, 0.01), bias 0, with the dataset's
+  number of classes; it is the only thing trained (SGD 0.9, lr 30, x0.1 at epochs 60 and
+  80, wd 0, 100 epochs, batch 256);
+- the backbone and its BatchNorm are frozen and run in eval mode (running statistics), in
+  training as in evaluation: "it is not legitimate to change any part of the pre-trained
+  model" (main_lincls.py);
+- augmentation: the streaming ImageNet sources' random-resized crop + flip (eval: resize
+  256, centre crop 224); in-memory datasets use their supervised recipe (CIFAR: pad-4
+  crop + flip, digits: crop), normalised with the dataset's mean/std.
+Reports top-1/top-5 on the whole eval split (padded, masked).
+
+The trainable state is the classifier only; the frozen variables travel with every step
+as replicated arguments (never baked into the compiled program as constants), and only
+the classifier is differentiated, so XLA runs the backbone forward only.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mcl_jax import checkpointing
+from mcl_jax import config_lib
+from mcl_jax import export
+from mcl_jax import models
+from mcl_jax import sharding as sharding_lib
+from mcl_jax import train
+
+Array = jax.Array
+INIT_STD = 0.01  # official: model.fc.weight.data.normal_(mean=0.0, std=0.01)
+
+
+class LinclsState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any  # the classifier only: {name: {'kernel', 'bias'}}
+  opt_state: Any
+  rng: jax.Array
+
+
+def classifier_names(arch: str, image_shape: tuple[int, ...]) -> tuple[str, ...]:
+  """Top-level param names of `arch` whose shapes depend on num_classes (its classifier)."""
+  def shapes(n):
+    net = models.create(arch, n)
+    tree = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *image_shape)), False))["params"]
+    return jax.tree.map(lambda s: s.shape, tree)
+  one, two = shapes(1), shapes(2)
+  names = tuple(k for k in one if one[k] != two[k])
+  if not names:
+    raise ValueError(f"Cannot find the classifier of {arch}.")
+  return names
+
+
+def init_classifier(rng: Array, template: dict[str, Any]) -> dict[str, Any]:
+  """Kernels normal(0, INIT_STD), biases 0 (official main_lincls.py)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for key, (path, s) in zip(keys, leaves):
+    if getattr(path[-1], "key", None) == "kernel":
+      out.append(INIT_STD * jax.random.normal(key, s.shape, s.dtype))
+    else:
+      out.append(jnp.zeros(s.shape, s.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _logits(net: Any, head: Any, frozen: dict[str, Any], images: Array) -> Array:
+  variables = {"params": {**frozen["params"], **head}, "batch_stats": frozen["batch_stats"]}
+  logits, _ = net.apply(variables, images, False)  # eval-mode BN, always
+  return logits.astype(jnp.float32)
+
+
+def train_step(state: LinclsState, batch: dict[str, Array], consts: dict[str, Any], *,
+               net: Any, tx: optax.GradientTransformation,
+               preprocess: Callable[[Array, Array], Array]) -> tuple[LinclsState, dict]:
+  """One SGD step of the classifier on the frozen backbone's features."""
+  if "image" not in batch:  # In-memory dataset: the batch is its example indices.
+    batch = {"image": consts["train_image"][batch["index"]],
+             "label": consts["train_label"][batch["index"]]}
+  rng, aug_rng = jax.random.split(state.rng)
+  images = preprocess(aug_rng, batch["image"])
+  labels = batch["label"]
+
+  def loss_fn(head):
+    logits = _logits(net, head, consts["frozen"], images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits.argmax(-1) == labels).mean()
+
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: LinclsState, batch: dict[str, Array], frozen: dict[str, Any], *,
+              net: Any, preprocess: Callable[[Array], Array]) -> dict[str, Array]:
+  """Correct-prediction counts [1] (train.Trainer.evaluate's layout: one "member")."""
+  logits = _logits(net, state.params, frozen, preprocess(batch["image"]))
+  labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  correct5 = (top5 == labels[:, None]).any(-1)
+  correct1 = top5[:, 0] == labels
+  return {"top1": (correct1 * mask).sum()[None], "top5": (correct5 * mask).sum()[None],
+          "count": mask.sum()}
+
+
+class LinclsTrainer(train.Trainer):
+  """The probe: an exported member, a fresh classifier, the supervised data plumbing.
+
+  Shares train.Trainer's data plumbing (epoch order, local batches, on-device augmentation,
+  padded eval, `evaluate`, resume) and builds its own state and steps.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               mesh: jax.sharding.Mesh | None = None):
+    # Deliberately not train.Trainer.__init__: that builds a supervised cohort.
+    from mcl_jax import data as data_lib
+    self.config, self.workdir = config, workdir
+    self.mesh = mesh or sharding_lib.make_mesh()
+    config_lib.validate(config, num_devices=self.mesh.size, workdir=workdir)
+    if config.input.samples_per_class:
+      raise config_lib.ConfigError(
+          f"config.input.samples_per_class={config.input.samples_per_class}: the linear "
+          "probe uses plain shuffled batches; set it to 0.")
+    try:
+      _, exported, self.info = export.load_exported(config.lincls.pretrained)
+    except FileNotFoundError as e:
+      raise config_lib.ConfigError(f"config.lincls.pretrained: {e}") from None
+    self.dataset = data_lib.make_source(config.input)
+    self.streaming = bool(getattr(self.dataset, "streaming", False))
+    self.image_shape = tuple(self.dataset.image_shape)
+    pre = self.info["preprocessing"]
+    if pre["image_shape"][-1] != self.image_shape[-1]:
+      raise config_lib.ConfigError(
+          f"config.lincls.pretrained was trained on {pre['image_shape'][-1]}-channel images "
+          f"but {config.input.dataset} has {self.image_shape[-1]}; probe on a matching "
+          "dataset.")
+    if not np.allclose(pre["mean"], self.dataset.mean) or not np.allclose(
+        pre["std"], self.dataset.std):
+      logging.warning("The export was pre-trained with mean/std %s/%s; the probe normalises "
+                      "with %s's %s/%s.", pre["mean"], pre["std"], config.input.dataset,
+                      self.dataset.mean, self.dataset.std)
+    self.global_batch = config.input.global_batch_size
+    self.steps_per_epoch = self.dataset.num_train // self.global_batch
+    if self.steps_per_epoch < 1:
+      raise config_lib.ConfigError(
+          f"config.input.global_batch_size={self.global_batch} is larger than the "
+          f"{self.dataset.num_train} training examples.")
+    self.total_steps = config.schedule.num_train_steps or (
+        config.schedule.epochs * self.steps_per_epoch)
+    arch = self.info["arch"]
+    self.num_classes = config.model.num_classes or self.dataset.num_classes
+    self.net = models.create(arch, self.num_classes)
+    names = classifier_names(arch, self.image_shape)
+    template = jax.eval_shape(lambda: self.net.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *self.image_shape)), False))
+    self.tx, self.schedule = train.make_optimizer(config, self.steps_per_epoch)
+    replicated = sharding_lib.replicated(self.mesh)
+    frozen = {"params": {k: v for k, v in exported["params"].items() if k not in names},
+              "batch_stats": exported.get("batch_stats", {})}
+    self.consts = {"frozen": jax.device_put(frozen, replicated)}
+    if not self.streaming:
+      self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
+      self.consts["train_label"] = jax.device_put(
+          self.dataset.train_labels.astype(np.int32), replicated)
+
+    head_template = {k: template["params"][k] for k in names}
+
+    def init(rng):
+      head_rng, state_rng = jax.random.split(rng)
+      head = init_classifier(head_rng, head_template)
+      return LinclsState(step=jnp.zeros((), jnp.int32), params=head,
+                         opt_state=self.tx.init(head), rng=state_rng)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    self.shardings = jax.tree.map(lambda _: replicated, abstract)
+    self.state = jax.jit(init, out_shardings=self.shardings)(jax.random.PRNGKey(config.seed))
+    step = functools.partial(train_step, net=self.net, tx=self.tx,
+                             preprocess=self._train_preprocess)
+    self._train_step = jax.jit(
+        step, in_shardings=(self.shardings, sharding_lib.batch_sharded(self.mesh), replicated),
+        out_shardings=(self.shardings, replicated), donate_argnums=(0,))
+    self._eval_jit = jax.jit(functools.partial(eval_step, net=self.net,
+                                               preprocess=self._eval_preprocess))
+
+  def _eval_step(self, state: LinclsState, batch: dict[str, Array]) -> dict[str, Array]:
+    return self._eval_jit(state, batch, self.consts["frozen"])
+
+  def logits(self, images: np.ndarray) -> jax.Array:
+    """The probe's logits for raw images (preprocessed here), e.g. for inspection."""
+    return _logits(self.net, self.state.params, self.consts["frozen"],
+                   self._eval_preprocess(jnp.asarray(images)))
+
+  def meta(self) -> dict[str, Any]:
+    return {"trainer": "lincls", "arch": self.info["arch"], "num_classes": self.num_classes,
+            "pretrained": self.config.lincls.pretrained, "export": self.info,
+            "config": self.config.to_json_best_effort()}
+
+
+def _scalar_accuracy(acc: dict[str, np.ndarray]) -> dict[str, float]:
+  return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in acc.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the probe, evaluating every `eval_every_epochs`; resumes from `workdir`.
+
+  Returns {"eval": {"top1", "top5"} (floats in [0, 1], whole eval split), "train": the last
+  logged training metrics, "steps", "preempted", "pretrained": the export directory}.
+  """
+  from clu import metric_writers, periodic_actions
+  trainer = LinclsTrainer(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep)
+  if trainer.restore_or_keep(ckpt):
+    logging.info("Resumed from %s at step %d.", workdir, int(trainer.state.step))
+  start_step = int(trainer.state.step)
+  spe, total = trainer.steps_per_epoch, trainer.total_steps
+  logging.info("Linear probe of %s (%s) for %d steps (%d per epoch) on %d devices.",
+               config.lincls.pretrained, trainer.info["arch"], total, spe, trainer.mesh.size)
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_secs=30)
+  guard = train.PreemptionGuard()
+  pending, last_train, eval_result, done = [], {}, None, start_step
+  summary = lambda preempted: {  # noqa: E731
+      "eval": eval_result, "train": last_train, "steps": done, "preempted": preempted,
+      "pretrained": config.lincls.pretrained}
+  t0 = time.time()
+  try:
+    for step, batch in trainer.local_batches():
+      pending.append(trainer.step(batch))
+      done = step + 1
+      report(done)
+      if done % config.log_every_steps == 0 or done == total:
+        host = jax.device_get(pending)
+        last_train = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        last_train["learning_rate"] = float(trainer.schedule(step))
+        writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
+        pending = []
+      if guard.reached(done):
+        ckpt.save(done, trainer.state, trainer.meta())
+        logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
+                        "to resume.", done, workdir)
+        return summary(True)
+      epoch_end = done % spe == 0
+      if (epoch_end and (done // spe) % config.eval_every_epochs == 0) or done == total:
+        eval_result = _scalar_accuracy(trainer.evaluate())
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_result.items()})
+        logging.info("step %d (epoch %.2f) eval top-1 %.2f%% top-5 %.2f%%", done, done / spe,
+                     100 * eval_result["top1"], 100 * eval_result["top5"])
+      if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
+        ckpt.save(done, trainer.state, trainer.meta())
+  finally:
+    guard.close()
+    ckpt.close()
+    writer.flush()
+  if eval_result is None:  # Resumed after the last step: report the final state anyway.
+    eval_result = _scalar_accuracy(trainer.evaluate())
+  logging.info("Finished %d steps in %.1f s. Final top-1 %.2f%% top-5 %.2f%%.",
+               done - start_step, time.time() - t0, 100 * eval_result["top1"],
+               100 * eval_result["top5"])
+  return summary(False)

@@ -1,0 +1,256 @@
+"""The MoCo-MCL trainer: queues, key encoders, gradients, resume, two-view augmentation."""
+import functools
+import itertools
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcl_jax import checkpointing
+from mcl_jax import config_lib
+from mcl_jax import moco
+from mcl_jax import sharding as sharding_lib
+from mcl_jax import train
+
+config_lib.ensure_configs_importable()
+from configs import moco_r18_x2  # noqa: E402
+
+BATCH, QUEUE = 16, 32  # K = 2 B: the third step wraps around
+
+
+def tiny_config(**overrides):
+  """The smoke config, shrunk to 8x8 images and a queue of two global batches."""
+  c = moco_r18_x2.get_config("smoke")
+  c.input.image_size = 8
+  c.input.synthetic_train_size = 64
+  c.input.synthetic_eval_size = 16
+  c.input.global_batch_size = BATCH
+  c.input.eval_batch_size = 16
+  c.moco.queue_size = QUEUE
+  c.moco.key_momentum = 0.9  # far from 1, so the EMA is visible after a few steps
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+def assert_trees_close(a, b, **kw):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """Three steps of a tiny MoCo-MCL x2 on 8 devices, every state kept on the host."""
+  workdir = str(tmp_path_factory.mktemp("moco"))
+  trainer = moco.MocoTrainer(tiny_config(), workdir)
+  states, metrics, batches = [jax.device_get(trainer.state)], [], []
+  for _, batch in itertools.islice(trainer.local_batches(), 3):
+    batches.append(batch)
+    metrics.append(jax.device_get(trainer.step(batch)))
+    states.append(jax.device_get(trainer.state))
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save(3, trainer.state, trainer.meta())
+  ckpt.close()
+  return types.SimpleNamespace(trainer=trainer, states=states, metrics=metrics,
+                               batches=batches, workdir=workdir)
+
+
+def test_queue_takes_the_global_batch_at_the_pointer_fifo(run):
+  s = run.states
+  assert [int(x.queue_ptr) for x in s] == [0, BATCH, 0, BATCH]  # wraps after K / B steps
+  first, second = slice(0, BATCH), slice(BATCH, QUEUE)
+  q0, q1, q2, q3 = (np.asarray(x.queues) for x in s)
+  assert q0.shape == (2, QUEUE, 128)
+  np.testing.assert_array_equal(q1[:, second], q0[:, second])  # step 1 wrote rows [0, B)
+  assert not np.allclose(q1[:, first], q0[:, first])
+  np.testing.assert_array_equal(q2[:, first], q1[:, first])  # step 2 wrote rows [B, 2B)
+  assert not np.allclose(q2[:, second], q1[:, second])
+  np.testing.assert_array_equal(q3[:, second], q2[:, second])  # step 3 wrapped to row 0
+  assert not np.allclose(q3[:, first], q2[:, first])
+  np.testing.assert_allclose(np.linalg.norm(q3, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_enqueued_rows_are_exactly_the_steps_keys(run):
+  """Recompute step 1's keys outside the compiled step: views from the state's RNG, key
+  encoders after the momentum update, train-mode BN over the whole global batch."""
+  trainer, s0 = run.trainer, run.states[0]
+  images = trainer.dataset.train_images[run.batches[0]["index"]]
+
+  @jax.jit
+  def step_keys(state, images):
+    _, view_rng = jax.random.split(state.rng)
+    _, x_k = trainer._views(view_rng, images, None)
+    key_params = moco.momentum_update(state.key_params, state.params, 0.9)
+    return moco.compute_keys(
+        trainer.encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k)[0]
+
+  keys = step_keys(s0, jnp.asarray(images))
+  np.testing.assert_allclose(run.states[1].queues[:, :BATCH], keys, atol=2e-5)
+
+
+def test_key_encoder_is_the_ema_of_the_query_encoder(run):
+  m = 0.9
+  s = run.states
+  # Key encoders start as copies of the query encoders.
+  assert_trees_close(s[0].key_params, s[0].params, rtol=0, atol=0)
+  for before, after in zip(s[:-1], s[1:]):
+    expected = jax.tree.map(lambda k, q: m * k + (1 - m) * q, before.key_params, before.params)
+    assert_trees_close(after.key_params, expected, rtol=1e-6, atol=1e-7)
+  # After two steps the keys lag the queries: they differ from both.
+  leaf = lambda t: np.asarray(jax.tree.leaves(t)[0])  # noqa: E731
+  assert not np.allclose(leaf(s[2].key_params), leaf(s[2].params))
+  # Key BN statistics move with the key encoder's own (train-mode) forward passes.
+  assert not np.allclose(leaf(s[1].key_batch_stats), leaf(s[0].key_batch_stats))
+
+
+def test_losses_are_finite_with_per_member_metrics(run):
+  for metrics in run.metrics:
+    for name in ("loss", *moco.LOSS_TERMS):
+      assert np.isfinite(metrics[name]), name
+    assert metrics["ce"].shape == (2,) and np.all(np.isfinite(metrics["ce"]))
+    acc = metrics["instance_accuracy"]
+    assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
+  total = sum(run.metrics[0][k] for k in moco.LOSS_TERMS)  # the four terms, weight 1
+  np.testing.assert_allclose(run.metrics[0]["loss"], total, rtol=1e-6)
+
+
+def test_no_gradient_reaches_the_key_encoders(run):
+  enc, s = run.trainer.encoders, run.states[1]
+  loss_cfg = run.trainer.config.loss
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+
+  def loss(params, key_params):
+    keys, _ = moco.compute_keys(enc, {"params": key_params, "batch_stats": s.key_batch_stats},
+                                x)
+    return moco.moco_loss(params, s.batch_stats, x, keys, s.queues, encoders=enc,
+                          loss_cfg=loss_cfg)[0]
+
+  grad_q, grad_k = jax.jit(jax.grad(loss, argnums=(0, 1)))(s.params, s.key_params)
+  assert all(not np.any(g) for g in jax.tree.leaves(grad_k))
+  assert any(np.any(g) for g in jax.tree.leaves(grad_q))
+
+
+def test_resume_restores_queues_pointer_and_key_encoders(run):
+  restarted = moco.MocoTrainer(tiny_config(), run.workdir)
+  assert int(restarted.state.queue_ptr) == 0
+  assert restarted.restore_or_keep(checkpointing.Checkpointer(run.workdir))
+  restored, saved = jax.device_get(restarted.state), run.states[3]
+  assert int(restored.step) == 3 and int(restored.queue_ptr) == BATCH
+  for name in ("queues", "key_params", "key_batch_stats", "params", "batch_stats",
+               "opt_state", "rng"):
+    assert_trees_close(getattr(restored, name), getattr(saved, name), rtol=0, atol=0)
+  for leaf in jax.tree.leaves(restarted.state):
+    assert leaf.sharding.is_fully_replicated
+  meta = restarted.meta()
+  assert meta["trainer"] == "moco" and meta["num_classes"] == 128 and meta["moco_version"] == 1
+
+
+def test_single_network_mocov2_step():
+  """M = 1 (the MoCo baseline): VCL alone is MoCo's InfoNCE; v2's MLP head is real."""
+  c = tiny_config(**{"cohort.num_members": 1, "moco.version": 2, "loss.tau": 0.2,
+                     "loss.icl_weight": 0.0, "loss.soft_vcl_weight": 0.0,
+                     "loss.soft_icl_weight": 0.0})
+  mesh = sharding_lib.make_mesh()
+  enc = moco.build_encoders(c, (8, 8, 3))
+  width = moco.feature_width("tiny", (8, 8, 3))
+  assert enc.cohort.num_classes == width and enc.mlp  # v2: fc is Dense(F, F)
+  tx, _ = train.make_optimizer(c, steps_per_epoch=4)
+  state = moco.create_state(enc, tx, jax.random.PRNGKey(0), mesh, queue_size=QUEUE)
+  assert state.params["members"]["mlp"]["kernel"].shape == (1, width, 128)
+  assert "head" not in state.params["members"]  # the Cohort's SPEC-1 head is not MoCo's
+  views = functools.partial(moco.two_views, spec=moco.MOCO_V2, mean=(0.5,) * 3,
+                            std=(0.25,) * 3, size=8)
+  step = jax.jit(functools.partial(moco.train_step, encoders=enc, tx=tx, loss_cfg=c.loss,
+                                   key_momentum=0.99, views=views))
+  images = np.random.default_rng(0).integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
+  batch = sharding_lib.global_batch({"image": images}, mesh)
+  state, metrics = step(state, batch, {})
+  assert int(state.queue_ptr) == BATCH
+  assert float(metrics["icl"]) == 0 and float(metrics["soft_vcl"]) == 0
+  np.testing.assert_allclose(metrics["loss"], metrics["vcl"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["ce"][0], metrics["vcl"], rtol=1e-5)
+  assert np.isfinite(metrics["loss"])
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_full_window_resize_is_the_identity():
+  image = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 3))
+
+  @jax.jit
+  def full_window(image):
+    u = jnp.full((moco.NUM_UNIFORMS,), 0.5)
+    window = moco.crop_window(u, 8, 8, (1.0, 1.0), (1.0, 1.0))
+    return jnp.stack(window), moco.resized_crop(image, window, 8)
+
+  window, out = full_window(image)
+  np.testing.assert_array_equal(window, [0, 0, 8, 8])
+  np.testing.assert_allclose(out, image, atol=1e-6)
+
+
+def test_crop_windows_fit_the_image_and_the_scale():
+  u = jax.random.uniform(jax.random.PRNGKey(0), (200, moco.NUM_UNIFORMS))
+  top, left, h, w = jax.jit(jax.vmap(lambda v: jnp.stack(moco.crop_window(
+      v, 32, 24, (0.2, 1.0), (3 / 4, 4 / 3)))))(u).T
+  assert np.all((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 24))
+  area = h * w / (32 * 24)
+  assert np.all((area > 0.15) & (area <= 1.0))  # scale (0.2, 1) up to rounding
+  assert len(np.unique(np.stack([top, left, h, w]), axis=1).T) > 150  # per-example windows
+
+
+def test_hsv_round_trip_and_grayscale():
+  rgb = jax.random.uniform(jax.random.PRNGKey(0), (64, 3))
+  round_trip = jax.jit(lambda x: moco.hsv_to_rgb(moco.rgb_to_hsv(x)))
+  np.testing.assert_allclose(round_trip(rgb), rgb, atol=1e-5)
+  spec = moco.ViewSpec(jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=1.0, flip=False)
+  image = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 3))
+  gray = jax.jit(lambda x: moco.augment_view(jnp.zeros((moco.NUM_UNIFORMS,)), x, spec, size=8,
+                                             crop=False))(image)
+  np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-6)
+  np.testing.assert_allclose(gray[..., 0], image @ jnp.asarray([0.299, 0.587, 0.114]),
+                             atol=1e-6)
+
+
+def test_two_views_differ_per_view_and_per_example():
+  image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  images = jnp.asarray(np.stack([image] * 4))  # four copies of one image
+  fn = jax.jit(lambda k, x: moco.two_views(k, x, None, moco.MOCO_V2, mean=(0.5,) * 3,
+                                           std=(0.25,) * 3, size=8))
+  q, k = fn(jax.random.PRNGKey(0), images)
+  assert q.shape == k.shape == (4, 8, 8, 3) and q.dtype == jnp.float32
+  assert np.all(np.isfinite(q)) and np.all(np.isfinite(k))
+  flat = np.concatenate([np.asarray(q), np.asarray(k)]).reshape(8, -1)
+  distinct = {tuple(np.round(row, 4)) for row in flat}
+  assert len(distinct) == 8  # every view of every copy is its own random draw
+  q2, _ = fn(jax.random.PRNGKey(0), images)
+  np.testing.assert_array_equal(q, q2)  # a pure function of the key
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TF/tfds internals
+def test_streaming_sources_yield_two_crops_per_image(tmp_path):
+  from mcl_jax.data import _tf, imagenet
+  tf = _tf.tf()
+  rng = np.random.default_rng(0)
+  for split in ("train", "val"):
+    for name in ("ant", "bee"):
+      os.makedirs(tmp_path / split / name)
+      for i in range(2):
+        pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+        tf.io.write_file(str(tmp_path / split / name / f"{i}.jpg"), tf.io.encode_jpeg(pixels))
+  source = imagenet.ImageFolderSource(str(tmp_path), image_size=16)
+  moco._install_two_view_crops(source, (0.2, 1.0))
+  first = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
+                                    process_count=1))
+  again = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
+                                    process_count=1))
+  assert len(first) == 1
+  batch = first[0]
+  assert batch["image"].shape == batch["image2"].shape == (4, 16, 16, 3)
+  assert batch["image"].dtype == np.uint8
+  assert not np.array_equal(batch["image"], batch["image2"])  # two crops of each image
+  np.testing.assert_array_equal(batch["image2"], again[0]["image2"])  # (seed, epoch) only
