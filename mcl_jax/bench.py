@@ -1,0 +1,449 @@
+r"""Benchmark of the real train step: `python -m mcl_jax.bench`.
+
+Times `mcl_jax.train.train_step` (the function the trainer runs) jitted exactly as
+`train.Trainer` jits it (state shardings, batch split over the `data` mesh axis, consts
+replicated, the state donated), on a synthetic batch that lives on the device: uint8 images
+(random, never zeros) and labels in class-aware pairs (B/2 classes x 2 samples, SPEC 4), so
+every row of the in-batch contrastive loss has a positive. No dataset, and no TensorFlow:
+nothing on this module's import path imports it (tests/test_bench.py checks).
+
+  python -m mcl_jax.bench --arch=resnet32 --members=1,2,4 --strategies=vmap,unroll,map \
+      --batch=128 --mcl=both --json_out=bench.jsonl
+
+Per configuration (arch, members M, strategy, MCL on/off, dtype) it reports:
+  compile_s      trace + lower + XLA compile of the step
+  step_s_*       median, p10, p90 of `--steps` timed steps after `--warmup` steps, each
+                 one ended by block_until_ready on the new state and the metrics
+  member_images_per_s   M * B / median step time
+  model_flops    FLOPs of one step, from XLA's cost analysis of the step lowered with the
+                 `unroll` strategy before optimisation. Strategy-independent on purpose:
+                 XLA's analysis counts a while loop's body once, so the compiled `map`
+                 step would report about 1/M of its real work (`xla_flops` is that raw
+                 number of the compiled executable, for reference).
+  mfu            model_flops / step time / (peak TFLOP/s x devices); omitted when the peak
+                 is unknown (CPU). The peak comes from --peak_tflops or PEAK_TFLOPS below.
+  device_peak_bytes   the device's peak_bytes_in_use (None where the backend reports no
+                 memory stats, e.g. CPU). A process high-water mark: run with --isolate for
+                 a per-configuration figure. compiled_bytes (arguments + outputs + temps
+                 - aliased, from XLA's memory analysis) is per configuration everywhere.
+  cpu_s_median   median host CPU time (all threads of this process) per timed step. On a
+                 shared CPU host the wall time grows with other people's load; the CPU
+                 time much less, so compare CPU-only figures in both.
+  loadavg        os.getloadavg() before and after the configuration (shared machines).
+
+The four MCL terms are on (`--mcl=on`, the default weights of configs/default.py) or off
+(`off`: cross-entropy only, every MCL weight 0, so `train.total_loss` skips them), or both.
+With one member the MCL terms do not exist, so M = 1 runs once (CE only) and once only,
+whatever strategies are asked for: every strategy runs the same single network.
+
+The summary after the table gives the two ratios the README states:
+  cohort overhead = step(M, auto strategy, CE only) / (M * step(1))     target <= 1.0
+  MCL overhead    = step(M, strategy, MCL on) / step(M, strategy, CE only)   target <= 1.05
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Iterable, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("arch", "resnet32", "Backbone (a SPEC name, or 'tiny' for tests).")
+flags.DEFINE_list("members", ["1", "2", "4"], "Cohort sizes M to measure.")
+flags.DEFINE_list("strategies", ["vmap", "unroll", "map"],
+                  "Cohort strategies: vmap, unroll, map, auto (auto: what "
+                  "mcl_jax.models.resolve_strategy picks on this backend).")
+flags.DEFINE_integer("batch", 128, "Global batch size B (every member sees the same B images).")
+flags.DEFINE_integer("image_size", 32, "Square input size.")
+flags.DEFINE_integer("num_classes", 0, "0: 100 for CIFAR archs, 1000 for ImageNet ResNets, "
+                     "10 for tiny.")
+flags.DEFINE_integer("shared_stages", 0, "model.shared_stages (0: fully independent members).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype (params, optimizer state, BN stats stay float32).")
+flags.DEFINE_enum("mcl", "on", ["on", "off", "both"],
+                  "The four MCL terms on, off (cross-entropy only), or both.")
+flags.DEFINE_integer("steps", 10, "Timed steps per configuration.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: "
+                   "PEAK_TFLOPS by device kind and dtype; none on CPU).")
+flags.DEFINE_string("json_out", None, "Append one JSON line per configuration to this file.")
+flags.DEFINE_bool("isolate", False, "Run every configuration in a fresh process (a clean "
+                  "device_peak_bytes per configuration; costs a start-up per configuration).")
+flags.DEFINE_integer("seed", 0, "Seed of params and synthetic data.")
+
+# Dense (no sparsity) peak TFLOP/s of one device, from the vendors' data sheets. Matched as
+# a substring of jax.Device.device_kind, first match wins (so "H100 PCIe" precedes "H100").
+# float32 on GPUs: XLA runs float32 convolutions and matmuls on the tensor cores (TF32) at
+# JAX's default matmul precision, so the TF32 rate is the peak; with
+# jax_default_matmul_precision='highest' it is the plain FP32 rate. On TPUs float32 at the
+# default precision is one bf16 pass, so the bf16 rate.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.0}),
+    ("H100", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # SXM
+    ("H200", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
+    ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),  # v5e
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
+    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),  # v6e
+)
+
+# ImageNet backbones get the streaming path's preprocessing (images arrive cropped and
+# flipped from the host: normalise only); the others the in-memory CIFAR path's on-device
+# crop + flip + normalise, both as train.Trainer does.
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+RECORD_KEYS = (
+    "arch", "members", "strategy", "auto", "mcl", "dtype", "batch", "image_size",
+    "num_classes", "shared_stages", "backend", "device_kind", "num_devices", "compile_s",
+    "step_s_median", "step_s_p10", "step_s_p90", "cpu_s_median", "steps", "warmup",
+    "member_images_per_s", "model_flops", "xla_flops", "achieved_tflops", "peak_tflops",
+    "peak_basis", "mfu", "device_peak_bytes", "compiled_bytes", "loss", "loadavg_before",
+    "loadavg_after", "jax_version")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One measured configuration."""
+  arch: str
+  members: int
+  strategy: str  # concrete: vmap | unroll | map
+  mcl: bool
+  dtype: str
+  batch: int
+  image_size: int
+  num_classes: int
+  shared_stages: int = 0
+
+
+def default_num_classes(arch: str) -> int:
+  if arch == "tiny":
+    return 10
+  return 1000 if arch in IMAGENET_ARCHS else 100
+
+
+def peak_tflops(device_kind: str, platform: str, dtype: str) -> tuple[float | None, str]:
+  """(peak TFLOP/s of one device, what it is) for the step's dtype; (None, why) if unknown."""
+  import jax
+  for key, peaks in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      basis = dtype
+      if dtype == "float32" and platform == "gpu":
+        precise = jax.config.jax_default_matmul_precision in ("highest", "float32")
+        basis = "float32" if precise else "tf32"
+      return peaks[basis], f"{key} {basis}"
+  return None, f"unknown device {device_kind!r}: pass --peak_tflops"
+
+
+def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: str,
+             dtype: str, batch: int, image_size: int, num_classes: int,
+             shared_stages: int, backend: str) -> list[tuple[Setting, bool]]:
+  """(setting, picked by auto) for every requested combination, duplicates removed."""
+  from mcl_jax import models
+  auto = models.resolve_strategy("auto", backend)
+  concrete = []
+  for s in strategies:
+    c = models.resolve_strategy(s, backend)
+    if c not in concrete:
+      concrete.append(c)
+  mcl_values = {"on": [True], "off": [False], "both": [False, True]}[mcl]
+  single = auto if auto in concrete else concrete[0]  # M = 1: every strategy is one network.
+  out = []
+  for m in members:
+    for strategy in ([single] if m == 1 else concrete):
+      for on in ([False] if m == 1 else mcl_values):
+        out.append((Setting(arch, m, strategy, on, dtype, batch, image_size, num_classes,
+                            shared_stages), m == 1 or strategy == auto))
+  return out
+
+
+def make_config(s: Setting):
+  """configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
+  from mcl_jax import config_lib
+  config_lib.ensure_configs_importable()
+  from configs import default
+  c = default.get_config()
+  c.model.arch, c.model.num_classes = s.arch, s.num_classes
+  c.model.strategy, c.model.dtype = s.strategy, s.dtype
+  c.model.shared_stages = s.shared_stages
+  c.cohort.num_members = s.members
+  c.input.global_batch_size, c.input.image_size = s.batch, s.image_size
+  c.loss.regime = "batch"
+  if not s.mcl:
+    c.loss.vcl_weight = c.loss.icl_weight = 0.0
+    c.loss.soft_vcl_weight = c.loss.soft_icl_weight = 0.0
+  return c
+
+
+def synthetic_batches(s: Setting, mesh, count: int = 2) -> list[dict[str, Any]]:
+  """`count` device batches: random uint8 images, labels in class-aware pairs, indices."""
+  import jax
+  from mcl_jax import sharding as sharding_lib
+  if s.batch % 2 or s.batch % mesh.size:
+    raise ValueError(f"--batch={s.batch} must be even (class pairs) and divisible by the "
+                     f"{mesh.size} devices.")
+  rng = np.random.default_rng(0)
+  labels = ((np.arange(s.batch) // 2) % s.num_classes).astype(np.int32)
+  out = []
+  for _ in range(count):
+    host = {"image": rng.integers(0, 256, (s.batch, s.image_size, s.image_size, 3), np.uint8),
+            "label": labels, "index": np.arange(s.batch, dtype=np.int32)}
+    out.append(jax.device_put(host, sharding_lib.batch_sharded(mesh)))
+  return out
+
+
+def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
+  """(jitted step, state, consts) wired as train.Trainer wires them.
+
+  abstract: the state as shapes only (enough to lower the step; allocates nothing).
+  """
+  import jax
+  from mcl_jax import sharding as sharding_lib
+  from mcl_jax import train
+  from mcl_jax.data import augment as augment_lib
+  config = make_config(s)
+  model = train.build_model(config, s.num_classes)
+  tx, _ = train.make_optimizer(config, steps_per_epoch=1000)
+  image_shape = (s.image_size, s.image_size, 3)
+  create = functools.partial(train.create_train_state, model, tx, image_shape,
+                             jax.random.PRNGKey(seed), mesh)
+  state = jax.eval_shape(create) if abstract else create()
+  shardings = train.state_shardings(state, mesh)
+  if s.arch in IMAGENET_ARCHS:
+    mean, std = augment_lib.IMAGENET_MEAN, augment_lib.IMAGENET_STD
+    preprocess = lambda rng, x: augment_lib.normalize(x, mean, std)  # noqa: E731
+  else:
+    mean, std = augment_lib.CIFAR_MEAN, augment_lib.CIFAR_STD
+    preprocess = functools.partial(augment_lib.train_augment, spec=augment_lib.AugmentSpec(),
+                                   mean=mean, std=std)
+  step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss,
+                           preprocess=preprocess)
+  replicated = sharding_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharded(mesh), replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return jitted, state, {}
+
+
+def _flops(cost: Any) -> float | None:
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per computation.
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def model_flops(s: Setting, mesh, batch: dict[str, Any]) -> float | None:
+  """FLOPs of one step, counted on the `unroll` program before XLA's optimisations."""
+  jitted, state, consts = build(dataclasses.replace(s, strategy="unroll"), mesh, abstract=True)
+  try:
+    return _flops(jitted.lower(state, batch, consts).cost_analysis())
+  except Exception:  # noqa: BLE001 -- a backend without HLO cost analysis: no MFU.
+    return None
+
+
+def _compiled_bytes(compiled: Any) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 -- not every backend reports it.
+    return None
+
+
+def _device_peak_bytes() -> int | None:
+  import jax
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh,
+            peak: float | None = None, seed: int = 0) -> dict[str, Any]:
+  """Compiles and times one setting; returns its record (RECORD_KEYS)."""
+  import jax
+  load_before = os.getloadavg()
+  batches = synthetic_batches(s, mesh)
+  flops = model_flops(s, mesh, batches[0])
+  jitted, state, consts = build(s, mesh, seed)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, batches[0], consts).compile()
+  compile_s = time.perf_counter() - t0
+  xla_flops = _flops(compiled.cost_analysis())
+  metrics = None
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % len(batches)], consts)
+  jax.block_until_ready((state, metrics))
+  times, cpu_times = [], []
+  for i in range(steps):
+    t, c = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batches[i % len(batches)], consts)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
+  loss = float(metrics["loss"]) if metrics is not None else None
+  device = jax.devices()[0]
+  platform = device.platform
+  if peak is None:
+    peak, basis = peak_tflops(device.device_kind, platform, s.dtype)
+  else:
+    basis = "--peak_tflops"
+  median = float(np.median(times))
+  achieved = flops / median / 1e12 if flops else None
+  record = {
+      **dataclasses.asdict(s), "auto": auto, "backend": platform,
+      "device_kind": device.device_kind, "num_devices": mesh.size,
+      "compile_s": compile_s, "step_s_median": median,
+      "step_s_p10": float(np.percentile(times, 10)),
+      "step_s_p90": float(np.percentile(times, 90)),
+      "cpu_s_median": float(np.median(cpu_times)), "steps": steps, "warmup": warmup,
+      "member_images_per_s": s.members * s.batch / median,
+      "model_flops": flops, "xla_flops": xla_flops, "achieved_tflops": achieved,
+      "peak_tflops": peak, "peak_basis": basis,
+      "mfu": achieved / (peak * mesh.size) if achieved and peak else None,
+      "device_peak_bytes": _device_peak_bytes(), "compiled_bytes": _compiled_bytes(compiled),
+      "loss": loss, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+      "jax_version": jax.__version__}
+  del state, metrics, compiled, jitted, batches
+  gc.collect()
+  return record
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _ms(x: float | None) -> str:
+  return "-" if x is None else f"{1e3 * x:.1f}"
+
+
+def _bytes(x: int | None) -> str:
+  return "-" if x is None else f"{x / 2**20:.0f} MiB"
+
+
+def format_row(r: dict[str, Any]) -> str:
+  strategy = r["strategy"] + (" (auto)" if r["auto"] and r["members"] > 1 else "")
+  mcl = "on" if r["mcl"] else "off"
+  gflop = "-" if r["model_flops"] is None else f"{r['model_flops'] / 1e9:.1f}"
+  mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+  return (f"{r['arch']:<9} {r['members']:>2} {strategy:<14} {mcl:<4} {r['dtype']:<8} "
+          f"{r['batch']:>4} {r['image_size']:>4} {r['compile_s']:>8.1f} "
+          f"{_ms(r['step_s_median']):>9} {_ms(r['step_s_p10']):>8} {_ms(r['step_s_p90']):>8} "
+          f"{_ms(r.get('cpu_s_median')):>8} {r['member_images_per_s']:>9.1f} {gflop:>9} {mfu:>6} "
+          f"{_bytes(r['device_peak_bytes']):>9} {_bytes(r['compiled_bytes']):>9}")
+
+
+TABLE_HEADER = (f"{'arch':<9} {'M':>2} {'strategy':<14} {'mcl':<4} {'dtype':<8} {'B':>4} "
+                f"{'img':>4} {'compile_s':>8} {'median_ms':>9} {'p10_ms':>8} {'p90_ms':>8} "
+                f"{'cpu_ms':>8} {'mem-img/s':>9} {'GFLOP':>9} {'MFU':>6} {'dev_peak':>9} {'compiled':>9}")
+
+
+def _ratio_text(num: dict[str, Any], den: dict[str, Any], factor: int = 1) -> str:
+  text = f"{num['step_s_median'] / (factor * den['step_s_median']):.3f}"
+  if num.get("cpu_s_median") and den.get("cpu_s_median"):
+    text += f" (host CPU time: {num['cpu_s_median'] / (factor * den['cpu_s_median']):.3f})"
+  return text
+
+
+def ratios(records: Sequence[dict[str, Any]]) -> list[str]:
+  """The README's two ratios, from whichever records allow them.
+
+  cohort overhead: the auto strategy's M-member step (CE only where measured, else MCL on)
+  over M one-member steps; MCL overhead: MCL on over CE only, same M and strategy.
+  """
+  key = lambda r: (r["arch"], r["dtype"], r["batch"], r["image_size"])  # noqa: E731
+  singles = {key(r): r for r in records if r["members"] == 1}
+  lines = []
+  for r in records:
+    if r["members"] == 1 or not r["auto"] or key(r) not in singles:
+      continue
+    ce_only_measured = any(not o["mcl"] and o["members"] == r["members"] and o["auto"]
+                           and key(o) == key(r) for o in records)
+    if r["mcl"] and ce_only_measured:
+      continue
+    what = "MCL on" if r["mcl"] else "CE only"
+    lines.append(f"cohort overhead {r['arch']} M={r['members']} {r['strategy']} ({what}): "
+                 f"{_ratio_text(r, singles[key(r)], r['members'])}  (target <= 1.0)")
+  for r in records:
+    if r["members"] > 1 and r["mcl"]:
+      base = [o for o in records if not o["mcl"] and o["members"] == r["members"]
+              and o["strategy"] == r["strategy"] and key(o) == key(r)]
+      if base:
+        lines.append(f"MCL overhead {r['arch']} M={r['members']} {r['strategy']}: "
+                     f"{_ratio_text(r, base[0])}  (target <= 1.05)")
+  return lines
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _run_isolated(s: Setting, auto: bool) -> dict[str, Any]:
+  """One setting in a fresh process (same flags, that setting only)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "record.jsonl")
+    cmd = [sys.executable, "-m", "mcl_jax.bench", f"--arch={s.arch}", f"--members={s.members}",
+           f"--strategies={s.strategy}", f"--batch={s.batch}", f"--image_size={s.image_size}",
+           f"--num_classes={s.num_classes}", f"--shared_stages={s.shared_stages}",
+           f"--dtype={s.dtype}", f"--mcl={'on' if s.mcl else 'off'}",
+           f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--seed={FLAGS.seed}",
+           f"--json_out={out}", "--noisolate"]
+    if FLAGS.peak_tflops is not None:
+      cmd.append(f"--peak_tflops={FLAGS.peak_tflops}")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+      record = json.loads(f.readline())
+  record["auto"] = auto  # The child saw one strategy; auto is relative to the whole request.
+  return record
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
+  import jax
+  from mcl_jax import sharding as sharding_lib
+  members = [int(m) for m in FLAGS.members]
+  if any(m < 1 for m in members):
+    raise app.UsageError("--members must be positive integers, e.g. 1,2,4.")
+  num_classes = FLAGS.num_classes or default_num_classes(FLAGS.arch)
+  todo = settings(FLAGS.arch, members, FLAGS.strategies, FLAGS.mcl, FLAGS.dtype, FLAGS.batch,
+                  FLAGS.image_size, num_classes, FLAGS.shared_stages, jax.default_backend())
+  mesh = sharding_lib.make_mesh()
+  print(f"# jax {jax.__version__}, {jax.default_backend()}: {mesh.size} x "
+        f"{jax.devices()[0].device_kind}; load average {os.getloadavg()}", flush=True)
+  print(TABLE_HEADER, flush=True)
+  records = []
+  for s, auto in todo:
+    if FLAGS.isolate:
+      record = _run_isolated(s, auto)
+    else:
+      record = measure(s, auto=auto, steps=FLAGS.steps, warmup=FLAGS.warmup, mesh=mesh,
+                       peak=FLAGS.peak_tflops, seed=FLAGS.seed)
+    records.append(record)
+    print(format_row(record), flush=True)
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+  print()
+  for record in records:
+    print(json.dumps(record))
+  print()
+  for line in ratios(records):
+    print(line)
+
+
+if __name__ == "__main__":
+  app.run(main)
