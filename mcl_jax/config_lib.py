@@ -64,9 +64,12 @@ def _choice(value: Any, field: str, choices: tuple[str, ...]) -> None:
 
 def mcl_terms_on(config: ml_collections.ConfigDict) -> bool:
   loss = config.loss
-  weights = (loss.vcl_weight, loss.icl_weight, loss.soft_vcl_weight, loss.soft_icl_weight,
-             loss.logit_kd_weight)
-  return config.trainer == "moco" or any(w != 0 for w in weights)
+  weights = [loss.icl_weight, loss.soft_vcl_weight, loss.soft_icl_weight, loss.logit_kd_weight]
+  # Under MoCo, VCL of one network is MoCo's own InfoNCE loss, so only the other terms need
+  # peers (a single-network MoCo baseline keeps vcl_weight = 1).
+  if config.trainer != "moco":
+    weights.append(loss.vcl_weight)
+  return any(w != 0 for w in weights)
 
 
 def check_workdir(workdir: str) -> None:
