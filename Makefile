@@ -18,12 +18,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mcl_jax.demo --workdir=workdirs/demo
 
+# -n 2: the suite is compile-bound (one XLA compile is single-threaded); two workers use
+# both cores of a small machine. Set PYTEST_WORKERS=auto on a bigger one.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 # Slow tests too (full-length runs that the default suite skips).
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests --runslow
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests --runslow
 
 bench: $(STAMP)
 	$(PY) -m mcl_jax.bench --arch=resnet32 --members=1,2,4 --strategies=vmap,unroll,map --batch=128

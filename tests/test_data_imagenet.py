@@ -7,7 +7,10 @@ import pytest
 from mcl_jax import data
 from mcl_jax.data import imagenet
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TF/tfds internals
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
+    pytest.mark.xdist_group("data_imagenet"),  # one worker builds the module's folder once
+]
 
 CLASSES = ("bee", "ant", "cat")  # sorted: ant=0, bee=1, cat=2
 VAL_SIZES = {"ant": 2, "bee": 2, "cat": 1}

@@ -46,10 +46,16 @@ STRATEGIES = ("vmap", "unroll", "map")
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   """The concrete strategy for `strategy` ('auto' | 'vmap' | 'unroll' | 'map').
 
-  'auto' is 'unroll' on every backend: on CPU it compiled and ran a resnet32 M=2 train
-  step faster than vmap (vmap turns per-member kernels into grouped convolutions) and map
-  (serial members). See the module docstring of mcl_jax/bench.py or the models report for
-  the figures; measure with `make bench` before changing this.
+  'auto' is 'unroll' on every backend. Measured on a 2-core CPU (benchmarks/results/
+  cpu_resnet32.txt, `make bench`), one resnet32 train step at B = 128, float32:
+    M = 2: unroll 2.4-2.7 s, vmap 19-76 s, map 75 s;  M = 4: unroll 5.0-6.0 s, vmap 68 s,
+    map 142-154 s;  M = 1: 1.6 s (so M members unrolled cost <= M single networks).
+  vmap turns each member's convolutions into one grouped convolution, which XLA's CPU
+  backend runs far slower, and map runs members one after another inside a loop that XLA
+  cannot fuse across. On GPU/TPU no measurement has been taken yet (no accelerator was
+  available); unroll is kept there too because JAX issues #13800, #26266 and #26568 report
+  grouped (vmapped) convolutions slow on GPU. Re-measure with `python -m mcl_jax.bench`
+  before changing this; `backend` is the hook for a per-backend answer.
   """
   del backend  # One answer for now; kept so callers need not change when it differs.
   if strategy == "auto":
