@@ -7,9 +7,9 @@ placed with the trainer's own shardings on a mesh of `--devices` fake CPU device
 leaf's per-device bytes are read off `sharding.shard_shape`. `--devices=16` is a v4-32 pod
 slice (16 chips, one JAX device each). `--train_examples` defaults to ImageNet-1k's
 1,281,167 (the bank's rows). Also printed: the replicated class-index table of the bank
-and the per-step working set of the bank's negatives (rows gathered for the global batch
-before the reduce-scatter, see memory_bank.gather_rows), which is not state but is the
-largest bank-related buffer of a step.
+and the per-step working set of the sampled rows and of their similarities (see
+memory_bank.gather_similarities), which are not state but are the largest bank-related
+buffers of a step.
 """
 from __future__ import annotations
 
@@ -87,12 +87,17 @@ def main(argv):
   print(f"{'state':<12} {total_global / MiB:12.1f} {total_device / MiB:15.1f}")
   if bank_rows:
     table = (n + 2 * num_classes) * 4  # sorted_idx [N] + class_start, class_count [C], int32
-    candidates = 1 + config.bank.num_positives + config.bank.num_negatives
-    gathered = model.num_members * batch * candidates * model.embed_dim * 4
     print(f"class table (replicated, int32): {table / MiB:.1f} MiB per device")
-    print(f"per-step gathered bank rows [M, B, 1+P+K, d] f32 before reduce-scatter: "
-          f"{gathered / MiB:.1f} MiB per device, {gathered / mesh.size / MiB:.1f} MiB after")
-
+    candidates = 1 + config.bank.num_positives + config.bank.num_negatives
+    m = model.num_members
+    rows = m * batch * candidates * model.embed_dim * 4
+    sims = m * m * batch * candidates * 4
+    print(f"per step, rows of the global batch's samples [M, B, 1+P+K, d] f32 taken from "
+          f"each device's shard (zeros where not held): {rows / MiB:.1f} MiB per device, "
+          "transient (rematerialised for the backward pass)")
+    print(f"per step, similarities [M, M, B, 1+P+K] f32 reduce-scattered over devices: "
+          f"{sims / MiB:.1f} MiB per device before, {sims / mesh.size / MiB:.1f} MiB after "
+          f"(moving the rows instead would be {rows / MiB:.1f} MiB)")
 
 if __name__ == "__main__":
   app.run(main)

@@ -215,9 +215,10 @@ def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
   model = train.build_model(config, s.num_classes)
   tx, _ = train.make_optimizer(config, steps_per_epoch=1000)
   image_shape = (s.image_size, s.image_size, 3)
-  create = functools.partial(train.create_train_state, model, tx, image_shape,
-                             jax.random.PRNGKey(seed), mesh)
-  state = jax.eval_shape(create) if abstract else create()
+  if abstract:
+    state = train.abstract_train_state(model, tx, image_shape, mesh)
+  else:
+    state = train.create_train_state(model, tx, image_shape, jax.random.PRNGKey(seed), mesh)
   shardings = train.state_shardings(state, mesh)
   if s.arch in IMAGENET_ARCHS:
     mean, std = augment_lib.IMAGENET_MEAN, augment_lib.IMAGENET_STD

@@ -188,12 +188,43 @@ def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> 
 # -------------------------------------------------------------------------------------
 
 
+def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
+                               kd_temperature: float) -> LossDict:
+  """Memory-bank MCL from the similarities of the sampled bank rows (SPEC 2.2).
+
+  What `bank_mcl` computes once rows and embeddings have been dotted, e.g. by
+  `memory_bank.gather_similarities` on a bank sharded over devices (which moves these
+  scalars between devices instead of d-dimensional rows).
+
+  Args:
+    sims: [M, M, B, 1 + P + K], sims[a, b, i, k] = V_a[idx_ik] . z_b[i] in float32, with
+      idx_i = [own index, P positives, K negatives]; gradients flow to z only.
+    num_positives: P (the own row is not counted).
+    tau, kd_temperature: as in `bank_mcl`.
+  """
+  if sims.ndim != 4 or sims.shape[0] != sims.shape[1] or sims.shape[0] < 2:
+    raise ValueError(f"sims must have shape [M, M, B, 1 + P + K] with M >= 2, got "
+                     f"{sims.shape}.")
+  if not 1 <= num_positives < sims.shape[-1]:
+    raise ValueError(f"num_positives must be in [1, {sims.shape[-1] - 1}] for rows with "
+                     f"{sims.shape[-1]} columns, got {num_positives}.")
+  # logits[a, b, i, k] = V_a[idx_ik] . z_b[i] / tau: ICL logits of ordered pair (a, b).
+  logits = sims.astype(jnp.float32) / tau
+  icl_pair = _positives_first_ce(logits, 1 + num_positives)  # [M, M]
+  # VCL of member a: its own bank against its own embedding, own index left out.
+  vcl_logits = jnp.einsum("aaik->aik", logits)[..., 1:]  # [M, B, P + K]
+  vcl = jnp.sum(_positives_first_ce(vcl_logits, num_positives))
+  return {
+      "vcl": vcl,
+      "icl": _off_diagonal_sum(icl_pair),
+      "soft_vcl": _soft_vcl(vcl_logits, kd_temperature),
+      "soft_icl": _soft_icl(logits, kd_temperature),
+  }
+
+
 def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
                        kd_temperature: float) -> LossDict:
   """Memory-bank MCL from already gathered bank rows (SPEC 2.2; Eqs. 2, 5, 6, 7).
-
-  `bank_mcl` with the gather done by the caller, e.g. by `memory_bank.gather_rows` on a
-  bank sharded over devices.
 
   Args:
     z: [M, B, d] L2-normalised embeddings.
@@ -206,23 +237,10 @@ def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
   if rows.ndim != 4 or rows.shape[:2] != z.shape[:2] or rows.shape[-1] != z.shape[-1]:
     raise ValueError(
         f"rows must have shape [M, B, 1 + P + K, d] matching z {z.shape}, got {rows.shape}.")
-  if not 1 <= num_positives < rows.shape[2]:
-    raise ValueError(f"num_positives must be in [1, {rows.shape[2] - 1}] for rows with "
-                     f"{rows.shape[2]} columns, got {num_positives}.")
-  z = z.astype(jnp.float32)
   rows = jax.lax.stop_gradient(rows).astype(jnp.float32)
-  # logits[a, b, i, k] = V_a[idx_ik] . z_b[i] / tau: ICL logits of ordered pair (a, b).
-  logits = _similarity("aikd,bid->abik", rows, z) / tau
-  icl_pair = _positives_first_ce(logits, 1 + num_positives)  # [M, M]
-  # VCL of member a: its own bank against its own embedding, own index left out.
-  vcl_logits = jnp.einsum("aaik->aik", logits)[..., 1:]  # [M, B, P + K]
-  vcl = jnp.sum(_positives_first_ce(vcl_logits, num_positives))
-  return {
-      "vcl": vcl,
-      "icl": _off_diagonal_sum(icl_pair),
-      "soft_vcl": _soft_vcl(vcl_logits, kd_temperature),
-      "soft_icl": _soft_icl(logits, kd_temperature),
-  }
+  sims = _similarity("aikd,bid->abik", rows, z.astype(jnp.float32))
+  return bank_mcl_from_similarities(sims, num_positives=num_positives, tau=tau,
+                                    kd_temperature=kd_temperature)
 
 
 def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: float,

@@ -171,6 +171,35 @@ def test_gather_rows_equals_take(scatter):
           {"reduce-scatter"} if scatter else {"all-reduce"})
 
 
+def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
+  for mesh in meshes():
+    rng, bank = sharded_inputs(mesh)
+    idx = rng.integers(0, 64, (8, 9))  # with repeats
+    idx[0, :3] = [0, 63, 63]  # first and last rows of the bank
+    z = jnp.asarray(unit(rng, 2, 8, 4), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 2, 8, 9)), jnp.float32)
+
+    def sharded(z):
+      sims = memory_bank.gather_similarities(bank, idx, z, mesh)
+      return jnp.sum(weights * sims), sims
+
+    def unsharded(z):
+      sims = jnp.einsum("aikd,bid->abik", np.asarray(bank)[:, idx], z,
+                        precision=jax.lax.Precision.HIGHEST)
+      return jnp.sum(weights * sims), sims
+
+    (_, got), got_grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(z)
+    (_, want), want_grad = jax.jit(jax.value_and_grad(unsharded, has_aux=True))(z)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "data")), 4)
+    if mesh.size == 8:
+      # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the bank;
+      # the all-gather is that of the small embeddings z.
+      compiled = jax.jit(lambda z: memory_bank.gather_similarities(bank, idx, z, mesh))
+      assert collectives(compiled.lower(z).compile()) <= {"reduce-scatter", "all-gather"}
+
+
 def test_update_sharded_equals_update():
   for mesh in meshes():
     rng, bank = sharded_inputs(mesh)
@@ -212,9 +241,9 @@ def test_sharded_bank_step_equals_unsharded():
         jax.random.key(5), jnp.asarray(labels)[own], own, table, num_positives=1,
         num_negatives=7)
     if sharded:
-      rows = memory_bank.gather_rows(bank, jnp.concatenate([pos_idx, neg_idx], 1), mesh,
-                                     scatter=True)
-      out = losses.bank_mcl_from_rows(z, rows, num_positives=1, **kw)
+      sims = memory_bank.gather_similarities(bank, jnp.concatenate([pos_idx, neg_idx], 1),
+                                             z, mesh)
+      out = losses.bank_mcl_from_similarities(sims, num_positives=1, **kw)
       return out, memory_bank.update_sharded(bank, pos_idx[:, 0], z, 0.5, mesh)
     out = losses.bank_mcl(z, bank, pos_idx, neg_idx, **kw)
     return out, memory_bank.update(bank, pos_idx[:, 0], z, 0.5)
