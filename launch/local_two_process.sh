@@ -9,8 +9,14 @@
 #   CONFIG=configs/digits.py:mcl_x2,smoke WORKDIR=workdirs/local_two_process PORT=12355 \
 #     launch/local_two_process.sh [EXTRA_MAIN_FLAGS ...]
 # Each process logs to $LOG_DIR/process_<id>.log. The script waits for all of them and
-# exits non-zero if any fails; when one fails the others are stopped at once (they would
-# otherwise wait for it in a collective). DRY_RUN=1 prints the commands instead.
+# exits non-zero if any fails; when one fails the others are killed at once (they would
+# otherwise wait for it in a collective until JAX's heartbeat timeout, 100 s, and SIGTERM
+# does not end them: JAX catches it as a preemption notice). DRY_RUN=1 prints the commands
+# instead.
+#
+# A preemption drill: `kill -TERM <this script's pid>` passes SIGTERM to every process;
+# they agree on a step, save a checkpoint there and exit 0, and the script waits for that
+# before it exits (143). Running the same command again resumes from that step.
 #
 # Settings (environment variables):
 #   CONFIG, WORKDIR, PORT                (defaults above)
@@ -75,13 +81,30 @@ mkdir -p "$LOG_DIR"
 declare -A process_of_pid=()
 pids=()
 
+# Sends signal $1 to every process still running.
 stop_all() {
   local pid
   for pid in ${pids[@]+"${pids[@]}"}; do
-    kill -TERM "$pid" 2>/dev/null || true
+    kill "-$1" "$pid" 2>/dev/null || true
   done
 }
-trap 'stop_all; exit 130' INT TERM
+
+# SIGTERM or Ctrl-C to the script: the processes get SIGTERM (a preemption notice: save,
+# then exit 0), and the script waits for them to finish saving.
+# shellcheck disable=SC2317  # only the traps below call it
+on_signal() {
+  local code=$1 pid rc=0
+  trap '' INT TERM
+  log "signal received: every process saves a checkpoint and stops; rerun to resume."
+  stop_all TERM
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    wait "$pid" || rc=$?
+  done
+  ((rc == 0)) || log "a process exited with status $rc while stopping."
+  exit "$code"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 for ((id = 0; id < NUM_PROCESSES; id++)); do
   mapfile -d '' cmd < <(process_cmd "$id" "$@")
@@ -110,7 +133,7 @@ while ((${#pids[@]} > 0)); do
       status=$rc
       if ((${#pids[@]} > 0)); then
         log "stopping the other processes."
-        stop_all
+        stop_all KILL
       fi
     fi
   else

@@ -5,7 +5,8 @@ queues when the trainer has them) is one pytree saved under `<workdir>/checkpoin
 Restoring targets the abstract state *with its shardings*, so a sharded bank comes back
 sharded on every host without ever being gathered on one. Saves are asynchronous; the
 manager writes to a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint as the latest complete one.
+mid-save leaves the previous checkpoint as the latest complete one; the next run's manager
+deletes the half-written directory (tests/test_multihost.py kills a run mid-save).
 """
 from __future__ import annotations
 
@@ -17,15 +18,21 @@ import orbax.checkpoint as ocp
 
 
 def _directory(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir.rstrip("/") + "/checkpoints"
+  if "://" in workdir:
+    return workdir.rstrip("/") + "/checkpoints"
+  # Orbax's TensorStore writer rejects a relative path, and only at the first save.
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 class Checkpointer:
   """Keep-N async checkpoints of a train state; `restore_latest` resumes where a run stopped."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
+    # cleanup_tmp_directories: without it a half-written step directory stays until that
+    # same step is saved again, which never happens if the save schedule changed.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         _directory(workdir), options=options, item_names=("state", "meta"))
 

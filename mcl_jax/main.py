@@ -32,10 +32,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Keeps INFO lines of our own code; libraries (Orbax logs every save step) only warn."""
+  """Keeps INFO lines of our own code; libraries (Orbax logs every save step) only warn.
+
+  clu's lines are ours too: its metric writer logs the training metrics (`[step] train/...`
+  every config.log_every_steps) and ReportProgress the steps/s and ETA, the only progress
+  a run without a terminal (SLURM, nohup on a TPU host) shows between evals.
+  """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/mcl_jax/" in record.pathname
+    return (record.levelno >= py_logging.WARNING or "/mcl_jax/" in record.pathname
+            or "/clu/" in record.pathname)
 
 
 def fail(message: str) -> None:

@@ -86,6 +86,35 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   return tx, schedule
 
 
+def _init_variables(model: models.Cohort, tx: optax.GradientTransformation,
+                    image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+          "opt_state": tx.init(variables["params"])}
+
+
+def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int,
+               rng: jax.Array) -> jax.Array:
+  """The bank drawn for exactly `bank_rows` rows, zero-padded to split over the devices."""
+  bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim)
+  padding = _round_up(bank_rows, num_devices) - bank_rows
+  return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
+
+
+def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
+                         bank_rows: int = 0) -> TrainState:
+  """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
+
+  def init(rng):
+    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
+                      **_init_variables(model, tx, image_shape, init_rng))
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
 def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], rng: jax.Array,
                        mesh: jax.sharding.Mesh, *, bank_rows: int = 0) -> TrainState:
@@ -96,23 +125,27 @@ def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
   same seed gives the same bank on any number of devices, and padding rows are never
   sampled (indices come from the class table of the real examples).
   """
+  init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+  # Params are initialised op by op, not under jit: compiling the init of M deep networks
+  # inlines a random-bits kernel per parameter and takes minutes (resnet110: 21 s jitted vs
+  # 0.9 s eager once the ops are cached, per member); they are replicated anyway, so
+  # nothing is gained by creating them sharded.
+  variables = _init_variables(model, tx, image_shape, init_rng)
+  state = TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=None, **variables)
+  replicated = sharding_lib.replicated(mesh)
+  state = jax.tree.map(lambda x: _to_global(np.asarray(x), replicated), state)
+  if bank_rows:
+    # The bank is the one large part: drawn directly in its sharded layout, so no device
+    # ever holds all of it.
+    bank = jax.jit(functools.partial(_init_bank, model, bank_rows, mesh.size),
+                   out_shardings=sharding_lib.bank_sharded(mesh))(bank_rng)
+    state = state.replace(bank=bank)
+  return state
 
-  def init(rng):
-    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-    variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    bank = None
-    if bank_rows:
-      bank = memory_bank.init(bank_rng, model.num_members, bank_rows, model.embed_dim)
-      padding = _round_up(bank_rows, mesh.size) - bank_rows
-      bank = jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=state_rng, bank=bank)
 
-  abstract = jax.eval_shape(init, rng)
-  shardings = state_shardings(abstract, mesh)
-  return jax.jit(init, out_shardings=shardings)(rng)
+def _to_global(value: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """A global array from a host value every process holds identically (multi-host safe)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
@@ -190,10 +223,12 @@ class BankOps:
   """The memory-bank regime's on-device operations (SPEC 2.2), bound to a mesh.
 
   The bank [M, N, d] is split along N over the mesh. Each step samples 1 + P positives and
-  K negatives per example from the class table, gathers exactly those rows with
-  `memory_bank.gather_rows` (each device contributes the rows it holds, reduce-scattered
-  to the devices that hold the batch's examples: no all-gather of the bank), and after the
-  step writes each example's row on the device that owns it (`update_sharded`).
+  K negatives per example from the class table, dots exactly those rows with the batch's
+  embeddings with `memory_bank.gather_similarities` (each device dots the rows it holds;
+  the similarities, not the rows, are reduce-scattered to the devices that hold the
+  batch's examples: no all-gather of the bank, d / M times less traffic than moving the
+  rows), and after the step writes each example's row on the device that owns it
+  (`update_sharded`).
   """
   mesh: jax.sharding.Mesh
   num_positives: int
@@ -208,9 +243,10 @@ class BankOps:
 
   def losses(self, z, bank, pos_idx, neg_idx):
     idx = jnp.concatenate([pos_idx, neg_idx], axis=1)
-    rows = memory_bank.gather_rows(bank, idx, self.mesh, scatter=True)
-    return losses.bank_mcl_from_rows(z, rows, num_positives=self.num_positives, tau=self.tau,
-                                     kd_temperature=self.kd_temperature)
+    sims = memory_bank.gather_similarities(bank, idx, z, self.mesh)
+    return losses.bank_mcl_from_similarities(
+        sims, num_positives=self.num_positives, tau=self.tau,
+        kd_temperature=self.kd_temperature)
 
   def update(self, bank, own_idx, z, momentum):
     return memory_bank.update_sharded(bank, own_idx, z, momentum, self.mesh)
@@ -274,6 +310,7 @@ class PreemptionGuard:
     self._requested = False
     self._previous = None
     self._multi = jax.process_count() > 1
+    self._reported = False
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -284,7 +321,15 @@ class PreemptionGuard:
   def reached(self, step: int) -> bool:
     if self._multi:
       from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
+      if not self._reported:
+        # JAX puts the sync point one past the largest step the hosts have reported, and a
+        # host that has reported nothing counts as step 0. A notice that came before this
+        # first report (while a resumed run restored and compiled) thus set it to step 1,
+        # which a run resumed at a later step never reports, and the notice was ignored.
+        # Asking for step 1 once turns such a notice into a stop at this first step.
+        self._reported = True
+        self._requested = multihost_utils.reached_preemption_sync_point(1)
+      return multihost_utils.reached_preemption_sync_point(step) or self._requested
     return self._requested
 
   def close(self) -> None:

@@ -1,5 +1,5 @@
 """Launch scripts: syntax, the commands they print with DRY_RUN=1, and their control flow
-(waiting, failure, requeue) with fake `python`, `srun`, `squeue` and `scontrol`.
+(waiting, failure, SIGTERM, requeue) with fake `python`, `srun`, `squeue` and `scontrol`.
 
 No gcloud, TPU or SLURM is needed: DRY_RUN=1 prints every command instead of running it,
 and each printed line is parsed back with shlex, so it is also checked to be valid shell.
@@ -26,11 +26,15 @@ _SCRIPT_VARS = ("DRY_RUN NAME ZONE PROJECT ACCELERATOR VERSION CONFIG WORKDIR SO
                 "SLURM_PROCID SLURM_LOCALID SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE").split()
 
 
-def _run(script, *args, env=None, timeout=30, cwd=REPO):
+def _script_env(env):
   full_env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
   full_env.update(env or {})
+  return full_env
+
+
+def _run(script, *args, env=None, timeout=30, cwd=REPO):
   return subprocess.run(
-      ["bash", os.path.join(LAUNCH, script), *args], env=full_env, cwd=cwd,
+      ["bash", os.path.join(LAUNCH, script), *args], env=_script_env(env), cwd=cwd,
       capture_output=True, text=True, timeout=timeout)
 
 
@@ -160,6 +164,14 @@ printf '%s\\n' "$@" > "$FAKE_OUT/args_$id"
 printf '%s\\n' "$XLA_FLAGS" "$JAX_PLATFORMS" > "$FAKE_OUT/env_$id"
 if [[ "$id" == "${FAIL_ID:-none}" ]]; then exit 3; fi
 if [[ "$id" == "${SLOW_ID:-none}" ]]; then exec sleep 60; fi
+if [[ -n "${SAVE_ON_TERM:-}" ]]; then  # like the trainer: SIGTERM -> save (1 s) -> exit 0
+  trap 'kill "$sleeper"; sleep 1; echo saved > "$FAKE_OUT/saved_$id"; exit 0' TERM
+  sleep 60 &
+  sleeper=$!
+  echo started > "$FAKE_OUT/started_$id"
+  wait "$sleeper"
+  exit 1
+fi
 exit 0
 """
 
@@ -201,6 +213,30 @@ def test_local_two_process_fails_fast_when_one_fails(tmp_path):
   assert time.monotonic() - start < 20
   assert "process 1 failed (exit 3)" in result.stderr
   assert "stopping the other processes" in result.stderr
+
+
+def test_local_two_process_sigterm_waits_for_every_save(tmp_path):
+  """SIGTERM to the script reaches every process, and the script exits only once they have
+  saved and exited (a preemption drill; tests/test_multihost.py runs the real trainer)."""
+  python, out = _fake_python(tmp_path)
+  env = {"PYTHON": python, "FAKE_OUT": str(out), "WORKDIR": str(tmp_path / "wd"),
+         "SAVE_ON_TERM": "1"}
+  proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "local_two_process.sh")],
+                          env=_script_env(env), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 20
+    while not all((out / f"started_{i}").exists() for i in (0, 1)):
+      assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+      time.sleep(0.05)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=20)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 143, stderr
+  assert all((out / f"saved_{i}").exists() for i in (0, 1)), stderr
+  assert "every process saves a checkpoint and stops" in stderr
 
 
 # --- SLURM -------------------------------------------------------------------------------
