@@ -47,6 +47,7 @@ def get_config(arg=None):
   c.moco.version = 1  # 1: MoCo (linear head), 2: MoCo v2 (MLP head, stronger augmentation)
   c.moco.queue_size = 65536  # --moco-k
   c.moco.key_momentum = 0.999  # --moco-m
+  c.moco.views = "official"  # official: the two-view recipe of moco.version; digits: mild views for 8x8 digits
   c.moco.knn_every_epochs = 0  # 0: off; else kNN accuracy on the eval split as a progress signal
 
   c.input = ml_collections.ConfigDict()

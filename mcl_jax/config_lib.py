@@ -140,6 +140,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by "
         f"config.input.samples_per_class={per_class}.")
+  _choice(config.moco.views, "moco.views", ("official", "digits"))
   if config.trainer == "moco" and config.moco.queue_size % batch:
     raise ConfigError(
         f"config.moco.queue_size={config.moco.queue_size} is not divisible by the global "

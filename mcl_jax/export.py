@@ -88,14 +88,16 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
 
 
 def _member_info(meta: dict, workdir: str) -> dict:
+  # The trainer first: a linear probe's meta lacks the cohort keys, and "not a cohort run"
+  # is the sentence that helps there.
+  if "trainer" in meta and meta["trainer"] not in EXPORTABLE_TRAINERS:
+    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised or MoCo "
+                     "runs (a linear probe's backbone is its config.lincls.pretrained export).")
   missing = [k for k in ("arch", "num_members", "shared_stages", "num_classes", "trainer",
                          "image_shape", "mean", "std") if k not in meta]
   if missing:
     raise ValueError(f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
                      "written by mcl_jax's supervised or MoCo trainer.")
-  if meta["trainer"] not in EXPORTABLE_TRAINERS:
-    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised or MoCo "
-                     "runs (a linear probe's backbone is its config.lincls.pretrained export).")
   return meta
 
 
@@ -201,6 +203,9 @@ def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   as info['preprocessing'] says. Variables are restored on the host CPU.
   """
   import orbax.checkpoint as ocp
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} does not exist; create an export directory with python -m "
+                            "mcl_jax.export --workdir=RUN --member=0 --out=DIR.")
   info_path = os.path.join(path, INFO_FILE)
   if not os.path.isfile(info_path):
     raise FileNotFoundError(f"{path} is not an export directory (no {INFO_FILE}); create one "
@@ -221,6 +226,10 @@ def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 
 def main(argv: list[str]) -> None:
   from absl import flags
+  from absl import logging
+  # Export logs nothing of its own; Orbax's INFO lines (dozens per save) would bury the
+  # one-line result or error.
+  logging.set_verbosity(logging.WARNING)
   flags_ = flags.FLAGS
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")

@@ -1,4 +1,5 @@
 """The MoCo-MCL trainer: queues, key encoders, gradients, resume, two-view augmentation."""
+import dataclasses
 import functools
 import itertools
 import os
@@ -17,6 +18,9 @@ from mcl_jax import train
 
 config_lib.ensure_configs_importable()
 from configs import moco_r18_x2  # noqa: E402
+
+# The module-scoped runs are made once: every test of this file goes to the same worker.
+pytestmark = pytest.mark.xdist_group("moco")
 
 BATCH, QUEUE = 16, 32  # K = 2 B: the third step wraps around
 
@@ -147,6 +151,34 @@ def test_resume_restores_queues_pointer_and_key_encoders(run):
     assert leaf.sharding.is_fully_replicated
   meta = restarted.meta()
   assert meta["trainer"] == "moco" and meta["num_classes"] == 128 and meta["moco_version"] == 1
+  assert meta["views"] == dataclasses.asdict(moco.MOCO_V1)  # the official v1 recipe
+
+
+def test_views_replace_the_official_recipe(tmp_path):
+  """`views=` reaches the step's augmentation (and the meta): with an identity recipe the
+  two views are both exactly the normalised source images."""
+  identity = moco.ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=(0.0,) * 4,
+                           jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip=False)
+  trainer = moco.MocoTrainer(tiny_config(), str(tmp_path), views=identity)
+  assert trainer.spec == identity and trainer.meta()["views"]["flip"] is False
+  images = jnp.asarray(trainer.dataset.train_images[:4])
+  q, k = jax.jit(trainer._views)(jax.random.PRNGKey(0), images, None)
+  expected = (images / 255.0 - 0.5) / 0.289  # the synthetic set's mean / std
+  np.testing.assert_allclose(q, expected, atol=1e-5)
+  np.testing.assert_allclose(k, expected, atol=1e-5)
+  assert moco.DIGITS_VIEWS.flip is False and moco.DIGITS_VIEWS.blur_p == 0.0
+
+
+def test_sharded_step_equals_single_device(run, tmp_path):
+  """BN statistics over the global batch (no shuffle-BN): 8 devices == 1 device."""
+  one = moco.MocoTrainer(tiny_config(), str(tmp_path),
+                         mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  metrics = jax.device_get(one.step(run.batches[0]))
+  np.testing.assert_allclose(metrics["loss"], run.metrics[0]["loss"], rtol=1e-5)
+  state, eight = jax.device_get(one.state), run.states[1]
+  np.testing.assert_allclose(state.queues, eight.queues, atol=1e-5)
+  assert_trees_close(state.params, eight.params, atol=1e-5)
+  assert_trees_close(state.batch_stats, eight.batch_stats, atol=1e-5)
 
 
 def test_single_network_mocov2_step():
