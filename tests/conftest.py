@@ -40,3 +40,17 @@ def reference():
   path = os.path.join(os.path.dirname(__file__), "data", "official_mcl_losses.npz")
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after every test.
+
+  A worker runs many tests; without this the executables and traces of every cohort it
+  ever compiled stay alive (several GB after a dozen smoke runs), and two workers on a
+  24 GB machine ran out of memory.
+  """
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
