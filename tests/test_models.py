@@ -1,4 +1,5 @@
 """Backbones: SPEC 1 parameter counts, the stage contract, names, dtype."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +59,8 @@ def test_bad_stage_slice_raises():
     _shapes(models.create("resnet32", 10, stage_slice=(2, 9)))
 
 
-@pytest.mark.parametrize("arch", ["tiny", "resnet32", "resnet110", "wrn_16_2", "resnet18",
-                                  "resnet50"])
+@pytest.mark.parametrize("arch", ["tiny", "tiny_imagenet", "resnet32", "resnet110", "wrn_16_2",
+                                  "resnet18", "resnet50"])
 def test_trunk_and_branch_names_partition_the_network(arch):
   """Contract: params of (0, s) and (s, None) merge into exactly those of (0, None)."""
   net = models.create(arch, 7)
@@ -87,6 +88,18 @@ def test_stage_slices_compose_numerically():
   np.testing.assert_allclose(logits2, logits, atol=1e-6)
   np.testing.assert_allclose(features2, features, atol=1e-6)
   assert logits.shape == (2, 5) and features.shape == (2, 16)
+
+
+def test_tiny_imagenet_is_resnet18_with_one_block_per_group():
+  """It stands in for resnet18/34 in smoke runs: same stages, a subset of the same layers."""
+  flat = lambda arch: {k: v.shape for k, v in flax.traverse_util.flatten_dict(  # noqa: E731
+      _shapes(models.create(arch, 10))["params"], sep="/").items()}
+  small, big = flat("tiny_imagenet"), flat("resnet18")
+  assert models.create("tiny_imagenet", 10).num_stages == models.create("resnet18", 10).num_stages
+  assert small == {k: big[k] for k in small}
+  assert sorted({k.split(".")[0] for k in small}) == sorted({k.split(".")[0] for k in big})
+  assert {k.split("/")[0] for k in small if k.startswith("layer")} == {
+      f"layer{g}.0" for g in range(1, 5)}
 
 
 def test_pytorch_names():

@@ -227,6 +227,17 @@ def uninterrupted(tmp_path_factory, jax_cache):
   return {"one": root / "one", "two": root / "two"}
 
 
+def test_the_module_stays_on_one_xdist_worker(request):
+  """The reference runs are shared only if xdist keeps this module's tests together.
+
+  pytest 9.2.0 silently broke that for pytest-xdist 3.8 (the group never reached the node
+  id): the module fixture then ran once per worker, a minute each.
+  """
+  if not getattr(request.config.option, "loadgroup", False):
+    pytest.skip("not running under --dist loadgroup")
+  assert request.node.nodeid.endswith("@multihost"), request.node.nodeid
+
+
 def test_two_processes_train_like_one(uninterrupted):
   one, two = uninterrupted["one"], uninterrupted["two"]
   assert _committed_steps(one) == _committed_steps(two) == [TOTAL_STEPS]

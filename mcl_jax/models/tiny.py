@@ -4,12 +4,18 @@ The CIFAR ResNet code with one block group: stem conv1 3x3 (8 channels) + bn1 + 
 `layer1.0`, a BasicBlock to 16 channels with a `downsample` shortcut, then global average
 pool and `classifier`. Two stages, so a cohort can share stage 0 (`shared_stages=1`), and
 every layer kind that conversion and export must handle (conv, BN, downsample, linear).
+
+`tiny_imagenet`: the torchvision ResNet layout (7x7/2 stem + max-pool, `layer1`..`layer4`,
+`fc`) with one BasicBlock per group (ResNet-10). Five stages like resnet18/34, so it stands
+in for them in the ImageNet configs' CPU smoke runs (shared trunks of up to 4 stages, the
+bank regime) at about half the compile time of resnet18.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
 
 from mcl_jax.models.resnet_cifar import ResNetCifar
+from mcl_jax.models.resnet_imagenet import ResNetImageNet
 
 
 class Tiny(ResNetCifar):
@@ -26,4 +32,9 @@ def tiny(num_classes: int, **kwargs: Any) -> Tiny:
   return Tiny(num_classes=num_classes, **kwargs)
 
 
-ARCHS = {"tiny": tiny}
+def tiny_imagenet(num_classes: int, **kwargs: Any) -> ResNetImageNet:
+  """ResNet-10: BasicBlock 1-1-1-1 with resnet18's widths and names."""
+  return ResNetImageNet(num_classes=num_classes, num_blocks=(1, 1, 1, 1), **kwargs)
+
+
+ARCHS = {"tiny": tiny, "tiny_imagenet": tiny_imagenet}
