@@ -23,7 +23,6 @@ the classifier is differentiated, so XLA runs the backbone forward only.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable
 
 from absl import logging
@@ -34,7 +33,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import export
 from mcl_jax import models
@@ -129,11 +127,8 @@ class LinclsTrainer(train.Trainer):
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                mesh: jax.sharding.Mesh | None = None):
-    # Deliberately not train.Trainer.__init__: that builds a supervised cohort.
-    from mcl_jax import data as data_lib
-    self.config, self.workdir = config, workdir
-    self.mesh = mesh or sharding_lib.make_mesh()
-    config_lib.validate(config, num_devices=self.mesh.size, workdir=workdir)
+    # Not train.Trainer.__init__ (that builds a supervised cohort); its set-up steps.
+    self._start(config, workdir, mesh)
     if config.input.samples_per_class:
       raise config_lib.ConfigError(
           f"config.input.samples_per_class={config.input.samples_per_class}: the linear "
@@ -142,9 +137,7 @@ class LinclsTrainer(train.Trainer):
       _, exported, self.info = export.load_exported(config.lincls.pretrained)
     except FileNotFoundError as e:
       raise config_lib.ConfigError(f"config.lincls.pretrained: {e}") from None
-    self.dataset = data_lib.make_source(config.input)
-    self.streaming = bool(getattr(self.dataset, "streaming", False))
-    self.image_shape = tuple(self.dataset.image_shape)
+    self._load_data()
     pre = self.info["preprocessing"]
     if pre["image_shape"][-1] != self.image_shape[-1]:
       raise config_lib.ConfigError(
@@ -156,29 +149,17 @@ class LinclsTrainer(train.Trainer):
       logging.warning("The export was pre-trained with mean/std %s/%s; the probe normalises "
                       "with %s's %s/%s.", pre["mean"], pre["std"], config.input.dataset,
                       self.dataset.mean, self.dataset.std)
-    self.global_batch = config.input.global_batch_size
-    self.steps_per_epoch = self.dataset.num_train // self.global_batch
-    if self.steps_per_epoch < 1:
-      raise config_lib.ConfigError(
-          f"config.input.global_batch_size={self.global_batch} is larger than the "
-          f"{self.dataset.num_train} training examples.")
-    self.total_steps = config.schedule.num_train_steps or (
-        config.schedule.epochs * self.steps_per_epoch)
     arch = self.info["arch"]
     self.num_classes = config.model.num_classes or self.dataset.num_classes
     self.net = models.create(arch, self.num_classes)
     names = classifier_names(arch, self.image_shape)
     template = jax.eval_shape(lambda: self.net.init(
         jax.random.PRNGKey(0), jnp.zeros((1, *self.image_shape)), False))
-    self.tx, self.schedule = train.make_optimizer(config, self.steps_per_epoch)
     replicated = sharding_lib.replicated(self.mesh)
     frozen = {"params": {k: v for k, v in exported["params"].items() if k not in names},
               "batch_stats": exported.get("batch_stats", {})}
-    self.consts = {"frozen": jax.device_put(frozen, replicated)}
-    if not self.streaming:
-      self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
-      self.consts["train_label"] = jax.device_put(
-          self.dataset.train_labels.astype(np.int32), replicated)
+    self.consts["frozen"] = jax.device_put(frozen, replicated)
+    self._put_training_set(with_labels=True)
 
     head_template = {k: template["params"][k] for k in names}
 
@@ -223,56 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns {"eval": {"top1", "top5"} (floats in [0, 1], whole eval split), "train": the last
   logged training metrics, "steps", "preempted", "pretrained": the export directory}.
   """
-  from clu import metric_writers, periodic_actions
   trainer = LinclsTrainer(config, workdir)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep)
-  if trainer.restore_or_keep(ckpt):
-    logging.info("Resumed from %s at step %d.", workdir, int(trainer.state.step))
-  start_step = int(trainer.state.step)
-  spe, total = trainer.steps_per_epoch, trainer.total_steps
-  logging.info("Linear probe of %s (%s) for %d steps (%d per epoch) on %d devices.",
-               config.lincls.pretrained, trainer.info["arch"], total, spe, trainer.mesh.size)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_secs=30)
-  guard = train.PreemptionGuard()
-  pending, last_train, eval_result, done = [], {}, None, start_step
-  summary = lambda preempted: {  # noqa: E731
-      "eval": eval_result, "train": last_train, "steps": done, "preempted": preempted,
-      "pretrained": config.lincls.pretrained}
-  t0 = time.time()
-  try:
-    for step, batch in trainer.local_batches():
-      pending.append(trainer.step(batch))
-      done = step + 1
-      report(done)
-      if done % config.log_every_steps == 0 or done == total:
-        host = jax.device_get(pending)
-        last_train = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-        last_train["learning_rate"] = float(trainer.schedule(step))
-        writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
-        pending = []
-      if guard.reached(done):
-        ckpt.save(done, trainer.state, trainer.meta())
-        logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
-                        "to resume.", done, workdir)
-        return summary(True)
-      epoch_end = done % spe == 0
-      if (epoch_end and (done // spe) % config.eval_every_epochs == 0) or done == total:
-        eval_result = _scalar_accuracy(trainer.evaluate())
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_result.items()})
-        logging.info("step %d (epoch %.2f) eval top-1 %.2f%% top-5 %.2f%%", done, done / spe,
-                     100 * eval_result["top1"], 100 * eval_result["top5"])
-      if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
-        ckpt.save(done, trainer.state, trainer.meta())
-  finally:
-    guard.close()
-    ckpt.close()
-    writer.flush()
-  if eval_result is None:  # Resumed after the last step: report the final state anyway.
-    eval_result = _scalar_accuracy(trainer.evaluate())
-  logging.info("Finished %d steps in %.1f s. Final top-1 %.2f%% top-5 %.2f%%.",
-               done - start_step, time.time() - t0, 100 * eval_result["top1"],
-               100 * eval_result["top5"])
-  return summary(False)
+  result = train.fit(
+      trainer, describe=f"Linear probe of {config.lincls.pretrained} ({trainer.info['arch']})",
+      evaluate=lambda: _scalar_accuracy(trainer.evaluate()),
+      eval_every_epochs=config.eval_every_epochs, eval_prefix="eval/",
+      format_eval=lambda r: f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%")
+  return {**result, "pretrained": config.lincls.pretrained}

@@ -69,10 +69,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, Callable
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -80,7 +78,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import knn
 from mcl_jax import losses
@@ -635,13 +632,9 @@ class MocoTrainer(train.Trainer):
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                mesh: jax.sharding.Mesh | None = None, views: ViewSpec | None = None):
-    # Deliberately not train.Trainer.__init__: that builds the supervised cohort.
-    from mcl_jax import data as data_lib
-    self.config, self.workdir = config, workdir
-    self.mesh = mesh or sharding_lib.make_mesh()
-    config_lib.validate(config, num_devices=self.mesh.size, workdir=workdir)
-    self.dataset = data_lib.make_source(config.input)
-    self.streaming = bool(getattr(self.dataset, "streaming", False))
+    # Not train.Trainer.__init__ (that builds the supervised cohort); its set-up steps.
+    self._start(config, workdir, mesh)
+    self._load_data()
     _validate_moco(config, self.streaming)
     # `views` replaces the official recipe of config.moco.version (e.g. DIGITS_VIEWS: the
     # ImageNet recipe's crops destroy 8x8 digits); the loss, head and tau stay the config's.
@@ -650,22 +643,10 @@ class MocoTrainer(train.Trainer):
     self.spec = views
     if self.streaming:
       _install_two_view_crops(self.dataset, self.spec.crop_scale)
-    self.global_batch = config.input.global_batch_size
-    num_train = self.dataset.num_train
-    self.steps_per_epoch = num_train // self.global_batch
-    if self.steps_per_epoch < 1:
-      raise config_lib.ConfigError(
-          f"config.input.global_batch_size={self.global_batch} is larger than the "
-          f"{num_train} training examples.")
-    self.total_steps = config.schedule.num_train_steps or (
-        config.schedule.epochs * self.steps_per_epoch)
-    self.image_shape = tuple(self.dataset.image_shape)
     self.encoders = build_encoders(config, self.image_shape)
-    self.tx, self.schedule = train.make_optimizer(config, self.steps_per_epoch)
+    self.model = self.encoders.cohort  # the query encoders' cohort (Trainer.meta reads it)
     replicated = sharding_lib.replicated(self.mesh)
-    self.consts = {}
-    if not self.streaming:
-      self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
+    self._put_training_set(with_labels=False)
     self.state = create_state(self.encoders, self.tx, jax.random.PRNGKey(config.seed),
                               self.mesh, queue_size=config.moco.queue_size)
     self.shardings = jax.tree.map(lambda _: replicated, self.state)
@@ -719,26 +700,13 @@ class MocoTrainer(train.Trainer):
 
   def meta(self) -> dict[str, Any]:
     """The supervised trainer's meta keys (what export needs), plus MoCo's."""
-    return {"arch": self.config.model.arch, "num_members": self.config.cohort.num_members,
-            "shared_stages": self.config.model.shared_stages,
-            "num_classes": int(self.encoders.cohort.num_classes),
-            "trainer": self.config.trainer, "embed_dim": self.config.model.embed_dim,
-            "image_shape": list(self.image_shape),
-            "mean": np.asarray(self.dataset.mean).tolist(),
-            "std": np.asarray(self.dataset.std).tolist(),
-            "moco_version": int(self.config.moco.version),
+    return {**super().meta(), "moco_version": int(self.config.moco.version),
             # The config does not name the augmentation when `views` replaced it.
-            "views": dataclasses.asdict(self.spec),
-            "config": self.config.to_json_best_effort()}
+            "views": dataclasses.asdict(self.spec)}
 
 
 def _format_knn(acc: np.ndarray) -> str:
   return "  ".join(f"member {m}: {100 * a:.2f}" for m, a in enumerate(acc))
-
-
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  host = jax.device_get(history)
-  return train.flatten_metrics(jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *host))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -752,58 +720,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   None for streaming datasets), "train": the last logged training metrics, "steps": the
   step reached, "preempted": bool}. On SIGTERM it saves and returns with preempted=True.
   """
-  from clu import metric_writers, periodic_actions
   trainer = MocoTrainer(config, workdir, views=views)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep)
-  if trainer.restore_or_keep(ckpt):
-    logging.info("Resumed from %s at step %d.", workdir, int(trainer.state.step))
-  start_step = int(trainer.state.step)
-  spe, total = trainer.steps_per_epoch, trainer.total_steps
-  logging.info("MoCo v%d pre-training %s x%d for %d steps (%d per epoch) on %d devices.",
-               config.moco.version, config.model.arch, config.cohort.num_members, total, spe,
-               trainer.mesh.size)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_secs=30)
-  guard = train.PreemptionGuard()
-  pending, last_train, knn_acc, knn_step, done = [], {}, None, -1, start_step
-  knn_every = config.moco.knn_every_epochs
-  t0 = time.time()
-  try:
-    for step, batch in trainer.local_batches():
-      pending.append(trainer.step(batch))
-      done = step + 1
-      report(done)
-      if done % config.log_every_steps == 0 or done == total:
-        last_train = _mean_metrics(pending)
-        last_train["learning_rate"] = float(trainer.schedule(step))
-        writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
-        pending = []
-      if guard.reached(done):
-        ckpt.save(done, trainer.state, trainer.meta())
-        logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
-                        "to resume.", done, workdir)
-        return {"knn": None if knn_acc is None else {"top1": knn_acc}, "train": last_train,
-                "steps": done, "preempted": True}
-      epoch_end = done % spe == 0
-      if knn_every and ((epoch_end and (done // spe) % knn_every == 0) or done == total):
-        knn_acc, knn_step = trainer.knn_accuracy(), done
-        writer.write_scalars(done, train.flatten_metrics({"top1": knn_acc}, "knn/"))
-        logging.info("step %d (epoch %.2f) kNN top-1 %%: %s", done, done / spe,
-                     _format_knn(knn_acc))
-      if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
-        ckpt.save(done, trainer.state, trainer.meta())
-  finally:
-    guard.close()
-    ckpt.close()
-    writer.flush()
-  if knn_step != done:  # the final state's kNN (in-memory datasets)
-    knn_acc = trainer.knn_accuracy()
-    if knn_acc is not None:
-      writer.write_scalars(done, train.flatten_metrics({"top1": knn_acc}, "knn/"))
-      writer.flush()
-  logging.info("Finished %d steps in %.1f s.%s", done - start_step, time.time() - t0,
-               "" if knn_acc is None else f" Final kNN top-1 %: {_format_knn(knn_acc)}")
-  return {"knn": None if knn_acc is None else {"top1": knn_acc}, "train": last_train,
-          "steps": done, "preempted": False}
+
+  def knn_top1():
+    acc = trainer.knn_accuracy()
+    return None if acc is None else {"top1": acc}
+
+  result = train.fit(
+      trainer, describe=(f"MoCo v{config.moco.version} pre-training {config.model.arch} "
+                         f"x{config.cohort.num_members}"),
+      evaluate=knn_top1, eval_every_epochs=config.moco.knn_every_epochs, eval_prefix="knn/",
+      format_eval=lambda r: f"kNN top-1 %: {_format_knn(r['top1'])}")
+  return {"knn": result.pop("eval"), **result}

@@ -378,14 +378,44 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                mesh: jax.sharding.Mesh | None = None):
-    from mcl_jax import data as data_lib  # TensorFlow stays unimported for in-memory data.
+    self._start(config, workdir, mesh)
+    self._load_data()
+    num_classes = config.model.num_classes or self.dataset.num_classes
+    self.model = build_model(config, num_classes)
+    self.bank_ops = None
+    replicated = sharding_lib.replicated(self.mesh)
+    bank_rows = 0
+    weights = (config.loss.vcl_weight, config.loss.icl_weight, config.loss.soft_vcl_weight,
+               config.loss.soft_icl_weight)
+    if config.loss.regime == "bank" and any(w != 0 for w in weights):
+      bank_rows = self.dataset.num_train
+      table = memory_bank.class_index_table(np.asarray(self.dataset.train_labels), num_classes)
+      self.consts.update({k: jax.device_put(v, replicated) for k, v in table.items()})
+      self.bank_ops = BankOps(self.mesh, config.bank.num_positives, config.bank.num_negatives,
+                              config.loss.tau, config.loss.kd_temperature)
+    self._put_training_set(with_labels=True)
+    self.state = create_train_state(
+        self.model, self.tx, self.image_shape, jax.random.PRNGKey(config.seed),
+        self.mesh, bank_rows=bank_rows)
+    self.shardings = state_shardings(self.state, self.mesh)
+    self._train_step = self._compile_train_step()
+    self._eval_step = jax.jit(functools.partial(
+        eval_step, model=self.model, preprocess=self._eval_preprocess))
+
+  # -- set-up shared by every trainer (MocoTrainer and LinclsTrainer build their own state)
+  def _start(self, config: ml_collections.ConfigDict, workdir: str,
+             mesh: jax.sharding.Mesh | None) -> None:
     self.config, self.workdir = config, workdir
     self.mesh = mesh or sharding_lib.make_mesh()
     config_lib.validate(config, num_devices=self.mesh.size, workdir=workdir)
+
+  def _load_data(self) -> None:
+    """The dataset, the step counts and the optimizer that depends on them."""
+    from mcl_jax import data as data_lib  # TensorFlow stays unimported for in-memory data.
+    config = self.config
     self.dataset = data_lib.make_source(config.input)
     self.streaming = bool(getattr(self.dataset, "streaming", False))
-    num_classes = config.model.num_classes or self.dataset.num_classes
-    self.model = build_model(config, num_classes)
+    self.image_shape = tuple(self.dataset.image_shape)
     self.global_batch = config.input.global_batch_size
     num_train = self.dataset.num_train
     self.steps_per_epoch = num_train // self.global_batch
@@ -396,30 +426,17 @@ class Trainer:
     self.total_steps = config.schedule.num_train_steps or (
         config.schedule.epochs * self.steps_per_epoch)
     self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch)
-    self.bank_ops = None
-    replicated = sharding_lib.replicated(self.mesh)
     self.consts = {}  # Replicated arrays every step reads.
-    bank_rows = 0
-    weights = (config.loss.vcl_weight, config.loss.icl_weight, config.loss.soft_vcl_weight,
-               config.loss.soft_icl_weight)
-    if config.loss.regime == "bank" and any(w != 0 for w in weights):
-      bank_rows = num_train
-      table = memory_bank.class_index_table(np.asarray(self.dataset.train_labels), num_classes)
-      self.consts.update({k: jax.device_put(v, replicated) for k, v in table.items()})
-      self.bank_ops = BankOps(self.mesh, config.bank.num_positives, config.bank.num_negatives,
-                              config.loss.tau, config.loss.kd_temperature)
-    if not self.streaming:
-      # The training set, once, on every device: steps gather their batch by index.
-      self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
+
+  def _put_training_set(self, *, with_labels: bool) -> None:
+    """In-memory data: the training set, once, on every device; steps gather by index."""
+    if self.streaming:
+      return
+    replicated = sharding_lib.replicated(self.mesh)
+    self.consts["train_image"] = jax.device_put(self.dataset.train_images, replicated)
+    if with_labels:
       self.consts["train_label"] = jax.device_put(
           self.dataset.train_labels.astype(np.int32), replicated)
-    self.state = create_train_state(
-        self.model, self.tx, tuple(self.dataset.image_shape), jax.random.PRNGKey(config.seed),
-        self.mesh, bank_rows=bank_rows)
-    self.shardings = state_shardings(self.state, self.mesh)
-    self._train_step = self._compile_train_step()
-    self._eval_step = jax.jit(functools.partial(
-        eval_step, model=self.model, preprocess=self._eval_preprocess))
 
   # Preprocessing is traced into the step. Streamed images come cropped and flipped.
   def _train_preprocess(self, rng: jax.Array, images: jax.Array) -> jax.Array:
@@ -525,17 +542,26 @@ class Trainer:
             "config": self.config.to_json_best_effort()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the cohort, evaluating every `eval_every_epochs`; resumes from `workdir`.
+def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any] | None],
+        eval_every_epochs: int, eval_prefix: str, format_eval: Callable[[dict], str]
+        ) -> dict[str, Any]:
+  """The job loop every trainer shares: resume, train, report, evaluate, checkpoint.
 
-  Returns {"eval": {"top1": [M + 1], "top5": [M + 1]} (last entry = ensemble), "train": the
-  last logged training metrics, "steps": the step reached, "preempted": bool}. On SIGTERM
-  it saves at the current step and returns early with preempted=True.
+  Resumes from the trainer's workdir, runs the remaining steps with a progress display,
+  logs the mean training metrics every `log_every_steps`, evaluates every
+  `eval_every_epochs` epochs (0: only at the end) and once more for the final state,
+  checkpoints every `checkpoint.every_epochs` and at the end. On SIGTERM (or JAX's
+  preemption notice) it saves at the current step and returns early with preempted=True.
+
+  `evaluate` returns named metrics (arrays [M] become one scalar per member) or None when
+  there is nothing to evaluate; they are written under `eval_prefix` and logged with
+  `format_eval`. Returns {"eval": the last evaluation, "train": the last logged training
+  metrics, "steps": the step reached, "preempted": bool}.
   """
   from clu import metric_writers, periodic_actions
   from mcl_jax.data import _tf
   _tf.tf()  # clu's TensorBoard writer runs on TensorFlow: hide the GPUs from it first.
-  trainer = Trainer(config, workdir)
+  config, workdir = trainer.config, trainer.workdir
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep)
@@ -543,13 +569,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from %s at step %d.", workdir, int(trainer.state.step))
   start_step = int(trainer.state.step)
   spe, total = trainer.steps_per_epoch, trainer.total_steps
-  logging.info("Training %s x%d for %d steps (%d per epoch) on %d devices.",
-               config.model.arch, config.cohort.num_members, total, spe, trainer.mesh.size)
+  logging.info("%s for %d steps (%d per epoch) on %d devices.", describe, total, spe,
+               trainer.mesh.size)
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_secs=30)
   bar = _progress(total, start_step)
   guard = PreemptionGuard()
-  pending, last_train, eval_result, done = [], {}, None, start_step
+  pending, last_train, done = [], {}, start_step
+  evaluated: dict[str, Any] = {"result": None, "step": None}
+
+  def run_eval():
+    result = evaluate()
+    evaluated.update(result=result, step=done)
+    if result is not None:
+      writer.write_scalars(done, flatten_metrics(result, eval_prefix))
+      logging.info("step %d (epoch %.2f) %s", done, done / spe, format_eval(result))
+
+  def summary(preempted: bool) -> dict[str, Any]:
+    return {"eval": evaluated["result"], "train": last_train, "steps": done,
+            "preempted": preempted}
+
   t0 = time.time()
   try:
     for step, batch in trainer.local_batches():
@@ -569,26 +608,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(done, trainer.state, trainer.meta())
         logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
                         "to resume.", done, workdir)
-        return {"eval": eval_result, "train": last_train, "steps": done, "preempted": True}
+        return summary(preempted=True)
       epoch_end = done % spe == 0
-      if (epoch_end and (done // spe) % config.eval_every_epochs == 0) or done == total:
-        eval_result = trainer.evaluate()
-        writer.write_scalars(done, flatten_metrics(eval_result, "eval/"))
-        logging.info("step %d (epoch %.2f) eval top-1/top-5 %%: %s", done, done / spe,
-                     format_accuracy(eval_result))
+      if (eval_every_epochs and epoch_end and (done // spe) % eval_every_epochs == 0
+          ) or done == total:
+        run_eval()
       if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
         ckpt.save(done, trainer.state, trainer.meta())
+    if evaluated["step"] != done:  # Resumed after the last step: report the final state.
+      run_eval()
   finally:
     guard.close()
     if bar is not None:
       bar.close()
     ckpt.close()
     writer.flush()
-  if eval_result is None:  # Resumed after the last step: report the final state anyway.
-    eval_result = trainer.evaluate()
-  logging.info("Finished %d steps in %.1f s. Final eval top-1/top-5 %%: %s", done - start_step,
-               time.time() - t0, format_accuracy(eval_result))
-  return {"eval": eval_result, "train": last_train, "steps": done, "preempted": False}
+  final = evaluated["result"]
+  logging.info("Finished %d steps in %.1f s.%s", done - start_step, time.time() - t0,
+               "" if final is None else f" Final {format_eval(final)}")
+  return summary(preempted=False)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the cohort, evaluating every `eval_every_epochs`; resumes from `workdir`.
+
+  Returns {"eval": {"top1": [M + 1], "top5": [M + 1]} (last entry = ensemble), "train": the
+  last logged training metrics, "steps": the step reached, "preempted": bool}. On SIGTERM
+  it saves at the current step and returns early with preempted=True.
+  """
+  trainer = Trainer(config, workdir)
+  return fit(trainer,
+             describe=f"Training {config.model.arch} x{config.cohort.num_members}",
+             evaluate=trainer.evaluate, eval_every_epochs=config.eval_every_epochs,
+             eval_prefix="eval/",
+             format_eval=lambda acc: f"eval top-1/top-5 %: {format_accuracy(acc)}")
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
