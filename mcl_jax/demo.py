@@ -47,8 +47,9 @@ def summary_table(results: dict[str, list[dict]]) -> str:
 
 def main(argv):
   del argv
-  from mcl_jax import config_lib
+  from mcl_jax import config_lib, train
   config_lib.ensure_configs_importable()
+  train.quiet_library_logs()  # our progress and results; Orbax's INFO lines drowned them
   results = {"baseline": [], "mcl_x2": []}
   for seed in map(int, FLAGS.seeds):
     for variant in results:

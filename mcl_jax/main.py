@@ -10,7 +10,6 @@ cannot be written) ends with one sentence on stderr and exit status 2, not a tra
 """
 from __future__ import annotations
 
-import logging as py_logging
 import os
 import re
 import sys
@@ -29,19 +28,6 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes (explicit launches).")
 flags.DEFINE_integer("process_id", None, "This process's id (explicit launches).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Keeps INFO lines of our own code; libraries (Orbax logs every save step) only warn.
-
-  clu's lines are ours too: its metric writer logs the training metrics (`[step] train/...`
-  every config.log_every_steps) and ReportProgress the steps/s and ETA, the only progress
-  a run without a terminal (SLURM, nohup on a TPU host) shows between evals.
-  """
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING or "/mcl_jax/" in record.pathname
-            or "/clu/" in record.pathname)
 
 
 def fail(message: str) -> None:
@@ -92,7 +78,8 @@ def main(argv):
   # TensorFlow is only the input pipeline: keep it off GPUs/TPUs JAX needs.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from mcl_jax import config_lib
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from mcl_jax import train
+  train.quiet_library_logs()
   initialize_distributed()
   import jax
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging as py_logging
 import signal
 import sys
 import threading
@@ -344,6 +345,24 @@ def _progress(total_steps: int, initial: int):
     from tqdm import tqdm
     return tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
   return None
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps INFO lines of our own code; libraries (Orbax logs every save step) only warn.
+
+  clu's lines are ours too: its metric writer logs the training metrics (`[step] train/...`
+  every config.log_every_steps) and ReportProgress the steps/s and ETA, the only progress
+  a run without a terminal (SLURM, nohup on a TPU host) shows between evals.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or "/mcl_jax/" in record.pathname
+            or "/clu/" in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  """For the command-line tools: absl's log output keeps our lines, drops libraries' INFO."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def format_accuracy(acc: dict[str, np.ndarray]) -> str:
