@@ -50,7 +50,7 @@ same source image, each from its own RNG. In-memory datasets (digits, CIFAR, syn
 keep the training set on every device as the supervised trainer does and gather the batch
 by index inside the step; both views are then cropped and coloured on device. Streaming
 ImageNet sources decode two random-resized crops per image on the host (scale (0.2, 1),
-`_install_two_view_crops`) and the device does the colour, blur and flip. The recipe is
+their `use_two_views`) and the device does the colour, blur and flip. The recipe is
 the official one of `moco.version` (`VIEW_SPECS`); `train_and_evaluate(..., views=...)`
 replaces it (`DIGITS_VIEWS` for configs/moco_digits.py) and the checkpoint meta records it.
 
@@ -557,44 +557,6 @@ def embed_step(params: Any, batch_stats: Any, images: Array, *, encoders: MocoEn
 # ----------------------------------------------------------------------------- streaming
 
 
-def _install_two_view_crops(source: Any, crop_scale: tuple[float, float]) -> None:
-  """Makes a streaming ImageNet source yield two random-resized crops per image.
-
-  The sources' train pipeline decodes one supervised crop (scale (0.08, 1)) plus a flip;
-  MoCo needs two crops of the same image at scale (0.2, 1), unflipped (the device flips).
-  This replaces the source's per-example map on this instance only, with the same
-  stateless seeding (epoch seed, example index), so batches stay a pure function of
-  (seed, epoch) and resume is exact.
-  TODO(lead): a `views=2, crop_scale=...` option of data.imagenet's train pipeline would
-  replace this (it uses data.imagenet's private crop helpers).
-  """
-  from mcl_jax.data import _tf
-  from mcl_jax.data import imagenet
-  if getattr(source, "output_dtype", "uint8") != "uint8":
-    raise config_lib.ConfigError("MoCo needs the streaming source's uint8 output (the "
-                                 "device normalises after colour augmentation).")
-  size = source.image_size
-
-  def train_map(epoch_seed: int):
-    tf = _tf.tf()
-
-    def view(image_bytes, seed):
-      image = imagenet._decode_window(  # pylint: disable=protected-access
-          tf, image_bytes, lambda h, w: imagenet._random_resized_crop_window(  # pylint: disable=protected-access
-              tf, h, w, seed, scale=crop_scale))
-      image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-      return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-    def fn(image_bytes, label, index):
-      seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(index, tf.int64)])
-      s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-      return {"image": view(image_bytes, s1), "image2": view(image_bytes, s2),
-              "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
-    return fn
-
-  source._train_map = train_map  # pylint: disable=protected-access
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -641,8 +603,11 @@ class MocoTrainer(train.Trainer):
     if views is None:
       views = DIGITS_VIEWS if config.moco.views == "digits" else VIEW_SPECS[config.moco.version]
     self.spec = views
-    if self.streaming:
-      _install_two_view_crops(self.dataset, self.spec.crop_scale)
+    if self.streaming:  # Two crops per image from the input pipeline, at MoCo's scale.
+      try:
+        self.dataset.use_two_views(self.spec.crop_scale)
+      except ValueError as e:
+        raise config_lib.ConfigError(f"MoCo on {config.input.dataset}: {e}") from None
     self.encoders = build_encoders(config, self.image_shape)
     self.model = self.encoders.cohort  # the query encoders' cohort (Trainer.meta reads it)
     replicated = sharding_lib.replicated(self.mesh)

@@ -274,8 +274,11 @@ def test_streaming_sources_yield_two_crops_per_image(tmp_path):
       for i in range(2):
         pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
         tf.io.write_file(str(tmp_path / split / name / f"{i}.jpg"), tf.io.encode_jpeg(pixels))
+  with pytest.raises(ValueError, match="uint8"):
+    imagenet.ImageFolderSource(str(tmp_path), image_size=16,
+                               output_dtype="float32").use_two_views((0.2, 1.0))
   source = imagenet.ImageFolderSource(str(tmp_path), image_size=16)
-  moco._install_two_view_crops(source, (0.2, 1.0))
+  source.use_two_views((0.2, 1.0))
   first = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
                                     process_count=1))
   again = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,

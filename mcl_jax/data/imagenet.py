@@ -170,6 +170,25 @@ def train_transform(image_bytes, seed, *, image_size: int, output_dtype: str = "
   return _finish(tf, image, output_dtype, mean, std)
 
 
+def two_view_transform(image_bytes, seed, *, image_size: int,
+                       crop_scale: tuple[float, float]):
+  """Encoded image + stateless seed [2] -> two independent random-resized crops, uint8.
+
+  MoCo's views: crops at `crop_scale`, not flipped (the device flips and colour-augments
+  each view after decoding).
+  """
+  tf = _tf.tf()
+
+  def view(view_seed):
+    image = _decode_window(tf, image_bytes, lambda h, w: _random_resized_crop_window(
+        tf, h, w, view_seed, scale=crop_scale))
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return _finish(tf, image, "uint8", None, None)
+
+  seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  return view(seed1), view(seed2)
+
+
 def eval_transform(image_bytes, *, image_size: int, output_dtype: str = "uint8",
                    mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
                    std: Sequence[float] = augment_lib.IMAGENET_STD):
@@ -224,15 +243,35 @@ class _StreamingSource:
     """Whole global batches per epoch (remainder dropped, the same on every process)."""
     return sampler.steps_per_epoch(self.num_train, global_batch_size)
 
+  # None: one supervised crop per example; (lo, hi): MoCo's two crops (`use_two_views`).
+  two_view_crop_scale: tuple[float, float] | None = None
+
+  def use_two_views(self, crop_scale: tuple[float, float]) -> None:
+    """Train examples become two crops of the image ("image", "image2"), uint8, unflipped.
+
+    Seeding is unchanged (epoch seed, example index): batches stay a pure function of
+    (seed, epoch), so resume stays exact.
+    """
+    if self.output_dtype != "uint8":
+      raise ValueError("two views need uint8 output (the device normalises after colour "
+                       f"augmentation), not {self.output_dtype}.")
+    self.two_view_crop_scale = tuple(crop_scale)
+
   def _train_map(self, epoch_seed: int):
     tf = _tf.tf()
     kwargs = dict(image_size=self.image_size, output_dtype=self.output_dtype,
                   mean=self.mean, std=self.std)
+    crop_scale = self.two_view_crop_scale
 
     def fn(image_bytes, label, index):
       seed = tf.stack([tf.constant(epoch_seed, tf.int64), tf.cast(index, tf.int64)])
-      return {"image": train_transform(image_bytes, seed, **kwargs),
-              "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
+      example = {"label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32)}
+      if crop_scale is None:
+        example["image"] = train_transform(image_bytes, seed, **kwargs)
+      else:
+        example["image"], example["image2"] = two_view_transform(
+            image_bytes, seed, image_size=self.image_size, crop_scale=crop_scale)
+      return example
     return fn
 
   def _eval_map(self):
