@@ -6,6 +6,7 @@ device work, so a typo or an impossible combination costs seconds, not a pod all
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import uuid
@@ -34,6 +35,14 @@ def ensure_configs_importable() -> None:
   `configs.default`, so the root must be importable wherever the command runs from."""
   if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+
+def experiment_names() -> list[str]:
+  """The experiment configs in configs/ (module names, sorted): every file but the shared
+  pieces (`default`, `*_common`)."""
+  names = [os.path.basename(path)[:-3]
+           for path in sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))]
+  return [n for n in names if n not in ("__init__", "default") and not n.endswith("_common")]
 
 
 def default_config() -> ml_collections.ConfigDict:

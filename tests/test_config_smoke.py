@@ -5,7 +5,6 @@ accept, a shared trunk that does not split the network, a bank that does not fit
 sampler); this runs each one through the same entry point as the CLI. `lincls_r18` needs
 an exported member and is run from one in tests/test_export_lincls.py.
 """
-import glob
 import importlib
 import os
 
@@ -15,7 +14,6 @@ import pytest
 from mcl_jax import config_lib, main
 
 config_lib.ensure_configs_importable()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_AN_EXPORTED_MEMBER = ("lincls_r18",)
 # A smoke run costs 30-75 s on this CPU, almost all of it compiling the cohort's train step
 # (measured: resnet56 x2 50 s, resnet18 x4 with the bank 73 s, resnet34 x4 19 GB of memory),
@@ -36,10 +34,7 @@ LIGHT_STAND_IN = {
 
 def experiment_configs():
   names = []
-  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
-    name = os.path.basename(path)[:-3]
-    if name in ("__init__", "default") or name.endswith("_common"):
-      continue
+  for name in config_lib.experiment_names():
     if name in NEEDS_AN_EXPORTED_MEMBER:
       continue
     names.append(name)

@@ -41,6 +41,7 @@ in `label_cache` (default: `train_labels.npy` beside the tfds data, when writabl
 """
 from __future__ import annotations
 
+import abc
 import math
 import os
 from typing import Any, Iterator, Sequence
@@ -222,7 +223,7 @@ def _options(tf):
 # Sources.
 
 
-class _StreamingSource:
+class _StreamingSource(abc.ABC):
   """What both ImageNet sources share: metadata, steps, output conventions."""
   streaming = True
   mean = augment_lib.IMAGENET_MEAN
@@ -236,8 +237,9 @@ class _StreamingSource:
     return (self.image_size, self.image_size, 3)
 
   @property
+  @abc.abstractmethod
   def num_train(self) -> int:
-    raise NotImplementedError
+    """Training examples (bank rows): the tfds split size, or the files found."""
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Whole global batches per epoch (remainder dropped, the same on every process)."""
