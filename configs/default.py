@@ -21,6 +21,8 @@ def get_config(arg=None):
   # stem + first block group for M > 2 on CIFAR (2) and stem + layer1 + layer2 on ImageNet (3).
   c.model.shared_stages = 0
   c.model.embed_dim = 128  # --feat-dim: projection head output
+  # none (official) | batchnorm: BatchNorm1d on the projection head's input (models/cohort.py)
+  c.model.head_norm = "none"
   c.model.strategy = "auto"  # auto | vmap | unroll | map: how the M members execute
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
@@ -37,6 +39,9 @@ def get_config(arg=None):
   c.loss.kd_temperature = 3.0  # --kd_T
   c.loss.logit_kd_weight = 0.0  # --logit-distill (1.0 when on, as the official code)
   c.loss.logit_kd_targets = "all"  # all | last: which members distil from the ensemble
+  # Soft VCL / Soft ICL weights ramp linearly from 0 over this many epochs (0: the official
+  # constant weights). The soft terms are minimised by collapsed embeddings (docs/RESULTS.md).
+  c.loss.soft_warmup_epochs = 0.0
 
   c.bank = ml_collections.ConfigDict()
   c.bank.num_positives = 1  # --pos_k
@@ -44,15 +49,22 @@ def get_config(arg=None):
   c.bank.momentum = 0.5  # --nce_m
 
   c.moco = ml_collections.ConfigDict()
-  c.moco.version = 1  # 1: MoCo (linear head), 2: MoCo v2 (MLP head, stronger augmentation)
+  # The official --mlp flag is a no-op, so its published "v2" runs had the linear head.
+  c.moco.mlp = False  # --mlp done for real: Dense(F, F)-ReLU-Dense(F, d) instead of Dense(F, d)
   c.moco.queue_size = 65536  # --moco-k
   c.moco.key_momentum = 0.999  # --moco-m
-  c.moco.views = "official"  # official: the two-view recipe of moco.version; digits: mild views for 8x8 digits
+  # Two-view augmentation: v1 | v2 (--aug-plus) | digits | fashion_mnist (milder, small images)
+  c.moco.views = "v1"
   c.moco.knn_every_epochs = 0  # 0: off; else kNN accuracy on the eval split as a progress signal
 
   c.input = ml_collections.ConfigDict()
-  c.input.dataset = "cifar100"  # digits | cifar10 | cifar100 | imagenet2012 | image_folder | synthetic
-  c.input.data_dir = ""  # tfds data_dir, or the root of an image folder
+  # digits | fashion_mnist | cifar10 | cifar100 | imagenet2012 | image_folder | synthetic
+  c.input.dataset = "cifar100"
+  c.input.data_dir = ""  # tfds data_dir, the root of an image folder, or the IDX files' folder
+  # In-memory datasets: training examples held out as a validation split (stratified, the
+  # same for every seed) for choices; the test split is only for reported results.
+  c.input.validation_size = 0
+  c.input.train_subset = 0  # >0: a stratified subset of the remaining training examples
   c.input.global_batch_size = 128  # --batch-size (summed over all devices and hosts)
   c.input.samples_per_class = 2  # class-aware batches (m per class); 0: plain shuffled batches
   c.input.image_size = 32
@@ -75,6 +87,9 @@ def get_config(arg=None):
   c.schedule.decay_factor = 0.1
   # The official code sets the LR once per epoch; True keeps that, False updates every step.
   c.schedule.per_epoch = True
+  # Linear warm-up of the LR from 0 over this many epochs (fractions allowed), per step,
+  # multiplying the schedule above. The official recipes have none (0).
+  c.schedule.warmup_epochs = 0.0
   c.schedule.num_train_steps = 0  # >0 stops early (smoke runs); 0 means schedule.epochs
 
   c.checkpoint = ml_collections.ConfigDict()

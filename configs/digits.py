@@ -37,3 +37,12 @@ def get_config(arg=None):
     c.schedule.num_train_steps = 3
     c.log_every_steps = 1
   return c
+
+
+# `python -m mcl_jax.reproduce --suite=digits` and the demo's fallback (mcl_jax/demo.py).
+TABLES = {"demo": "scikit-learn's digits: two independent networks vs MCL x2"}
+ROWS = [
+    {"name": "demo_baseline", "variant": "baseline", "table": "demo",
+     "label": "baseline (2 independent)"},
+    {"name": "demo_mcl_x2", "variant": "mcl_x2", "table": "demo", "label": "MCL x2"},
+]

@@ -44,11 +44,11 @@ def get_config(arg=None):
   c.loss.vcl_weight = c.loss.icl_weight = 1.0
   c.loss.soft_vcl_weight = c.loss.soft_icl_weight = 1.0
   c.loss.logit_kd_weight = 0.0
-  c.moco.version = 2
+  c.moco.mlp = True  # MoCo v2's MLP head
   c.moco.queue_size = 256
   c.moco.key_momentum = 0.99
   c.moco.knn_every_epochs = 5
-  c.moco.views = "digits"
+  c.moco.views = "digits"  # v2's colour jitter, mild crops, no blur, no flip
   c.input.dataset = "digits"
   c.input.image_size = 8  # the digits' own resolution
   c.input.global_batch_size = 64

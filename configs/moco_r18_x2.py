@@ -46,7 +46,9 @@ def make(version: int, num_members: int, arg=None):
   mcl = 1.0 if num_members > 1 else 0.0
   c.loss.icl_weight = c.loss.soft_vcl_weight = c.loss.soft_icl_weight = mcl
   c.loss.logit_kd_weight = 0.0
-  c.moco.version = version  # 2: --mlp --aug-plus --cos
+  # --mlp (real here: a no-op in the official script), --aug-plus; --cos is schedule.kind.
+  c.moco.mlp = version == 2
+  c.moco.views = f"v{version}"
   c.moco.queue_size = 65536  # --moco-k
   c.moco.key_momentum = 0.999  # --moco-m
   c.moco.knn_every_epochs = 0  # ImageNet streams: judge with the linear probe

@@ -18,9 +18,12 @@ TRAINERS = ("supervised", "moco", "lincls")
 REGIMES = ("batch", "bank", "moco")
 STRATEGIES = ("auto", "vmap", "unroll", "map")
 DTYPES = ("float32", "bfloat16")
+HEAD_NORMS = ("none", "batchnorm")
 KD_TARGETS = ("all", "last")
 SCHEDULES = ("cosine", "step")
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012", "image_folder", "synthetic")
+MOCO_VIEWS = ("v1", "v2", "digits", "fashion_mnist")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder",
+            "synthetic")
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _choice(config.loss.regime, "loss.regime", REGIMES)
   _choice(config.model.strategy, "model.strategy", STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
+  _choice(config.model.head_norm, "model.head_norm", HEAD_NORMS)
   _choice(config.loss.logit_kd_targets, "loss.logit_kd_targets", KD_TARGETS)
   _choice(config.schedule.kind, "schedule.kind", SCHEDULES)
   _choice(config.input.dataset, "input.dataset", DATASETS)
@@ -149,7 +153,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by "
         f"config.input.samples_per_class={per_class}.")
-  _choice(config.moco.views, "moco.views", ("official", "digits"))
+  _choice(config.moco.views, "moco.views", MOCO_VIEWS)
   if config.trainer == "moco" and config.moco.queue_size % batch:
     raise ConfigError(
         f"config.moco.queue_size={config.moco.queue_size} is not divisible by the global "
@@ -158,6 +162,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     raise ConfigError("config.bank.num_negatives must be at least 1 for the memory bank.")
   if config.schedule.epochs < 1:
     raise ConfigError(f"config.schedule.epochs={config.schedule.epochs} must be positive.")
+  if config.loss.soft_warmup_epochs < 0:
+    raise ConfigError(
+        f"config.loss.soft_warmup_epochs={config.loss.soft_warmup_epochs} must be >= 0 (0: off).")
+  if config.schedule.warmup_epochs < 0:
+    raise ConfigError(
+        f"config.schedule.warmup_epochs={config.schedule.warmup_epochs} must be >= 0 (0: off).")
+  if config.input.validation_size < 0 or config.input.train_subset < 0:
+    raise ConfigError("config.input.validation_size and config.input.train_subset must be "
+                      ">= 0 (0: none / the whole training split).")
   if config.trainer == "lincls" and not config.lincls.pretrained:
     raise ConfigError("config.lincls.pretrained is empty; pass the export directory, e.g. "
                       "--config.lincls.pretrained=DIR.")

@@ -149,7 +149,7 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
           "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
           "step": step, "trainer": meta["trainer"], "member": member,
           "num_members": num_members, "shared_stages": int(meta["shared_stages"]),
-          "moco_version": meta.get("moco_version"), "embed_dim": meta.get("embed_dim"),
+          "moco_mlp": _moco_mlp(meta), "embed_dim": meta.get("embed_dim"),
       },
       "files": {"variables": VARIABLES_DIR, "torch": torch_file},
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -159,11 +159,18 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
   return info
 
 
+def _moco_mlp(meta: dict) -> bool | None:
+  """Whether a MoCo run had the MLP head (checkpoints before `moco.mlp`: version 2)."""
+  if meta["trainer"] != "moco":
+    return None
+  return bool(meta.get("moco_mlp", meta.get("moco_version") == 2))
+
+
 def _classifier_note(meta: dict) -> str:
   if meta["trainer"] != "moco":
     return "the member's trained classifier"
-  if meta.get("moco_version") == 2:
-    return ("MoCo v2 projection, first layer: fc maps the pooled features F -> F (the MLP's "
+  if _moco_mlp(meta):
+    return ("MoCo MLP projection, first layer: fc maps the pooled features F -> F (the MLP's "
             "second layer is not exported); replace fc for a linear probe")
   return ("MoCo projection: fc maps the pooled features to the (unnormalised) "
           f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe")

@@ -35,6 +35,7 @@ import optax
 
 from mcl_jax import config_lib
 from mcl_jax import export
+from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train
@@ -110,12 +111,8 @@ def eval_step(state: LinclsState, batch: dict[str, Array], frozen: dict[str, Any
               net: Any, preprocess: Callable[[Array], Array]) -> dict[str, Array]:
   """Correct-prediction counts [1] (train.Trainer.evaluate's layout: one "member")."""
   logits = _logits(net, state.params, frozen, preprocess(batch["image"]))
-  labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  correct5 = (top5 == labels[:, None]).any(-1)
-  correct1 = top5[:, 0] == labels
-  return {"top1": (correct1 * mask).sum()[None], "top5": (correct5 * mask).sum()[None],
-          "count": mask.sum()}
+  top1, top5 = metrics_lib.topk_correct(logits[None], batch["label"], batch["mask"])
+  return {"top1": top1, "top5": top5, "count": batch["mask"].astype(jnp.float32).sum()}
 
 
 class LinclsTrainer(train.Trainer):
@@ -198,16 +195,33 @@ def _scalar_accuracy(acc: dict[str, np.ndarray]) -> dict[str, float]:
   return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in acc.items()}
 
 
+def evaluate(trainer: LinclsTrainer) -> dict[str, float]:
+  """{'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a validation split
+  is held out (floats in [0, 1], whole split)."""
+  result = {}
+  for split, acc in trainer.evaluate().items():
+    prefix = "" if split == "test" else "val_"
+    result.update({prefix + k: v for k, v in _scalar_accuracy(acc).items()})
+  return result
+
+
+def _format(r: dict[str, float]) -> str:
+  text = f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%"
+  if "val_top1" in r:
+    text += f" (validation top-1 {100 * r['val_top1']:.2f}%)"
+  return text
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the probe, evaluating every `eval_every_epochs`; resumes from `workdir`.
 
-  Returns {"eval": {"top1", "top5"} (floats in [0, 1], whole eval split), "train": the last
-  logged training metrics, "steps", "preempted", "pretrained": the export directory}.
+  Returns {"eval": {"top1", "top5"} (floats in [0, 1], whole test split; `val_top1`,
+  `val_top5` too when a validation split is held out), "train": the last logged training
+  metrics, "steps", "preempted", "pretrained": the export directory}.
   """
   trainer = LinclsTrainer(config, workdir)
   result = train.fit(
       trainer, describe=f"Linear probe of {config.lincls.pretrained} ({trainer.info['arch']})",
-      evaluate=lambda: _scalar_accuracy(trainer.evaluate()),
-      eval_every_epochs=config.eval_every_epochs, eval_prefix="eval/",
-      format_eval=lambda r: f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%")
+      evaluate=lambda: evaluate(trainer), eval_every_epochs=config.eval_every_epochs,
+      eval_scalars=lambda r: {f"eval/{k}": v for k, v in r.items()}, format_eval=_format)
   return {**result, "pretrained": config.lincls.pretrained}

@@ -8,8 +8,9 @@ Eq. 6; Soft ICL, Eq. 7); the caller applies the weights (SPEC 2.5).
 All M x M ordered pairs are computed at once with batched einsums over the cohort axis
 (arrays shaped [M, M, B, L], pair (a, b) at [a, b]) rather than with a Python loop over
 pairs, so a cohort of 8 is one kernel, not 56. Results are float32 whatever the input
-dtype: embeddings are cast to float32 before any similarity is taken, because softmaxes
-at temperature 0.07 are too sharp for bfloat16.
+dtype (float64 for float64 inputs): embeddings are cast to at least float32 before any
+similarity is taken (`numerics.at_least_float32`), because softmaxes at temperature 0.07
+are too sharp for bfloat16.
 
 Soft targets (the teacher side of every KL term, SPEC 2), the memory bank and the MoCo
 keys and queues are read through `jax.lax.stop_gradient`, as the official code does with
@@ -20,8 +21,31 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from mcl_jax import numerics
+
 Array = jax.Array
 LossDict = dict[str, Array]
+
+MCL_TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
+SOFT_TERMS = ("soft_vcl", "soft_icl")
+
+
+def mcl_weights(loss_cfg) -> dict[str, float]:
+  """{term: weight} of the four MCL terms from a `config.loss` section (SPEC 2.5)."""
+  return {term: float(loss_cfg[f"{term}_weight"]) for term in MCL_TERMS}
+
+
+def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
+  """The factor on the soft terms' weights: min(1, (step + 1) / ramp_steps), 1 without ramp.
+
+  The soft terms are minimised by collapse (identical embeddings make every similarity
+  distribution uniform, so every KL is 0) and carry 10x the weight of VCL/ICL in the
+  official recipe; ramping them in over the first steps lets VCL/ICL spread the embeddings
+  first (docs/RESULTS.md, "The collapse"). `loss.soft_warmup_epochs` sets ramp_steps.
+  """
+  if ramp_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
 
 
 # -------------------------------------------------------------------------------------
@@ -48,8 +72,8 @@ def kl_div(student_logits: Array, teacher_logits: Array, temperature: float) -> 
     raise ValueError(
         f"kl_div needs student and teacher logits of one shape, got "
         f"{student_logits.shape} and {teacher_logits.shape}.")
-  s = student_logits.astype(jnp.float32).reshape(-1, student_logits.shape[-1])
-  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)).reshape(s.shape)
+  s = numerics.at_least_float32(student_logits).reshape(-1, student_logits.shape[-1])
+  t = jax.lax.stop_gradient(numerics.at_least_float32(teacher_logits)).reshape(s.shape)
   log_q = jax.nn.log_softmax(s / temperature, axis=-1)
   log_p = jax.nn.log_softmax(t / temperature, axis=-1)
   return _kl_from_log_probs(log_q, log_p, temperature)
@@ -157,7 +181,7 @@ def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> 
   _check_cohort("z", z)
   if labels.shape != z.shape[1:2]:
     raise ValueError(f"labels must have shape [B] = {z.shape[1:2]}, got {labels.shape}.")
-  z = z.astype(jnp.float32)
+  z = numerics.at_least_float32(z)
   num_rows = z.shape[1]
   # S[a, b, i, j] = z_a[i] . z_b[j] / tau: all M x M similarity matrices in one einsum.
   sim = _similarity("aid,bjd->abij", z, z) / tau
@@ -209,7 +233,7 @@ def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
     raise ValueError(f"num_positives must be in [1, {sims.shape[-1] - 1}] for rows with "
                      f"{sims.shape[-1]} columns, got {num_positives}.")
   # logits[a, b, i, k] = V_a[idx_ik] . z_b[i] / tau: ICL logits of ordered pair (a, b).
-  logits = sims.astype(jnp.float32) / tau
+  logits = numerics.at_least_float32(sims) / tau
   icl_pair = _positives_first_ce(logits, 1 + num_positives)  # [M, M]
   # VCL of member a: its own bank against its own embedding, own index left out.
   vcl_logits = jnp.einsum("aaik->aik", logits)[..., 1:]  # [M, B, P + K]
@@ -237,8 +261,8 @@ def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
   if rows.ndim != 4 or rows.shape[:2] != z.shape[:2] or rows.shape[-1] != z.shape[-1]:
     raise ValueError(
         f"rows must have shape [M, B, 1 + P + K, d] matching z {z.shape}, got {rows.shape}.")
-  rows = jax.lax.stop_gradient(rows).astype(jnp.float32)
-  sims = _similarity("aikd,bid->abik", rows, z.astype(jnp.float32))
+  rows = numerics.at_least_float32(jax.lax.stop_gradient(rows))
+  sims = _similarity("aikd,bid->abik", rows, numerics.at_least_float32(z))
   return bank_mcl_from_similarities(sims, num_positives=num_positives, tau=tau,
                                     kd_temperature=kd_temperature)
 
@@ -309,9 +333,9 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
   if queues.ndim != 3 or queues.shape[0] != q.shape[0] or queues.shape[2] != q.shape[2]:
     raise ValueError(f"queues must have shape [M, K, d] matching q {q.shape}, got "
                      f"{queues.shape}.")
-  q = q.astype(jnp.float32)
-  k = jax.lax.stop_gradient(k).astype(jnp.float32)
-  queues = jax.lax.stop_gradient(queues).astype(jnp.float32)
+  q = numerics.at_least_float32(q)
+  k = numerics.at_least_float32(jax.lax.stop_gradient(k))
+  queues = numerics.at_least_float32(jax.lax.stop_gradient(queues))
   l_pos = _similarity("aid,bid->abi", q, k)[..., None]  # [M, M, B, 1]
   l_neg = _similarity("aid,bkd->abik", q, queues)  # [M, M, B, K]
   logits = jnp.concatenate([l_pos, l_neg], axis=-1) / tau
@@ -350,7 +374,7 @@ def logit_kd(logits: Array, *, temperature: float,
   if targets not in ("all", "last"):
     raise ValueError(f"targets must be 'all' or 'last', got {targets!r}.")
   _check_cohort("logits", logits)
-  logits = logits.astype(jnp.float32)
+  logits = numerics.at_least_float32(logits)
   ensemble = jax.lax.stop_gradient(jnp.mean(logits, axis=0))
   if targets == "last":
     return kl_div(logits[-1], ensemble, temperature)

@@ -58,26 +58,13 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def run(config, workdir: str):
-  """Dispatches on config.trainer; returns the trainer's summary."""
-  if config.trainer == "supervised":
-    from mcl_jax import train
-    return train.train_and_evaluate(config, workdir)
-  if config.trainer == "moco":
-    from mcl_jax import moco
-    return moco.train_and_evaluate(config, workdir)
-  if config.trainer == "lincls":
-    from mcl_jax import lincls
-    return lincls.train_and_evaluate(config, workdir)
-  raise AssertionError(config.trainer)  # validate() has rejected anything else.
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   # TensorFlow is only the input pipeline: keep it off GPUs/TPUs JAX needs.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from mcl_jax import config_lib
+  from mcl_jax import jobs
   from mcl_jax import train
   train.quiet_library_logs()
   initialize_distributed()
@@ -87,7 +74,7 @@ def main(argv):
                jax.default_backend())
   try:
     config_lib.validate(FLAGS.config, num_devices=jax.device_count(), workdir=FLAGS.workdir)
-    run(FLAGS.config, FLAGS.workdir)
+    jobs.run(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, FileNotFoundError) as e:
     fail(str(e))
 

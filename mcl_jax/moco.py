@@ -6,14 +6,17 @@ Library, not script: `main.py` calls `train_and_evaluate(config, workdir)` for
 Encoders. Each of the M members has a query encoder (trained) and a key encoder (an EMA of
 the query encoder, momentum `moco.key_momentum` = 0.999, never differentiated). The M query
 encoders are one `models.Cohort` over stacked variables, and so are the M key encoders
-(same structure, their own variables in the state). MoCo's projection:
-- v1: the backbone's classifier IS the 128-d output, as the official
-  `base_encoder(num_classes=dim)`: a Cohort with num_classes = dim (`model.embed_dim`).
-- v2: an MLP Dense(F, F) - ReLU - Dense(F, dim): the backbone's classifier is the first
-  layer (a Cohort with num_classes = F), the second is stored per member under
-  `params['members']['mlp']`. The official `--mlp` switch is a silent no-op (it sets an
-  attribute named 'encoder_q_0.fc' instead of replacing `fc`, so the official v2 runs had
-  the v1 linear head); this project builds the MLP for real.
+(same structure, their own variables in the state). MoCo's projection (`moco.mlp`):
+- False (MoCo v1, and what the official v2 runs really trained): the backbone's classifier
+  IS the 128-d output, as the official `base_encoder(num_classes=dim)`: a Cohort with
+  num_classes = dim (`model.embed_dim`).
+- True (MoCo v2 as published by its authors): an MLP Dense(F, F) - ReLU - Dense(F, dim):
+  the backbone's classifier is the first layer (a Cohort with num_classes = F), the second
+  is stored per member under `params['members']['mlp']`. The official `--mlp` switch is a
+  silent no-op (it sets an attribute named 'encoder_q_0.fc' instead of replacing `fc`, so
+  the official v2 runs had the linear head); here the switch is real and independent of
+  the augmentation (`moco.views`) and of the LR schedule (`schedule.kind`), the three
+  flags `--mlp`, `--aug-plus` and `--cos` of the official script.
 The Cohort's SPEC-1 projection head (Dense(F,d)-ReLU-Dense(d,d), for the supervised
 regimes) is not part of MoCo: it is kept out of the state, fed as zeros at apply time and
 removed by XLA as dead code (`MocoEncoders.apply`). Export (`mcl_jax.export`) takes member
@@ -51,8 +54,9 @@ keep the training set on every device as the supervised trainer does and gather 
 by index inside the step; both views are then cropped and coloured on device. Streaming
 ImageNet sources decode two random-resized crops per image on the host (scale (0.2, 1),
 their `use_two_views`) and the device does the colour, blur and flip. The recipe is
-the official one of `moco.version` (`VIEW_SPECS`); `train_and_evaluate(..., views=...)`
-replaces it (`DIGITS_VIEWS` for configs/moco_digits.py) and the checkpoint meta records it.
+named by `moco.views` (`VIEW_SPECS`: the official 'v1' and 'v2', and milder ones for small
+images, 'digits' and 'fashion_mnist'); `train_and_evaluate(..., views=...)` replaces it,
+and the checkpoint meta records it.
 
 Optimisation (SPEC 4): SGD 0.9, wd 1e-4 on every parameter (as torch SGD over
 model.parameters()), lr 0.03 x0.1 at epochs 120, 160 (v1) or cosine (v2), 200 epochs,
@@ -89,7 +93,7 @@ from mcl_jax.models import layers
 
 Array = jax.Array
 
-LOSS_TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
+KNN_KS = (20, knn.DEFAULT_K)  # the kNN monitor's neighbour counts (InstDisc reports 200)
 
 
 class MocoState(flax.struct.PyTreeNode):
@@ -136,13 +140,19 @@ class ViewSpec:
 MOCO_V1 = ViewSpec()
 MOCO_V2 = ViewSpec(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_first=False,
                    blur_p=0.5)
-VIEW_SPECS = {1: MOCO_V1, 2: MOCO_V2}
+# Fashion-MNIST's 28x28 (or 14x14) grey clothes: crops of at least 40% of the area (a
+# smaller one is a patch of fabric), brightness/contrast jitter (saturation and hue do
+# nothing to grey images), flips (clothes are left-right symmetric), no blur at this size.
+FASHION_MNIST_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.4, 1.0), blur_p=0.0)
 # scikit-learn's 8x8 digits (configs/moco_digits.py): v2's colour jitter, but crops of at
 # least 80% of the area, no blur and no flip. Measured there (resnet32 MCL x2, 20 epochs):
 # with the v2 recipe's scale-0.2 crops and 2-pixel blur, which leave a stroke fragment of
 # an 8x8 digit, the InfoNCE loss stays at chance (log(K + 1)) and the members' kNN below
 # that of the untrained networks; a mirrored digit is not a digit of the same class.
 DIGITS_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.8, 1.0), blur_p=0.0, flip=False)
+# config.moco.views -> the recipe.
+VIEW_SPECS = {"v1": MOCO_V1, "v2": MOCO_V2, "digits": DIGITS_VIEWS,
+              "fashion_mnist": FASHION_MNIST_VIEWS}
 
 
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop
@@ -426,9 +436,8 @@ class MocoEncoders:
 
 def build_encoders(config: ml_collections.ConfigDict,
                    image_shape: tuple[int, ...]) -> MocoEncoders:
-  """The query/key encoders of `config` (moco.version 1: linear head, 2: MLP head)."""
-  version, dim = config.moco.version, config.model.embed_dim
-  mlp = version == 2
+  """The query/key encoders of `config` (moco.mlp False: linear head, True: MLP head)."""
+  dim, mlp = config.model.embed_dim, bool(config.moco.mlp)
   num_classes = feature_width(config.model.arch, image_shape) if mlp else dim
   cohort = models.Cohort(
       arch=config.model.arch, num_classes=num_classes,
@@ -486,9 +495,12 @@ def enqueue(queues: Array, ptr: Array, keys: Array) -> tuple[Array, Array]:
 
 
 def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues: Array, *,
-              encoders: MocoEncoders, loss_cfg: ml_collections.ConfigDict
+              encoders: MocoEncoders, loss_cfg: ml_collections.ConfigDict,
+              soft_scale: Array | float = 1.0
               ) -> tuple[Array, tuple[dict[str, Array], Any, Array]]:
   """SPEC 2.3 total: weighted VCL + ICL + SoftVCL + SoftICL of the queries of `images`.
+
+  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`).
 
   Returns (loss, (metrics, new query batch_stats, queries)). Per-member metrics: `ce`
   (the member's own InfoNCE, CE(logits_aa, 0)) and `instance_accuracy` (how often the
@@ -498,9 +510,9 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
                                    train=True)
   terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau,
                           kd_temperature=loss_cfg.kd_temperature)
-  weights = {"vcl": loss_cfg.vcl_weight, "icl": loss_cfg.icl_weight,
-             "soft_vcl": loss_cfg.soft_vcl_weight, "soft_icl": loss_cfg.soft_icl_weight}
-  total = sum(weights[name] * terms[name] for name in LOSS_TERMS)
+  weights = losses.mcl_weights(loss_cfg)
+  total = sum(weights[name] * (soft_scale if name in losses.SOFT_TERMS else 1.0) * terms[name]
+              for name in losses.MCL_TERMS)
   metrics = dict(terms)
   metrics["loss"] = total
   # Per member, from the detached queries: logits_aa = [q_a . k_a, q_a Q_a^T] / tau.
@@ -517,8 +529,8 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
 def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Array], *,
                encoders: MocoEncoders, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict, key_momentum: float,
-               views: Callable[[Array, Array, Array | None], tuple[Array, Array]]
-               ) -> tuple[MocoState, dict[str, Array]]:
+               views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
+               soft_ramp_steps: float = 0.0) -> tuple[MocoState, dict[str, Array]]:
   """One MoCo-MCL step of the whole cohort (order: module docstring).
 
   batch: either `index` [B] of the training set held on device (consts['train_image']),
@@ -533,8 +545,9 @@ def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Arra
   key_params = momentum_update(state.key_params, state.params, key_momentum)
   keys, key_stats = compute_keys(
       encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k)
-  grad_fn = jax.grad(functools.partial(moco_loss, encoders=encoders, loss_cfg=loss_cfg),
-                     has_aux=True)
+  grad_fn = jax.grad(functools.partial(
+      moco_loss, encoders=encoders, loss_cfg=loss_cfg,
+      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps)), has_aux=True)
   grads, (metrics, batch_stats, _) = grad_fn(state.params, state.batch_stats, x_q, keys,
                                              state.queues)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -562,9 +575,6 @@ def embed_step(params: Any, batch_stats: Any, images: Array, *, encoders: MocoEn
 
 def _validate_moco(config: ml_collections.ConfigDict, streaming: bool) -> None:
   moco = config.moco
-  if moco.version not in VIEW_SPECS:
-    raise config_lib.ConfigError(f"config.moco.version={moco.version} is not 1 (MoCo) or 2 "
-                                 "(MoCo v2).")
   if moco.queue_size < 1:
     raise config_lib.ConfigError(f"config.moco.queue_size={moco.queue_size} must be positive.")
   if not 0.0 <= moco.key_momentum <= 1.0:
@@ -598,10 +608,10 @@ class MocoTrainer(train.Trainer):
     self._start(config, workdir, mesh)
     self._load_data()
     _validate_moco(config, self.streaming)
-    # `views` replaces the official recipe of config.moco.version (e.g. DIGITS_VIEWS: the
-    # ImageNet recipe's crops destroy 8x8 digits); the loss, head and tau stay the config's.
+    # `views` replaces the recipe named by config.moco.views; the loss, head and tau stay
+    # the config's.
     if views is None:
-      views = DIGITS_VIEWS if config.moco.views == "digits" else VIEW_SPECS[config.moco.version]
+      views = VIEW_SPECS[config.moco.views]
     self.spec = views
     if self.streaming:  # Two crops per image from the input pipeline, at MoCo's scale.
       try:
@@ -630,7 +640,8 @@ class MocoTrainer(train.Trainer):
   def _compile_train_step(self):
     step = functools.partial(
         train_step, encoders=self.encoders, tx=self.tx, loss_cfg=self.config.loss,
-        key_momentum=self.config.moco.key_momentum, views=self._views)
+        key_momentum=self.config.moco.key_momentum, views=self._views,
+        soft_ramp_steps=self.config.loss.soft_warmup_epochs * self.steps_per_epoch)
     replicated = sharding_lib.replicated(self.mesh)
     return jax.jit(
         step, in_shardings=(self.shardings, sharding_lib.batch_sharded(self.mesh), replicated),
@@ -649,51 +660,62 @@ class MocoTrainer(train.Trainer):
       chunks.append(np.asarray(feats)[:, batch["mask"] > 0])
     return np.concatenate(chunks, axis=1)
 
-  def knn_accuracy(self) -> np.ndarray | None:
-    """kNN top-1 [M] of each member's frozen backbone features: eval split vs train split.
+  def knn_accuracy(self, ks: tuple[int, ...] = KNN_KS) -> dict[str, np.ndarray] | None:
+    """kNN top-1 [M] of each member's frozen backbone features against the training split.
 
-    None for streaming sources (their training split cannot be replayed un-augmented).
+    {'top1': k = 200 on the test split, 'top1_k20': k = 20, ...} and, when a validation
+    split is held out, the same keys with a `val_` prefix. None for streaming sources
+    (their training split cannot be replayed un-augmented).
     """
     if self.streaming:
       return None
     ds = self.dataset
     train_f = self._embed_split(ds.train_images, ds.train_labels)
-    eval_f = self._embed_split(ds.eval_images, ds.eval_labels)
-    return np.asarray([float(knn.knn_accuracy(
-        train_f[m], ds.train_labels, eval_f[m], ds.eval_labels, num_classes=ds.num_classes))
-        for m in range(train_f.shape[0])])
+    result = {}
+    for split, (images, labels) in ds.eval_splits().items():
+      eval_f = self._embed_split(images, labels)
+      for k in ks:
+        key = ("" if split == "test" else "val_") + (
+            "top1" if k == knn.DEFAULT_K else f"top1_k{k}")
+        result[key] = np.asarray([float(knn.knn_accuracy(
+            train_f[m], ds.train_labels, eval_f[m], labels, num_classes=ds.num_classes, k=k))
+            for m in range(train_f.shape[0])])
+    return result
 
   def meta(self) -> dict[str, Any]:
     """The supervised trainer's meta keys (what export needs), plus MoCo's."""
-    return {**super().meta(), "moco_version": int(self.config.moco.version),
+    return {**super().meta(), "moco_mlp": bool(self.config.moco.mlp),
             # The config does not name the augmentation when `views` replaced it.
             "views": dataclasses.asdict(self.spec)}
 
 
-def _format_knn(acc: np.ndarray) -> str:
-  return "  ".join(f"member {m}: {100 * a:.2f}" for m, a in enumerate(acc))
+def _format_knn(result: dict[str, np.ndarray]) -> str:
+  return "  |  ".join(
+      f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        views: ViewSpec | None = None) -> dict[str, Any]:
   """Pre-trains the MoCo-MCL cohort; kNN every `moco.knn_every_epochs`; resumes from workdir.
 
-  `views`: the two-view augmentation, default the official one of `config.moco.version`
+  `views`: the two-view augmentation, default the recipe named by `config.moco.views`
   (MocoTrainer).
 
-  Returns {"knn": {"top1": [M]} (final kNN accuracy of each member's backbone features;
-  None for streaming datasets), "train": the last logged training metrics, "steps": the
+  Returns {"knn": {"top1": [M], "top1_k20": [M], ...} (final kNN accuracy of each member's
+  backbone features, `MocoTrainer.knn_accuracy`; None for streaming datasets), "train": the last logged training metrics, "steps": the
   step reached, "preempted": bool}. On SIGTERM it saves and returns with preempted=True.
   """
   trainer = MocoTrainer(config, workdir, views=views)
 
   def knn_top1():
-    acc = trainer.knn_accuracy()
-    return None if acc is None else {"top1": acc}
+    return trainer.knn_accuracy()
 
   result = train.fit(
-      trainer, describe=(f"MoCo v{config.moco.version} pre-training {config.model.arch} "
+      trainer, describe=(f"MoCo ({config.moco.views} views, "
+                         f"{'MLP' if config.moco.mlp else 'linear'} head) pre-training "
+                         f"{config.model.arch} "
                          f"x{config.cohort.num_members}"),
-      evaluate=knn_top1, eval_every_epochs=config.moco.knn_every_epochs, eval_prefix="knn/",
-      format_eval=lambda r: f"kNN top-1 %: {_format_knn(r['top1'])}")
+      evaluate=knn_top1, eval_every_epochs=config.moco.knn_every_epochs,
+      eval_scalars=lambda r: train.flatten_metrics(r, "knn/"),
+      format_eval=lambda r: f"kNN top-1 % (per member): {_format_knn(r)}")
   return {"knn": result.pop("eval"), **result}

@@ -32,7 +32,9 @@ from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import losses
 from mcl_jax import memory_bank
+from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
+from mcl_jax import numerics
 from mcl_jax import sharding as sharding_lib
 from mcl_jax.data import augment as augment_lib
 
@@ -56,23 +58,35 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.C
       shared_stages=config.model.shared_stages,
       embed_dim=config.model.embed_dim,
       strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
-      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
+      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
+      head_norm=config.model.head_norm)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
-  """LR as a function of the step; epochs are whole (official) or fractional (per step)."""
+  """LR as a function of the step; epochs are whole (official) or fractional (per step).
+
+  `schedule.warmup_epochs` > 0 multiplies it by a linear ramp (step + 1) / warm-up steps,
+  updated every step, over the first warm-up steps.
+  """
   sched, base_lr = config.schedule, config.optim.lr
-  boundaries = jnp.asarray(sorted(sched.boundaries) or [sched.epochs + 1], jnp.float32)
+  boundaries = sorted(sched.boundaries) or [sched.epochs + 1]
+  warmup_steps = sched.get("warmup_epochs", 0.0) * steps_per_epoch
 
   def schedule(step):
+    # The default float dtype: float32, or float64 under jax.enable_x64 (a float32 LR would
+    # round 0.01 by 2e-8, which tests/test_step_parity.py sees in float64).
+    step = jnp.asarray(step, jnp.result_type(float))
     epoch = step / steps_per_epoch
     if sched.per_epoch:
       epoch = jnp.floor(epoch)
     if sched.kind == "cosine":
-      return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / sched.epochs))
-    # bisect_right(milestones, epoch) as in the official adjust_lr.
-    return base_lr * sched.decay_factor ** jnp.sum(epoch >= boundaries)
+      lr = base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / sched.epochs))
+    else:  # bisect_right(milestones, epoch) as in the official adjust_lr.
+      lr = base_lr * sched.decay_factor ** jnp.sum(epoch >= jnp.asarray(boundaries, step.dtype))
+    if warmup_steps > 0:
+      lr = lr * jnp.minimum(1.0, (step + 1) / warmup_steps)
+    return lr
 
   return schedule
 
@@ -163,23 +177,24 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean cross-entropy per member: logits [M, B, C], labels [B] -> [M]."""
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels[None, :]).mean(axis=-1)
+      numerics.at_least_float32(logits), labels[None, :]).mean(axis=-1)
 
 
 def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
                loss_cfg: ml_collections.ConfigDict, *,
-               bank_terms: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+               bank_terms: dict[str, jax.Array] | None = None,
+               soft_scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
   """SPEC 2.5: sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL (+ KD).
 
   Terms with weight 0 are not computed at all (the baseline pays nothing for MCL).
   `bank_terms`: the four terms already computed against the memory bank (ImageNet).
+  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`).
   """
   logits = outputs["logits"]
   ce = cross_entropy(logits, labels)
   metrics = {"ce": ce, "accuracy": (logits.argmax(-1) == labels[None]).mean(axis=-1)}
   total = ce.sum()
-  weights = {"vcl": loss_cfg.vcl_weight, "icl": loss_cfg.icl_weight,
-             "soft_vcl": loss_cfg.soft_vcl_weight, "soft_icl": loss_cfg.soft_icl_weight}
+  weights = losses.mcl_weights(loss_cfg)
   if logits.shape[0] > 1 and any(w != 0 for w in weights.values()):
     terms = bank_terms
     if terms is None:
@@ -187,7 +202,8 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
                                kd_temperature=loss_cfg.kd_temperature)
     for name, weight in weights.items():
       metrics[name] = terms[name]
-      total = total + weight * terms[name]
+      scale = soft_scale if name in losses.SOFT_TERMS else 1.0
+      total = total + weight * scale * terms[name]
   if loss_cfg.logit_kd_weight != 0:
     kd = losses.logit_kd(logits, temperature=loss_cfg.kd_temperature,
                          targets=loss_cfg.logit_kd_targets)
@@ -211,12 +227,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
                         preprocess(batch["image"]), train=False)
   logits = outputs["logits"].astype(jnp.float32)  # [M, B, C]
   logits = jnp.concatenate([logits, logits.mean(axis=0, keepdims=True)], axis=0)
-  labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  correct5 = (top5 == labels[None, :, None]).any(-1)
-  correct1 = top5[..., 0] == labels[None]
-  return {"top1": (correct1 * mask).sum(-1), "top5": (correct5 * mask).sum(-1),
-          "count": mask.sum()}
+  top1, top5 = metrics_lib.topk_correct(logits, batch["label"], batch["mask"])
+  return {"top1": top1, "top5": top5, "count": batch["mask"].astype(jnp.float32).sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,12 +270,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str,
                loss_cfg: ml_collections.ConfigDict,
                preprocess: Callable[[jax.Array, jax.Array], jax.Array],
                bank_ops: BankOps | None = None,
-               bank_momentum: float = 0.5) -> tuple[TrainState, dict]:
+               bank_momentum: float = 0.5,
+               soft_ramp_steps: float = 0.0) -> tuple[TrainState, dict]:
   """One SGD step of the whole cohort.
 
   batch: either image [B, ...], label [B], index [B] (streamed from the host), or only
   index [B], gathered here from the training set kept on device (consts['train_image'],
   consts['train_label']). consts also carries the bank's class table.
+  soft_ramp_steps: steps over which the soft terms' weights ramp in (losses.soft_term_ramp).
   """
   if "image" not in batch:  # In-memory dataset: the batch is its example indices.
     batch = {"image": consts["train_image"][batch["index"]],
@@ -281,7 +295,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str,
     bank_terms = None
     if bank_ops is not None:
       bank_terms = bank_ops.losses(outputs["embeddings"], state.bank, pos_idx, neg_idx)
-    loss, metrics = total_loss(outputs, labels, loss_cfg, bank_terms=bank_terms)
+    loss, metrics = total_loss(outputs, labels, loss_cfg, bank_terms=bank_terms,
+                               soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps))
+    metrics.update(metrics_lib.embedding_health(outputs["embeddings"], outputs["head_hidden"]))
     return loss, (metrics, mutated["batch_stats"], outputs["embeddings"])
 
   grads, (metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -365,10 +381,31 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def format_accuracy(acc: dict[str, np.ndarray]) -> str:
-  names = [f"member {m}" for m in range(len(acc["top1"]) - 1)] + ["ensemble"]
-  return "  ".join(f"{n}: {100 * t1:.2f}/{100 * t5:.2f}"
-                   for n, t1, t5 in zip(names, acc["top1"], acc["top5"]))
+class CollapseWatch:
+  """Warns once when a member's embeddings have collapsed to one direction.
+
+  Reads the logged `embed_cosine/member_m` (metrics.embedding_health): above
+  metrics.COLLAPSE_COSINE every in-batch similarity is about the same, the contrastive
+  terms sit at log(B - 1) per row and give almost no gradient, so MCL is effectively off
+  until the embeddings spread again (docs/RESULTS.md, "The collapse").
+  """
+
+  def __init__(self):
+    self.warned = False
+
+  def check(self, step: int, train_metrics: dict[str, float]) -> None:
+    if self.warned:
+      return
+    for name, value in train_metrics.items():
+      if name.startswith("embed_cosine/") and value > metrics_lib.COLLAPSE_COSINE:
+        member = name.split("member_")[-1]
+        logging.warning(
+            "Step %d: member %s's embeddings have collapsed (mean pairwise cosine %.3f > "
+            "%.2f), so the contrastive terms give almost no gradient; ramping the soft "
+            "terms in (config.loss.soft_warmup_epochs=1) avoids this (docs/RESULTS.md).",
+            step, member, value, metrics_lib.COLLAPSE_COSINE)
+        self.warned = True
+        return
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -471,7 +508,8 @@ class Trainer:
     step = functools.partial(
         train_step, model=self.model, tx=self.tx, loss_cfg=self.config.loss,
         preprocess=self._train_preprocess, bank_ops=self.bank_ops,
-        bank_momentum=self.config.bank.momentum)
+        bank_momentum=self.config.bank.momentum,
+        soft_ramp_steps=self.config.loss.soft_warmup_epochs * self.steps_per_epoch)
     replicated = sharding_lib.replicated(self.mesh)
     return jax.jit(
         step,
@@ -522,25 +560,35 @@ class Trainer:
       history.append(self.step(batch))
     return history
 
-  def eval_local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+  def eval_split_names(self) -> tuple[str, ...]:
+    """'test', then 'validation' when the dataset holds one out (in-memory sources)."""
+    if self.streaming:
+      return ("test",)
+    return tuple(self.dataset.eval_splits())
+
+  def eval_local_batches(self, split: str = "test") -> Iterator[dict[str, np.ndarray]]:
     batch_size = _round_up(self.config.input.eval_batch_size, self.mesh.size)
     if self.streaming:
       yield from self.dataset.eval_batches(batch_size)
       return
     from mcl_jax.data import pipeline
-    for batch in pipeline.eval_batches(self.dataset.eval_images, self.dataset.eval_labels,
-                                       batch_size):
+    images, labels = self.dataset.eval_splits()[split]
+    for batch in pipeline.eval_batches(images, labels, batch_size):
       yield {k: v[sharding_lib.process_slice(len(v))] for k, v in batch.items()}
 
-  def evaluate(self) -> dict[str, np.ndarray]:
-    """Top-1/top-5 of every member and the ensemble over the whole eval split."""
+  def evaluate_split(self, split: str = "test") -> dict[str, np.ndarray]:
+    """Top-1/top-5 [M + 1] of every member and the ensemble over one whole split."""
     totals = None
-    for local in self.eval_local_batches():
+    for local in self.eval_local_batches(split):
       local = {k: local[k] for k in ("image", "label", "mask")}
       counts = self._eval_step(self.state, sharding_lib.global_batch(local, self.mesh))
       counts = jax.tree.map(np.asarray, counts)
       totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
-    return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
+    return metrics_lib.cohort_accuracy(totals)
+
+  def evaluate(self) -> dict[str, dict[str, np.ndarray]]:
+    """{split: {'top1', 'top5'}} for the test split and, if held out, the validation split."""
+    return {split: self.evaluate_split(split) for split in self.eval_split_names()}
 
   def restore_or_keep(self, ckpt: checkpointing.Checkpointer) -> bool:
     restored = ckpt.restore_latest(self.state)
@@ -561,9 +609,9 @@ class Trainer:
             "config": self.config.to_json_best_effort()}
 
 
-def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any] | None],
-        eval_every_epochs: int, eval_prefix: str, format_eval: Callable[[dict], str]
-        ) -> dict[str, Any]:
+def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], Any],
+        eval_every_epochs: int, eval_scalars: Callable[[Any], dict[str, float]],
+        format_eval: Callable[[Any], str]) -> dict[str, Any]:
   """The job loop every trainer shares: resume, train, report, evaluate, checkpoint.
 
   Resumes from the trainer's workdir, runs the remaining steps with a progress display,
@@ -572,10 +620,12 @@ def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any
   checkpoints every `checkpoint.every_epochs` and at the end. On SIGTERM (or JAX's
   preemption notice) it saves at the current step and returns early with preempted=True.
 
-  `evaluate` returns named metrics (arrays [M] become one scalar per member) or None when
-  there is nothing to evaluate; they are written under `eval_prefix` and logged with
-  `format_eval`. Returns {"eval": the last evaluation, "train": the last logged training
-  metrics, "steps": the step reached, "preempted": bool}.
+  `evaluate` returns a result or None when there is nothing to evaluate; `eval_scalars`
+  names its scalars for TensorBoard (e.g. `eval/top1/member_0`) and `format_eval` makes
+  the log line. The embedding-health metrics of the training step (`embed_cosine`) are
+  watched: the first logged mean above metrics.COLLAPSE_COSINE gives one warning.
+  Returns {"eval": the last evaluation, "train": the last logged training metrics,
+  "steps": the step reached, "preempted": bool}.
   """
   from clu import metric_writers, periodic_actions
   from mcl_jax.data import _tf
@@ -596,12 +646,13 @@ def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any
   guard = PreemptionGuard()
   pending, last_train, done = [], {}, start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
+  collapse = CollapseWatch()
 
   def run_eval():
     result = evaluate()
     evaluated.update(result=result, step=done)
     if result is not None:
-      writer.write_scalars(done, flatten_metrics(result, eval_prefix))
+      writer.write_scalars(done, eval_scalars(result))
       logging.info("step %d (epoch %.2f) %s", done, done / spe, format_eval(result))
 
   def summary(preempted: bool) -> dict[str, Any]:
@@ -620,6 +671,7 @@ def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any
         last_train = _mean_metrics(pending)
         last_train["learning_rate"] = float(trainer.schedule(step))
         writer.write_scalars(done, {f"train/{k}": v for k, v in last_train.items()})
+        collapse.check(done, last_train)
         if bar is not None:
           bar.set_postfix(loss=f"{last_train['loss']:.3f}")
         pending = []
@@ -648,19 +700,34 @@ def fit(trainer: Trainer, *, describe: str, evaluate: Callable[[], dict[str, Any
   return summary(preempted=False)
 
 
+def cohort_eval_scalars(result: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+  """`eval/top1/member_0`, ..., `eval/top1/best_member`, `eval/top1/ensemble` for the test
+  split and `val/...` for the validation split."""
+  scalars = {}
+  for split, accuracy in result.items():
+    prefix = "eval/" if split == "test" else "val/"
+    scalars.update(metrics_lib.accuracy_scalars(accuracy, prefix))
+  return scalars
+
+
+def format_cohort_eval(result: dict[str, dict[str, np.ndarray]]) -> str:
+  return "  |  ".join(f"{split} top-1/top-5 %: {metrics_lib.format_cohort_accuracy(acc)}"
+                      for split, acc in result.items())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the cohort, evaluating every `eval_every_epochs`; resumes from `workdir`.
 
-  Returns {"eval": {"top1": [M + 1], "top5": [M + 1]} (last entry = ensemble), "train": the
-  last logged training metrics, "steps": the step reached, "preempted": bool}. On SIGTERM
-  it saves at the current step and returns early with preempted=True.
+  Returns {"eval": {"test": {"top1": [M + 1], "top5": [M + 1]}, and "validation": the same
+  when the dataset holds one out} (last entry = ensemble), "train": the last logged
+  training metrics, "steps": the step reached, "preempted": bool}. On SIGTERM it saves at
+  the current step and returns early with preempted=True.
   """
   trainer = Trainer(config, workdir)
   return fit(trainer,
              describe=f"Training {config.model.arch} x{config.cohort.num_members}",
              evaluate=trainer.evaluate, eval_every_epochs=config.eval_every_epochs,
-             eval_prefix="eval/",
-             format_eval=lambda acc: f"eval top-1/top-5 %: {format_accuracy(acc)}")
+             eval_scalars=cohort_eval_scalars, format_eval=format_cohort_eval)
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:

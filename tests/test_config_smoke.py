@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from mcl_jax import config_lib, main
+from mcl_jax import config_lib, jobs
 
 config_lib.ensure_configs_importable()
 NEEDS_AN_EXPORTED_MEMBER = ("lincls_r18",)
@@ -50,12 +50,12 @@ def test_smoke_run(name, tmp_path):
   if name in LIGHT_STAND_IN and not as_written:
     config.model.arch = LIGHT_STAND_IN[name]
   config_lib.validate(config, num_devices=8, workdir=str(tmp_path))
-  result = main.run(config, str(tmp_path))
+  result = jobs.run(config, str(tmp_path))
   members = config.cohort.num_members
   for key, value in result["train"].items():
     assert np.all(np.isfinite(value)), f"train metric {key} = {value}"
   if config.trainer == "supervised":
-    top1 = np.asarray(result["eval"]["top1"])
+    top1 = np.asarray(result["eval"]["test"]["top1"])
     assert top1.shape == (members + 1,)  # every member and the ensemble
     assert np.all((0 <= top1) & (top1 <= 1))
   assert os.listdir(tmp_path / "checkpoints"), "no checkpoint written"

@@ -3,7 +3,7 @@
 Two tiny runs are shared by the tests (module-scoped): a supervised MCL x2 cohort with a
 shared trunk, exported through the `python -m mcl_jax.export` command line, and a MoCo v2
 MCL x2 cohort exported in-process and probed with `configs/lincls_r18.py:smoke` through
-`main.run`, the CLI's dispatch.
+`jobs.run`, the CLI's dispatch.
 """
 import json
 import os
@@ -21,7 +21,7 @@ from mcl_jax import config_lib
 from mcl_jax import convert
 from mcl_jax import export
 from mcl_jax import lincls
-from mcl_jax import main
+from mcl_jax import jobs
 from mcl_jax import models
 from mcl_jax import train
 
@@ -124,13 +124,13 @@ def probed(tmp_path_factory):
   pre.input.image_size = SIZE
   pre.moco.knn_every_epochs = 0  # the kNN monitor has its own tests
   moco_dir, out, probe_dir = str(root / "moco"), str(root / "member1"), str(root / "probe")
-  moco_result = main.run(pre, moco_dir)
+  moco_result = jobs.run(pre, moco_dir)
   info = export.export_member(moco_dir, MEMBER, out)
   c = lincls_r18.get_config("smoke")
   c.input.image_size = SIZE
   c.lincls.pretrained = out
   config_lib.validate(c, num_devices=8, workdir=probe_dir)
-  result = main.run(c, probe_dir)
+  result = jobs.run(c, probe_dir)
   return types.SimpleNamespace(moco_dir=moco_dir, out=out, probe_dir=probe_dir, info=info,
                                moco_result=moco_result, result=result, config=c)
 
@@ -138,8 +138,8 @@ def probed(tmp_path_factory):
 def test_moco_export_is_the_query_encoders_backbone(probed):
   info = probed.info
   width = 16  # tiny's pooled features: v2's fc is the MLP's Dense(F, F)
-  assert info["source"]["trainer"] == "moco" and info["source"]["moco_version"] == 2
-  assert info["num_classes"] == width and "MoCo v2" in info["classifier"]
+  assert info["source"]["trainer"] == "moco" and info["source"]["moco_mlp"] is True
+  assert info["num_classes"] == width and "MLP projection" in info["classifier"]
   _, state, _ = export.read_checkpoint(probed.moco_dir)
   _, variables, _ = export.load_exported(probed.out)
   query = state["params"]["members"]["backbone"]
@@ -213,7 +213,7 @@ def test_pretrained_dir_missing_or_not_an_export(make_dir, tmp_path):
   c = lincls_r18.get_config("smoke")
   c.lincls.pretrained = str(path)
   with pytest.raises(config_lib.ConfigError, match="config.lincls.pretrained: .*member0") as e:
-    main.run(c, str(tmp_path / "probe"))
+    jobs.run(c, str(tmp_path / "probe"))
   assert_one_sentence(str(e.value))
   assert ("is not an export directory" if make_dir else "does not exist") in str(e.value)
 

@@ -112,6 +112,6 @@ def test_streamed_image_folder_with_the_bank(tmp_path):
   c.input.eval_batch_size = 8
   c.schedule.num_train_steps = 3  # crosses an epoch boundary (24 images / 8 = 3 steps)
   result = train.train_and_evaluate(c, str(tmp_path / "run"))
-  assert result["steps"] == 3 and result["eval"]["top1"].shape == (4,)
+  assert result["steps"] == 3 and result["eval"]["test"]["top1"].shape == (4,)
   assert np.isfinite(result["train"]["loss"])
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")

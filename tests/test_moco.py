@@ -12,6 +12,7 @@ import pytest
 
 from mcl_jax import checkpointing
 from mcl_jax import config_lib
+from mcl_jax import losses
 from mcl_jax import moco
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train
@@ -113,12 +114,12 @@ def test_key_encoder_is_the_ema_of_the_query_encoder(run):
 
 def test_losses_are_finite_with_per_member_metrics(run):
   for metrics in run.metrics:
-    for name in ("loss", *moco.LOSS_TERMS):
+    for name in ("loss", *losses.MCL_TERMS):
       assert np.isfinite(metrics[name]), name
     assert metrics["ce"].shape == (2,) and np.all(np.isfinite(metrics["ce"]))
     acc = metrics["instance_accuracy"]
     assert acc.shape == (2,) and np.all((0 <= acc) & (acc <= 1))
-  total = sum(run.metrics[0][k] for k in moco.LOSS_TERMS)  # the four terms, weight 1
+  total = sum(run.metrics[0][k] for k in losses.MCL_TERMS)  # the four terms, weight 1
   np.testing.assert_allclose(run.metrics[0]["loss"], total, rtol=1e-6)
 
 
@@ -150,7 +151,7 @@ def test_resume_restores_queues_pointer_and_key_encoders(run):
   for leaf in jax.tree.leaves(restarted.state):
     assert leaf.sharding.is_fully_replicated
   meta = restarted.meta()
-  assert meta["trainer"] == "moco" and meta["num_classes"] == 128 and meta["moco_version"] == 1
+  assert meta["trainer"] == "moco" and meta["num_classes"] == 128 and meta["moco_mlp"] is False
   assert meta["views"] == dataclasses.asdict(moco.MOCO_V1)  # the official v1 recipe
 
 
@@ -182,8 +183,8 @@ def test_sharded_step_equals_single_device(run, tmp_path):
 
 
 def test_single_network_mocov2_step():
-  """M = 1 (the MoCo baseline): VCL alone is MoCo's InfoNCE; v2's MLP head is real."""
-  c = tiny_config(**{"cohort.num_members": 1, "moco.version": 2, "loss.tau": 0.2,
+  """M = 1 (the MoCo baseline): VCL alone is MoCo's InfoNCE; the MLP head is real."""
+  c = tiny_config(**{"cohort.num_members": 1, "moco.mlp": True, "loss.tau": 0.2,
                      "loss.icl_weight": 0.0, "loss.soft_vcl_weight": 0.0,
                      "loss.soft_icl_weight": 0.0})
   mesh = sharding_lib.make_mesh()

@@ -82,7 +82,7 @@ def test_smoke_run_trains_and_reports_every_member(tmp_path):
   c = tiny_config()
   c.schedule.num_train_steps = 6
   result = train.train_and_evaluate(c, str(tmp_path))
-  top1 = result["eval"]["top1"]
+  top1 = result["eval"]["test"]["top1"]
   assert top1.shape == (3,)  # 2 members + ensemble
   assert np.all((0 <= top1) & (top1 <= 1))
   for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "ce/member_0", "ce/member_1"):
@@ -138,7 +138,7 @@ def test_eval_counts_every_example_once(tmp_path):
   c = tiny_config()
   c.input.synthetic_eval_size = 21  # not a multiple of the (8-device) eval batch
   trainer = train.Trainer(c, str(tmp_path))
-  acc = trainer.evaluate()
+  acc = trainer.evaluate()["test"]
   # With 21 examples every accuracy is a multiple of 1/21.
   np.testing.assert_allclose(acc["top1"] * 21, np.round(acc["top1"] * 21), atol=1e-4)
   assert np.all(acc["top5"] >= acc["top1"])

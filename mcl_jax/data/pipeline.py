@@ -25,7 +25,12 @@ import numpy as np
 
 from mcl_jax.data import augment as augment_lib
 
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "imagenet2012", "image_folder")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "imagenet2012",
+            "image_folder")
+# Held-out validation examples and training subsets are drawn with this fixed seed, never
+# with config.seed: every run of an experiment (every seed, every variant) sees the same
+# validation split and the same training subset.
+SPLIT_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,6 +40,8 @@ class Dataset:
   Images are uint8 in [0, 255] or float32 in [0, 1] (see `augment.to_float`), NHWC;
   labels int32. `mean`/`std` are per-channel in [0, 1] units, for `augment.normalize`.
   Example i of the training set is row i: its index is its identity (memory-bank row).
+  `eval_*` is the test split; `val_*`, when present, a validation split held out from the
+  training data (`hold_out_validation`): choices are made on it, results reported on test.
   """
   name: str
   train_images: np.ndarray
@@ -45,7 +52,16 @@ class Dataset:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augment: augment_lib.AugmentSpec = augment_lib.AugmentSpec()
+  val_images: np.ndarray | None = None
+  val_labels: np.ndarray | None = None
   streaming = False
+
+  def eval_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'test': (images, labels)} and, when held out, {'validation': ...} as well."""
+    splits = {"test": (self.eval_images, self.eval_labels)}
+    if self.val_labels is not None:
+      splits["validation"] = (self.val_images, self.val_labels)
+    return splits
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -78,6 +94,52 @@ def local_batch_indices(global_indices: np.ndarray, process_index: int, process_
                      "processes; use a multiple of the process count.")
   per_process = size // process_count
   return global_indices[..., process_index * per_process:(process_index + 1) * per_process]
+
+
+def stratified_choice(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+  """`size` sorted indices of `labels`, each class in proportion to its frequency.
+
+  Per class c with n_c examples: floor(size n_c / N) examples, plus one for the classes with
+  the largest remainders until `size` is reached (balanced classes get exactly size / C).
+  Within a class the examples are a uniform random subset.
+  """
+  labels = np.asarray(labels)
+  if not 0 < size <= labels.size:
+    raise ValueError(f"Cannot draw {size} examples from a split of {labels.size}.")
+  classes, counts = np.unique(labels, return_counts=True)
+  exact = size * counts / labels.size
+  take = np.floor(exact).astype(np.int64)
+  extra = np.argsort(-(exact - take), kind="stable")[:size - take.sum()]
+  take[extra] += 1
+  chosen = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)]
+  return np.sort(np.concatenate(chosen))
+
+
+def hold_out_validation(dataset: Dataset, validation_size: int, train_subset: int) -> Dataset:
+  """`validation_size` training examples become the validation split (stratified, fixed
+  seed), then the rest is cut to a stratified `train_subset` (0: keep all).
+
+  The validation split is drawn first, so it does not depend on the subset size.
+  """
+  images, labels = dataset.train_images, dataset.train_labels
+  val_images = val_labels = None
+  if validation_size:
+    if validation_size >= labels.size:
+      raise ValueError(f"config.input.validation_size={validation_size} leaves no training "
+                       f"examples of {dataset.name}'s {labels.size}.")
+    val = stratified_choice(labels, validation_size, np.random.default_rng(SPLIT_SEED))
+    keep = np.setdiff1d(np.arange(labels.size), val)
+    val_images, val_labels = images[val], labels[val]
+    images, labels = images[keep], labels[keep]
+  if train_subset:
+    if train_subset > labels.size:
+      raise ValueError(f"config.input.train_subset={train_subset} is larger than the "
+                       f"{labels.size} training examples of {dataset.name} left after the "
+                       "validation split.")
+    subset = stratified_choice(labels, train_subset, np.random.default_rng(SPLIT_SEED + 1))
+    images, labels = images[subset], labels[subset]
+  return dataclasses.replace(dataset, train_images=np.ascontiguousarray(images),
+                             train_labels=labels, val_images=val_images, val_labels=val_labels)
 
 
 def eval_indices(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +187,32 @@ def synthetic(*, num_train: int = 512, num_eval: int = 128, num_classes: int = 1
                  num_classes=num_classes, mean=(0.5,) * channels, std=(0.289,) * channels)
 
 
+def resize_grey(images: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 [N, 28, 28, C] at `image_size`: 28 as is, 14 by 2x2 averaging (float32 in [0, 1],
+  no interpolation), 32 by zero padding of 2 pixels (the LeNet layout)."""
+  size = images.shape[1]
+  if image_size == size:
+    return images
+  if image_size * 2 == size:
+    n, _, _, c = images.shape
+    pooled = images.reshape(n, image_size, 2, image_size, 2, c).astype(np.float32).mean((2, 4))
+    return pooled / 255.0
+  if image_size == size + 4:
+    return np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  raise ValueError(f"config.input.image_size={image_size} is not {size} (native), "
+                   f"{size // 2} (2x2 average) or {size + 4} (zero-padded) for "
+                   f"{size}x{size} images.")
+
+
+def per_channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of images in [0, 1] units (uint8 input is scaled by 1/255)."""
+  scale = 255.0 if images.dtype == np.uint8 else 1.0
+  axes = tuple(range(images.ndim - 1))
+  mean = images.mean(axis=axes, dtype=np.float64) / scale
+  std = images.std(axis=axes, dtype=np.float64) / scale
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
   """cfg.key for a ConfigDict, dict or plain object; `default` when absent or None."""
   if isinstance(cfg, dict) or hasattr(cfg, "get"):
@@ -137,13 +225,26 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 def make_source(input_cfg: Any):
   """The dataset named by `input_cfg.dataset` (the `config.input` section).
 
-  Fields read: dataset; data_dir (tfds data_dir, or an image folder root); image_size
-  (digits: a multiple of 8; synthetic; ImageNet crop size); synthetic_train_size,
-  synthetic_eval_size, synthetic_num_classes (synthetic only); download (CIFAR, default
-  True). Returns a `Dataset` (in memory) or an `imagenet.ImageFolderSource` /
+  Fields read: dataset; data_dir (tfds data_dir, an image folder root, or the folder of the
+  Fashion-MNIST IDX files); image_size (digits: a multiple of 8; Fashion-MNIST: 28, 14 or
+  32; synthetic; ImageNet crop size); synthetic_train_size, synthetic_eval_size,
+  synthetic_num_classes (synthetic only); download (tfds datasets, default True);
+  validation_size and train_subset (in-memory datasets: `hold_out_validation`).
+  Returns a `Dataset` (in memory) or an `imagenet.ImageFolderSource` /
   `imagenet.TfdsImageNetSource` (streaming).
   """
   name = _get(input_cfg, "dataset", None)
+  dataset = _in_memory_source(name, input_cfg)
+  if dataset is None:
+    return _streaming_source(name, input_cfg)
+  validation_size = int(_get(input_cfg, "validation_size", 0))
+  train_subset = int(_get(input_cfg, "train_subset", 0))
+  if validation_size or train_subset:
+    dataset = hold_out_validation(dataset, validation_size, train_subset)
+  return dataset
+
+
+def _in_memory_source(name: str, input_cfg: Any) -> Dataset | None:
   data_dir = _get(input_cfg, "data_dir", "") or None
   image_size = int(_get(input_cfg, "image_size", 32))
   if name == "digits":
@@ -161,11 +262,27 @@ def make_source(input_cfg: Any):
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes=cifar.NUM_CLASSES[name],
                    mean=augment_lib.CIFAR_MEAN, std=augment_lib.CIFAR_STD,
                    augment=augment_lib.AugmentSpec(crop_padding=4, flip=True))
+  if name == "fashion_mnist":
+    from mcl_jax.data import fashion_mnist
+    x_train, y_train, x_test, y_test = fashion_mnist.load(
+        data_dir, download=bool(_get(input_cfg, "download", True)))
+    x_train, x_test = (resize_grey(x, image_size) for x in (x_train, x_test))
+    mean, std = per_channel_mean_std(x_train)
+    # Clothes are left-right symmetric; crop shift 1/8 of the side, as CIFAR's 4 of 32.
+    spec = augment_lib.AugmentSpec(crop_padding=max(1, image_size // 8), flip=True)
+    return Dataset("fashion_mnist", x_train, y_train, x_test, y_test,
+                   num_classes=fashion_mnist.NUM_CLASSES, mean=mean, std=std, augment=spec)
   if name == "synthetic":
     return synthetic(num_train=int(_get(input_cfg, "synthetic_train_size", 512)),
                      num_eval=int(_get(input_cfg, "synthetic_eval_size", 128)),
                      num_classes=int(_get(input_cfg, "synthetic_num_classes", 10)),
                      image_size=image_size)
+  return None
+
+
+def _streaming_source(name: str, input_cfg: Any):
+  data_dir = _get(input_cfg, "data_dir", "") or None
+  image_size = int(_get(input_cfg, "image_size", 32))
   if name == "imagenet2012":
     from mcl_jax.data import imagenet
     return imagenet.TfdsImageNetSource(data_dir=data_dir, image_size=image_size)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcl_jax import models
+from mcl_jax import numerics
 from mcl_jax.models import layers
 
 Array = jax.Array
@@ -70,18 +71,37 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   return strategy
 
 
+HEAD_NORMS = ("none", "batchnorm")
+
+
 class ProjectionHead(nn.Module):
-  """h_m (SPEC 1): Dense(F, d) - ReLU - Dense(d, d), then L2 normalisation; no BatchNorm."""
+  """h_m (SPEC 1): Dense(F, d) - ReLU - Dense(d, d), then L2 normalisation.
+
+  The official head has no normalisation (`norm='none'`). `norm='batchnorm'` puts a
+  BatchNorm1d (PyTorch defaults, `train` as the backbone's) on the head's input: the pooled
+  features are averages of ReLU outputs, all positive with a large common component, so
+  at initialisation every embedding points almost the same way (mean pairwise cosine
+  ~0.93 for resnet32) and the in-batch contrastive gradient, which scales with their
+  spread, starts near zero (docs/RESULTS.md, "The collapse"). Centring removes that
+  component before the head sees it.
+  """
   embed_dim: int = 128
   dtype: Any = jnp.float32
+  norm: str = "none"
+  train: bool = False
 
   @nn.compact
-  def __call__(self, features: Array) -> Array:
-    h = layers.linear(self.embed_dim, features.shape[-1], dtype=self.dtype, name="fc1")(features)
-    h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype, name="fc2")(nn.relu(h))
-    h = h.astype(jnp.float32)
-    # F.normalize(h, dim=1): h / max(||h||, 1e-12).
-    return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+  def __call__(self, features: Array) -> tuple[Array, Array]:
+    """(embeddings [B, d] L2-normalised, at least float32; fc1 pre-activations [B, d])."""
+    if self.norm == "batchnorm":
+      features = layers.batch_norm(self.train, dtype=self.dtype, name="bn")(features)
+    elif self.norm != "none":
+      raise ValueError(f"Unknown head norm {self.norm!r}; use one of {', '.join(HEAD_NORMS)}.")
+    hidden = layers.linear(self.embed_dim, features.shape[-1], dtype=self.dtype,
+                           name="fc1")(features)
+    h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype,
+                      name="fc2")(nn.relu(hidden))
+    return numerics.l2_normalize(h), hidden  # F.normalize(h, dim=1)
 
 
 class _Member(nn.Module):
@@ -95,22 +115,25 @@ class _Member(nn.Module):
   embed_dim: int
   dtype: Any
   train: bool
+  head_norm: str = "none"
 
   @nn.compact
   def __call__(self, h: Array) -> dict[str, Array]:
     backbone = models.create(self.arch, self.num_classes, dtype=self.dtype,
                              stage_slice=(self.first_stage, None), name="backbone")
     logits, features = backbone(h, self.train)
-    embeddings = ProjectionHead(self.embed_dim, dtype=self.dtype, name="head")(features)
-    return {"logits": logits.astype(jnp.float32), "features": features,
-            "embeddings": embeddings}
+    embeddings, hidden = ProjectionHead(self.embed_dim, dtype=self.dtype, norm=self.head_norm,
+                                        train=self.train, name="head")(features)
+    return {"logits": numerics.at_least_float32(logits), "features": features,
+            "embeddings": embeddings, "head_hidden": hidden}
 
 
 class Cohort(nn.Module):
   """M members of `arch` on one input batch, optionally behind a shared trunk.
 
   __call__(x [B, H, W, C], train) -> {'logits': [M, B, C] float32, 'features': [M, B, F]
-  (compute dtype), 'embeddings': [M, B, embed_dim] float32, L2-normalised}.
+  (compute dtype), 'embeddings': [M, B, embed_dim] float32, L2-normalised, 'head_hidden':
+  [M, B, embed_dim] the heads' first-layer pre-activations (for `embedding_health`)}.
   Apply with mutable=['batch_stats'] when train is True.
   """
   arch: str
@@ -120,6 +143,7 @@ class Cohort(nn.Module):
   embed_dim: int = 128
   strategy: str = "unroll"
   dtype: Any = jnp.float32
+  head_norm: str = "none"  # ProjectionHead.norm
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> dict[str, Array]:
@@ -135,7 +159,7 @@ class Cohort(nn.Module):
       h = models.create(self.arch, self.num_classes, dtype=self.dtype,
                         stage_slice=(0, self.shared_stages), name="trunk")(x, train)
     member = functools.partial(_Member, self.arch, self.num_classes, self.shared_stages,
-                               self.embed_dim, self.dtype, train)
+                               self.embed_dim, self.dtype, train, self.head_norm)
     if strategy == "vmap" or self.is_initializing():
       stacked = nn.vmap(
           _Member, variable_axes={"params": 0, "batch_stats": 0},
@@ -143,7 +167,7 @@ class Cohort(nn.Module):
           axis_size=self.num_members)
       # Same arguments as `member`, but the lifted class needs them as keywords here.
       return stacked(self.arch, self.num_classes, self.shared_stages, self.embed_dim,
-                     self.dtype, train, name="members")(h)
+                     self.dtype, train, self.head_norm, name="members")(h)
     return self._apply_stacked(member(parent=None), h, train, strategy)
 
   def _apply_stacked(self, member: _Member, h: Array, train: bool,

@@ -42,7 +42,7 @@ Array = jax.Array
 _conv_init = layers.torch_linear_init
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def _bn(train: bool, dtype: Any, name: str) -> layers.BatchNorm:
   """BatchNorm1d (on [N, C]) or BatchNorm2d (on [N, H, W, C]), PyTorch's defaults."""
   return layers.batch_norm(train, dtype=dtype, name=name)
 

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcl_jax import numerics
+
 Array = jax.Array
 Dtype = Any
 
@@ -43,10 +45,49 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, dtype
                  dtype=dtype, kernel_init=kernel_init, name=name)
 
 
-def batch_norm(train: bool, *, dtype: Dtype, name: str) -> nn.BatchNorm:
-  """BatchNorm2d with PyTorch's defaults: torch momentum 0.1 is Flax momentum 0.9, eps 1e-5."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm1d/2d (momentum 0.1, eps 1e-5, affine) on channels-last input.
+
+  Same variables as flax.linen.BatchNorm (params scale/bias, batch_stats mean/var), and the
+  same arithmetic in training (batch mean and biased variance E[x^2] - E[x]^2, computed in
+  at least float32 over every axis but the last; over the global batch when the batch is sharded)
+  and in evaluation, with one difference that makes it PyTorch's: the running variance is
+  updated with the UNBIASED batch variance, var * n / (n - 1), n = elements per channel,
+  as torch does (Flax's BatchNorm uses the biased one). Running statistics are not
+  updated during `init`.
+  """
+  use_running_average: bool
+  momentum: float = 0.1  # PyTorch's convention: new = (1 - momentum) old + momentum batch
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    accum = numerics.accum_dtype(x.dtype)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(accum)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // features
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+        ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    y = (x.astype(accum) - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, *, dtype: Dtype, name: str) -> BatchNorm:
+  """BatchNorm1d/2d with PyTorch's defaults and running-variance rule (`BatchNorm`)."""
+  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def linear(features: int, fan_in: int, *, dtype: Dtype, name: str,

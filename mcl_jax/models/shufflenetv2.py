@@ -44,7 +44,7 @@ def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, grou
                  use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def _bn(train: bool, dtype: Any, name: str) -> layers.BatchNorm:
   """BatchNorm2d with PyTorch's defaults."""
   return layers.batch_norm(train, dtype=dtype, name=name)
 

@@ -1,0 +1,438 @@
+r"""Reproduction runner: train a suite's rows over seeds, then write a results table and plot.
+
+  python -m mcl_jax.reproduce --suite=fashion_mnist --seeds=0,1,2 --workdir=runs/fm \
+      --rows=baseline,mcl_x2 --workers=2
+
+A suite is a config module `configs/<suite>.py` with a `ROWS` list (name, config variant,
+table, optional config overrides) and `TABLES` (table id -> title). For every row and seed
+the runner trains `configs/<suite>.py:<variant>` with `config.seed = seed` in
+`WORKDIR/<variant>[__overrides]/seed<k>/` (rows of the same config share it) and writes
+`result.json` there when the run is complete:
+- supervised rows: every member's and the ensemble's top-1/top-5 on the test split and on
+  the held-out validation split;
+- self-supervised (MoCo) rows: each member's kNN top-1 (k = 20 and 200), then each member
+  is exported (`mcl_jax.export`) and linearly probed (the suite's `probe` variant) on the
+  frozen backbone; the probe's test and validation top-1.
+The runner is resumable: a finished run (its `result.json`) is skipped, an interrupted one
+resumes from its newest checkpoint. At the end (and with `--report_only`) it reads every
+`result.json` and writes `WORKDIR/results.md` (tables: each member, the members' mean +-
+std over seeds, the best member, the ensemble; wall time) and `WORKDIR/results.png` (the
+same with seed error bars).
+
+`--workers=N` runs N trainings at once as subprocesses, each pinned to its own share of the
+CPU cores (two single-core JAX processes train ~1.25x more steps per second than one
+two-core process on a 2-core machine: small convolutions do not use two threads well);
+each writes its log to `log.txt` in its run folder. `--workers=0` runs in this process
+(tests). `--smoke` runs the rows' smoke configs (a few steps of a tiny network).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module is the program (the demo and the
+  tests import it as a library and define their own)."""
+  flags.DEFINE_string("suite", "fashion_mnist", "Config module in configs/ that lists ROWS.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every row trains once per seed.")
+  flags.DEFINE_string("workdir", None, "Where the runs, results.md and results.png go.")
+  flags.DEFINE_list("rows", [], "Rows to train (default: every row of the suite).")
+  flags.DEFINE_integer("workers", 1, "Trainings at once (subprocesses, cores split between "
+                       "them); 0: in this process.")
+  flags.DEFINE_bool("smoke", False, "The rows' smoke configs: seconds per run, for tests.")
+  flags.DEFINE_bool("report_only", False,
+                    "Only write results.md / results.png from what exists.")
+  flags.DEFINE_string("run_one", None, "Internal: 'row:seed', train that run in this process.")
+
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of a results table: a config variant (+ overrides) trained over seeds."""
+  name: str
+  variant: str
+  table: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+  label: str = ""
+
+  @property
+  def title(self) -> str:
+    return self.label or self.name
+
+
+def load_suite(suite: str) -> tuple[Any, list[Row], dict[str, str]]:
+  """(config module, rows, tables) of `configs/<suite>.py`."""
+  from mcl_jax import config_lib
+  config_lib.ensure_configs_importable()
+  try:
+    module = importlib.import_module(f"configs.{suite}")
+  except ModuleNotFoundError:
+    raise ValueError(f"--suite={suite}: there is no configs/{suite}.py.") from None
+  if not hasattr(module, "ROWS"):
+    raise ValueError(f"--suite={suite}: configs/{suite}.py has no ROWS list to reproduce.")
+  rows = [Row(name=r["name"], variant=r["variant"], table=r["table"],
+              overrides=tuple(sorted(r.get("overrides", {}).items())), label=r.get("label", ""))
+          for r in module.ROWS]
+  return module, rows, dict(module.TABLES)
+
+
+def select_rows(rows: Sequence[Row], names: Sequence[str]) -> list[Row]:
+  if not names:
+    return list(rows)
+  by_name = {r.name: r for r in rows}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"--rows: unknown row {unknown[0]!r}; this suite has "
+                     f"{', '.join(by_name)}.")
+  return [by_name[n] for n in names]
+
+
+def run_dir(workdir: str, row: Row, seed: int) -> str:
+  """WORKDIR/<variant>[__field=value...]/seed<k>: rows with the same config share a run."""
+  name = "__".join([row.variant.replace("+", "-")] + [f"{k}={v}" for k, v in row.overrides])
+  return os.path.join(workdir, name, f"seed{seed}")
+
+
+def _config(module: Any, row: Row, seed: int, smoke: bool, variant: str | None = None):
+  config = module.get_config((variant or row.variant) + (",smoke" if smoke else ""))
+  for key, value in row.overrides:
+    node, *path, field = key.split(".")
+    target = config[node]
+    for part in path:
+      target = target[part]
+    target[field] = value
+  config.seed = seed
+  return config
+
+
+def _to_json(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, (np.ndarray, np.generic)) or hasattr(x, "tolist"):
+    return np.asarray(x).tolist()
+  return x
+
+
+def train_one(module: Any, row: Row, seed: int, workdir: str, smoke: bool) -> dict[str, Any]:
+  """Trains (or resumes) one run and writes its result.json; returns the result."""
+  from mcl_jax import config_lib, jobs
+  directory = run_dir(workdir, row, seed)
+  config = _config(module, row, seed, smoke)
+  t0 = time.time()
+  config_lib.validate(config, workdir=directory)
+  summary = jobs.run(config, directory)
+  if summary["preempted"]:
+    raise RuntimeError(f"{row.name} seed {seed} was preempted; rerun to resume it.")
+  result = {"row": row.name, "variant": row.variant, "seed": seed, "trainer": config.trainer,
+            "members": int(config.cohort.num_members), "steps": summary["steps"],
+            "train": summary["train"]}
+  if config.trainer == "moco":
+    result["knn"] = summary["knn"]
+    result["probe"] = probe_members(module, row, seed, directory, smoke)
+  else:
+    result["eval"] = summary["eval"]
+  result["wall_s"] = time.time() - t0
+  with open(os.path.join(directory, RESULT_FILE), "w") as f:
+    json.dump(_to_json(result), f, indent=1)
+  return result
+
+
+def probe_members(module: Any, row: Row, seed: int, directory: str, smoke: bool
+                  ) -> dict[str, list[float]]:
+  """Exports each member of a MoCo run and trains the suite's linear probe on it.
+
+  Returns {'top1': [M], 'val_top1': [M], ...}: each member's probe accuracy.
+  """
+  from mcl_jax import export, jobs
+  _, _, meta = export.read_checkpoint(directory)
+  probes: dict[str, list[float]] = {}
+  for member in range(int(meta["num_members"])):
+    out = os.path.join(directory, f"member{member}")
+    export.export_member(directory, member, out)
+    config = _config(module, row, seed, smoke, variant="probe")
+    config.lincls.pretrained = out
+    result = jobs.run(config, os.path.join(directory, f"probe{member}"))
+    for key, value in result["eval"].items():
+      probes.setdefault(key, []).append(float(value))
+  return probes
+
+
+def _pending(workdir: str, rows: Sequence[Row], seeds: Sequence[int]) -> list[tuple[Row, int]]:
+  """Unfinished (row, seed) pairs, one per run folder (rows sharing a config train once)."""
+  todo, seen = [], set()
+  for row in rows:
+    for seed in seeds:
+      directory = run_dir(workdir, row, seed)
+      if directory not in seen and not os.path.exists(os.path.join(directory, RESULT_FILE)):
+        todo.append((row, seed))
+      seen.add(directory)
+  return todo
+
+
+def _core_sets(workers: int) -> list[set[int]]:
+  cores = sorted(os.sched_getaffinity(0))
+  per = max(1, len(cores) // workers)
+  return [set(cores[i * per:(i + 1) * per]) or set(cores) for i in range(workers)]
+
+
+def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str, *,
+            workers: int, smoke: bool) -> None:
+  """Trains every pending (row, seed), `workers` at a time (0: in this process)."""
+  module, _, _ = load_suite(suite)
+  todo = _pending(workdir, rows, seeds)
+  print(f"{suite}: {len(todo)} runs to train (workdir {workdir}).", flush=True)
+  t0 = time.time()
+  if workers == 0:
+    for i, (row, seed) in enumerate(todo):
+      print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}", flush=True)
+      train_one(module, row, seed, workdir, smoke)
+    return
+  running: list[tuple[subprocess.Popen, Row, int, float, set[int], Any]] = []
+  free = _core_sets(workers)
+  queue = list(todo)
+  finished, failed = 0, []
+  while queue or running:
+    while queue and free:
+      row, seed = queue.pop(0)
+      cores = free.pop(0)
+      directory = run_dir(workdir, row, seed)
+      os.makedirs(directory, exist_ok=True)
+      log = open(os.path.join(directory, "log.txt"), "a")
+      cmd = [sys.executable, "-m", "mcl_jax.reproduce", f"--suite={suite}",
+             f"--workdir={workdir}", f"--run_one={row.name}:{seed}",
+             f"--smoke={'true' if smoke else 'false'}"]
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              preexec_fn=lambda c=cores: os.sched_setaffinity(0, c))
+      running.append((proc, row, seed, time.time(), cores, log))
+      print(f"  start {row.name} seed {seed} on cores {sorted(cores)} "
+            f"(log: {os.path.join(directory, 'log.txt')})", flush=True)
+    time.sleep(2)
+    for item in list(running):
+      proc, row, seed, started, cores, log = item
+      if proc.poll() is None:
+        continue
+      running.remove(item)
+      log.close()
+      free.append(cores)
+      finished += 1
+      minutes = (time.time() - started) / 60
+      if proc.returncode == 0:
+        print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} done in {minutes:.1f} min; "
+              f"{_eta(t0, finished, len(todo))}", flush=True)
+      else:
+        failed.append(f"{row.name} seed {seed}")
+        print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} FAILED (exit "
+              f"{proc.returncode}); see its log.txt", flush=True)
+  if failed:
+    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their log.txt "
+                       "says why, and rerunning the same command retries them.")
+
+
+def _eta(t0: float, done: int, total: int) -> str:
+  elapsed = time.time() - t0
+  left = elapsed / done * (total - done) if done else 0.0
+  return f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left"
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def read_results(workdir: str, rows: Sequence[Row], seeds: Sequence[int]
+                 ) -> dict[str, list[dict[str, Any]]]:
+  """{row name: [result of each finished seed]} (rows without any finished seed left out)."""
+  out = {}
+  for row in rows:
+    found = []
+    for seed in seeds:
+      path = os.path.join(run_dir(workdir, row, seed), RESULT_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          found.append(json.load(f))
+    if found:
+      out[row.name] = found
+  return out
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, sample std over seeds; 0 for one seed)."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
+                ) -> dict[str, Any] | None:
+  """Per-seed figures of one row, in %: members [seeds, M], members' mean, best member,
+  ensemble (supervised); kNN k=200 / k=20 and probe members' means (MoCo). None when the
+  runs have no such split (a dataset without a validation split)."""
+  if results[0]["trainer"] != "moco":
+    if split not in results[0]["eval"]:
+      return None
+    top1 = 100 * np.asarray([r["eval"][split]["top1"] for r in results])  # [seeds, M + 1]
+    members = top1[:, :-1]
+    return {"kind": "supervised", "members": members, "mean": members.mean(1),
+            "best": members.max(1), "ensemble": top1[:, -1]}
+  prefix = "" if split == "test" else "val_"
+  if prefix + "top1" not in results[0]["probe"]:
+    return None
+  knn200 = 100 * np.asarray([r["knn"][prefix + "top1"] for r in results])
+  knn20 = 100 * np.asarray([r["knn"][prefix + "top1_k20"] for r in results])
+  probe = 100 * np.asarray([r["probe"][prefix + "top1"] for r in results])
+  return {"kind": "moco", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
+          "knn200": knn200.mean(1), "knn20": knn20.mean(1)}
+
+
+def _pm(values: Sequence[float] | None) -> str:
+  if values is None:
+    return "-"
+  mean, std = _spread(values)
+  return f"{mean:.2f} +- {std:.2f}"
+
+
+def format_tables(rows: Sequence[Row], tables: dict[str, str],
+                  results: dict[str, list[dict[str, Any]]]) -> str:
+  """The Markdown tables of results.md (test split, and the validation split beside it)."""
+  lines = []
+  for table, title in tables.items():
+    table_rows = [r for r in rows if r.table == table and r.name in results]
+    if not table_rows:
+      continue
+    kind = results[table_rows[0].name][0]["trainer"]
+    lines += [f"### {title}", ""]
+    if kind == "moco":
+      lines += ["| row | seeds | probe top-1 per member | probe members' mean | probe best "
+                "member | kNN k=200 members' mean | kNN k=20 members' mean | val probe mean "
+                "| min/run |", "|---|---|---|---|---|---|---|---|---|"]
+    else:
+      lines += ["| row | seeds | top-1 per member | members' mean | best member | ensemble "
+                "| val members' mean | val ensemble | min/run |",
+                "|---|---|---|---|---|---|---|---|---|"]
+    for row in table_rows:
+      res = results[row.name]
+      test, val = row_summary(res, "test"), row_summary(res, "validation") or {}
+      per_member = " / ".join(f"{v:.2f}" for v in test["members"].mean(0))
+      minutes = np.mean([r["wall_s"] for r in res]) / 60
+      if kind == "moco":
+        cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["knn200"]),
+                 _pm(test["knn20"]), _pm(val.get("mean"))]
+      else:
+        cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["ensemble"]),
+                 _pm(val.get("mean")), _pm(val.get("ensemble"))]
+      lines.append(f"| {row.title} | {len(res)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[dict[str, Any]]],
+         path: str) -> str:
+  """One panel per table: members' mean, best member and ensemble (or kNN) of every row,
+  test split, bars at the mean over seeds with +- one std error bars."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  panels = [(t, title, [r for r in rows if r.table == t and r.name in results])
+            for t, title in tables.items()]
+  panels = [p for p in panels if p[2]]
+  fig = Figure(figsize=(6 + 0.6 * max(len(p[2]) for p in panels), 3.6 * len(panels)))
+  FigureCanvasAgg(fig)
+  for i, (_, title, table_rows) in enumerate(panels):
+    ax = fig.add_subplot(len(panels), 1, i + 1)
+    summaries = [row_summary(results[r.name]) for r in table_rows]
+    if summaries[0]["kind"] == "moco":
+      series = [("probe, members' mean", "mean"), ("probe, best member", "best"),
+                ("kNN k=200, members' mean", "knn200")]
+    else:
+      series = [("members' mean", "mean"), ("best member", "best"), ("ensemble", "ensemble")]
+    width = 0.8 / len(series)
+    x = np.arange(len(table_rows))
+    for j, (label, key) in enumerate(series):
+      stats = [_spread(s[key]) for s in summaries]
+      ax.bar(x + (j - (len(series) - 1) / 2) * width, [m for m, _ in stats], width,
+             yerr=[e for _, e in stats], capsize=3, label=label)
+    lows = [min(s[key].min() for _, key in series) for s in summaries]
+    highs = [max(s[key].max() for _, key in series) for s in summaries]
+    ax.set_ylim(max(0.0, min(lows) - 2.0), min(100.0, max(highs) + 1.0))
+    ax.set_xticks(x, [r.title for r in table_rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def write_report(suite: str, rows: Sequence[Row], tables: dict[str, str], seeds: Sequence[int],
+                 workdir: str) -> str | None:
+  """results.md and results.png from the finished runs; returns the Markdown (None if none)."""
+  results = read_results(workdir, rows, seeds)
+  if not results:
+    return None
+  wall = sum(r["wall_s"] for res in results.values() for r in res) / 60
+  text = "\n".join([
+      f"# {suite}: results", "",
+      f"Test-split top-1 (%) per row: mean +- sample std over the seeds listed (seeds "
+      f"{', '.join(map(str, seeds))}); 'members' mean' averages the members of each run, "
+      "'best member' is the official scripts' reported metric (max over members), "
+      "'ensemble' the mean of the members' logits. Validation columns: the held-out split "
+      "the choices were made on. min/run: wall minutes per run (training and evaluation; "
+      "MoCo rows include exporting and probing every member).", "",
+      format_tables(rows, tables, results),
+      f"Total training wall time of these runs: {wall:.0f} min.", ""])
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  plot(rows, tables, results, os.path.join(workdir, "results.png"))
+  return text
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
+  from mcl_jax import train
+  train.quiet_library_logs()
+  if not FLAGS.workdir:
+    _fail("--workdir is required: the folder for the runs and the results.")
+  try:
+    module, rows, tables = load_suite(FLAGS.suite)
+    seeds = [int(s) for s in FLAGS.seeds]
+    if FLAGS.run_one:
+      name, seed = FLAGS.run_one.rsplit(":", 1)
+      train_one(module, select_rows(rows, [name])[0], int(seed), FLAGS.workdir, FLAGS.smoke)
+      return
+    chosen = select_rows(rows, FLAGS.rows)
+    if not FLAGS.report_only:
+      run_all(FLAGS.suite, chosen, seeds, FLAGS.workdir, workers=FLAGS.workers,
+              smoke=FLAGS.smoke)
+    text = write_report(FLAGS.suite, rows, tables, seeds, FLAGS.workdir)
+  except (ValueError, RuntimeError, FileNotFoundError) as e:
+    _fail(str(e))
+  if text is None:
+    _fail(f"No finished run in {FLAGS.workdir} yet.")
+  print("\n" + text)
+  print(f"Wrote {os.path.join(FLAGS.workdir, 'results.md')} and results.png.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,82 @@
+"""The reproduction runner: rows x seeds, resumable, results.md and results.png.
+
+Runs the Fashion-MNIST suite's smoke configs in this process (a few steps of `tiny`), so it
+needs the Debian copy of Fashion-MNIST; the report functions are also tested on
+hand-written results that need no data.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mcl_jax import reproduce
+from mcl_jax.data import fashion_mnist
+
+pytestmark = pytest.mark.xdist_group("reproduce")
+
+
+def fake_result(row, seed, top1, trainer="supervised"):
+  if trainer == "moco":
+    return {"row": row, "seed": seed, "trainer": "moco", "wall_s": 60.0,
+            "knn": {"top1": top1, "top1_k20": top1, "val_top1": top1, "val_top1_k20": top1},
+            "probe": {"top1": top1, "val_top1": top1}}
+  split = {"top1": top1, "top5": [1.0] * len(top1)}
+  return {"row": row, "seed": seed, "trainer": trainer, "wall_s": 120.0,
+          "eval": {"test": split, "validation": split}}
+
+
+def test_report_from_results(tmp_path):
+  rows = [reproduce.Row("baseline", "baseline", "main"), reproduce.Row("mcl_x2", "mcl_x2", "main"),
+          reproduce.Row("moco", "mocov2", "ssl")]
+  values = {"baseline": [[0.80, 0.82, 0.85], [0.84, 0.82, 0.86]],
+            "mcl_x2": [[0.83, 0.85, 0.87], [0.85, 0.85, 0.88]]}
+  for row in rows[:2]:
+    for seed, top1 in enumerate(values[row.name]):
+      directory = reproduce.run_dir(str(tmp_path), row, seed)
+      os.makedirs(directory)
+      with open(os.path.join(directory, reproduce.RESULT_FILE), "w") as f:
+        json.dump(fake_result(row.name, seed, top1), f)
+  directory = reproduce.run_dir(str(tmp_path), rows[2], 0)
+  os.makedirs(directory)
+  with open(os.path.join(directory, reproduce.RESULT_FILE), "w") as f:
+    json.dump(fake_result("moco", 0, [0.7], "moco"), f)
+  text = reproduce.write_report("suite", rows, {"main": "Main", "ssl": "SSL"}, [0, 1],
+                                str(tmp_path))
+  # baseline: members' means 81.0 and 83.0 -> 82.00 +- 1.41; best 82 and 84; ensemble 85, 86.
+  assert "| baseline | 2 | 82.00 / 82.00 | 82.00 +- 1.41 | 83.00 +- 1.41 | 85.50 +- 0.71 |" in text
+  assert "| mcl_x2 | 2 |" in text and "### SSL" in text
+  assert os.path.getsize(tmp_path / "results.png") > 10_000
+  summary = reproduce.row_summary([fake_result("b", 0, [0.8, 0.9, 0.95])])
+  np.testing.assert_allclose(summary["best"], [90.0])
+
+
+def test_rows_with_the_same_config_share_a_run(tmp_path):
+  a = reproduce.Row("m2", "mcl_x2", "cohort")
+  b = reproduce.Row("mcl_x2", "mcl_x2", "main")
+  c = reproduce.Row("official", "mcl_x2", "collapse", overrides=(("schedule.warmup_epochs", 0.0),))
+  assert reproduce.run_dir("W", a, 0) == reproduce.run_dir("W", b, 0)
+  assert reproduce.run_dir("W", c, 0) != reproduce.run_dir("W", b, 0)
+  assert len(reproduce._pending(str(tmp_path), [a, b, c], [0, 1])) == 4
+
+
+def test_unknown_row_is_one_sentence():
+  _, rows, _ = reproduce.load_suite("fashion_mnist")
+  with pytest.raises(ValueError, match="unknown row 'mcl_x9'"):
+    reproduce.select_rows(rows, ["mcl_x9"])
+
+
+@pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_smoke_suite_trains_resumes_and_reports(tmp_path):
+  _, rows, tables = reproduce.load_suite("fashion_mnist")
+  chosen = reproduce.select_rows(rows, ["baseline", "mocov2"])
+  workdir = str(tmp_path)
+  reproduce.run_all("fashion_mnist", chosen, [0], workdir, workers=0, smoke=True)
+  result = json.load(open(os.path.join(reproduce.run_dir(workdir, chosen[0], 0), "result.json")))
+  assert np.asarray(result["eval"]["test"]["top1"]).shape == (3,)
+  moco = json.load(open(os.path.join(reproduce.run_dir(workdir, chosen[1], 0), "result.json")))
+  assert len(moco["probe"]["top1"]) == 1 and len(moco["knn"]["top1_k20"]) == 1
+  assert reproduce._pending(workdir, chosen, [0]) == []  # finished runs are not repeated
+  text = reproduce.write_report("fashion_mnist", rows, tables, [0], workdir)
+  assert "baseline (2 independent)" in text and "MoCo v2 (1 network)" in text
