@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-all bench clean-venv
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .  # the mcl-* commands (pyproject.toml)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,15 +3,15 @@
 # local GPU (the mesh's `data` axis spans them; no jax.distributed needed).
 #
 # Usage, from the repo root:
-#   CONFIG=configs/cifar100_resnet32.py:mcl_x4 WORKDIR=workdirs/resnet32_x4 \
+#   CONFIG=cifar100_resnet32:mcl_x4 WORKDIR=workdirs/resnet32_x4 \
 #     launch/gpu_single_node.sh [EXTRA_MAIN_FLAGS ...]
 # e.g. only GPUs 0-3, and a config override:
-#   CUDA_VISIBLE_DEVICES=0,1,2,3 CONFIG=configs/cifar100_resnet32.py:mcl_x2 \
+#   CUDA_VISIBLE_DEVICES=0,1,2,3 CONFIG=cifar100_resnet32:mcl_x2 \
 #     WORKDIR=workdirs/r32_x2 launch/gpu_single_node.sh --config.optim.lr=0.05
 #   DRY_RUN=1 CONFIG=... WORKDIR=... launch/gpu_single_node.sh   # print, run nothing
 #
 # Settings (environment variables):
-#   CONFIG     configs/<exp>.py[:arg]       (required)
+#   CONFIG     <experiment>[:arg]             (required)
 #   WORKDIR    checkpoints and logs         (required); a rerun resumes from it
 #   PYTHON     interpreter                  (default .venv/bin/python, else python3)
 #   INSTALL=1  first `pip install -r requirements.txt "jax[cuda12]==$JAX_VERSION"`
@@ -32,7 +32,7 @@ CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 INSTALL="${INSTALL:-0}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
-[[ -n "$CONFIG" ]] || die "CONFIG is not set; e.g. CONFIG=configs/cifar100_resnet32.py:mcl_x4."
+[[ -n "$CONFIG" ]] || die "CONFIG is not set; e.g. CONFIG=cifar100_resnet32:mcl_x4."
 [[ -n "$WORKDIR" ]] || die "WORKDIR is not set; e.g. WORKDIR=workdirs/resnet32_x4."
 
 cd "$REPO_ROOT"

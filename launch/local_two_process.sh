@@ -6,7 +6,7 @@
 # Usage, from the repo root:
 #   launch/local_two_process.sh
 # which runs
-#   CONFIG=configs/digits.py:mcl_x2,smoke WORKDIR=workdirs/local_two_process PORT=12355 \
+#   CONFIG=digits:mcl_x2,smoke WORKDIR=workdirs/local_two_process PORT=12355 \
 #     launch/local_two_process.sh [EXTRA_MAIN_FLAGS ...]
 # Each process logs to $LOG_DIR/process_<id>.log. The script waits for all of them and
 # exits non-zero if any fails; when one fails the others are killed at once (they would
@@ -34,7 +34,7 @@ case "${1:-}" in
   -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p;}' "$0"; exit 0 ;;
 esac
 
-CONFIG="${CONFIG:-configs/digits.py:mcl_x2,smoke}"
+CONFIG="${CONFIG:-digits:mcl_x2,smoke}"
 WORKDIR="${WORKDIR:-workdirs/local_two_process}"
 PORT="${PORT:-12355}"
 NUM_PROCESSES="${NUM_PROCESSES:-2}"

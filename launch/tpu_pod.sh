@@ -4,7 +4,7 @@
 #
 # Usage, from a machine with gcloud logged in (any directory):
 #   PROJECT=my-project ZONE=us-central2-b NAME=mcl-v4-32 ACCELERATOR=v4-32 \
-#   CONFIG=configs/cifar100_resnet32.py:mcl_x4 WORKDIR=gs://my-bucket/mcl/resnet32_x4 \
+#   CONFIG=cifar100_resnet32:mcl_x4 WORKDIR=gs://my-bucket/mcl/resnet32_x4 \
 #     launch/tpu_pod.sh
 # which is the steps `create copy install run`. One step or several at a time:
 #   launch/tpu_pod.sh run                                   # e.g. again, after a preemption
@@ -19,7 +19,7 @@
 #   PROJECT      GCP project; empty: gcloud's default
 #   ACCELERATOR  slice type                           (default v4-32: 4 hosts x 4 chips)
 #   VERSION      TPU VM image                         (default tpu-ubuntu2204-base)
-#   CONFIG       configs/<exp>.py[:arg]               (required by `run`)
+#   CONFIG       <experiment>[:arg]                     (required by `run`)
 #   WORKDIR      gs://bucket/path: every host writes checkpoints and logs there, so it
 #                must be shared storage (required by `run`)
 #   SOURCE       copy: this working tree (tracked + untracked, not ignored) via scp;
@@ -126,7 +126,7 @@ $REMOTE_VENV/bin/pip install -q -r requirements.txt $(printf '%q' "jax[tpu]==$JA
 }
 
 step_run() {
-  [[ -n "$CONFIG" ]] || die "CONFIG is not set; e.g. CONFIG=configs/cifar100_resnet32.py:mcl_x4."
+  [[ -n "$CONFIG" ]] || die "CONFIG is not set; e.g. CONFIG=cifar100_resnet32:mcl_x4."
   [[ "$WORKDIR" == gs://* ]] || die "WORKDIR must be a gs:// path that every TPU host \
 can write (got '${WORKDIR}'); e.g. WORKDIR=gs://my-bucket/mcl/run1."
   local train_cmd

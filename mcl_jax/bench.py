@@ -1,9 +1,9 @@
 r"""Benchmark of the real train step: `python -m mcl_jax.bench`.
 
-Times `mcl_jax.train.train_step` (the function the trainer runs) jitted exactly as
-`train.Trainer` jits it (state shardings, batch split over the `data` mesh axis, consts
-replicated, the state donated), on a synthetic batch that lives on the device: uint8 images
-(random, never zeros) and labels in class-aware pairs (B/2 classes x 2 samples, SPEC 4), so
+Times `mcl_jax.train.train_step` (the function the trainer runs) jitted exactly as the
+supervised task jits it (`sharding.compile_step`: state shardings, batch split over the
+`data` mesh axis, consts replicated, the state donated), on a synthetic batch that lives on the device: uint8 images
+(random, never zeros) and labels in class-aware pairs (B/2 classes x 2 samples, docs/SPEC.md 4), so
 every row of the in-batch contrastive loss has a positive. No dataset, and no TensorFlow:
 nothing on this module's import path imports it (tests/test_bench.py checks).
 
@@ -31,7 +31,7 @@ Per configuration (arch, members M, strategy, MCL on/off, dtype) it reports:
                  time much less, so compare CPU-only figures in both.
   loadavg        os.getloadavg() before and after the configuration (shared machines).
 
-The four MCL terms are on (`--mcl=on`, the default weights of configs/default.py) or off
+The four MCL terms are on (`--mcl=on`, the default weights of mcl_jax/configs/default.py) or off
 (`off`: cross-entropy only, every MCL weight 0, so `train.total_loss` skips them), or both.
 With one member the MCL terms do not exist, so M = 1 runs once (CE only) and once only,
 whatever strategies are asked for: every strategy runs the same single network.
@@ -58,28 +58,33 @@ from absl import flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", "resnet32", "Backbone (a SPEC name, or 'tiny' for tests).")
-flags.DEFINE_list("members", ["1", "2", "4"], "Cohort sizes M to measure.")
-flags.DEFINE_list("strategies", ["vmap", "unroll", "map"],
-                  "Cohort strategies: vmap, unroll, map, auto (auto: what "
-                  "mcl_jax.models.resolve_strategy picks on this backend).")
-flags.DEFINE_integer("batch", 128, "Global batch size B (every member sees the same B images).")
-flags.DEFINE_integer("image_size", 32, "Square input size.")
-flags.DEFINE_integer("num_classes", 0, "0: 100 for CIFAR archs, 1000 for ImageNet ResNets, "
-                     "10 for tiny.")
-flags.DEFINE_integer("shared_stages", 0, "model.shared_stages (0: fully independent members).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                  "Compute dtype (params, optimizer state, BN stats stay float32).")
-flags.DEFINE_enum("mcl", "on", ["on", "off", "both"],
-                  "The four MCL terms on, off (cross-entropy only), or both.")
-flags.DEFINE_integer("steps", 10, "Timed steps per configuration.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: "
-                   "PEAK_TFLOPS by device kind and dtype; none on CPU).")
-flags.DEFINE_string("json_out", None, "Append one JSON line per configuration to this file.")
-flags.DEFINE_bool("isolate", False, "Run every configuration in a fresh process (a clean "
-                  "device_peak_bytes per configuration; costs a start-up per configuration).")
-flags.DEFINE_integer("seed", 0, "Seed of params and synthetic data.")
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none)."""
+  flags.DEFINE_string("arch", "resnet32", "Backbone (a docs/SPEC.md name, or 'tiny' for tests).")
+  flags.DEFINE_list("members", ["1", "2", "4"], "Cohort sizes M to measure.")
+  flags.DEFINE_list("strategies", ["vmap", "unroll", "map"],
+                    "Cohort strategies: vmap, unroll, map, auto (auto: what "
+                    "mcl_jax.models.resolve_strategy picks on this backend).")
+  flags.DEFINE_integer("batch", 128, "Global batch size B (every member sees the same B images).")
+  flags.DEFINE_integer("image_size", 32, "Square input size.")
+  flags.DEFINE_integer("num_classes", 0, "0: 100 for CIFAR archs, 1000 for ImageNet ResNets, "
+                       "10 for tiny.")
+  flags.DEFINE_integer("shared_stages", 0, "model.shared_stages (0: fully independent members).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Compute dtype (params, optimizer state, BN stats stay float32).")
+  flags.DEFINE_enum("mcl", "on", ["on", "off", "both"],
+                    "The four MCL terms on, off (cross-entropy only), or both.")
+  flags.DEFINE_integer("steps", 10, "Timed steps per configuration.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: "
+                     "PEAK_TFLOPS by device kind and dtype; none on CPU).")
+  flags.DEFINE_string("json_out", None, "Append one JSON line per configuration to this file.")
+  flags.DEFINE_bool("isolate", False, "Run every configuration in a fresh process (a clean "
+                    "device_peak_bytes per configuration; costs a start-up per configuration).")
+  flags.DEFINE_integer("seed", 0, "Seed of params and synthetic data.")
+
 
 # Dense (no sparsity) peak TFLOP/s of one device, from the vendors' data sheets. Matched as
 # a substring of jax.Device.device_kind, first match wins (so "H100 PCIe" precedes "H100").
@@ -100,7 +105,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 # ImageNet backbones get the streaming path's preprocessing (images arrive cropped and
 # flipped from the host: normalise only); the others the in-memory CIFAR path's on-device
-# crop + flip + normalise, both as train.Trainer does.
+# crop + flip + normalise, both as the data sources do.
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 RECORD_KEYS = (
@@ -168,10 +173,8 @@ def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: 
 
 
 def make_config(s: Setting):
-  """configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
-  from mcl_jax import config_lib
-  config_lib.ensure_configs_importable()
-  from configs import default
+  """mcl_jax/mcl_jax/configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
+  from mcl_jax.configs import default
   c = default.get_config()
   c.model.arch, c.model.num_classes = s.arch, s.num_classes
   c.model.strategy, c.model.dtype = s.strategy, s.dtype
@@ -203,17 +206,18 @@ def synthetic_batches(s: Setting, mesh, count: int = 2) -> list[dict[str, Any]]:
 
 
 def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
-  """(jitted step, state, consts) wired as train.Trainer wires them.
+  """(jitted step, state, consts) wired as the supervised task wires them.
 
   abstract: the state as shapes only (enough to lower the step; allocates nothing).
   """
   import jax
+  from mcl_jax import optim
   from mcl_jax import sharding as sharding_lib
   from mcl_jax import train
   from mcl_jax.data import augment as augment_lib
   config = make_config(s)
   model = train.build_model(config, s.num_classes)
-  tx, _ = train.make_optimizer(config, steps_per_epoch=1000)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
   image_shape = (s.image_size, s.image_size, 3)
   if abstract:
     state = train.abstract_train_state(model, tx, image_shape, mesh)
@@ -229,10 +233,7 @@ def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
                                    mean=mean, std=std)
   step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss,
                            preprocess=preprocess)
-  replicated = sharding_lib.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharded(mesh), replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
-  return jitted, state, {}
+  return sharding_lib.compile_step(step, shardings, mesh), state, {}
 
 
 def _flops(cost: Any) -> float | None:
@@ -446,5 +447,11 @@ def main(argv: Sequence[str]) -> None:
     print(line)
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+  """The `mcl-bench` command."""
+  _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,57 +1,108 @@
 """Config validation: every bad field stops start-up with one sentence that names it.
 
 A config is an ml_collections.ConfigDict built by `configs/<experiment>.py:get_config(arg)`
-on top of `configs/default.py`, which declares every field. `validate` runs before any
+on top of `mcl_jax/configs/default.py`, which declares every field. `validate` runs before any
 device work, so a typo or an impossible combination costs seconds, not a pod allocation.
 """
 from __future__ import annotations
 
 import glob
 import os
-import sys
-import uuid
 from typing import Any
 
 import ml_collections
 
-TRAINERS = ("supervised", "moco", "lincls")
-REGIMES = ("batch", "bank", "moco")
-STRATEGIES = ("auto", "vmap", "unroll", "map")
+from mcl_jax.errors import ConfigError  # noqa: F401 (re-exported: config_lib.ConfigError)
+
+TRAINERS = ("supervised", "moco", "simclr", "lincls")
+REGIMES = ("batch", "bank", "moco", "simclr")
+SELF_SUPERVISED = ("moco", "simclr")  # trainers whose regime is their own name
 DTYPES = ("float32", "bfloat16")
-HEAD_NORMS = ("none", "batchnorm")
 KD_TARGETS = ("all", "last")
 SCHEDULES = ("cosine", "step")
-MOCO_VIEWS = ("v1", "v2", "digits", "fashion_mnist")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder",
-            "synthetic")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message is one sentence for a person."""
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def ensure_configs_importable() -> None:
-  """configs/ sits at the repository root next to mcl_jax/; experiment configs import
-  `configs.default`, so the root must be importable wherever the command runs from."""
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Shared pieces of the experiment configs, not experiments themselves.
+NOT_EXPERIMENTS = ("__init__", "default", "common")
 
 
 def experiment_names() -> list[str]:
-  """The experiment configs in configs/ (module names, sorted): every file but the shared
-  pieces (`default`, `*_common`)."""
+  """The experiment configs in mcl_jax/configs/ (module names, sorted): every file but the
+  shared pieces (`default`, `common`, `*_common`)."""
   names = [os.path.basename(path)[:-3]
-           for path in sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))]
-  return [n for n in names if n not in ("__init__", "default") and not n.endswith("_common")]
+           for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))]
+  return [n for n in names if n not in NOT_EXPERIMENTS and not n.endswith("_common")]
+
+
+def resolve_config_path(value: str) -> str:
+  """`--config` value -> the config file it names, keeping any ':ARG'.
+
+  A path that exists is taken as it is (a user's own config file); otherwise the name is
+  looked up among the package's configs, with or without a leading `configs/` and the
+  `.py`, so `--config=fashion_mnist:mcl_x2` works from any directory and for an installed
+  package.
+  """
+  path, sep, arg = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else name + ".py"
+  candidate = os.path.join(CONFIG_DIR, name)
+  return candidate + sep + arg if os.path.exists(candidate) else value
 
 
 def default_config() -> ml_collections.ConfigDict:
-  ensure_configs_importable()
-  from configs import default
+  from mcl_jax.configs import default
   return default.get_config()
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """The config a checkpoint stored (`to_json_best_effort`), on top of today's defaults:
+  fields added since it was written get their defaults, fields since removed are dropped."""
+  import json
+
+  def merge(into: ml_collections.ConfigDict, stored: dict) -> None:
+    for key, value in stored.items():
+      if key not in into:
+        continue
+      if isinstance(into[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(into[key], value)
+      else:
+        into[key] = tuple(value) if isinstance(into[key], tuple) else value
+
+  config = default_config()
+  merge(config, json.loads(text))
+  return config
+
+
+# Fields whose change alters the train state's shapes or what its values mean: a run
+# resumed with another value would fail in Orbax, or silently mix two experiments.
+STATE_FIELDS = (
+    "trainer", "model.arch", "model.num_classes", "model.shared_stages", "model.embed_dim",
+    "model.head", "model.head_norm", "cohort.num_members", "loss.regime", "input.dataset",
+    "input.image_size", "input.classes", "input.rotation_classes", "input.train_subset",
+    "input.validation_size", "moco.queue_size", "moco.mlp", "lincls.pretrained")
+
+
+def _comparable(value: Any) -> Any:
+  """JSON gives lists where the config has tuples (input.classes)."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def changed_state_fields(stored_config_json: str | None, config: ml_collections.ConfigDict
+                         ) -> list[tuple[str, Any, Any]]:
+  """(field, stored value, new value) of every STATE_FIELDS entry that differs between the
+  config a checkpoint was written with and `config`; [] when nothing is stored."""
+  if not stored_config_json:
+    return []
+  stored = config_from_json(stored_config_json)
+  changes = []
+  for field in STATE_FIELDS:
+    section, _, name = field.rpartition(".")
+    old = stored[section][name] if section else stored[name]
+    new = config[section][name] if section else config[name]
+    if _comparable(old) != _comparable(new):
+      changes.append((field, old, new))
+  return changes
 
 
 def _unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -77,53 +128,78 @@ def _choice(value: Any, field: str, choices: tuple[str, ...]) -> None:
 def mcl_terms_on(config: ml_collections.ConfigDict) -> bool:
   loss = config.loss
   weights = [loss.icl_weight, loss.soft_vcl_weight, loss.soft_icl_weight, loss.logit_kd_weight]
-  # Under MoCo, VCL of one network is MoCo's own InfoNCE loss, so only the other terms need
-  # peers (a single-network MoCo baseline keeps vcl_weight = 1).
-  if config.trainer != "moco":
+  # Self-supervised, VCL of one network is MoCo's InfoNCE or SimCLR's NT-Xent, so only the
+  # other terms need peers (a single-network baseline keeps vcl_weight = 1).
+  if config.trainer not in SELF_SUPERVISED:
     weights.append(loss.vcl_weight)
   return any(w != 0 for w in weights)
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir must be creatable and writable (checked by writing a probe file)."""
+  """The workdir must be a directory this process can create or write into.
+
+  Nothing is created or written here: a run that stops at start-up for another reason
+  leaves no trace. A path under an existing file, or an existing file, is refused.
+  """
   if not workdir:
     raise ConfigError("--workdir is empty; pass a directory for checkpoints and logs.")
   if "://" in workdir:  # gs:// and other remote stores are checked by the first save.
     return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{uuid.uuid4().hex}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(
-        f"--workdir={workdir} is not writable ({e.strerror}); choose a directory you can "
-        "write to.") from None
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory; choose a directory "
+                      "for checkpoints and logs.")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    reason = "is not a directory" if not os.path.isdir(parent) else "is not writable"
+    raise ConfigError(f"--workdir={workdir} is not writable ({parent} {reason}); choose a "
+                      "directory you can write to.")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              workdir: str | None = None) -> None:
-  """Raises ConfigError naming the first bad field; returns None when the config can run."""
+  """Raises ConfigError naming the first bad field; returns None when the config can run.
+
+  Every check that needs only the config (and the device count and workdir) lives here and
+  runs once, before any data is read or device touched (`mcl_jax.jobs.build`). Checks that
+  need the data (a batch larger than the dataset, a probe on a dataset of another channel
+  count) are made where the data is first read, with the same one-sentence errors.
+  """
   unknown = _unknown_fields(config, default_config())
   if unknown:
     name, known = unknown[0]
     raise ConfigError(f"Unknown config field '{name}'; known fields here: {', '.join(known)}.")
+  _check_choices(config)
+  _check_model(config)
+  _check_loss(config)
+  _check_input(config, num_devices)
+  _check_optimisation(config)
+  _check_trainer(config)
+  if workdir is not None:
+    check_workdir(workdir)
 
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+  from mcl_jax import models  # Imported here: the registry pulls in Flax.
+  from mcl_jax.data import sources, views
   _choice(config.trainer, "trainer", TRAINERS)
   _choice(config.loss.regime, "loss.regime", REGIMES)
-  _choice(config.model.strategy, "model.strategy", STRATEGIES)
+  _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
-  _choice(config.model.head_norm, "model.head_norm", HEAD_NORMS)
+  _choice(config.model.head, "model.head", models.HEADS)
+  _choice(config.model.head_norm, "model.head_norm", models.HEAD_NORMS)
   _choice(config.loss.logit_kd_targets, "loss.logit_kd_targets", KD_TARGETS)
   _choice(config.schedule.kind, "schedule.kind", SCHEDULES)
-  _choice(config.input.dataset, "input.dataset", DATASETS)
-
-  from mcl_jax import models  # Imported here: the registry pulls in Flax.
+  _choice(config.input.dataset, "input.dataset", sources.DATASETS)
+  _choice(config.ssl.views, "ssl.views", tuple(views.VIEW_SPECS))
   if config.model.arch not in models.ARCHS:
     raise ConfigError(f"Unknown architecture config.model.arch={config.model.arch!r}; "
                       f"choose one of {', '.join(sorted(models.ARCHS))}.")
 
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
   members = config.cohort.num_members
   if members < 1:
     raise ConfigError(f"config.cohort.num_members={members} must be at least 1.")
@@ -133,9 +209,39 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         "num_members >= 2 or every loss weight (vcl/icl/soft_vcl/soft_icl/logit_kd) to 0.")
   if config.model.shared_stages < 0:
     raise ConfigError(f"config.model.shared_stages={config.model.shared_stages} must be >= 0.")
-  if config.loss.tau <= 0 or config.loss.kd_temperature <= 0:
-    raise ConfigError("config.loss.tau and config.loss.kd_temperature must be positive.")
+  if config.model.embed_dim < 1:
+    raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must be positive.")
 
+
+def _check_loss(config: ml_collections.ConfigDict) -> None:
+  loss = config.loss
+  for field in ("tau", "kd_temperature"):
+    if loss[field] <= 0:
+      raise ConfigError(f"config.loss.{field}={loss[field]} must be positive (it divides "
+                        "the logits).")
+  for field in ("vcl_weight", "icl_weight", "soft_vcl_weight", "soft_icl_weight",
+                "logit_kd_weight", "soft_warmup_epochs"):
+    if loss[field] < 0:
+      raise ConfigError(f"config.loss.{field}={loss[field]} must be >= 0.")
+  if loss.co2_weight < 0 or loss.co2_temperature <= 0:
+    raise ConfigError(f"config.loss.co2_weight={loss.co2_weight} must be >= 0 and "
+                      f"config.loss.co2_temperature={loss.co2_temperature} positive.")
+  if loss.co2_weight and config.trainer != "moco":
+    raise ConfigError(f"config.loss.co2_weight={loss.co2_weight}: CO2 regularises MoCo's "
+                      "queue similarities; use it with the moco trainer or set it to 0.")
+  if loss.regime == "bank" and config.bank.num_negatives < 1:
+    raise ConfigError("config.bank.num_negatives must be at least 1 for the memory bank.")
+  if config.bank.gather_chunk < 0:
+    raise ConfigError(f"config.bank.gather_chunk={config.bank.gather_chunk} must be 0 (all "
+                      "candidates at once) or positive.")
+  if config.model.head == "none" and config.trainer == "supervised" and any(
+      loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")):
+    raise ConfigError("config.model.head='none' leaves the contrastive terms no embeddings; "
+                      "use 'mlp' or 'linear', or set the MCL weights to 0.")
+
+
+def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  from mcl_jax.data import sources
   batch = config.input.global_batch_size
   if batch < 1:
     raise ConfigError(f"config.input.global_batch_size={batch} must be positive.")
@@ -153,26 +259,76 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by "
         f"config.input.samples_per_class={per_class}.")
-  _choice(config.moco.views, "moco.views", MOCO_VIEWS)
-  if config.trainer == "moco" and config.moco.queue_size % batch:
-    raise ConfigError(
-        f"config.moco.queue_size={config.moco.queue_size} is not divisible by the global "
-        f"batch {batch}; the FIFO queue takes whole batches.")
-  if config.loss.regime == "bank" and config.bank.num_negatives < 1:
-    raise ConfigError("config.bank.num_negatives must be at least 1 for the memory bank.")
-  if config.schedule.epochs < 1:
-    raise ConfigError(f"config.schedule.epochs={config.schedule.epochs} must be positive.")
-  if config.loss.soft_warmup_epochs < 0:
-    raise ConfigError(
-        f"config.loss.soft_warmup_epochs={config.loss.soft_warmup_epochs} must be >= 0 (0: off).")
-  if config.schedule.warmup_epochs < 0:
-    raise ConfigError(
-        f"config.schedule.warmup_epochs={config.schedule.warmup_epochs} must be >= 0 (0: off).")
+  if per_class and (config.trainer != "supervised"
+                    or config.input.dataset in sources.STREAMING):
+    where = (f"{config.input.dataset} streams plain shuffles"
+             if config.trainer == "supervised" else f"the {config.trainer} trainer uses "
+             "plain shuffled batches")
+    raise ConfigError(f"config.input.samples_per_class={per_class}: {where}; set it to 0.")
   if config.input.validation_size < 0 or config.input.train_subset < 0:
     raise ConfigError("config.input.validation_size and config.input.train_subset must be "
                       ">= 0 (0: none / the whole training split).")
-  if config.trainer == "lincls" and not config.lincls.pretrained:
+  classes = tuple(config.input.classes)
+  if classes and (len(set(classes)) != len(classes) or min(classes) < 0 or len(classes) < 2):
+    raise ConfigError(f"config.input.classes={classes} must name at least 2 distinct "
+                      "non-negative class ids (or be empty: every class).")
+  if classes and config.input.dataset in sources.STREAMING:
+    raise ConfigError(f"config.input.classes selects classes of in-memory datasets; "
+                      f"{config.input.dataset} streams every class.")
+  if config.input.rotation_classes and config.input.dataset in sources.STREAMING:
+    raise ConfigError("config.input.rotation_classes builds a task from in-memory datasets; "
+                      f"{config.input.dataset} is streamed.")
+  if config.input.eval_batch_size < 1:
+    raise ConfigError(
+        f"config.input.eval_batch_size={config.input.eval_batch_size} must be positive.")
+
+
+def _check_optimisation(config: ml_collections.ConfigDict) -> None:
+  if config.optim.lr <= 0:
+    raise ConfigError(f"config.optim.lr={config.optim.lr} must be positive.")
+  if config.optim.weight_decay < 0 or not 0 <= config.optim.momentum < 1:
+    raise ConfigError("config.optim.weight_decay must be >= 0 and config.optim.momentum in "
+                      f"[0, 1); got {config.optim.weight_decay} and {config.optim.momentum}.")
+  if config.schedule.epochs < 1:
+    raise ConfigError(f"config.schedule.epochs={config.schedule.epochs} must be positive.")
+  if config.schedule.warmup_epochs < 0:
+    raise ConfigError(
+        f"config.schedule.warmup_epochs={config.schedule.warmup_epochs} must be >= 0 (0: off).")
+  if config.schedule.num_train_steps < 0:
+    raise ConfigError(f"config.schedule.num_train_steps={config.schedule.num_train_steps} "
+                      "must be >= 0 (0: schedule.epochs).")
+
+
+def _check_trainer(config: ml_collections.ConfigDict) -> None:
+  """The trainer and the loss regime must match, and each trainer's own fields be sound."""
+  from mcl_jax.data import sources
+  trainer, regime = config.trainer, config.loss.regime
+  own = trainer if trainer in SELF_SUPERVISED else None
+  if regime != (own or regime) or (own is None and regime in SELF_SUPERVISED):
+    expected = f"'{own}'" if own else "'batch' or 'bank'"
+    raise ConfigError(f"config.trainer={trainer!r} does not train config.loss.regime="
+                      f"{regime!r}; use loss.regime {expected} with this trainer.")
+  batch = config.input.global_batch_size
+  moco, ssl = config.moco, config.ssl
+  if trainer == "moco":
+    if moco.queue_size < 1 or moco.queue_size % batch:
+      raise ConfigError(
+          f"config.moco.queue_size={moco.queue_size} is not a positive multiple of the "
+          f"global batch {batch}; the FIFO queue takes whole batches.")
+    if not 0.0 <= moco.key_momentum <= 1.0:
+      raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
+  if trainer in SELF_SUPERVISED:
+    if ssl.knn_every_epochs < 0:
+      raise ConfigError(
+          f"config.ssl.knn_every_epochs={ssl.knn_every_epochs} must be >= 0 (0: off).")
+    if ssl.knn_every_epochs and config.input.dataset in sources.STREAMING:
+      raise ConfigError(
+          f"config.ssl.knn_every_epochs={ssl.knn_every_epochs} needs an in-memory dataset "
+          f"(the kNN monitor embeds the whole un-augmented training split); set it to 0 for "
+          f"{config.input.dataset} and judge the run with the linear probe.")
+    if trainer == "simclr" and config.model.head == "none":
+      raise ConfigError("config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or "
+                        "'linear'.")
+  if trainer == "lincls" and not config.lincls.pretrained:
     raise ConfigError("config.lincls.pretrained is empty; pass the export directory, e.g. "
                       "--config.lincls.pretrained=DIR.")
-  if workdir is not None:
-    check_workdir(workdir)

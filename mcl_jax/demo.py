@@ -3,9 +3,9 @@ r"""`make demo`: MCL x2 against two independently trained networks on real image
   python -m mcl_jax.demo [--workdir=workdirs/demo] [--seeds=0,1]
 
 On Fashion-MNIST when it is installed (`apt-get install dataset-fashion-mnist`): the
-`demo_baseline` and `demo_mcl_x2` rows of configs/fashion_mnist.py (the suite's recipe,
+`demo_baseline` and `demo_mcl_x2` rows of mcl_jax/configs/fashion_mnist.py (the suite's recipe,
 shortened to 6 epochs so two seeds of both fit in about ten minutes on two cores, two
-trainings at a time); otherwise on scikit-learn's handwritten digits (configs/digits.py),
+trainings at a time); otherwise on scikit-learn's handwritten digits (mcl_jax/configs/digits.py),
 saying so. Both go through the reproduction runner (`mcl_jax.reproduce`), so a second
 `make demo` only prints the table, and the table is the runner's: every member, the
 members' mean +- std over the seeds, the best member, the ensemble. The full-length
@@ -20,10 +20,15 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "workdirs/demo", "Parent directory of the runs.")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each seed trains both rows.")
-flags.DEFINE_integer("workers", 2, "Trainings at once (see mcl_jax.reproduce).")
-flags.DEFINE_bool("smoke", False, "The rows' smoke configs (seconds; for tests).")
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none)."""
+  flags.DEFINE_string("workdir", "workdirs/demo", "Parent directory of the runs.")
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each seed trains both rows.")
+  flags.DEFINE_integer("workers", 2, "Trainings at once (see mcl_jax.reproduce).")
+  flags.DEFINE_bool("smoke", False, "The rows' smoke configs (seconds; for tests).")
+
 
 ROWS = ("demo_baseline", "demo_mcl_x2")
 
@@ -36,8 +41,8 @@ def suite() -> str:
 
 def main(argv):
   del argv
-  from mcl_jax import reproduce, train
-  train.quiet_library_logs()
+  from mcl_jax import loop, reproduce
+  loop.quiet_library_logs()
   name = suite()
   if name == "digits":
     print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); the demo "
@@ -57,5 +62,11 @@ def main(argv):
   print(f"Runs, logs, results.md and results.png: {workdir}")
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+  """The `mcl-demo` command."""
+  _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

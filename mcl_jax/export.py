@@ -1,6 +1,7 @@
-r"""Export one member of a trained cohort as a plain single network (SPEC 1).
+r"""Export one member of a trained cohort as a plain single network (docs/SPEC.md 1).
 
-  python -m mcl_jax.export --workdir=DIR --member=m --out=DIR2 [--torch] [--step=N]
+  mcl-export --workdir=DIR --member=m --out=DIR2 [--torch] [--step=N]
+  (or python -m mcl_jax.export ...)
 
 Reads the newest checkpoint in DIR (or step N) of a supervised (`train.py`) or MoCo
 (`moco.py`) run, takes member m alone and writes to DIR2:
@@ -29,20 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcl_jax import checkpointing
 from mcl_jax import models
 
 FORMAT = "mcl_jax.export/1"
 INFO_FILE = "export.json"
 VARIABLES_DIR = "variables"
 TORCH_FILE = "model.safetensors"
-EXPORTABLE_TRAINERS = ("supervised", "moco")
-
-
-def _checkpoint_dir(workdir: str) -> str:
-  # The layout of mcl_jax.checkpointing.Checkpointer.
-  if "://" in workdir:
-    return workdir.rstrip("/") + "/checkpoints"
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+EXPORTABLE_TRAINERS = ("supervised", "moco", "simclr")
 
 
 def _cpu() -> jax.sharding.Sharding:
@@ -57,7 +52,7 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
   from the checkpoint's own metadata, every array lands on the host CPU.
   """
   import orbax.checkpoint as ocp
-  directory = _checkpoint_dir(workdir)
+  directory = checkpointing.checkpoint_dir(workdir)
   if "://" not in directory and not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoint in {workdir}: {directory} does not exist; pass "
                             "the --workdir of a training run that has saved a checkpoint.")
@@ -91,13 +86,14 @@ def _member_info(meta: dict, workdir: str) -> dict:
   # The trainer first: a linear probe's meta lacks the cohort keys, and "not a cohort run"
   # is the sentence that helps there.
   if "trainer" in meta and meta["trainer"] not in EXPORTABLE_TRAINERS:
-    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised or MoCo "
-                     "runs (a linear probe's backbone is its config.lincls.pretrained export).")
+    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised, MoCo "
+                     "or SimCLR runs (a linear probe's backbone is its config.lincls.pretrained "
+                     "export).")
   missing = [k for k in ("arch", "num_members", "shared_stages", "num_classes", "trainer",
                          "image_shape", "mean", "std") if k not in meta]
   if missing:
     raise ValueError(f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
-                     "written by mcl_jax's supervised or MoCo trainer.")
+                     "written by mcl_jax's supervised, MoCo or SimCLR trainer.")
   return meta
 
 
@@ -150,6 +146,7 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
           "step": step, "trainer": meta["trainer"], "member": member,
           "num_members": num_members, "shared_stages": int(meta["shared_stages"]),
           "moco_mlp": _moco_mlp(meta), "embed_dim": meta.get("embed_dim"),
+          "dataset": _dataset(meta),
       },
       "files": {"variables": VARIABLES_DIR, "torch": torch_file},
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -157,6 +154,14 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
   with open(os.path.join(out, INFO_FILE), "w") as f:
     json.dump(info, f, indent=2)
   return info
+
+
+def _dataset(meta: dict) -> str | None:
+  """The training run's config.input.dataset, from the config its checkpoint stored."""
+  try:
+    return json.loads(meta["config"])["input"]["dataset"]
+  except (KeyError, TypeError, ValueError):
+    return None
 
 
 def _moco_mlp(meta: dict) -> bool | None:
@@ -167,6 +172,9 @@ def _moco_mlp(meta: dict) -> bool | None:
 
 
 def _classifier_note(meta: dict) -> str:
+  if meta["trainer"] == "simclr":
+    return ("untrained: SimCLR trains the backbone and the projection head only; replace fc "
+            "for a linear probe")
   if meta["trainer"] != "moco":
     return "the member's trained classifier"
   if _moco_mlp(meta):
@@ -256,7 +264,7 @@ def _fail(message: str) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  flags.DEFINE_string("workdir", None, "Workdir of a supervised or MoCo run.")
+  flags.DEFINE_string("workdir", None, "Workdir of a supervised, MoCo or SimCLR run.")
   flags.DEFINE_integer("member", 0, "Which member to export (0-based).")
   flags.DEFINE_string("out", None, "Export directory to write.")
   flags.DEFINE_bool("torch", False, "Also write model.safetensors with torchvision names.")
@@ -264,7 +272,12 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+  """The `mcl-export` command."""
   from absl import app
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

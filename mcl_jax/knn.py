@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classifier on frozen features (InstDisc, Wu et al. 2018).
 
-The cheap progress signal of self-supervised training (MoCo-MCL, SPEC 2.3) and a check on
+The cheap progress signal of self-supervised training (MoCo-MCL, docs/SPEC.md 2.3) and a check on
 exported members: embed the training set and the eval set with a frozen network, then
 classify every eval example by its k = 200 nearest training examples. As in InstDisc
 (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination",
@@ -185,3 +185,37 @@ def knn_accuracy(
     return jnp.mean(correct)
   mask = query_mask.astype(jnp.float32)
   return jnp.sum(correct * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+MONITOR_KS = (20, DEFAULT_K)  # the self-supervised trainers' kNN monitor (InstDisc: 200)
+
+
+def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict | None:
+  """kNN top-1 [M] of each member's frozen features against the training split.
+
+  `source`: an in-memory data source; `embed_split(images, labels) -> [M, N, F]`.
+  Returns {'top1': k = 200 on the test split, 'top1_k20': k = 20, ...} and the same keys
+  with a `val_` prefix for a held-out validation split; None for streaming sources (their
+  training split cannot be replayed un-augmented).
+  """
+  import numpy as np
+  replay = source.train_images_for_replay()
+  if replay is None:
+    return None
+  train_images, train_labels = replay
+  train_f = embed_split(train_images, train_labels)
+  result = {}
+  for split, (images, labels) in source.eval_splits().items():
+    eval_f = embed_split(images, labels)
+    for k in ks:
+      key = ("" if split == "test" else "val_") + ("top1" if k == DEFAULT_K else f"top1_k{k}")
+      result[key] = np.asarray([float(knn_accuracy(
+          train_f[m], train_labels, eval_f[m], labels, num_classes=source.num_classes, k=k))
+          for m in range(train_f.shape[0])])
+  return result
+
+
+def format_monitor(result: dict) -> str:
+  """'kNN top-1 % (per member): top1: 80.1 81.2  |  top1_k20: ...'."""
+  return "kNN top-1 % (per member): " + "  |  ".join(
+      f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items())

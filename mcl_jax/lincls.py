@@ -1,6 +1,6 @@
-"""Linear probe on a frozen exported member (SPEC 4; official main_lincls.py).
+"""Linear probe on a frozen exported member (docs/SPEC.md 4; official main_lincls.py).
 
-  python -m mcl_jax.main --config=configs/lincls_r18.py --workdir=DIR \\
+  python -m mcl_jax.main --config=lincls_r18 --workdir=DIR \\
       --config.lincls.pretrained=EXPORT_DIR
 
 The pretrained network comes from an export directory (`python -m mcl_jax.export`), so a
@@ -33,12 +33,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from mcl_jax import config_lib
 from mcl_jax import export
+from mcl_jax import loop
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train
+from mcl_jax.errors import ConfigError
 
 Array = jax.Array
 INIT_STD = 0.01  # official: model.fc.weight.data.normal_(mean=0.0, std=0.01)
@@ -104,124 +105,110 @@ def train_step(state: LinclsState, batch: dict[str, Array], consts: dict[str, An
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  metrics = {"loss": loss, "accuracy": accuracy}
+  metrics["finite"] = metrics_lib.all_finite(metrics)
+  return new_state, metrics
 
 
 def eval_step(state: LinclsState, batch: dict[str, Array], frozen: dict[str, Any], *,
               net: Any, preprocess: Callable[[Array], Array]) -> dict[str, Array]:
-  """Correct-prediction counts [1] (train.Trainer.evaluate's layout: one "member")."""
+  """Correct-prediction counts [1] (the cohort layout of metrics.cohort_accuracy, one
+  "member")."""
   logits = _logits(net, state.params, frozen, preprocess(batch["image"]))
   top1, top5 = metrics_lib.topk_correct(logits[None], batch["label"], batch["mask"])
   return {"top1": top1, "top5": top5, "count": batch["mask"].astype(jnp.float32).sum()}
 
 
-class LinclsTrainer(train.Trainer):
-  """The probe: an exported member, a fresh classifier, the supervised data plumbing.
+class LinclsTask:
+  """The probe as a `loop.Task`: an exported member frozen, a fresh classifier trained.
 
-  Shares train.Trainer's data plumbing (epoch order, local batches, on-device augmentation,
-  padded eval, `evaluate`, resume) and builds its own state and steps.
+  evaluate(state) -> {'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a
+  validation split is held out (floats in [0, 1], whole split).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               mesh: jax.sharding.Mesh | None = None):
-    # Not train.Trainer.__init__ (that builds a supervised cohort); its set-up steps.
-    self._start(config, workdir, mesh)
-    if config.input.samples_per_class:
-      raise config_lib.ConfigError(
-          f"config.input.samples_per_class={config.input.samples_per_class}: the linear "
-          "probe uses plain shuffled batches; set it to 0.")
+  def __init__(self, setup: loop.Setup):
+    self.setup = setup
+    config, mesh, source = setup.config, setup.mesh, setup.source
     try:
       _, exported, self.info = export.load_exported(config.lincls.pretrained)
     except FileNotFoundError as e:
-      raise config_lib.ConfigError(f"config.lincls.pretrained: {e}") from None
-    self._load_data()
+      raise ConfigError(f"config.lincls.pretrained: {e}") from None
+    image_shape = tuple(source.image_shape)
     pre = self.info["preprocessing"]
-    if pre["image_shape"][-1] != self.image_shape[-1]:
-      raise config_lib.ConfigError(
+    if pre["image_shape"][-1] != image_shape[-1]:
+      raise ConfigError(
           f"config.lincls.pretrained was trained on {pre['image_shape'][-1]}-channel images "
-          f"but {config.input.dataset} has {self.image_shape[-1]}; probe on a matching "
-          "dataset.")
-    if not np.allclose(pre["mean"], self.dataset.mean) or not np.allclose(
-        pre["std"], self.dataset.std):
+          f"but {config.input.dataset} has {image_shape[-1]}; probe on a matching dataset.")
+    if not np.allclose(pre["mean"], source.mean) or not np.allclose(pre["std"], source.std):
       logging.warning("The export was pre-trained with mean/std %s/%s; the probe normalises "
                       "with %s's %s/%s.", pre["mean"], pre["std"], config.input.dataset,
-                      self.dataset.mean, self.dataset.std)
+                      source.mean, source.std)
     arch = self.info["arch"]
-    self.num_classes = config.model.num_classes or self.dataset.num_classes
+    self.describe = f"Linear probe of {config.lincls.pretrained} ({arch})"
+    self.eval_every_epochs = config.eval_every_epochs
+    self.num_classes = train.num_classes(config, source)
     self.net = models.create(arch, self.num_classes)
-    names = classifier_names(arch, self.image_shape)
+    names = classifier_names(arch, image_shape)
     template = jax.eval_shape(lambda: self.net.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *self.image_shape)), False))
-    replicated = sharding_lib.replicated(self.mesh)
+        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False))
+    self._head_template = {k: template["params"][k] for k in names}
     frozen = {"params": {k: v for k, v in exported["params"].items() if k not in names},
               "batch_stats": exported.get("batch_stats", {})}
+    replicated = sharding_lib.replicated(mesh)
+    self.consts = setup.device_arrays()
     self.consts["frozen"] = jax.device_put(frozen, replicated)
-    self._put_training_set(with_labels=True)
+    self.shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(self._init, 0))
+    self._train_step = sharding_lib.compile_step(functools.partial(
+        train_step, net=self.net, tx=setup.tx, preprocess=source.train_preprocess),
+        self.shardings, mesh)
+    self._eval_step = jax.jit(functools.partial(eval_step, net=self.net,
+                                                preprocess=source.eval_preprocess))
 
-    head_template = {k: template["params"][k] for k in names}
+  def _init(self, seed: int) -> LinclsState:
+    head_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    head = init_classifier(head_rng, self._head_template)
+    return LinclsState(step=jnp.zeros((), jnp.int32), params=head,
+                       opt_state=self.setup.tx.init(head), rng=state_rng)
 
-    def init(rng):
-      head_rng, state_rng = jax.random.split(rng)
-      head = init_classifier(head_rng, head_template)
-      return LinclsState(step=jnp.zeros((), jnp.int32), params=head,
-                         opt_state=self.tx.init(head), rng=state_rng)
+  def init_state(self) -> LinclsState:
+    return jax.jit(self._init, static_argnums=0, out_shardings=self.shardings)(
+        self.setup.config.seed)
 
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-    self.shardings = jax.tree.map(lambda _: replicated, abstract)
-    self.state = jax.jit(init, out_shardings=self.shardings)(jax.random.PRNGKey(config.seed))
-    step = functools.partial(train_step, net=self.net, tx=self.tx,
-                             preprocess=self._train_preprocess)
-    self._train_step = jax.jit(
-        step, in_shardings=(self.shardings, sharding_lib.batch_sharded(self.mesh), replicated),
-        out_shardings=(self.shardings, replicated), donate_argnums=(0,))
-    self._eval_jit = jax.jit(functools.partial(eval_step, net=self.net,
-                                               preprocess=self._eval_preprocess))
+  def train_step(self, state: LinclsState, batch: dict[str, Array]) -> tuple[LinclsState, dict]:
+    return self._train_step(state, batch, self.consts)
 
-  def _eval_step(self, state: LinclsState, batch: dict[str, Array]) -> dict[str, Array]:
-    return self._eval_jit(state, batch, self.consts["frozen"])
+  def evaluate(self, state: LinclsState) -> dict[str, float]:
+    result = {}
+    for split in self.setup.source.eval_split_names():
+      totals = loop.count_over_split(
+          self.setup, split, lambda batch: self._eval_step(state, batch, self.consts["frozen"]))
+      prefix = "" if split == "test" else "val_"
+      result.update({prefix + k: float(np.asarray(v).reshape(-1)[0])
+                     for k, v in metrics_lib.cohort_accuracy(totals).items()})
+    return result
 
-  def logits(self, images: np.ndarray) -> jax.Array:
+  @staticmethod
+  def eval_scalars(result: dict[str, float]) -> dict[str, float]:
+    return {f"eval/{k}": v for k, v in result.items()}
+
+  @staticmethod
+  def format_eval(r: dict[str, float]) -> str:
+    text = f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%"
+    if "val_top1" in r:
+      text += f" (validation top-1 {100 * r['val_top1']:.2f}%)"
+    return text
+
+  def logits(self, state: LinclsState, images: np.ndarray) -> jax.Array:
     """The probe's logits for raw images (preprocessed here), e.g. for inspection."""
-    return _logits(self.net, self.state.params, self.consts["frozen"],
-                   self._eval_preprocess(jnp.asarray(images)))
+    return _logits(self.net, state.params, self.consts["frozen"],
+                   self.setup.source.eval_preprocess(jnp.asarray(images)))
 
   def meta(self) -> dict[str, Any]:
+    config = self.setup.config
     return {"trainer": "lincls", "arch": self.info["arch"], "num_classes": self.num_classes,
-            "pretrained": self.config.lincls.pretrained, "export": self.info,
-            "config": self.config.to_json_best_effort()}
+            "pretrained": config.lincls.pretrained, "export": self.info,
+            "config": config.to_json_best_effort()}
 
 
-def _scalar_accuracy(acc: dict[str, np.ndarray]) -> dict[str, float]:
-  return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in acc.items()}
-
-
-def evaluate(trainer: LinclsTrainer) -> dict[str, float]:
-  """{'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a validation split
-  is held out (floats in [0, 1], whole split)."""
-  result = {}
-  for split, acc in trainer.evaluate().items():
-    prefix = "" if split == "test" else "val_"
-    result.update({prefix + k: v for k, v in _scalar_accuracy(acc).items()})
-  return result
-
-
-def _format(r: dict[str, float]) -> str:
-  text = f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%"
-  if "val_top1" in r:
-    text += f" (validation top-1 {100 * r['val_top1']:.2f}%)"
-  return text
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the probe, evaluating every `eval_every_epochs`; resumes from `workdir`.
-
-  Returns {"eval": {"top1", "top5"} (floats in [0, 1], whole test split; `val_top1`,
-  `val_top5` too when a validation split is held out), "train": the last logged training
-  metrics, "steps", "preempted", "pretrained": the export directory}.
-  """
-  trainer = LinclsTrainer(config, workdir)
-  result = train.fit(
-      trainer, describe=f"Linear probe of {config.lincls.pretrained} ({trainer.info['arch']})",
-      evaluate=lambda: evaluate(trainer), eval_every_epochs=config.eval_every_epochs,
-      eval_scalars=lambda r: {f"eval/{k}": v for k, v in r.items()}, format_eval=_format)
-  return {**result, "pretrained": config.lincls.pretrained}
+def build_task(setup: loop.Setup) -> LinclsTask:
+  return LinclsTask(setup)

@@ -1,9 +1,9 @@
-"""Mutual Contrastive Learning losses (SPEC sections 2 and 3).
+"""Mutual Contrastive Learning losses (docs/SPEC.md 2 and 3).
 
 Every function is pure, jit-able and differentiable, and works on cohort-first arrays: the
 leading axis M indexes the cohort members. Each term is a plain, unweighted sum over
 members (VCL, Eq. 2 of the paper) or over ordered member pairs (ICL, Eq. 5; Soft VCL,
-Eq. 6; Soft ICL, Eq. 7); the caller applies the weights (SPEC 2.5).
+Eq. 6; Soft ICL, Eq. 7); the caller applies the weights (docs/SPEC.md 2.5).
 
 All M x M ordered pairs are computed at once with batched einsums over the cohort axis
 (arrays shaped [M, M, B, L], pair (a, b) at [a, b]) rather than with a Python loop over
@@ -12,7 +12,7 @@ dtype (float64 for float64 inputs): embeddings are cast to at least float32 befo
 similarity is taken (`numerics.at_least_float32`), because softmaxes at temperature 0.07
 are too sharp for bfloat16.
 
-Soft targets (the teacher side of every KL term, SPEC 2), the memory bank and the MoCo
+Soft targets (the teacher side of every KL term, docs/SPEC.md 2), the memory bank and the MoCo
 keys and queues are read through `jax.lax.stop_gradient`, as the official code does with
 `.detach()` and `torch.no_grad()`.
 """
@@ -31,7 +31,7 @@ SOFT_TERMS = ("soft_vcl", "soft_icl")
 
 
 def mcl_weights(loss_cfg) -> dict[str, float]:
-  """{term: weight} of the four MCL terms from a `config.loss` section (SPEC 2.5)."""
+  """{term: weight} of the four MCL terms from a `config.loss` section (docs/SPEC.md 2.5)."""
   return {term: float(loss_cfg[f"{term}_weight"]) for term in MCL_TERMS}
 
 
@@ -54,7 +54,7 @@ def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
 
 
 def kl_div(student_logits: Array, teacher_logits: Array, temperature: float) -> Array:
-  """KL_T(teacher || student) of SPEC 2 (Hinton et al. distillation, PyTorch "batchmean").
+  """KL_T(teacher || student) of docs/SPEC.md 2 (Hinton et al. distillation, PyTorch "batchmean").
 
   KL_T(t || s) = T^2 * mean over rows i of sum_j p_ij (log p_ij - log q_ij), with
   p = softmax(t / T) and q = softmax(s / T) along the last axis. The teacher is the soft
@@ -132,7 +132,7 @@ def _positives_first_ce(logits: Array, num_positives: int) -> Array:
   """-mean over rows of mean over the first `num_positives` columns of log_softmax.
 
   logits: [..., B, L]. Returns [...]. With one positive this is the cross-entropy with
-  target 0 (MoCo); with several it is the supervised multi-positive form of SPEC 2.2.
+  target 0 (MoCo); with several it is the supervised multi-positive form of docs/SPEC.md 2.2.
   """
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [..., B]
   mean_pos = jnp.mean(logits[..., :num_positives], axis=-1)  # [..., B]
@@ -150,12 +150,12 @@ def _check_cohort(name: str, x: Array) -> None:
 
 
 # -------------------------------------------------------------------------------------
-# SPEC 2.1: in-batch supervised MCL (CIFAR)
+# docs/SPEC.md 2.1: in-batch supervised MCL (CIFAR)
 # -------------------------------------------------------------------------------------
 
 
 def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> LossDict:
-  """In-batch supervised MCL on class-aware batches (SPEC 2.1; Eqs. 2, 5, 6, 7).
+  """In-batch supervised MCL on class-aware batches (docs/SPEC.md 2.1; Eqs. 2, 5, 6, 7).
 
   For every ordered pair (a, b): S_ab = z_a z_b^T / tau ([B, B]); log_prob_ab[i, j] =
   S_ab[i, j] - log sum_{k != i} exp S_ab[i, k] (the diagonal is left out of the
@@ -208,13 +208,13 @@ def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> 
 
 
 # -------------------------------------------------------------------------------------
-# SPEC 2.2: memory-bank supervised MCL (ImageNet)
+# docs/SPEC.md 2.2: memory-bank supervised MCL (ImageNet)
 # -------------------------------------------------------------------------------------
 
 
 def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
                                kd_temperature: float) -> LossDict:
-  """Memory-bank MCL from the similarities of the sampled bank rows (SPEC 2.2).
+  """Memory-bank MCL from the similarities of the sampled bank rows (docs/SPEC.md 2.2).
 
   What `bank_mcl` computes once rows and embeddings have been dotted, e.g. by
   `memory_bank.gather_similarities` on a bank sharded over devices (which moves these
@@ -248,7 +248,7 @@ def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
 
 def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
                        kd_temperature: float) -> LossDict:
-  """Memory-bank MCL from already gathered bank rows (SPEC 2.2; Eqs. 2, 5, 6, 7).
+  """Memory-bank MCL from already gathered bank rows (docs/SPEC.md 2.2; Eqs. 2, 5, 6, 7).
 
   Args:
     z: [M, B, d] L2-normalised embeddings.
@@ -269,7 +269,7 @@ def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
 
 def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: float,
              kd_temperature: float) -> LossDict:
-  """Memory-bank supervised MCL (SPEC 2.2; Eqs. 2, 5, 6, 7 with bank rows as contrasts).
+  """Memory-bank supervised MCL (docs/SPEC.md 2.2; Eqs. 2, 5, 6, 7 with bank rows as contrasts).
 
   ICL, ordered pair (a, b), a != b: the rows V_a[[pos_idx_i, neg_idx_i]] (1 + P + K of
   them, the first 1 + P positive) dotted with z_b[i] / tau; the loss is -mean_i of the mean
@@ -303,13 +303,13 @@ def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: floa
 
 
 # -------------------------------------------------------------------------------------
-# SPEC 2.3: self-supervised MCL on MoCo
+# docs/SPEC.md 2.3: self-supervised MCL on MoCo
 # -------------------------------------------------------------------------------------
 
 
 def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
              kd_temperature: float) -> LossDict:
-  """MoCo-based self-supervised MCL (SPEC 2.3; Eqs. 2, 5, 6, 7 with one positive).
+  """MoCo-based self-supervised MCL (docs/SPEC.md 2.3; Eqs. 2, 5, 6, 7 with one positive).
 
   logits_ab = [q_a . k_b, q_a Q_b^T] / tau, [B, 1 + K], positive at index 0.
   VCL = sum_a CE(logits_aa, 0); ICL = sum_{a != b} CE(logits_ab, 0);
@@ -348,20 +348,54 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
   }
 
 
+def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = False
+        ) -> Array:
+  """CO2 consistency (Wei et al., "Consistent Contrast for Unsupervised Visual
+  Representation Learning", ICLR 2021) of every member, optionally across members.
+
+  For member a, the query's similarity distribution over the negatives of its queue,
+  P_a = softmax(q_a Q_a^T / t), is pushed toward the positive key's distribution over the
+  same negatives, R_a = softmax(k_a Q_a^T / t), read with stop_gradient (the key comes from
+  the momentum encoder): loss_a = mean over the batch of (KL(P_a || R_a) + KL(R_a || P_a)) / 2,
+  the paper's symmetric form. The positive itself is not in either distribution. With
+  `cross`, also every ordered pair a != b: member a's query against member b's queue and
+  key distribution R_b, the interactive counterpart (as ICL is of VCL).
+
+  Args:
+    q, k: [M, B, d] L2-normalised queries and keys; queues: [M, K, d].
+    temperature: t, the consistency temperature (the paper's 0.04 for MoCo).
+    cross: add the member pairs a != b.
+
+  Returns:
+    A scalar: the sum over members (and pairs), unweighted like the MCL terms.
+  """
+  _check_cohort("q", q)
+  q = numerics.at_least_float32(q)
+  k = numerics.at_least_float32(jax.lax.stop_gradient(k))
+  queues = numerics.at_least_float32(jax.lax.stop_gradient(queues))
+  log_r = jax.nn.log_softmax(_similarity("bid,bkd->bik", k, queues) / temperature, -1)
+  log_p = jax.nn.log_softmax(_similarity("aid,bkd->abik", q, queues) / temperature, -1)
+  p, r = jnp.exp(log_p), jnp.exp(log_r)[None]  # [M, M, B, K], R_b broadcast over a
+  per_pair = 0.5 * jnp.mean(jnp.sum(p * (log_p - log_r[None]) + r * (log_r[None] - log_p),
+                                    -1), -1)  # [M, M]
+  own = jnp.trace(per_pair)
+  return own + (_off_diagonal_sum(per_pair) if cross else 0.0)
+
+
 # -------------------------------------------------------------------------------------
-# SPEC 2.4: logit distillation from the cohort ensemble ("MCL + Logit")
+# docs/SPEC.md 2.4: logit distillation from the cohort ensemble ("MCL + Logit")
 # -------------------------------------------------------------------------------------
 
 
 def logit_kd(logits: Array, *, temperature: float,
              targets: Literal["all", "last"] = "all") -> Array:
-  """Logit KD from the detached cohort ensemble (SPEC 2.4).
+  """Logit KD from the detached cohort ensemble (docs/SPEC.md 2.4).
 
   e = stop_gradient(mean_m logits_m); KD = sum over distilled members m of KL_T(e || logits_m).
   targets="all" distills every member (official CIFAR code with M = 2); "last" only the
   last member (official CIFAR code with M > 2, and the ImageNet code). The official
   ImageNet script forgets to detach the ensemble (gradients reach every member through
-  it); this follows SPEC 2.4 and the CIFAR script, which detach it.
+  it); this follows docs/SPEC.md 2.4 and the CIFAR script, which detach it.
 
   Args:
     logits: [M, B, C] class logits of every member.

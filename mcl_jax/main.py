@@ -1,8 +1,10 @@
-r"""Entry point: `python -m mcl_jax.main --config=configs/<experiment>.py --workdir=DIR`.
+r"""Entry point: `mcl-train --config=<experiment>[:ARG] --workdir=DIR` (or
+`python -m mcl_jax.main ...`).
 
-Flags only: the trainers are libraries. Config fields can be overridden on the command
-line (`--config.optim.lr=0.05`), and `--config=configs/x.py:smoke` passes `"smoke"` to the
-config's `get_config`. Multi-process runs (TPU pods, SLURM, explicit coordinator flags)
+Flags only: the trainers are libraries (`mcl_jax.jobs.run`). `--config` names one of the
+package's configs (`fashion_mnist:mcl_x2`, `cifar100_resnet32.py:mcl_x4`) or a config file
+of your own; its fields can be overridden on the command line (`--config.optim.lr=0.05`),
+and `:ARG` is passed to the config's `get_config` ('variant[,smoke]'). Multi-process runs (TPU pods, SLURM, explicit coordinator flags)
 initialise `jax.distributed` before any device is touched.
 
 Bad input (an unknown field or architecture, an impossible batch split, a workdir that
@@ -20,14 +22,19 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints and logs.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for explicit multi-process launches.")
-flags.DEFINE_integer("num_processes", None, "Number of processes (explicit launches).")
-flags.DEFINE_integer("process_id", None, "This process's id (explicit launches).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "An experiment config: NAME[:ARG] of mcl_jax/configs/, or a file.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints and logs.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, for explicit multi-process launches.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (explicit launches).")
+  flags.DEFINE_integer("process_id", None, "This process's id (explicit launches).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def fail(message: str) -> None:
@@ -65,22 +72,30 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from mcl_jax import config_lib
   from mcl_jax import jobs
-  from mcl_jax import train
-  train.quiet_library_logs()
+  from mcl_jax import loop
+  loop.quiet_library_logs()
   initialize_distributed()
   import jax
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
-    config_lib.validate(FLAGS.config, num_devices=jax.device_count(), workdir=FLAGS.workdir)
     jobs.run(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, FileNotFoundError) as e:
     fail(str(e))
+  except loop.DivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 def _parse_flags(argv):
-  """absl's parser, with config-override errors turned into one sentence."""
+  """absl's parser, with config-override errors turned into one sentence.
+
+  `--config=NAME[:ARG]` may name a file or one of the package's configs
+  (`config_lib.resolve_config_path`)."""
+  from mcl_jax import config_lib
+  argv = [f"--config={config_lib.resolve_config_path(a[len('--config='):])}"
+          if a.startswith("--config=") else a for a in argv]
   try:
     return FLAGS(argv)
   except flags.Error as e:  # e.g. a config file whose get_config(arg) rejected its argument
@@ -94,7 +109,11 @@ def _parse_flags(argv):
          + (f"; did you mean {hint.group(1)!r}?" if hint else "."))
 
 
-if __name__ == "__main__":
-  from mcl_jax import config_lib as _config_lib
-  _config_lib.ensure_configs_importable()  # before --config loads a file that imports configs.*
+def run_cli() -> None:
+  """The `mcl-train` command."""
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run_cli()

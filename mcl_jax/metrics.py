@@ -89,3 +89,11 @@ def format_cohort_accuracy(accuracy: dict[str, np.ndarray]) -> str:
   cells.append(f"best member: {100 * top1[:m].max():.2f}")
   cells.append(f"ensemble: {100 * top1[m]:.2f}/{100 * top5[m]:.2f}")
   return "  ".join(cells)
+
+
+def all_finite(metrics: dict[str, Any]) -> jax.Array:
+  """1.0 when every floating-point metric of a step (losses, accuracies, ...) is finite,
+  else 0.0: the divergence guard of `mcl_jax.loop` reads it before every checkpoint."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(metrics)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.ones(())

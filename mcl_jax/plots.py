@@ -1,4 +1,14 @@
-"""Figures and tables about the members of a cohort.
+r"""Figures and tables about the members of a cohort, and the `mcl-plot` command.
+
+  mcl-plot --workdir=RUN [--out=RUN/plots] [--examples=1000] [--split=test]
+  (or python -m mcl_jax.plots ...)
+
+draws, from a training run's workdir (supervised, MoCo or SimCLR): `curves.png`, the training
+curves logged to TensorBoard (every loss term, the members' cross-entropies and training
+accuracy, the embedding health, the learning rate, evaluations); `tsne.png`, the t-SNE of
+two members' pooled features of the same eval examples side by side (the paper's Figure
+4); and, for supervised runs, `agreement.txt`, how often each pair of members predicts
+the same class (also printed).
 
 - `tsne_side_by_side`: t-SNE of two members' embeddings of the same examples, side by
   side and coloured by class, as the paper's Figure 4 (MCL members learn embeddings with
@@ -155,3 +165,204 @@ def format_agreement_table(
   for name, row in zip(names, matrix):
     lines.append(f"{name:<{width}}" + "".join(f"  {v:>{width}.{digits}f}" for v in row))
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- from a run
+
+
+def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{tag: (steps, values)} of every scalar a run wrote to TensorBoard in `workdir`."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0, "scalars": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags().get("tensors", []):
+    events = acc.Tensors(tag)
+    out[tag] = (np.asarray([e.step for e in events]),
+                np.asarray([float(np.asarray(_tensor_value(e.tensor_proto))) for e in events]))
+  for tag in acc.Tags().get("scalars", []):
+    events = acc.Scalars(tag)
+    out[tag] = (np.asarray([e.step for e in events]), np.asarray([e.value for e in events]))
+  return out
+
+
+def _tensor_value(proto: Any) -> Any:
+  from tensorboard.util import tensor_util
+  return tensor_util.make_ndarray(proto)
+
+
+# Panels of `training_curves`: (title, tag prefixes drawn in it).
+CURVE_PANELS = (
+    ("losses", ("train/loss", "train/vcl", "train/icl", "train/soft_vcl", "train/soft_icl",
+                "train/logit_kd", "train/ce/")),
+    ("training accuracy and evaluation", ("train/accuracy/", "train/instance_accuracy/",
+                                          "eval/top1/", "val/top1/", "knn/")),
+    ("embedding health (mean pairwise cosine, dead head units)",
+     ("train/embed_cosine/", "train/head_dead_units/")),
+    ("learning rate", ("train/learning_rate",)),
+)
+
+
+def training_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> str:
+  """One panel per group of `CURVE_PANELS` (empty groups left out); writes a PNG."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  panels = [(title, [t for t in sorted(scalars) if t.startswith(prefixes)])
+            for title, prefixes in CURVE_PANELS]
+  panels = [(title, tags) for title, tags in panels if tags]
+  if not panels:
+    raise ValueError("The run has logged no training metrics yet.")
+  fig = Figure(figsize=(8, 3.2 * len(panels)), dpi=100)
+  FigureCanvasAgg(fig)
+  for i, (title, tags) in enumerate(panels):
+    ax = fig.add_subplot(len(panels), 1, i + 1)
+    for tag in tags:
+      steps, values = scalars[tag]
+      style = "o-" if len(steps) < 5 else "-"
+      ax.plot(steps, values, style, markersize=3, linewidth=1, label=tag)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+def compare_curves(runs: dict[str, str], tags: Sequence[str], path: str) -> str:
+  """One panel per TensorBoard tag, one line per run ({label: workdir}); writes a PNG.
+
+  E.g. the mean pairwise cosine of member 0's embeddings in runs with and without a
+  remedy (docs/RESULTS.md, "The collapse").
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  scalars = {label: read_scalars(workdir) for label, workdir in runs.items()}
+  for tag in tags:  # A run without a tag (a baseline has no vcl) is left out of its panel.
+    if not any(tag in found for found in scalars.values()):
+      some = sorted(next(iter(scalars.values())))
+      raise ValueError(f"No run has the TensorBoard scalar {tag!r}; the first has "
+                       f"{', '.join(some[:8])}{', ...' if len(some) > 8 else ''}.")
+  fig = Figure(figsize=(8, 3.0 * len(tags)), dpi=100)
+  FigureCanvasAgg(fig)
+  for i, tag in enumerate(tags):
+    ax = fig.add_subplot(len(tags), 1, i + 1)
+    for j, label in enumerate(runs):
+      if tag not in scalars[label]:
+        continue
+      steps, values = scalars[label][tag]
+      ax.plot(steps, values, "-", linewidth=1.2, label=label,
+              color=_colour("tab10", j, len(runs)))
+    ax.set_title(tag, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path
+
+
+def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
+                 ) -> dict[str, np.ndarray]:
+  """The newest checkpoint of a run, applied to the first `examples` of an eval split.
+
+  {'features': [M, N, F] pooled features, 'labels': [N], 'logits': [M, N, C] (supervised
+  runs only)}. The run is rebuilt from the config its checkpoint stored.
+  """
+  import jax
+  from mcl_jax import checkpointing, config_lib, jobs
+  from mcl_jax import export as export_lib
+  _, _, meta = export_lib.read_checkpoint(workdir)
+  if meta.get("trainer") not in ("supervised", "moco", "simclr"):
+    raise ValueError(f"{workdir} is a {meta.get('trainer')!r} run; mcl-plot draws the members "
+                     "of a supervised, MoCo or SimCLR run.")
+  config = config_lib.config_from_json(meta["config"])
+  run = jobs.build(config, workdir)
+  run.restore(checkpointing.Checkpointer(workdir))
+  source = run.setup.source
+  if split not in source.eval_split_names():
+    raise ValueError(f"{config.input.dataset} has no {split!r} split; it has "
+                     f"{', '.join(source.eval_split_names())}.")
+  images, labels = [], []
+  for batch in source.eval_batches(split, run.setup.eval_batch_size()):
+    keep = batch["mask"] > 0
+    images.append(batch["image"][keep])
+    labels.append(batch["label"][keep])
+    if sum(len(x) for x in labels) >= examples:
+      break
+  images, labels = np.concatenate(images)[:examples], np.concatenate(labels)[:examples]
+  if config.trainer in ("moco", "simclr"):
+    return {"features": run.task.embed_split(run.state, images, labels), "labels": labels}
+  model, state = run.task.model, run.state
+  apply = jax.jit(lambda x: model.apply({"params": state.params,
+                                         "batch_stats": state.batch_stats}, x, train=False))
+  result = jax.device_get(apply(source.eval_preprocess(images)))
+  return {"features": np.asarray(result["features"], np.float32),
+          "logits": np.asarray(result["logits"]), "labels": labels}
+
+
+def main(argv: Sequence[str]) -> None:
+  import sys
+  from absl import flags
+  from mcl_jax import loop
+  del argv
+  flags_ = flags.FLAGS
+  loop.quiet_library_logs()
+  if flags_.compare:
+    try:
+      runs = dict(item.split("=", 1) for item in flags_.compare)
+      path = compare_curves(runs, flags_.tags, flags_.out or "compare.png")
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(f"Wrote {path}")
+    return
+  if not flags_.workdir:
+    print("error: pass --workdir=RUN (or --compare=LABEL=RUN,...).", file=sys.stderr)
+    sys.exit(2)
+  out = flags_.out or os.path.join(flags_.workdir, "plots")
+  try:
+    scalars = read_scalars(flags_.workdir)
+    written = [training_curves(scalars, os.path.join(out, "curves.png"))]
+    outputs = eval_outputs(flags_.workdir, flags_.split, flags_.examples)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  features = outputs["features"]
+  if features.shape[0] >= 2:
+    written.append(tsne_side_by_side(features[0], features[1], outputs["labels"],
+                                     os.path.join(out, "tsne.png")))
+  if "logits" in outputs:
+    table = format_agreement_table(member_agreement(outputs["logits"]))
+    with open(os.path.join(out, "agreement.txt"), "w") as f:
+      f.write(table + "\n")
+    written.append(os.path.join(out, "agreement.txt"))
+    print(f"Members predicting the same class ({flags_.split} split, "
+          f"{features.shape[1]} examples):\n{table}")
+  print("Wrote " + ", ".join(written))
+
+
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Workdir of a supervised, MoCo or SimCLR run.")
+  flags.DEFINE_string("out", None, "Folder for the figures (default: WORKDIR/plots); with "
+                      "--compare, the PNG's path.")
+  flags.DEFINE_integer("examples", 1000, "Eval examples in the t-SNE and agreement.")
+  flags.DEFINE_string("split", "test", "Eval split: test, or validation when held out.")
+  flags.DEFINE_list("compare", [], "LABEL=WORKDIR,...: overlay --tags of several runs in "
+                    "one PNG (--out) instead of plotting one run.")
+  flags.DEFINE_list("tags", ["train/embed_cosine/member_0", "train/vcl"],
+                    "TensorBoard scalars for --compare.")
+
+
+def run_cli() -> None:
+  """The `mcl-plot` command."""
+  from absl import app
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

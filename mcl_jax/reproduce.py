@@ -3,9 +3,9 @@ r"""Reproduction runner: train a suite's rows over seeds, then write a results t
   python -m mcl_jax.reproduce --suite=fashion_mnist --seeds=0,1,2 --workdir=runs/fm \
       --rows=baseline,mcl_x2 --workers=2
 
-A suite is a config module `configs/<suite>.py` with a `ROWS` list (name, config variant,
+A suite is a config module `mcl_jax/configs/<suite>.py` with a `ROWS` list (name, config variant,
 table, optional config overrides) and `TABLES` (table id -> title). For every row and seed
-the runner trains `configs/<suite>.py:<variant>` with `config.seed = seed` in
+the runner trains `<suite>:<variant>` with `config.seed = seed` in
 `WORKDIR/<variant>[__overrides]/seed<k>/` (rows of the same config share it) and writes
 `result.json` there when the run is complete:
 - supervised rows: every member's and the ensemble's top-1/top-5 on the test split and on
@@ -47,7 +47,7 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   """Command-line flags, defined only when this module is the program (the demo and the
   tests import it as a library and define their own)."""
-  flags.DEFINE_string("suite", "fashion_mnist", "Config module in configs/ that lists ROWS.")
+  flags.DEFINE_string("suite", "fashion_mnist", "Config in mcl_jax/configs/ that lists ROWS.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every row trains once per seed.")
   flags.DEFINE_string("workdir", None, "Where the runs, results.md and results.png go.")
   flags.DEFINE_list("rows", [], "Rows to train (default: every row of the suite).")
@@ -59,6 +59,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("run_one", None, "Internal: 'row:seed', train that run in this process.")
 
 RESULT_FILE = "result.json"
+SELF_SUPERVISED = ("moco", "simclr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Row:
   table: str
   overrides: tuple[tuple[str, Any], ...] = ()
   label: str = ""
+  fewshot: tuple[int, ...] = ()  # self-supervised rows: held-out classes for mcl_jax.fewshot
 
   @property
   def title(self) -> str:
@@ -76,17 +78,17 @@ class Row:
 
 
 def load_suite(suite: str) -> tuple[Any, list[Row], dict[str, str]]:
-  """(config module, rows, tables) of `configs/<suite>.py`."""
-  from mcl_jax import config_lib
-  config_lib.ensure_configs_importable()
+  """(config module, rows, tables) of `mcl_jax/configs/<suite>.py`."""
   try:
-    module = importlib.import_module(f"configs.{suite}")
+    module = importlib.import_module(f"mcl_jax.configs.{suite}")
   except ModuleNotFoundError:
-    raise ValueError(f"--suite={suite}: there is no configs/{suite}.py.") from None
+    raise ValueError(f"--suite={suite}: there is no mcl_jax/configs/{suite}.py.") from None
   if not hasattr(module, "ROWS"):
-    raise ValueError(f"--suite={suite}: configs/{suite}.py has no ROWS list to reproduce.")
+    raise ValueError(f"--suite={suite}: mcl_jax/configs/{suite}.py has no ROWS list to "
+                     "reproduce.")
   rows = [Row(name=r["name"], variant=r["variant"], table=r["table"],
-              overrides=tuple(sorted(r.get("overrides", {}).items())), label=r.get("label", ""))
+              overrides=tuple(sorted(r.get("overrides", {}).items())), label=r.get("label", ""),
+              fewshot=tuple(r.get("fewshot", ())))
           for r in module.ROWS]
   return module, rows, dict(module.TABLES)
 
@@ -132,20 +134,21 @@ def _to_json(x: Any) -> Any:
 
 def train_one(module: Any, row: Row, seed: int, workdir: str, smoke: bool) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its result.json; returns the result."""
-  from mcl_jax import config_lib, jobs
+  from mcl_jax import jobs
   directory = run_dir(workdir, row, seed)
   config = _config(module, row, seed, smoke)
   t0 = time.time()
-  config_lib.validate(config, workdir=directory)
   summary = jobs.run(config, directory)
   if summary["preempted"]:
     raise RuntimeError(f"{row.name} seed {seed} was preempted; rerun to resume it.")
   result = {"row": row.name, "variant": row.variant, "seed": seed, "trainer": config.trainer,
             "members": int(config.cohort.num_members), "steps": summary["steps"],
             "train": summary["train"]}
-  if config.trainer == "moco":
-    result["knn"] = summary["knn"]
+  if config.trainer in SELF_SUPERVISED:
+    result["knn"] = summary["eval"]
     result["probe"] = probe_members(module, row, seed, directory, smoke)
+    if row.fewshot:
+      result["fewshot"] = fewshot_members(row, directory, smoke)
   else:
     result["eval"] = summary["eval"]
   result["wall_s"] = time.time() - t0
@@ -172,6 +175,20 @@ def probe_members(module: Any, row: Row, seed: int, directory: str, smoke: bool
     for key, value in result["eval"].items():
       probes.setdefault(key, []).append(float(value))
   return probes
+
+
+def fewshot_members(row: Row, directory: str, smoke: bool) -> dict[str, list[float]]:
+  """Few-shot accuracy (mcl_jax.fewshot) of each exported member on the row's held-out
+  classes: {'<classifier>_<K>shot': [M] mean accuracies} (the exports of probe_members)."""
+  from mcl_jax import export, fewshot
+  _, _, meta = export.read_checkpoint(directory)
+  out: dict[str, list[float]] = {}
+  for member in range(int(meta["num_members"])):
+    result = fewshot.evaluate(os.path.join(directory, f"member{member}"),
+                              classes=row.fewshot, episodes=20 if smoke else 600)
+    for key, value in result.items():
+      out.setdefault(key, []).append(value["mean"])
+  return out
 
 
 def _pending(workdir: str, rows: Sequence[Row], seeds: Sequence[int]) -> list[tuple[Row, int]]:
@@ -276,12 +293,19 @@ def _spread(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+# Few-shot columns of the self-supervised tables: (result key, column title).
+FEWSHOT_COLUMNS = (("nearest_centroid_1shot", "5-way 1-shot NC"),
+                   ("nearest_centroid_5shot", "5-way 5-shot NC"),
+                   ("logistic_regression_5shot", "5-way 5-shot LR"))
+
+
 def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
                 ) -> dict[str, Any] | None:
   """Per-seed figures of one row, in %: members [seeds, M], members' mean, best member,
-  ensemble (supervised); kNN k=200 / k=20 and probe members' means (MoCo). None when the
-  runs have no such split (a dataset without a validation split)."""
-  if results[0]["trainer"] != "moco":
+  ensemble (supervised); the probe's members, its mean and best member, kNN k=200 / k=20
+  and few-shot members' means (self-supervised). None when the runs have no such split
+  (a dataset without a validation split)."""
+  if results[0]["trainer"] not in SELF_SUPERVISED:
     if split not in results[0]["eval"]:
       return None
     top1 = 100 * np.asarray([r["eval"][split]["top1"] for r in results])  # [seeds, M + 1]
@@ -294,8 +318,12 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
   knn200 = 100 * np.asarray([r["knn"][prefix + "top1"] for r in results])
   knn20 = 100 * np.asarray([r["knn"][prefix + "top1_k20"] for r in results])
   probe = 100 * np.asarray([r["probe"][prefix + "top1"] for r in results])
-  return {"kind": "moco", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
-          "knn200": knn200.mean(1), "knn20": knn20.mean(1)}
+  summary = {"kind": "ssl", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
+             "knn200": knn200.mean(1), "knn20": knn20.mean(1)}
+  if split == "test" and all("fewshot" in r for r in results):
+    for key, _ in FEWSHOT_COLUMNS:
+      summary[key] = 100 * np.asarray([np.mean(r["fewshot"][key]) for r in results])
+  return summary
 
 
 def _pm(values: Sequence[float] | None) -> str:
@@ -313,12 +341,15 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
     table_rows = [r for r in rows if r.table == table and r.name in results]
     if not table_rows:
       continue
-    kind = results[table_rows[0].name][0]["trainer"]
+    ssl = results[table_rows[0].name][0]["trainer"] in SELF_SUPERVISED
+    fewshot = ssl and all("fewshot" in r for row in table_rows for r in results[row.name])
+    extra = [title for _, title in FEWSHOT_COLUMNS] if fewshot else []
     lines += [f"### {title}", ""]
-    if kind == "moco":
-      lines += ["| row | seeds | probe top-1 per member | probe members' mean | probe best "
-                "member | kNN k=200 members' mean | kNN k=20 members' mean | val probe mean "
-                "| min/run |", "|---|---|---|---|---|---|---|---|---|"]
+    if ssl:
+      header = (["row", "seeds", "probe top-1 per member", "probe members' mean",
+                 "probe best member", "kNN k=200 members' mean", "kNN k=20 members' mean"]
+                + extra + ["val probe mean", "min/run"])
+      lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     else:
       lines += ["| row | seeds | top-1 per member | members' mean | best member | ensemble "
                 "| val members' mean | val ensemble | min/run |",
@@ -328,9 +359,10 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
       test, val = row_summary(res, "test"), row_summary(res, "validation") or {}
       per_member = " / ".join(f"{v:.2f}" for v in test["members"].mean(0))
       minutes = np.mean([r["wall_s"] for r in res]) / 60
-      if kind == "moco":
-        cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["knn200"]),
-                 _pm(test["knn20"]), _pm(val.get("mean"))]
+      if ssl:
+        cells = ([per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["knn200"]),
+                  _pm(test["knn20"])] + [_pm(test[key]) for key, _ in FEWSHOT_COLUMNS
+                                         if fewshot] + [_pm(val.get("mean"))])
       else:
         cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["ensemble"]),
                  _pm(val.get("mean")), _pm(val.get("ensemble"))]
@@ -353,7 +385,7 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
   for i, (_, title, table_rows) in enumerate(panels):
     ax = fig.add_subplot(len(panels), 1, i + 1)
     summaries = [row_summary(results[r.name]) for r in table_rows]
-    if summaries[0]["kind"] == "moco":
+    if summaries[0]["kind"] == "ssl":
       series = [("probe, members' mean", "mean"), ("probe, best member", "best"),
                 ("kNN k=200, members' mean", "knn200")]
     else:
@@ -392,7 +424,8 @@ def write_report(suite: str, rows: Sequence[Row], tables: dict[str, str], seeds:
       "'best member' is the official scripts' reported metric (max over members), "
       "'ensemble' the mean of the members' logits. Validation columns: the held-out split "
       "the choices were made on. min/run: wall minutes per run (training and evaluation; "
-      "MoCo rows include exporting and probing every member).", "",
+      "self-supervised rows include exporting, probing and few-shot testing every member).",
+      "",
       format_tables(rows, tables, results),
       f"Total training wall time of these runs: {wall:.0f} min.", ""])
   with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -404,8 +437,8 @@ def write_report(suite: str, rows: Sequence[Row], tables: dict[str, str], seeds:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
-  from mcl_jax import train
-  train.quiet_library_logs()
+  from mcl_jax import loop
+  loop.quiet_library_logs()
   if not FLAGS.workdir:
     _fail("--workdir is required: the folder for the runs and the results.")
   try:
@@ -433,6 +466,11 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+  """The `mcl-reproduce` command."""
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

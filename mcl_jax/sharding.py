@@ -7,7 +7,7 @@ process's local share, so the same code runs on one CPU and on a TPU pod.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,3 +47,15 @@ def process_slice(global_size: int) -> slice:
   per_process = global_size // jax.process_count()
   start = jax.process_index() * per_process
   return slice(start, start + per_process)
+
+
+def compile_step(step_fn: Callable[..., Any], state_shardings: Any, mesh: Mesh) -> Callable:
+  """jit of `step_fn(state, batch, consts) -> (state, metrics)` with its shardings.
+
+  The state keeps `state_shardings` and is donated (updated in place), the batch is split
+  over `data`, the constants (an in-memory training set, the bank's class table, frozen
+  weights) and the metrics are replicated. Every trainer's step is compiled here.
+  """
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, batch_sharded(mesh), replicated(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

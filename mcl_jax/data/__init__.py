@@ -1,19 +1,22 @@
-"""Data: sources (digits, CIFAR, synthetic, ImageNet / image folder), samplers, augmentation.
+"""Data: sources (digits, Fashion-MNIST, CIFAR, synthetic, ImageNet / image folder), samplers,
+augmentation and MoCo's two views.
 
 Importing this package imports neither TensorFlow nor scikit-learn: each source imports
 what it needs when it is built (TensorFlow with GPUs hidden, see `_tf.py`).
 
-Entry points for the trainer:
-  make_source(config.input) -> Dataset (in memory) | imagenet.*Source (streaming)
+Entry points:
+  make_source(config.input) -> a source with the protocol of `pipeline` (module docstring):
+      train_batches, eval_split_names, eval_batches, device_arrays, train_preprocess,
+      eval_preprocess, train_images_for_replay
   sampler.class_aware_epoch / sampler.shuffled_epoch -> [steps, global_batch] indices
-  local_batch_indices(global_indices, process_index, process_count)
-  eval_batches(images, labels, batch_size) -> padded batches with a mask
-  augment.train_augment / augment.normalize (on device, jit-able)
+  augment (on-device crop, flip, normalise) and views (MoCo's two augmented views)
 """
 from mcl_jax.data import augment, sampler
-from mcl_jax.data.errors import DatasetNotFoundError
-from mcl_jax.data.pipeline import (DATASETS, Dataset, eval_batches, eval_indices,
-                                   local_batch_indices, make_source, synthetic)
+from mcl_jax.data.pipeline import (Dataset, eval_batches, eval_indices, local_batch_indices,
+                                   synthetic)
+from mcl_jax.data.sources import DATASETS, IN_MEMORY, STREAMING, make_source
+from mcl_jax.errors import DatasetNotFoundError
 
-__all__ = ["augment", "sampler", "DatasetNotFoundError", "DATASETS", "Dataset", "eval_batches",
-           "eval_indices", "local_batch_indices", "make_source", "synthetic"]
+__all__ = ["augment", "sampler", "DatasetNotFoundError", "DATASETS", "IN_MEMORY", "STREAMING",
+           "Dataset", "eval_batches", "eval_indices", "local_batch_indices", "make_source",
+           "synthetic"]

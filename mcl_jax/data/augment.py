@@ -1,6 +1,6 @@
 """On-device augmentation in pure JAX (jit-able, per-example randomness).
 
-The CIFAR recipe (SPEC 4; official `main_cifar.py`): torchvision `RandomCrop(32, padding=4)`
+The CIFAR recipe (docs/SPEC.md 4; official `main_cifar.py`): torchvision `RandomCrop(32, padding=4)`
 (zero padding), `RandomHorizontalFlip()`, `ToTensor()` (uint8 -> [0, 1]), `Normalize(mean,
 std)`. The order matters for the padding value: torchvision pads the raw image with 0
 (black) before normalising, so the padded border becomes -mean/std after `normalize`.
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-# SPEC 4. The official code uses the CIFAR-100 statistics; the project uses them for
+# docs/SPEC.md 4. The official code uses the CIFAR-100 statistics; the project uses them for
 # CIFAR-10 too (the two differ by < 0.02).
 CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR_STD = (0.2675, 0.2565, 0.2761)

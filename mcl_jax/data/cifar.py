@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mcl_jax.data import _tf
-from mcl_jax.data.errors import DatasetNotFoundError
+from mcl_jax.errors import DatasetNotFoundError
 
 NAMES = ("cifar10", "cifar100")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mcl_jax.errors import ConfigError
+
 NUM_CLASSES = 10
 NUM_TEST = 360
 SPLIT_SEED = 0
@@ -22,8 +24,8 @@ def load_digits(image_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarra
   proportion to its frequency (stratified, fixed seed).
   """
   if image_size < 8 or image_size % 8:
-    raise ValueError(f"digits image_size={image_size} must be a positive multiple of 8 "
-                     "(the 8x8 digits are upsampled by repeating pixels).")
+    raise ConfigError(f"config.input.image_size={image_size} must be a positive multiple "
+                      "of 8 for digits (the 8x8 digits are upsampled by repeating pixels).")
   from sklearn import datasets, model_selection  # sklearn is slow to import; only here.
   raw = datasets.load_digits()
   images = (raw.images.astype(np.float32) / 16.0)[..., None]  # [1797, 8, 8, 1] in [0, 1]

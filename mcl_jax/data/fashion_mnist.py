@@ -27,7 +27,7 @@ import struct
 
 import numpy as np
 
-from mcl_jax.data.errors import DatasetNotFoundError
+from mcl_jax.errors import DatasetNotFoundError
 
 NUM_CLASSES = 10
 NUM_TRAIN, NUM_TEST = 60_000, 10_000

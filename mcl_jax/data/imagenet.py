@@ -52,7 +52,7 @@ from mcl_jax.data import _tf
 from mcl_jax.data import augment as augment_lib
 from mcl_jax.data import pipeline
 from mcl_jax.data import sampler
-from mcl_jax.data.errors import DatasetNotFoundError
+from mcl_jax.errors import DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CROP_SCALE = (0.08, 1.0)
@@ -65,16 +65,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   """A 31-bit integer from (seed, epoch), for tf.data shuffles and stateless crops."""
   state = np.random.SeedSequence([_TRAIN_STREAM, int(seed), int(epoch)]).generate_state(1)
   return int(state[0] >> 1)
-
-
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-  return process_index, process_count
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -224,8 +214,9 @@ def _options(tf):
 
 
 class _StreamingSource(abc.ABC):
-  """What both ImageNet sources share: metadata, steps, output conventions."""
-  streaming = True
+  """What both ImageNet sources share: metadata, steps, output conventions, and the parts
+  of the data-source protocol (`mcl_jax.data.pipeline`) that do not depend on where the
+  files come from."""
   mean = augment_lib.IMAGENET_MEAN
   std = augment_lib.IMAGENET_STD
   num_classes: int
@@ -241,6 +232,37 @@ class _StreamingSource(abc.ABC):
   def num_train(self) -> int:
     """Training examples (bank rows): the tfds split size, or the files found."""
 
+  # -- the data-source protocol: only a test split, nothing resident on the device, images
+  # arrive cropped and flipped (normalised on device), nothing to replay for the kNN monitor.
+  def eval_split_names(self) -> tuple[str, ...]:
+    return ("test",)
+
+  def device_arrays(self) -> dict[str, np.ndarray]:
+    return {}
+
+  def train_preprocess(self, rng: Any, images: Any, dtype: Any = None) -> Any:
+    del rng  # the host's crops and flips are the augmentation
+    return self.eval_preprocess(images, dtype)
+
+  def eval_preprocess(self, images: Any, dtype: Any = None) -> Any:
+    import jax.numpy as jnp
+    return augment_lib.normalize(images, self.mean, self.std, dtype or jnp.float32)
+
+  def train_images_for_replay(self) -> None:
+    return None
+
+  @staticmethod
+  def _check_order(samples_per_class: int) -> None:
+    if samples_per_class:
+      raise ValueError(f"config.input.samples_per_class={samples_per_class}: streamed "
+                       "ImageNet batches are plain shuffles; set it to 0.")
+
+  @staticmethod
+  def _check_split(split: str) -> None:
+    if split != "test":
+      raise ValueError(f"Streaming sources evaluate on their validation set as 'test', "
+                       f"not {split!r}.")
+
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Whole global batches per epoch (remainder dropped, the same on every process)."""
     return sampler.steps_per_epoch(self.num_train, global_batch_size)
@@ -255,8 +277,9 @@ class _StreamingSource(abc.ABC):
     (seed, epoch), so resume stays exact.
     """
     if self.output_dtype != "uint8":
-      raise ValueError("two views need uint8 output (the device normalises after colour "
-                       f"augmentation), not {self.output_dtype}.")
+      from mcl_jax.errors import ConfigError
+      raise ConfigError("MoCo's two views need uint8 output (the device normalises after "
+                        f"colour augmentation), not {self.output_dtype}.")
     self.two_view_crop_scale = tuple(crop_scale)
 
   def _train_map(self, epoch_seed: int):
@@ -341,6 +364,16 @@ class ImageFolderSource(_StreamingSource):
       if len(files) == 0:
         raise DatasetNotFoundError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {path}/<class>/.")
+    if self.num_classes < 2:
+      raise DatasetNotFoundError(
+          f"{train_root} has {self.num_classes} class folder; a classifier needs at least 2 "
+          "(one folder of images per class).")
+    counts = np.bincount(self._train_labels, minlength=self.num_classes)
+    if not counts.all():
+      empty = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
+      raise DatasetNotFoundError(
+          f"The class folder {os.path.join(train_root, empty[0])} holds no images "
+          f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images.")
 
   @property
   def train_labels(self) -> np.ndarray:
@@ -359,10 +392,12 @@ class ImageFolderSource(_StreamingSource):
     return len(self.eval_files)
 
   def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
-                    start_step: int = 0, process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                    samples_per_class: int = 0, start_step: int = 0,
+                    process_index: int | None = None, process_count: int | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
-    p, count = _process(process_index, process_count)
+    self._check_order(samples_per_class)
+    p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     order = sampler.shuffled_epoch(self.num_train, epoch=epoch, seed=seed,
                                    global_batch_size=global_batch_size)
@@ -378,11 +413,13 @@ class ImageFolderSource(_StreamingSource):
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(tf)).as_numpy_iterator()
 
-  def eval_batches(self, global_batch_size: int, *, process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(self, split: str, global_batch_size: int, *,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of padded eval batches covering the whole val split once."""
+    self._check_split(split)
     tf = _tf.tf()
-    p, count = _process(process_index, process_count)
+    p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     indices, mask = pipeline.eval_indices(self.num_eval, global_batch_size)
     indices = pipeline.local_batch_indices(indices, p, count).reshape(-1)
@@ -524,11 +561,13 @@ class TfdsImageNetSource(_StreamingSource):
 
   # -- pipelines
   def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
-                    start_step: int = 0, process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                    samples_per_class: int = 0, start_step: int = 0,
+                    process_index: int | None = None, process_count: int | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
+    self._check_order(samples_per_class)
     tfds, tf = _tf.tfds(), _tf.tf()
-    p, count = _process(process_index, process_count)
+    p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     steps = self.steps_per_epoch(global_batch_size) - start_step
     epoch_seed = _epoch_seed(seed, epoch)
@@ -548,11 +587,13 @@ class TfdsImageNetSource(_StreamingSource):
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(tf)).as_numpy_iterator()
 
-  def eval_batches(self, global_batch_size: int, *, process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(self, split: str, global_batch_size: int, *,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of the eval split in batches padded (mask 0) to equal counts."""
+    self._check_split(split)
     tfds, tf = _tf.tfds(), _tf.tf()
-    p, count = _process(process_index, process_count)
+    p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     # even_splits gives every process floor(N / P) or one more example.
     num_batches = -(-(-(-self.num_eval // count)) // local)

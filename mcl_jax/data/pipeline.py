@@ -1,20 +1,27 @@
-"""Dataset sources and the in-memory batch plumbing the trainer uses.
+"""The in-memory data source and the batch plumbing every source shares.
 
-`make_source(config.input)` returns, by `config.input.dataset`:
-- 'digits', 'cifar10', 'cifar100', 'synthetic': an in-memory `Dataset` (numpy arrays). The
-  whole training set is small enough to live on every device: the trainer `device_put`s
-  `train_images`/`train_labels` once and gathers each batch by index inside the jitted step;
-  batch indices come from `mcl_jax.data.sampler` (a pure function of (seed, epoch)), and
-  each process feeds its contiguous slice of them (`local_batch_indices`). Augmentation then
-  runs on device (`mcl_jax.data.augment.train_augment(rng, images, dataset.augment, ...)`).
-- 'imagenet2012', 'image_folder': a streaming source from `mcl_jax.data.imagenet` (tf.data,
-  decoded on the host), with `train_batches(...)` / `eval_batches(...)` iterators.
+`Dataset` holds a dataset whole in host memory (digits, Fashion-MNIST, CIFAR, synthetic)
+and implements the data-source protocol that the streaming ImageNet sources
+(`mcl_jax.data.imagenet`) implement too, so a trainer never asks which kind it has:
 
-Both kinds expose `num_classes`, `image_shape`, `mean`, `std`, `train_labels` and
-`num_train` / `num_eval`; `dataset.streaming` tells them apart.
+  train_batches(epoch, *, seed, global_batch_size, samples_per_class=0, start_step=0)
+      this process's share of every training batch of `epoch` from `start_step` on; an
+      in-memory batch is {'index'} only (the training set lives on every device, see
+      `device_arrays`, and the step gathers and augments the images on device), a streamed
+      one {'image', 'label', 'index'} (decoded, cropped and flipped on the host)
+  eval_split_names() / eval_batches(split, global_batch_size)
+      the splits to report ('test', and 'validation' when one is held out) and this
+      process's share of padded batches {'image', 'label', 'index', 'mask'} covering one
+  device_arrays()          arrays the step reads on device ({} for streaming sources)
+  train_preprocess(rng, images, dtype) / eval_preprocess(images, dtype)
+      the on-device part of the augmentation and the normalisation
+  train_images_for_replay()  the un-augmented training split for the kNN monitor, or None
+  use_two_views(crop_scale)  MoCo: batches of two crops per image where the host crops
+  name, num_classes, image_shape, mean, std, num_train, train_labels
 
-Evaluation is exact on any device count: `eval_batches` pads the last batch and marks the
-padding with mask 0, so sums of (correct * mask) over all batches count every example once.
+Batch orders are pure functions of (seed, epoch) (`sampler`), so a resumed run sees the
+batches an uninterrupted one would have seen. Evaluation is exact on any device count:
+the last batch is padded and the padding carries mask 0.
 """
 from __future__ import annotations
 
@@ -24,9 +31,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from mcl_jax.data import augment as augment_lib
+from mcl_jax.data import sampler
+from mcl_jax.errors import ConfigError
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "imagenet2012",
-            "image_folder")
 # Held-out validation examples and training subsets are drawn with this fixed seed, never
 # with config.seed: every run of an experiment (every seed, every variant) sees the same
 # validation split and the same training subset.
@@ -54,7 +61,6 @@ class Dataset:
   augment: augment_lib.AugmentSpec = augment_lib.AugmentSpec()
   val_images: np.ndarray | None = None
   val_labels: np.ndarray | None = None
-  streaming = False
 
   def eval_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'test': (images, labels)} and, when held out, {'validation': ...} as well."""
@@ -62,6 +68,57 @@ class Dataset:
     if self.val_labels is not None:
       splits["validation"] = (self.val_images, self.val_labels)
     return splits
+
+  # -- the data-source protocol (module docstring)
+  def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
+                    samples_per_class: int = 0, start_step: int = 0,
+                    process_index: int | None = None, process_count: int | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """{'index': int32 [B / processes]} for every batch of `epoch` from `start_step` on."""
+    p, count = process(process_index, process_count)
+    if samples_per_class > 0:
+      order = sampler.class_aware_epoch(
+          self.train_labels, epoch=epoch, seed=seed, global_batch_size=global_batch_size,
+          samples_per_class=samples_per_class)
+    else:
+      order = sampler.shuffled_epoch(self.num_train, epoch=epoch, seed=seed,
+                                     global_batch_size=global_batch_size)
+    for indices in local_batch_indices(order, p, count)[start_step:]:
+      yield {"index": indices.astype(np.int32)}
+
+  def eval_split_names(self) -> tuple[str, ...]:
+    return tuple(self.eval_splits())
+
+  def eval_batches(self, split: str, global_batch_size: int, *,
+                   process_index: int | None = None, process_count: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of padded batches covering `split` once, in order."""
+    p, count = process(process_index, process_count)
+    images, labels = self.eval_splits()[split]
+    for batch in eval_batches(images, labels, global_batch_size):
+      yield {k: local_batch_indices(v, p, count) for k, v in batch.items()}
+
+  def device_arrays(self) -> dict[str, np.ndarray]:
+    """The training set, kept whole on every device: steps gather their batch by index."""
+    return {"train_image": self.train_images, "train_label": self.train_labels.astype(np.int32)}
+
+  def train_preprocess(self, rng: Any, images: Any, dtype: Any = None) -> Any:
+    """Crop with zero padding, flip (the dataset's `augment`), normalise; on device."""
+    import jax.numpy as jnp
+    return augment_lib.train_augment(rng, images, self.augment, mean=self.mean, std=self.std,
+                                     dtype=dtype or jnp.float32)
+
+  def eval_preprocess(self, images: Any, dtype: Any = None) -> Any:
+    import jax.numpy as jnp
+    return augment_lib.normalize(images, self.mean, self.std, dtype or jnp.float32)
+
+  def train_images_for_replay(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.train_images, self.train_labels
+
+  def use_two_views(self, crop_scale: tuple[float, float]) -> None:
+    """MoCo's two views: in-memory images are cropped on device (`data.views`), so this
+    source has nothing to change (streaming sources crop twice on the host)."""
+    del crop_scale
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -74,6 +131,18 @@ class Dataset:
   @property
   def num_eval(self) -> int:
     return int(self.eval_labels.shape[0])
+
+
+def process(process_index: int | None = None, process_count: int | None = None
+            ) -> tuple[int, int]:
+  """(this process's index, the process count): JAX's unless given (tests pass them)."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  return process_index, process_count
 
 
 def local_batch_indices(global_indices: np.ndarray, process_index: int, process_count: int
@@ -125,7 +194,7 @@ def hold_out_validation(dataset: Dataset, validation_size: int, train_subset: in
   val_images = val_labels = None
   if validation_size:
     if validation_size >= labels.size:
-      raise ValueError(f"config.input.validation_size={validation_size} leaves no training "
+      raise ConfigError(f"config.input.validation_size={validation_size} leaves no training "
                        f"examples of {dataset.name}'s {labels.size}.")
     val = stratified_choice(labels, validation_size, np.random.default_rng(SPLIT_SEED))
     keep = np.setdiff1d(np.arange(labels.size), val)
@@ -133,13 +202,62 @@ def hold_out_validation(dataset: Dataset, validation_size: int, train_subset: in
     images, labels = images[keep], labels[keep]
   if train_subset:
     if train_subset > labels.size:
-      raise ValueError(f"config.input.train_subset={train_subset} is larger than the "
+      raise ConfigError(f"config.input.train_subset={train_subset} is larger than the "
                        f"{labels.size} training examples of {dataset.name} left after the "
                        "validation split.")
     subset = stratified_choice(labels, train_subset, np.random.default_rng(SPLIT_SEED + 1))
     images, labels = images[subset], labels[subset]
   return dataclasses.replace(dataset, train_images=np.ascontiguousarray(images),
                              train_labels=labels, val_images=val_images, val_labels=val_labels)
+
+
+def keep_classes(dataset: Dataset, classes: tuple[int, ...]) -> Dataset:
+  """Only the examples of `classes` (train and test), relabelled 0..n-1 in that order."""
+  classes = tuple(int(c) for c in classes)
+  if max(classes) >= dataset.num_classes:
+    raise ConfigError(f"config.input.classes={classes} names class {max(classes)} but "
+                      f"{dataset.name} has classes 0..{dataset.num_classes - 1}.")
+  relabel = np.full(dataset.num_classes, -1, np.int32)
+  relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+
+  def select(images, labels):
+    keep = relabel[labels] >= 0
+    return np.ascontiguousarray(images[keep]), relabel[labels[keep]]
+
+  train_images, train_labels = select(dataset.train_images, dataset.train_labels)
+  eval_images, eval_labels = select(dataset.eval_images, dataset.eval_labels)
+  return dataclasses.replace(dataset, train_images=train_images, train_labels=train_labels,
+                             eval_images=eval_images, eval_labels=eval_labels,
+                             num_classes=len(classes))
+
+
+ROTATIONS = 4  # multiples of 90 degrees
+
+
+def rotation_classes(dataset: Dataset, seed: int = 0) -> Dataset:
+  """A many-class task built from the same images: every image (train, validation, test)
+  rotated by a fixed pseudo-random multiple of 90 degrees r (one per image, from `seed`),
+  labelled 4 c + r, so C classes become 4 C (Fashion-MNIST: 40). The number of images and
+  their content stay; left-right flips are switched off, since a flipped rotation is
+  another rotation of a flipped item. Used to test whether MCL's gain needs many classes
+  per batch (docs/RESULTS.md)."""
+  rng = np.random.default_rng(seed)
+
+  def rotate(images, labels):
+    turns = rng.integers(0, ROTATIONS, len(labels))
+    rotated = np.stack([np.rot90(image, k=int(t), axes=(0, 1)) for image, t in
+                        zip(images, turns)]) if len(labels) else images
+    return np.ascontiguousarray(rotated), (labels * ROTATIONS + turns).astype(np.int32)
+
+  train_images, train_labels = rotate(dataset.train_images, dataset.train_labels)
+  eval_images, eval_labels = rotate(dataset.eval_images, dataset.eval_labels)
+  extra = {}
+  if dataset.val_labels is not None:
+    extra["val_images"], extra["val_labels"] = rotate(dataset.val_images, dataset.val_labels)
+  return dataclasses.replace(
+      dataset, train_images=train_images, train_labels=train_labels, eval_images=eval_images,
+      eval_labels=eval_labels, num_classes=dataset.num_classes * ROTATIONS,
+      augment=dataclasses.replace(dataset.augment, flip=False), **extra)
 
 
 def eval_indices(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +317,7 @@ def resize_grey(images: np.ndarray, image_size: int) -> np.ndarray:
     return pooled / 255.0
   if image_size == size + 4:
     return np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
-  raise ValueError(f"config.input.image_size={image_size} is not {size} (native), "
+  raise ConfigError(f"config.input.image_size={image_size} is not {size} (native), "
                    f"{size // 2} (2x2 average) or {size + 4} (zero-padded) for "
                    f"{size}x{size} images.")
 
@@ -211,88 +329,3 @@ def per_channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[f
   mean = images.mean(axis=axes, dtype=np.float64) / scale
   std = images.std(axis=axes, dtype=np.float64) / scale
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  """cfg.key for a ConfigDict, dict or plain object; `default` when absent or None."""
-  if isinstance(cfg, dict) or hasattr(cfg, "get"):
-    value = cfg.get(key, default)
-  else:
-    value = getattr(cfg, key, default)
-  return default if value is None else value
-
-
-def make_source(input_cfg: Any):
-  """The dataset named by `input_cfg.dataset` (the `config.input` section).
-
-  Fields read: dataset; data_dir (tfds data_dir, an image folder root, or the folder of the
-  Fashion-MNIST IDX files); image_size (digits: a multiple of 8; Fashion-MNIST: 28, 14 or
-  32; synthetic; ImageNet crop size); synthetic_train_size, synthetic_eval_size,
-  synthetic_num_classes (synthetic only); download (tfds datasets, default True);
-  validation_size and train_subset (in-memory datasets: `hold_out_validation`).
-  Returns a `Dataset` (in memory) or an `imagenet.ImageFolderSource` /
-  `imagenet.TfdsImageNetSource` (streaming).
-  """
-  name = _get(input_cfg, "dataset", None)
-  dataset = _in_memory_source(name, input_cfg)
-  if dataset is None:
-    return _streaming_source(name, input_cfg)
-  validation_size = int(_get(input_cfg, "validation_size", 0))
-  train_subset = int(_get(input_cfg, "train_subset", 0))
-  if validation_size or train_subset:
-    dataset = hold_out_validation(dataset, validation_size, train_subset)
-  return dataset
-
-
-def _in_memory_source(name: str, input_cfg: Any) -> Dataset | None:
-  data_dir = _get(input_cfg, "data_dir", "") or None
-  image_size = int(_get(input_cfg, "image_size", 32))
-  if name == "digits":
-    from mcl_jax.data import digits
-    x_train, y_train, x_test, y_test = digits.load_digits(image_size)
-    mean, std = digits.mean_std(x_train)
-    # Digits are not left-right symmetric: crop only, a 1/8-of-the-side shift like CIFAR's.
-    spec = augment_lib.AugmentSpec(crop_padding=image_size // 8, flip=False)
-    return Dataset("digits", x_train, y_train, x_test, y_test, num_classes=digits.NUM_CLASSES,
-                   mean=mean, std=std, augment=spec)
-  if name in ("cifar10", "cifar100"):
-    from mcl_jax.data import cifar
-    x_train, y_train, x_test, y_test = cifar.load_cifar(
-        name, data_dir, download=bool(_get(input_cfg, "download", True)))
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=cifar.NUM_CLASSES[name],
-                   mean=augment_lib.CIFAR_MEAN, std=augment_lib.CIFAR_STD,
-                   augment=augment_lib.AugmentSpec(crop_padding=4, flip=True))
-  if name == "fashion_mnist":
-    from mcl_jax.data import fashion_mnist
-    x_train, y_train, x_test, y_test = fashion_mnist.load(
-        data_dir, download=bool(_get(input_cfg, "download", True)))
-    x_train, x_test = (resize_grey(x, image_size) for x in (x_train, x_test))
-    mean, std = per_channel_mean_std(x_train)
-    # Clothes are left-right symmetric; crop shift 1/8 of the side, as CIFAR's 4 of 32.
-    spec = augment_lib.AugmentSpec(crop_padding=max(1, image_size // 8), flip=True)
-    return Dataset("fashion_mnist", x_train, y_train, x_test, y_test,
-                   num_classes=fashion_mnist.NUM_CLASSES, mean=mean, std=std, augment=spec)
-  if name == "synthetic":
-    return synthetic(num_train=int(_get(input_cfg, "synthetic_train_size", 512)),
-                     num_eval=int(_get(input_cfg, "synthetic_eval_size", 128)),
-                     num_classes=int(_get(input_cfg, "synthetic_num_classes", 10)),
-                     image_size=image_size)
-  return None
-
-
-def _streaming_source(name: str, input_cfg: Any):
-  data_dir = _get(input_cfg, "data_dir", "") or None
-  image_size = int(_get(input_cfg, "image_size", 32))
-  if name == "imagenet2012":
-    from mcl_jax.data import imagenet
-    return imagenet.TfdsImageNetSource(data_dir=data_dir, image_size=image_size)
-  if name == "image_folder":
-    from mcl_jax.data import imagenet
-    if not data_dir:
-      from mcl_jax.config_lib import ConfigError
-      raise ConfigError("config.input.data_dir is empty; the image_folder dataset needs the "
-                        "folder that holds train/<class>/*.jpg and val/<class>/*.jpg.")
-    return imagenet.ImageFolderSource(data_dir, image_size=image_size)
-  from mcl_jax.config_lib import ConfigError
-  raise ConfigError(f"Unknown dataset config.input.dataset={name!r}; choose one of "
-                    f"{', '.join(DATASETS)}.")

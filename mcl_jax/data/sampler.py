@@ -3,7 +3,7 @@
 `class_aware_epoch` is the "m per class" sampler of the official CIFAR code
 (`dataset/class_sampler.py: MPerClassSampler(labels, m=2, batch_size=128,
 length_before_new_iter=len(trainset))`): every batch holds B/m distinct classes with m
-examples each, so in-batch supervised MCL (SPEC 2.1) finds a positive for every row.
+examples each, so in-batch supervised MCL (docs/SPEC.md 2.1) finds a positive for every row.
 `shuffled_epoch` is a plain shuffle for everything else.
 
 Both return a `[steps, global_batch_size]` int32 array of dataset indices; the trainer

@@ -1,4 +1,4 @@
-"""The Cohort: M networks of one architecture over stacked variables (SPEC 1, docs/DESIGN.md).
+"""The Cohort: M networks of one architecture over stacked variables (docs/SPEC.md 1, docs/DESIGN.md).
 
 Layout of the variables (every leaf under `members` has a leading axis M):
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import models
+from mcl_jax.models import registry
 from mcl_jax import numerics
 from mcl_jax.models import layers
 
@@ -71,34 +71,40 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   return strategy
 
 
+HEADS = ("mlp", "linear", "none")
 HEAD_NORMS = ("none", "batchnorm")
 
 
 class ProjectionHead(nn.Module):
-  """h_m (SPEC 1): Dense(F, d) - ReLU - Dense(d, d), then L2 normalisation.
+  """h_m (docs/SPEC.md 1): Dense(F, d) - ReLU - Dense(d, d), then L2 normalisation.
 
-  The official head has no normalisation (`norm='none'`). `norm='batchnorm'` puts a
-  BatchNorm1d (PyTorch defaults, `train` as the backbone's) on the head's input: the pooled
-  features are averages of ReLU outputs, all positive with a large common component, so
-  at initialisation every embedding points almost the same way (mean pairwise cosine
-  ~0.93 for resnet32) and the in-batch contrastive gradient, which scales with their
-  spread, starts near zero (docs/RESULTS.md, "The collapse"). Centring removes that
-  component before the head sees it.
+  kind 'mlp' is the official head; 'linear' is Dense(F, d) then L2 normalisation (no
+  hidden layer). `norm='batchnorm'` puts a BatchNorm1d (PyTorch defaults, `train` as the
+  backbone's) on the head's input, centring the pooled features (averages of ReLU
+  outputs, all positive); the official head has none. Measured on Fashion-MNIST it does
+  not prevent the early collapse of the embeddings (docs/RESULTS.md, "The collapse").
   """
   embed_dim: int = 128
   dtype: Any = jnp.float32
+  kind: str = "mlp"
   norm: str = "none"
   train: bool = False
 
   @nn.compact
-  def __call__(self, features: Array) -> tuple[Array, Array]:
-    """(embeddings [B, d] L2-normalised, at least float32; fc1 pre-activations [B, d])."""
+  def __call__(self, features: Array) -> tuple[Array, Array | None]:
+    """(embeddings [B, d] L2-normalised, at least float32; the MLP's fc1 pre-activations
+    [B, d], None for a linear head)."""
     if self.norm == "batchnorm":
       features = layers.batch_norm(self.train, dtype=self.dtype, name="bn")(features)
     elif self.norm != "none":
       raise ValueError(f"Unknown head norm {self.norm!r}; use one of {', '.join(HEAD_NORMS)}.")
-    hidden = layers.linear(self.embed_dim, features.shape[-1], dtype=self.dtype,
-                           name="fc1")(features)
+    fan_in = features.shape[-1]
+    if self.kind == "linear":
+      h = layers.linear(self.embed_dim, fan_in, dtype=self.dtype, name="fc1")(features)
+      return numerics.l2_normalize(h), None
+    if self.kind != "mlp":
+      raise ValueError(f"Unknown projection head {self.kind!r}; use one of {', '.join(HEADS)}.")
+    hidden = layers.linear(self.embed_dim, fan_in, dtype=self.dtype, name="fc1")(features)
     h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype,
                       name="fc2")(nn.relu(hidden))
     return numerics.l2_normalize(h), hidden  # F.normalize(h, dim=1)
@@ -115,26 +121,32 @@ class _Member(nn.Module):
   embed_dim: int
   dtype: Any
   train: bool
+  head: str = "mlp"
   head_norm: str = "none"
 
   @nn.compact
   def __call__(self, h: Array) -> dict[str, Array]:
-    backbone = models.create(self.arch, self.num_classes, dtype=self.dtype,
+    backbone = registry.create(self.arch, self.num_classes, dtype=self.dtype,
                              stage_slice=(self.first_stage, None), name="backbone")
     logits, features = backbone(h, self.train)
-    embeddings, hidden = ProjectionHead(self.embed_dim, dtype=self.dtype, norm=self.head_norm,
-                                        train=self.train, name="head")(features)
-    return {"logits": numerics.at_least_float32(logits), "features": features,
-            "embeddings": embeddings, "head_hidden": hidden}
+    out = {"logits": numerics.at_least_float32(logits), "features": features}
+    if self.head != "none":
+      out["embeddings"], hidden = ProjectionHead(
+          self.embed_dim, dtype=self.dtype, kind=self.head, norm=self.head_norm,
+          train=self.train, name="head")(features)
+      if hidden is not None:
+        out["head_hidden"] = hidden
+    return out
 
 
 class Cohort(nn.Module):
   """M members of `arch` on one input batch, optionally behind a shared trunk.
 
   __call__(x [B, H, W, C], train) -> {'logits': [M, B, C] float32, 'features': [M, B, F]
-  (compute dtype), 'embeddings': [M, B, embed_dim] float32, L2-normalised, 'head_hidden':
-  [M, B, embed_dim] the heads' first-layer pre-activations (for `embedding_health`)}.
-  Apply with mutable=['batch_stats'] when train is True.
+  (compute dtype), 'embeddings': [M, B, embed_dim] float32, L2-normalised (no head: none),
+  'head_hidden': [M, B, embed_dim] an MLP head's first-layer pre-activations (for
+  `metrics.embedding_health`)}. Apply with mutable=['batch_stats'] when train is True.
+  `head`: 'mlp' (official), 'linear' or 'none' (MoCo brings its own projection).
   """
   arch: str
   num_classes: int
@@ -143,6 +155,7 @@ class Cohort(nn.Module):
   embed_dim: int = 128
   strategy: str = "unroll"
   dtype: Any = jnp.float32
+  head: str = "mlp"  # ProjectionHead.kind, or 'none'
   head_norm: str = "none"  # ProjectionHead.norm
 
   @nn.compact
@@ -150,16 +163,16 @@ class Cohort(nn.Module):
     strategy = resolve_strategy(self.strategy)
     if self.num_members < 1:
       raise ValueError(f"Cohort num_members must be >= 1, got {self.num_members}.")
-    num_stages = models.create(self.arch, self.num_classes).num_stages
+    num_stages = registry.create(self.arch, self.num_classes).num_stages
     if not 0 <= self.shared_stages < num_stages:
       raise ValueError(f"shared_stages={self.shared_stages} must be in [0, {num_stages}) for "
                        f"{self.arch} ({num_stages} stages, stem included).")
     h = x
     if self.shared_stages:
-      h = models.create(self.arch, self.num_classes, dtype=self.dtype,
+      h = registry.create(self.arch, self.num_classes, dtype=self.dtype,
                         stage_slice=(0, self.shared_stages), name="trunk")(x, train)
     member = functools.partial(_Member, self.arch, self.num_classes, self.shared_stages,
-                               self.embed_dim, self.dtype, train, self.head_norm)
+                               self.embed_dim, self.dtype, train, self.head, self.head_norm)
     if strategy == "vmap" or self.is_initializing():
       stacked = nn.vmap(
           _Member, variable_axes={"params": 0, "batch_stats": 0},
@@ -167,7 +180,7 @@ class Cohort(nn.Module):
           axis_size=self.num_members)
       # Same arguments as `member`, but the lifted class needs them as keywords here.
       return stacked(self.arch, self.num_classes, self.shared_stages, self.embed_dim,
-                     self.dtype, train, self.head_norm, name="members")(h)
+                     self.dtype, train, self.head, self.head_norm, name="members")(h)
     return self._apply_stacked(member(parent=None), h, train, strategy)
 
   def _apply_stacked(self, member: _Member, h: Array, train: bool,
@@ -204,7 +217,7 @@ def count_params(tree: Any) -> int:
 def count_cohort_params(variables: Mapping[str, Any], heads: bool = False) -> int:
   """Cohort parameter count: trunk + every member's backbone and classifier.
 
-  The projection heads are left out unless `heads` (SPEC 1 counts backbone + classifier).
+  The projection heads are left out unless `heads` (docs/SPEC.md 1 counts backbone + classifier).
   Accepts the variables dict or its 'params' entry, arrays or eval_shape structs.
   """
   params = variables.get("params", variables)

@@ -1,4 +1,4 @@
-"""Between a Cohort and plain single networks (SPEC 1: any member exports at no extra cost).
+"""Between a Cohort and plain single networks (docs/SPEC.md 1: any member exports at no extra cost).
 
 `extract_member` gives the variables of `create(arch, num_classes)` (no projection head)
 whose eval-mode logits equal the cohort's member m; `cohort_from_members` stacks single
@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from mcl_jax import models
+from mcl_jax.models import cohort as cohort_lib
+from mcl_jax.models import registry
 
 _COLLECTIONS = ("params", "batch_stats")
 
@@ -54,14 +55,14 @@ def extract_member(cohort_variables: Mapping[str, Any], m: int,
 
 def _trunk_names(arch: str, shared_stages: int) -> dict[str, set[str]]:
   """Top-level variable names of stages [0, shared_stages), per collection (no real init)."""
-  trunk = models.create(arch, 1, stage_slice=(0, shared_stages))
+  trunk = registry.create(arch, 1, stage_slice=(0, shared_stages))
   shapes = jax.eval_shape(
       lambda: trunk.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
   return {col: set(shapes.get(col, {})) for col in _COLLECTIONS}
 
 
 def _feature_width(arch: str) -> int:
-  net = models.create(arch, 1)
+  net = registry.create(arch, 1)
   _, features = jax.eval_shape(
       lambda: net.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)[0])
   return features.shape[-1]
@@ -99,7 +100,7 @@ def cohort_from_members(members: Sequence[Mapping[str, Any]], shared_stages: int
     out[col] = tree
   if heads is None:
     keys = jax.random.split(jax.random.PRNGKey(0) if rng is None else rng, len(members))
-    head = models.ProjectionHead(embed_dim)
+    head = cohort_lib.ProjectionHead(embed_dim)
     dummy = jnp.zeros((1, _feature_width(arch)))
     heads = jax.vmap(lambda k: head.init(k, dummy)["params"])(keys)
   elif isinstance(heads, (list, tuple)):

@@ -3,7 +3,7 @@
 A 3x3 stride-1 stem with 16 channels, no max-pool, three block groups of widths 16, 32, 64
 (strides 1, 2, 2), global average pool and a linear `classifier`. resnet32 / resnet56 use
 BasicBlock (5-5-5, 9-9-9); resnet110 uses Bottleneck (12-12-12, expansion 4, stride on the
-3x3 conv), as the official file does (SPEC 1).
+3x3 conv), as the official file does (docs/SPEC.md 1).
 
 Stages (docs/DESIGN.md):
   0  stem     conv1, bn1, ReLU

@@ -1,0 +1,15 @@
+"""CIFAR-100, resnet110: baseline and MCL (paper Table 3 / Table 1).
+
+Launch (one variant per run; final-epoch top-1 is what to compare):
+  mcl-train --config=cifar100_resnet110:baseline --workdir=WORKDIR   # published top-1 75.29%
+  mcl-train --config=cifar100_resnet110:mcl_x2 --workdir=WORKDIR   # published top-1 77.12%
+  mcl-train --config=cifar100_resnet110:mcl_x4 --workdir=WORKDIR   # published top-1 78.82%
+  mcl-train --config=cifar100_resnet110:mcl_x4_logit --workdir=WORKDIR   # no published number
+Smoke run on a CPU: --config=cifar100_resnet110:mcl_x2,smoke
+Variants are described in mcl_jax/configs/cifar100_common.py.
+"""
+from mcl_jax.configs import cifar100_common
+
+
+def get_config(arg=None):
+  return cifar100_common.make('resnet110', arg)

@@ -1,0 +1,12 @@
+"""ImageNet, ResNet-34, MCL x2. Published top-1: 74.13% (paper Tables 2 and 4).
+
+  mcl-train --config=imagenet_r34_x2 \
+      --config.input.data_dir=DATA_DIR --workdir=gs://BUCKET/imagenet_r34_x2
+  mcl-train --config=imagenet_r34_x2:smoke --workdir=/tmp/imagenet_r34_x2  # CPU
+Recipe and smoke mode: configs/imagenet_common.py.
+"""
+from mcl_jax.configs import imagenet_common
+
+
+def get_config(arg=None):
+  return imagenet_common.make('resnet34', 2, mcl=True, logit=False, arg=arg)

@@ -1,0 +1,176 @@
+"""In-batch self-supervised MCL (SimCLR-style): two views, no queue, no key encoder.
+
+`build_task(setup)` makes the task `loop.fit` drives (`config.trainer = 'simclr'`,
+`loss.regime = 'simclr'`). Every image of the batch gives two augmented views
+(`mcl_jax.data.views`, `ssl.views`); every member embeds all 2B views (the `Cohort` with
+its projection head) and the four MCL terms are the in-batch ones of docs/SPEC.md 2.1 with
+the image as the class: `losses.batch_mcl(z, image_ids)`, where the two views of an image
+share an id. So for a view, the only positive is the other view of the same image and the
+2B - 2 other views are the negatives, the diagonal left out of the denominator: VCL of one
+network is SimCLR's NT-Xent (Chen et al. 2020); ICL contrasts member a's view against
+member b's embeddings of all 2B views; the soft terms mimic the members' similarity
+distributions, as in the supervised regime. With one member and only `vcl_weight` on, this
+is plain SimCLR.
+
+Negatives come from the GLOBAL batch on any number of devices: the step computes the
+embeddings of the whole batch-sharded input and the [2B, 2B] similarities over all of it
+(XLA all-gathers the embeddings inside the jitted step), so 1 and 8 devices give the same
+losses (tests/test_simclr.py). The two views of an image sit in adjacent rows on the same
+device, and BatchNorm normalises over the global batch of views (SimCLR's global BN).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mcl_jax import knn
+from mcl_jax import loop
+from mcl_jax import losses
+from mcl_jax import metrics as metrics_lib
+from mcl_jax import models
+from mcl_jax import sharding as sharding_lib
+from mcl_jax import train
+from mcl_jax.data import views as data_views
+
+Array = jax.Array
+
+
+def interleave(x1: Array, x2: Array) -> tuple[Array, Array]:
+  """The 2B views [x1_0, x2_0, x1_1, x2_1, ...] and their image ids [0, 0, 1, 1, ...]:
+  the two views of an image stay on the device that holds the image."""
+  batch = x1.shape[0]
+  views = jnp.stack([x1, x2], axis=1).reshape(2 * batch, *x1.shape[1:])
+  return views, jnp.repeat(jnp.arange(batch, dtype=jnp.int32), 2)
+
+
+def simclr_loss(params: Any, batch_stats: Any, views: Array, image_ids: Array, *,
+                model: models.Cohort, loss_cfg: ml_collections.ConfigDict,
+                soft_scale: Array | float = 1.0) -> tuple[Array, tuple[dict, Any]]:
+  """Weighted VCL + ICL + Soft VCL + Soft ICL of the 2B views (module docstring)."""
+  out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, views,
+                             train=True, mutable=["batch_stats"])
+  z = out["embeddings"]
+  terms = losses.batch_mcl(z, image_ids, tau=loss_cfg.tau,
+                           kd_temperature=loss_cfg.kd_temperature)
+  weights = losses.mcl_weights(loss_cfg)
+  total = sum(weights[name] * (soft_scale if name in losses.SOFT_TERMS else 1.0) * terms[name]
+              for name in losses.MCL_TERMS)
+  metrics = {**terms, "loss": total}
+  # Per member: how often the other view is the nearest of the 2B - 1 (instance accuracy).
+  zs = jax.lax.stop_gradient(z)
+  sims = jnp.einsum("mid,mjd->mij", zs, zs) - 3.0 * jnp.eye(z.shape[1])
+  partner = jnp.arange(z.shape[1]) ^ 1  # 2i <-> 2i + 1
+  metrics["instance_accuracy"] = jnp.mean(jnp.argmax(sims, -1) == partner, axis=-1)
+  metrics.update(metrics_lib.embedding_health(z, out.get("head_hidden")))
+  metrics["finite"] = metrics_lib.all_finite(metrics)
+  return total, (metrics, mutated["batch_stats"])
+
+
+def train_step(state: train.TrainState, batch: dict[str, Array], consts: dict[str, Array],
+               *,
+               model: models.Cohort, tx: optax.GradientTransformation,
+               loss_cfg: ml_collections.ConfigDict,
+               views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
+               soft_ramp_steps: float = 0.0) -> tuple[train.TrainState, dict[str, Array]]:
+  """One step: two views of every image, the in-batch MCL terms, SGD.
+
+  batch: `index` [B] of the training set held on device (consts['train_image']), or
+  host-made crops `image`, `image2` (streaming sources).
+  """
+  if "image" in batch:
+    images, images2 = batch["image"], batch.get("image2")
+  else:
+    images, images2 = consts["train_image"][batch["index"]], None
+  rng, view_rng = jax.random.split(state.rng)
+  x, ids = interleave(*views(view_rng, images, images2))
+  grad_fn = jax.grad(functools.partial(
+      simclr_loss, model=model, loss_cfg=loss_cfg,
+      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps)), has_aux=True)
+  grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, ids)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, rng=rng), metrics
+
+
+def embed_step(params: Any, batch_stats: Any, images: Array, *, model: models.Cohort,
+               preprocess: Callable[[Array], Array]) -> Array:
+  """Pooled backbone features [M, B, F], BN in eval mode (the kNN monitor's)."""
+  out = model.apply({"params": params, "batch_stats": batch_stats}, preprocess(images),
+                    train=False)
+  return out["features"].astype(jnp.float32)
+
+
+class SimclrTask:
+  """SimCLR-MCL pre-training as a `loop.Task`; evaluate(state) -> `knn.monitor`.
+
+  `views` replaces the recipe named by `config.ssl.views` (tests).
+  """
+
+  def __init__(self, setup: loop.Setup, views: data_views.ViewSpec | None = None):
+    self.setup = setup
+    config, mesh, source = setup.config, setup.mesh, setup.source
+    self.spec = views or data_views.VIEW_SPECS[config.ssl.views]
+    source.use_two_views(self.spec.crop_scale)
+    self.num_classes = train.num_classes(config, source)  # the (unused) classifier's width
+    self.model = train.build_model(config, self.num_classes)
+    self.describe = (f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
+                     f"x{config.cohort.num_members}")
+    self.eval_every_epochs = config.ssl.knn_every_epochs
+    self.consts = setup.device_arrays()
+    self.consts.pop("train_label", None)  # no labels in self-supervised training
+    replicated = sharding_lib.replicated(mesh)
+    self.shardings = train.state_shardings(train.abstract_train_state(
+        self.model, setup.tx, source.image_shape, mesh), mesh)
+    self._train_step = sharding_lib.compile_step(functools.partial(
+        train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
+        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
+        self.shardings, mesh)
+    self._embed_step = jax.jit(
+        functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess),
+        in_shardings=(replicated, replicated, sharding_lib.batch_sharded(mesh)),
+        out_shardings=replicated)
+
+  def views(self, rng: Array, images: Array, images2: Array | None) -> tuple[Array, Array]:
+    source = self.setup.source
+    return data_views.two_views(rng, images, images2, self.spec, mean=source.mean,
+                                std=source.std, size=source.image_shape[0],
+                                dtype=self.model.dtype)
+
+  def init_state(self) -> train.TrainState:
+    setup = self.setup
+    return train.create_train_state(self.model, setup.tx, setup.source.image_shape,
+                                    jax.random.PRNGKey(setup.config.seed), setup.mesh)
+
+  def train_step(self, state: train.TrainState, batch: dict[str, Array]
+                 ) -> tuple[train.TrainState, dict]:
+    return self._train_step(state, batch, self.consts)
+
+  def embed_split(self, state: train.TrainState, images: np.ndarray, labels: np.ndarray
+                  ) -> np.ndarray:
+    return loop.embed_split(self.setup, lambda x: self._embed_step(
+        state.params, state.batch_stats, x), images, labels)
+
+  def evaluate(self, state: train.TrainState) -> dict[str, np.ndarray] | None:
+    return knn.monitor(self.setup.source, lambda im, lb: self.embed_split(state, im, lb))
+
+  @staticmethod
+  def eval_scalars(result: dict[str, np.ndarray]) -> dict[str, float]:
+    return loop.flatten_metrics(result, "knn/")
+
+  format_eval = staticmethod(knn.format_monitor)
+
+  def meta(self) -> dict[str, Any]:
+    return loop.export_meta(self.setup, num_classes=self.num_classes,
+                            views=dataclasses.asdict(self.spec))
+
+
+def build_task(setup: loop.Setup, views: data_views.ViewSpec | None = None) -> SimclrTask:
+  return SimclrTask(setup, views)
