@@ -1,4 +1,4 @@
-"""The Cohort: members vs single networks, BN modes, strategies, member export (SPEC 1).
+"""The Cohort: members vs single networks, BN modes, strategies, member export (docs/SPEC.md 1).
 
 Every check runs on `tiny` with M = 3 and a 4x8x8 batch. Compiles dominate on a 2-core
 CPU, so each cached helper below jits one program that gathers everything several tests
@@ -185,7 +185,6 @@ def test_unknown_strategy_and_bad_shared_stages():
     _cohort(0, "pmap").init(jax.random.PRNGKey(0), X, False)
   with pytest.raises(ValueError, match="shared_stages"):
     _cohort(2).init(jax.random.PRNGKey(0), X, False)
-  assert models.resolve_strategy("auto") in models.STRATEGIES
 
 
 @pytest.mark.parametrize("shared_stages", [0, 1])
@@ -224,3 +223,35 @@ def test_extract_member_checks_its_arguments():
     extract_member(_variables(1)[1], 0, 0)
   with pytest.raises(ValueError, match="out of range"):
     extract_member(_variables(0)[1], M, 0)
+
+
+@pytest.mark.parametrize("head,head_norm", [("linear", "none"), ("none", "none"),
+                                            ("mlp", "batchnorm")])
+def test_projection_head_kinds(head, head_norm):
+  """'linear': embeddings = normalise(features W + b) exactly; 'none': no head parameters and
+  no embeddings (MoCo brings its own projection); 'batchnorm': a BN on the head's input,
+  whose running statistics move in train mode."""
+  cohort = _cohort(0, head=head, head_norm=head_norm)
+  v = cohort.init(jax.random.PRNGKey(0), X, False)
+  out = cohort.apply(v, X, False)
+  members = v["params"]["members"]
+  if head == "none":
+    assert "head" not in members and "embeddings" not in out
+    return
+  if head == "linear":
+    fc = members["head"]["fc1"]
+    assert set(members["head"]) == {"fc1"} and "head_hidden" not in out
+    h = np.einsum("mbf,mfd->mbd", out["features"], fc["kernel"]) + fc["bias"][:, None]
+    np.testing.assert_allclose(out["embeddings"], h / np.linalg.norm(h, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+  if head_norm == "batchnorm":
+    _, updated = cohort.apply(v, X, True, mutable=["batch_stats"])
+    before = v["batch_stats"]["members"]["head"]["bn"]["mean"]
+    after = updated["batch_stats"]["members"]["head"]["bn"]["mean"]
+    assert not np.allclose(before, after)
+  np.testing.assert_allclose(np.linalg.norm(out["embeddings"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_unknown_head_is_one_sentence():
+  with pytest.raises(ValueError, match="Unknown projection head 'conv'"):
+    _cohort(0, head="conv").init(jax.random.PRNGKey(0), X, False)

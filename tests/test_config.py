@@ -6,9 +6,7 @@ import sys
 import pytest
 
 from mcl_jax import config_lib
-
-config_lib.ensure_configs_importable()
-from configs import cifar100_ablation, cifar100_cohort_size, cifar100_resnet32, default  # noqa: E402
+from mcl_jax.configs import cifar100_ablation, cifar100_cohort_size, cifar100_resnet32, default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,8 +68,18 @@ def test_queue_not_divisible_by_global_batch():
   c = smoke_config()
   c.trainer = "moco"
   c.loss.regime = "moco"
+  c.input.samples_per_class = 0
   c.moco.queue_size = 100
-  assert_error(c, r"queue_size=100 is not divisible by the global batch 16")
+  assert_error(c, r"queue_size=100 is not a positive multiple of the global batch 16")
+
+
+@pytest.mark.parametrize("trainer,regime", [("supervised", "moco"), ("moco", "batch"),
+                                            ("moco", "bank")])
+def test_trainer_and_regime_must_match(trainer, regime):
+  c = smoke_config()
+  c.trainer, c.loss.regime = trainer, regime
+  c.input.samples_per_class = 0 if trainer == "moco" else 2
+  assert_error(c, rf"config.trainer='{trainer}' does not train config.loss.regime='{regime}'")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -110,27 +118,24 @@ def all_config_args():
 @pytest.mark.parametrize("name", all_config_args())
 def test_every_config_loads_and_validates(name):
   import importlib
-  module = importlib.import_module(f"configs.{name}")
-  assert module.__doc__ and "python -m mcl_jax." in module.__doc__, "docstring has no launch command"
-  config = module.get_config("smoke") if name.startswith(("imagenet", "moco", "mocov2", "lincls")) \
-      else module.get_config(_smoke_arg(name))
+  module = importlib.import_module(f"mcl_jax.configs.{name}")
+  doc = module.__doc__ or ""
+  assert "mcl-train --config=" in doc or "python -m mcl_jax." in doc, "no launch command"
+  config = module.get_config("smoke")  # every config's default variant, smoke
   if config.trainer == "lincls":
     config.lincls.pretrained = "/nonexistent"  # only checked when the probe starts
   config_lib.validate(config, num_devices=8)
 
 
-def _smoke_arg(name):
-  return {"cifar100_ablation": "vcl+icl,smoke", "cifar100_cohort_size": "3,smoke",
-          "digits": "mcl_x2,smoke"}.get(name, "mcl_x2,smoke")
-
-
 def test_config_args_are_checked():
   with pytest.raises(ValueError, match="expected one of baseline, mcl_x2"):
     cifar100_resnet32.get_config("mcl_x3")
-  with pytest.raises(ValueError, match="expected a cohort size"):
-    cifar100_cohort_size.get_config("1")
-  with pytest.raises(ValueError, match="expected terms joined by"):
+  for bad in ("1", "9,smoke", "2,3"):
+    with pytest.raises(ValueError, match=r"config argument .* optionally followed by ',smoke'"):
+      cifar100_cohort_size.get_config(bad)
+  with pytest.raises(ValueError, match="config argument 'vcl\\+kd'"):
     cifar100_ablation.get_config("vcl+kd")
+  assert cifar100_cohort_size.get_config("5,smoke").cohort.num_members == 5
 
 
 def test_ablation_and_cohort_size_set_the_official_fields():
@@ -154,7 +159,7 @@ def run_cli(*args, tmp_path):
 
 
 def test_cli_unknown_override_field_is_one_line(tmp_path):
-  r = run_cli("--config=configs/cifar100_resnet32.py:mcl_x2,smoke", "--config.optim.lrr=0.05",
+  r = run_cli("--config=cifar100_resnet32:mcl_x2,smoke", "--config.optim.lrr=0.05",
               f"--workdir={tmp_path}", tmp_path=tmp_path)
   assert r.returncode == 2, r.stderr
   last = r.stderr.strip().splitlines()[-1]
@@ -163,7 +168,7 @@ def test_cli_unknown_override_field_is_one_line(tmp_path):
 
 
 def test_cli_bad_batch_split_is_one_line(tmp_path):
-  r = run_cli("--config=configs/cifar100_resnet32.py:mcl_x2,smoke",
+  r = run_cli("--config=cifar100_resnet32:mcl_x2,smoke",
               "--config.input.global_batch_size=12", "--config.input.samples_per_class=2",
               f"--workdir={tmp_path}", tmp_path=tmp_path)
   assert r.returncode == 2, r.stderr

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from mcl_jax import config_lib, jobs
-
-config_lib.ensure_configs_importable()
 NEEDS_AN_EXPORTED_MEMBER = ("lincls_r18",)
 # A smoke run costs 30-75 s on this CPU, almost all of it compiling the cohort's train step
 # (measured: resnet56 x2 50 s, resnet18 x4 with the bank 73 s, resnet34 x4 19 GB of memory),
@@ -46,7 +44,7 @@ def experiment_configs():
 @pytest.mark.parametrize("name", experiment_configs())
 def test_smoke_run(name, tmp_path):
   name, _, as_written = name.partition(":")
-  config = importlib.import_module(f"configs.{name}").get_config("smoke")
+  config = importlib.import_module(f"mcl_jax.configs.{name}").get_config("smoke")
   if name in LIGHT_STAND_IN and not as_written:
     config.model.arch = LIGHT_STAND_IN[name]
   config_lib.validate(config, num_devices=8, workdir=str(tmp_path))

@@ -207,3 +207,25 @@ def test_importing_the_data_package_does_not_import_tensorflow():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_rotation_classes_turn_each_image_once_and_label_4c_plus_r():
+  from mcl_jax.data import pipeline
+  rng = np.random.default_rng(0)
+  base = pipeline.Dataset("toy", rng.integers(0, 255, (50, 6, 6, 1), dtype=np.uint8),
+                          np.arange(50, dtype=np.int32) % 5,
+                          rng.integers(0, 255, (20, 6, 6, 1), dtype=np.uint8),
+                          np.arange(20, dtype=np.int32) % 5, num_classes=5, mean=(0.5,),
+                          std=(0.2,))
+  rotated = pipeline.rotation_classes(base)
+  assert rotated.num_classes == 20 and not rotated.augment.flip
+  for images, labels, new_images, new_labels in (
+      (base.train_images, base.train_labels, rotated.train_images, rotated.train_labels),
+      (base.eval_images, base.eval_labels, rotated.eval_images, rotated.eval_labels)):
+    assert new_images.shape == images.shape
+    np.testing.assert_array_equal(new_labels // 4, labels)  # the class is kept
+    for image, new, turn in zip(images, new_images, new_labels % 4):
+      np.testing.assert_array_equal(new, np.rot90(image, k=int(turn), axes=(0, 1)))
+  assert len(set(rotated.train_labels % 4)) == 4  # every turn occurs
+  again = pipeline.rotation_classes(base)
+  np.testing.assert_array_equal(again.train_labels, rotated.train_labels)  # fixed seed

@@ -46,7 +46,7 @@ def _epoch(source, epoch=0, process_index=0, process_count=1, **kw):
 
 def test_folder_source_lists_classes_and_labels_without_decoding(folder):
   source = data.make_source({"dataset": "image_folder", "data_dir": folder, "image_size": 32})
-  assert isinstance(source, imagenet.ImageFolderSource) and source.streaming
+  assert isinstance(source, imagenet.ImageFolderSource)
   assert source.class_names == ["ant", "bee", "cat"] and source.num_classes == 3
   assert source.num_train == 12 and source.num_eval == 5
   np.testing.assert_array_equal(imagenet.class_labels(source), np.repeat([0, 1, 2], 4))
@@ -95,7 +95,7 @@ def test_folder_resume_mid_epoch_replays_the_remaining_batches(folder):
 
 def test_folder_eval_is_padded_and_masked_on_every_process(folder):
   source = imagenet.ImageFolderSource(folder, image_size=32, output_dtype="float32")
-  shares = [list(source.eval_batches(4, process_index=p, process_count=2)) for p in range(2)]
+  shares = [list(source.eval_batches("test", 4, process_index=p, process_count=2)) for p in range(2)]
   assert len(shares[0]) == len(shares[1]) == 2  # ceil(5 / 4) global batches
   masks = np.concatenate([b["mask"] for share in shares for b in share])
   assert masks.sum() == 5
@@ -170,7 +170,7 @@ def test_tfds_source_reads_sharded_records_with_dense_indices(tmp_path):
       np.testing.assert_array_equal(batch["label"], labels[batch["index"]])
     seen.append({int(i) for b in share for i in b["index"]})
   assert not seen[0] & seen[1] and seen[0] | seen[1] <= set(range(14))
-  evals = [list(source.eval_batches(4, process_index=p, process_count=2)) for p in range(2)]
+  evals = [list(source.eval_batches("test", 4, process_index=p, process_count=2)) for p in range(2)]
   assert len(evals[0]) == len(evals[1])
   real = sorted(int(i) for e in evals for b in e for i in b["index"][b["mask"] > 0])
   assert real == list(range(5))
@@ -186,7 +186,7 @@ def test_imagenet2012_through_tfds_mock_data(tmp_path):
     labels = source.train_labels
     batches = list(source.train_batches(0, seed=1, global_batch_size=3, process_index=0,
                                         process_count=1))
-    evals = list(source.eval_batches(4, process_index=0, process_count=1))
+    evals = list(source.eval_batches("test", 4, process_index=0, process_count=1))
   assert len(batches) == 2 and batches[0]["image"].shape == (3, 24, 24, 3)
   indices = np.concatenate([b["index"] for b in batches])
   np.testing.assert_array_equal(np.sort(indices), np.arange(6))

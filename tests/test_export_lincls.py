@@ -1,8 +1,8 @@
-"""Export of one member (SPEC 1) and the linear probe on it (SPEC 4), end to end.
+"""Export of one member (docs/SPEC.md 1) and the linear probe on it (docs/SPEC.md 4), end to end.
 
 Two tiny runs are shared by the tests (module-scoped): a supervised MCL x2 cohort with a
 shared trunk, exported through the `python -m mcl_jax.export` command line, and a MoCo v2
-MCL x2 cohort exported in-process and probed with `configs/lincls_r18.py:smoke` through
+MCL x2 cohort exported in-process and probed with `lincls_r18:smoke` through
 `jobs.run`, the CLI's dispatch.
 """
 import json
@@ -20,13 +20,9 @@ from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import convert
 from mcl_jax import export
-from mcl_jax import lincls
 from mcl_jax import jobs
 from mcl_jax import models
-from mcl_jax import train
-
-config_lib.ensure_configs_importable()
-from configs import cifar100_common, lincls_r18, moco_r18_x2  # noqa: E402
+from mcl_jax.configs import cifar100_common, common, lincls_r18, moco_r18_x2
 
 # The module-scoped runs are made once: every test of this file goes to the same worker.
 pytestmark = pytest.mark.xdist_group("export_lincls")
@@ -49,7 +45,7 @@ def assert_one_sentence(message):
 
 def supervised_config():
   """MCL x2 of `tiny` with the stem shared (trunk + branches), 8x8 synthetic data."""
-  c = cifar100_common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
+  c = common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
   c.model.num_classes = 0  # the synthetic set's 10 classes
   c.model.shared_stages = 1
   c.input.image_size = SIZE
@@ -60,10 +56,10 @@ def supervised_config():
 def supervised(tmp_path_factory):
   """Two training steps (BN statistics move), a checkpoint, then the export CLI, --torch."""
   workdir = str(tmp_path_factory.mktemp("supervised"))
-  trainer = train.Trainer(supervised_config(), workdir)
+  trainer = jobs.build(supervised_config(), workdir)
   trainer.train_steps(2)
   ckpt = checkpointing.Checkpointer(workdir)
-  ckpt.save(2, trainer.state, trainer.meta())
+  ckpt.save(2, trainer.state, trainer.task.meta())
   ckpt.close()
   out = os.path.join(workdir, f"member{MEMBER}")
   cli = run_export_cli(f"--workdir={workdir}", f"--member={MEMBER}", f"--out={out}", "--torch")
@@ -78,16 +74,16 @@ def test_exported_member_gives_the_cohort_members_logits(supervised):
   assert info["arch"] == "tiny" and info["num_classes"] == 10
   pre = info["preprocessing"]
   assert pre["image_shape"] == [SIZE, SIZE, 3]
-  np.testing.assert_allclose(pre["mean"], trainer.dataset.mean)
-  np.testing.assert_allclose(pre["std"], trainer.dataset.std)
+  np.testing.assert_allclose(pre["mean"], trainer.setup.source.mean)
+  np.testing.assert_allclose(pre["std"], trainer.setup.source.std)
   assert info["source"]["member"] == MEMBER and info["source"]["step"] == 2
   assert info["source"]["shared_stages"] == 1 and info["files"]["torch"] == "model.safetensors"
-  assert "head" not in variables["params"]  # SPEC 1: no projection head at inference
+  assert "head" not in variables["params"]  # docs/SPEC.md 1: no projection head at inference
   assert info["num_params"] == models.count_params(variables["params"])
 
   x = jax.random.normal(jax.random.PRNGKey(3), (5, SIZE, SIZE, 3))
   state = trainer.state
-  cohort = trainer.model.apply({"params": state.params, "batch_stats": state.batch_stats},
+  cohort = trainer.task.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                                x, train=False)["logits"]
   single = models.create(info["arch"], info["num_classes"])
   logits, _ = single.apply(variables, x, False)
@@ -122,7 +118,7 @@ def probed(tmp_path_factory):
   root = tmp_path_factory.mktemp("moco")
   pre = moco_r18_x2.make(version=2, num_members=2, arg="smoke")
   pre.input.image_size = SIZE
-  pre.moco.knn_every_epochs = 0  # the kNN monitor has its own tests
+  pre.ssl.knn_every_epochs = 0  # the kNN monitor has its own tests
   moco_dir, out, probe_dir = str(root / "moco"), str(root / "member1"), str(root / "probe")
   moco_result = jobs.run(pre, moco_dir)
   info = export.export_member(moco_dir, MEMBER, out)
@@ -157,25 +153,26 @@ def test_linear_probe_on_the_export_finishes_with_accuracy(probed):
   assert 0 <= top1 <= top5 <= 1
   # 24 eval examples: the accuracy counts every one of them exactly once.
   assert abs(top1 * 24 - round(top1 * 24)) < 1e-4
-  assert result["pretrained"] == probed.out
 
 
 def test_probe_trains_only_a_fresh_classifier_on_the_frozen_export(probed):
-  trainer = lincls.LinclsTrainer(probed.config, probed.probe_dir)
-  assert trainer.restore_or_keep(checkpointing.Checkpointer(probed.probe_dir))
+  trainer = jobs.build(probed.config, probed.probe_dir)
+  assert trainer.task.meta()["pretrained"] == probed.out
+  assert trainer.restore(checkpointing.Checkpointer(probed.probe_dir))
   head = jax.device_get(trainer.state.params)
   assert set(head) == {"classifier"}  # only the classifier is state
   assert head["classifier"]["kernel"].shape == (16, 10)  # F -> the probe's 10 classes
   net, variables, _ = export.load_exported(probed.out)
   for name in variables["params"]:
     if name != "classifier":
-      jax.tree.map(np.testing.assert_array_equal, trainer.consts["frozen"]["params"][name],
+      jax.tree.map(np.testing.assert_array_equal, trainer.task.consts["frozen"]["params"][name],
                    variables["params"][name])
   images = np.random.default_rng(0).uniform(size=(4, SIZE, SIZE, 3)).astype(np.float32)
-  x = (images - np.asarray(trainer.dataset.mean)) / np.asarray(trainer.dataset.std)
+  x = (images - np.asarray(trainer.setup.source.mean)) / np.asarray(trainer.setup.source.std)
   _, features = net.apply(variables, jnp.asarray(x), False)  # eval-mode BN of the export
   expected = features @ head["classifier"]["kernel"] + head["classifier"]["bias"]
-  np.testing.assert_allclose(trainer.logits(images), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(trainer.task.logits(trainer.state, images), expected, rtol=1e-4,
+                             atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -223,3 +220,30 @@ def test_export_json_is_plain_json(supervised):
     info = json.load(f)
   assert info["format"] == export.FORMAT
   assert info["preprocessing"]["image_size"] == SIZE
+
+
+def test_probe_train_and_eval_steps_compile_once(probed, tmp_path):
+  trainer = jobs.build(probed.config, str(tmp_path))
+  trainer.train_steps(3)
+  trainer.evaluate()
+  trainer.evaluate()
+  assert trainer.task._train_step._cache_size() == 1
+  assert trainer.task._eval_step._cache_size() == 1
+
+
+def test_fewshot_command_on_the_export(supervised, tmp_path):
+  """mcl-fewshot on the exported member's features of the synthetic test split."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "fewshot.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "mcl_jax.fewshot", f"--export={supervised.out}",
+       "--classes=0,1,2,3,4", "--shots=1,2", "--queries=3", "--episodes=10",
+       f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  assert set(result) == {f"{c}_{k}shot" for c in ("nearest_centroid", "logistic_regression")
+                         for k in (1, 2)}
+  for value in result.values():
+    assert 0 <= value["mean"] <= 1 and value["ci95"] >= 0
+  assert "5-way few-shot accuracy" in proc.stdout

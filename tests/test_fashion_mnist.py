@@ -12,12 +12,11 @@ import struct
 import numpy as np
 import pytest
 
+from mcl_jax import jobs
 from mcl_jax import config_lib
 from mcl_jax import data
 from mcl_jax.data import fashion_mnist
-
-config_lib.ensure_configs_importable()
-from configs import fashion_mnist as fm_config  # noqa: E402
+from mcl_jax.configs import fashion_mnist as fm_config
 
 HAVE_DEBIAN_COPY = fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR)
 needs_real_data = pytest.mark.skipif(
@@ -77,7 +76,7 @@ def test_main_exits_2_with_one_sentence_when_the_data_is_missing(tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-      [sys.executable, "-m", "mcl_jax.main", "--config=configs/fashion_mnist.py:baseline,smoke",
+      [sys.executable, "-m", "mcl_jax.main", "--config=fashion_mnist:baseline,smoke",
        f"--workdir={tmp_path / 'w'}", f"--config.input.data_dir={tmp_path / 'nowhere'}"],
       cwd=root, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2
@@ -135,7 +134,7 @@ def test_a_short_supervised_run_on_real_images_clearly_learns(tmp_path):
   c.schedule.epochs = 2
   c.schedule.num_train_steps = 150
   c.log_every_steps = 50
-  result = train.train_and_evaluate(c, str(tmp_path))
+  result = jobs.run(c, str(tmp_path))
   val = result["eval"]["validation"]["top1"]
   assert val.shape == (3,)
   assert np.all(val > 0.45), val

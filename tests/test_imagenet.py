@@ -1,4 +1,4 @@
-"""ImageNet-style supervised MCL: the memory bank in the sharded train state (SPEC 2.2)."""
+"""ImageNet-style supervised MCL: the memory bank in the sharded train state (docs/SPEC.md 2.2)."""
 import os
 
 import jax
@@ -6,14 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from mcl_jax import jobs
 from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import memory_bank
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
-
-config_lib.ensure_configs_importable()
-from configs import imagenet_r18_x3  # noqa: E402
+from mcl_jax.configs import imagenet_r18_x3
 
 
 def tiny_bank_config():
@@ -37,22 +35,22 @@ def test_imagenet_r18_x3_is_the_official_recipe():
 def test_bank_is_sharded_and_updated_as_memory_bank_update(tmp_path):
   c = tiny_bank_config()
   c.model.dtype = "float32"  # the reference forward below runs outside the step's jit
-  trainer = train.Trainer(c, str(tmp_path))
+  trainer = jobs.build(c, str(tmp_path))
   bank = trainer.state.bank
   assert bank.shape == (2 if c.cohort.num_members == 2 else 3, 64, 128)
   assert bank.sharding.spec == P(None, "data", None)
   assert {s.data.shape for s in bank.addressable_shards} == {(bank.shape[0], 8, 128)}
 
   before = jax.device_get(trainer.state)
-  (_, batch), = [next(iter(trainer.local_batches()))]
+  (_, batch), = [next(iter(trainer.batches()))]
   trainer.step(batch)
   after = np.asarray(trainer.state.bank)
 
   # The embeddings the step computed: same RNG split, preprocessing and forward pass.
   idx = jnp.asarray(batch["index"])
   _, aug_rng, _ = jax.random.split(before.rng, 3)
-  images = trainer._train_preprocess(aug_rng, trainer.consts["train_image"][idx])
-  outputs, _ = trainer.model.apply(
+  images = trainer.setup.source.train_preprocess(aug_rng, trainer.task.consts["train_image"][idx])
+  outputs, _ = trainer.task.model.apply(
       {"params": before.params, "batch_stats": before.batch_stats}, images, train=True,
       mutable=["batch_stats"])
   expected = memory_bank.update(jnp.asarray(before.bank), idx, outputs["embeddings"],
@@ -66,8 +64,8 @@ def test_bank_is_sharded_and_updated_as_memory_bank_update(tmp_path):
 def test_one_and_eight_devices_give_the_same_losses(tmp_path):
   c = tiny_bank_config()
   c.model.dtype = "float32"  # compare the arithmetic, not bf16 rounding order
-  eight = train.Trainer(c, str(tmp_path / "eight"))
-  one = train.Trainer(c, str(tmp_path / "one"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  eight = jobs.build(c, str(tmp_path / "eight"))
+  one = jobs.build(c, str(tmp_path / "one"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
   h8, h1 = eight.train_steps(2), one.train_steps(2)
   for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "logit_kd"):
     np.testing.assert_allclose(np.asarray(h8[-1][name]), np.asarray(h1[-1][name]),
@@ -80,14 +78,14 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_resume_restores_the_sharded_bank(tmp_path):
   c = tiny_bank_config()
-  trainer = train.Trainer(c, str(tmp_path))
+  trainer = jobs.build(c, str(tmp_path))
   trainer.train_steps(2)
   ckpt = checkpointing.Checkpointer(str(tmp_path))
-  ckpt.save(2, trainer.state, trainer.meta())
+  ckpt.save(2, trainer.state, trainer.task.meta())
   ckpt.close()
-  fresh = train.Trainer(c, str(tmp_path))
+  fresh = jobs.build(c, str(tmp_path))
   assert not np.array_equal(np.asarray(fresh.state.bank), np.asarray(trainer.state.bank))
-  assert fresh.restore_or_keep(checkpointing.Checkpointer(str(tmp_path)))
+  assert fresh.restore(checkpointing.Checkpointer(str(tmp_path)))
   np.testing.assert_array_equal(np.asarray(fresh.state.bank), np.asarray(trainer.state.bank))
   assert fresh.state.bank.sharding.spec == P(None, "data", None)
   assert int(fresh.state.step) == 2
@@ -111,7 +109,7 @@ def test_streamed_image_folder_with_the_bank(tmp_path):
   c.input.global_batch_size = 8
   c.input.eval_batch_size = 8
   c.schedule.num_train_steps = 3  # crosses an epoch boundary (24 images / 8 = 3 steps)
-  result = train.train_and_evaluate(c, str(tmp_path / "run"))
+  result = jobs.run(c, str(tmp_path / "run"))
   assert result["steps"] == 3 and result["eval"]["test"]["top1"].shape == (4,)
   assert np.isfinite(result["train"]["loss"])
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")

@@ -64,7 +64,7 @@ def test_shellcheck_is_clean():
 # --- Cloud TPU pod -------------------------------------------------------------------------
 
 TPU_ENV = {"DRY_RUN": "1", "NAME": "mcl-pod", "ZONE": "us-central2-b", "PROJECT": "proj",
-           "CONFIG": "configs/cifar100_resnet32.py:mcl_x4",
+           "CONFIG": "cifar100_resnet32:mcl_x4",
            "WORKDIR": "gs://bucket/mcl/r32 x4"}  # A space, to check the quoting.
 
 
@@ -89,7 +89,7 @@ def test_tpu_pod_dry_run_prints_every_step():
   remote = shlex.split(train[train.index("--command") + 1])
   assert remote[:3] == ["cd", "~/mcl_jax", "&&"]
   assert remote[3].endswith("/bin/python") and remote[4:6] == ["-m", "mcl_jax.main"]
-  assert remote[6:] == ["--config=configs/cifar100_resnet32.py:mcl_x4",
+  assert remote[6:] == ["--config=cifar100_resnet32:mcl_x4",
                         "--workdir=gs://bucket/mcl/r32 x4", "--config.optim.lr=0.05"]
   assert delete[4:6] == ["delete", "mcl-pod"] and "--quiet" in delete
   # The staging commands (local) come between create and scp.
@@ -119,14 +119,14 @@ def test_tpu_pod_rejects_local_workdir_and_unknown_step():
 # --- one GPU node ------------------------------------------------------------------------
 
 def test_gpu_single_node_dry_run():
-  env = {"DRY_RUN": "1", "CONFIG": "configs/cifar100_resnet32.py:mcl_x2",
+  env = {"DRY_RUN": "1", "CONFIG": "cifar100_resnet32:mcl_x2",
          "WORKDIR": "workdirs/r32", "PYTHON": "python3", "INSTALL": "1"}
   result = _run("gpu_single_node.sh", "--config.optim.lr=0.05", env=env)
   assert result.returncode == 0, result.stderr
   install, train = _commands(result.stdout)
   assert install[:4] == ["python3", "-m", "pip", "install"] and "jax[cuda12]==0.10.2" in install
   main = train[train.index("python3"):]
-  assert main == ["python3", "-m", "mcl_jax.main", "--config=configs/cifar100_resnet32.py:mcl_x2",
+  assert main == ["python3", "-m", "mcl_jax.main", "--config=cifar100_resnet32:mcl_x2",
                   "--workdir=workdirs/r32", "--config.optim.lr=0.05"]
   assert not any("coordinator" in a for a in train)
 
@@ -139,7 +139,7 @@ def test_gpu_single_node_needs_config():
 # --- local multi-process -----------------------------------------------------------------
 
 def test_local_two_process_dry_run():
-  env = {"DRY_RUN": "1", "CONFIG": "configs/digits.py:mcl_x2,smoke", "WORKDIR": "wd",
+  env = {"DRY_RUN": "1", "CONFIG": "digits:mcl_x2,smoke", "WORKDIR": "wd",
          "PORT": "23456", "PYTHON": "python3"}
   result = _run("local_two_process.sh", env=env)
   assert result.returncode == 0, result.stderr
@@ -152,7 +152,7 @@ def test_local_two_process_dry_run():
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in cmd
     assert "JAX_PLATFORMS=cpu" in cmd
     main = cmd[cmd.index("python3"):-4]
-    assert main == ["python3", "-m", "mcl_jax.main", "--config=configs/digits.py:mcl_x2,smoke",
+    assert main == ["python3", "-m", "mcl_jax.main", "--config=digits:mcl_x2,smoke",
                     "--workdir=wd", "--coordinator_address=localhost:23456",
                     "--num_processes=2", f"--process_id={i}"]
 
@@ -258,13 +258,13 @@ def test_sbatch_directives():
 
 
 def test_sbatch_dry_run_prints_srun():
-  env = {"DRY_RUN": "1", "CONFIG": "configs/c.py", "WORKDIR": "/shared/w", "PYTHON": "python3"}
+  env = {"DRY_RUN": "1", "CONFIG": "c", "WORKDIR": "/shared/w", "PYTHON": "python3"}
   result = _run("slurm_multinode.sbatch", "--config.seed=1", env=env)
   assert result.returncode == 0, result.stderr
   (cmd,) = _commands(result.stdout)
   assert cmd[0] == "srun" and "--kill-on-bad-exit=1" in cmd
   assert cmd[cmd.index("python3"):] == [
-      "python3", "-m", "mcl_jax.main", "--config=configs/c.py", "--workdir=/shared/w",
+      "python3", "-m", "mcl_jax.main", "--config=c", "--workdir=/shared/w",
       "--config.seed=1"]
 
 
@@ -291,7 +291,7 @@ def _fake_slurm_bin(tmp_path, time_left, srun_rc):
 ])
 def test_sbatch_requeues_only_at_the_time_limit(tmp_path, time_left, srun_rc, requeued, rc):
   bin_dir, log = _fake_slurm_bin(tmp_path, time_left, srun_rc)
-  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CONFIG": "configs/c.py",
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CONFIG": "c",
          "WORKDIR": "/shared/w", "PYTHON": "python3", "SLURM_JOB_ID": "42",
          "SLURM_SUBMIT_DIR": REPO, "SLURM_RESTART_COUNT": "0"}
   result = _run("slurm_multinode.sbatch", env=env)

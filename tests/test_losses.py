@@ -1,6 +1,6 @@
-"""Tests of mcl_jax.losses against SPEC section 2.
+"""Tests of mcl_jax.losses against docs/SPEC.md 2.
 
-Three independent checks: a float64 NumPy port written from SPEC's formulas with plain
+Three independent checks: a float64 NumPy port written from docs/SPEC.md's formulas with plain
 loops over member pairs (the opposite structure to the batched einsums of losses.py), the
 official PyTorch outputs in tests/data/official_mcl_losses.npz, and invariants (member
 permutation, uniform similarities, detached targets, jit, dtypes).
@@ -20,7 +20,7 @@ T = 3.0
 
 
 # -------------------------------------------------------------------------------------
-# NumPy port of SPEC 2 (float64, loops over ordered pairs)
+# NumPy port of docs/SPEC.md 2 (float64, loops over ordered pairs)
 # -------------------------------------------------------------------------------------
 
 
@@ -30,7 +30,7 @@ def np_log_softmax(x):
 
 
 def np_kl(teacher, student, temperature):
-  """KL_T(teacher || student), batchmean over rows, times T^2 (SPEC 2)."""
+  """KL_T(teacher || student), batchmean over rows, times T^2 (docs/SPEC.md 2)."""
   log_p = np_log_softmax(teacher / temperature)
   log_q = np_log_softmax(student / temperature)
   return temperature**2 * np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))
@@ -144,7 +144,7 @@ def assert_losses(got, want, rtol=1e-4, atol=1e-5):
 
 
 def weighted_total(out):
-  """The weights of the reference file's grad_total (SPEC 6)."""
+  """The weights of the reference file's grad_total (docs/SPEC.md 6)."""
   return 0.1 * out["vcl"] + out["soft_vcl"] + 0.1 * out["icl"] + out["soft_icl"]
 
 
@@ -219,7 +219,7 @@ def test_batch_rows_without_positive_are_skipped():
 
 
 # -------------------------------------------------------------------------------------
-# Against the official code (tests/data/official_mcl_losses.npz, SPEC 6)
+# Against the official code (tests/data/official_mcl_losses.npz, docs/SPEC.md 6)
 # -------------------------------------------------------------------------------------
 
 
@@ -428,3 +428,51 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match="queues"):
     losses.moco_mcl(jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 8, 16)),
                     tau=0.1, kd_temperature=T)
+
+
+# -------------------------------------------------------------------------------------
+# CO2 consistency (Wei et al. 2021) for the MoCo regime
+# -------------------------------------------------------------------------------------
+
+
+def np_co2(q, k, queues, temperature, cross):
+  """Symmetric KL between the query's and the positive key's softmax over the queue,
+  float64, loops over members (and ordered pairs a != b with `cross`)."""
+  m = q.shape[0]
+
+  def sym_kl(query, key, queue):
+    log_p = np_log_softmax(query @ queue.T / temperature)
+    log_r = np_log_softmax(key @ queue.T / temperature)
+    p, r = np.exp(log_p), np.exp(log_r)
+    return 0.5 * np.mean(np.sum(p * (log_p - log_r) + r * (log_r - log_p), axis=-1))
+
+  total = sum(sym_kl(q[a], k[a], queues[a]) for a in range(m))
+  if cross:
+    total += sum(sym_kl(q[a], k[b], queues[b]) for a in range(m) for b in range(m) if a != b)
+  return total
+
+
+@pytest.mark.parametrize("m,cross", [(1, False), (2, False), (2, True), (3, True)])
+def test_co2_matches_numpy(m, cross):
+  q, k, queues = moco_inputs(np.random.default_rng(m), m, b=5, k=12, d=6)
+  got = jax.jit(functools.partial(losses.co2, temperature=0.04, cross=cross))(
+      f32(q), f32(k), f32(queues))
+  assert got.shape == () and got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), np_co2(q, k, queues, 0.04, cross), rtol=2e-4)
+  assert float(got) > 0
+
+
+def test_co2_is_zero_when_query_and_key_agree():
+  q, _, queues = moco_inputs(np.random.default_rng(7), 2)
+  assert float(losses.co2(f32(q), f32(q), f32(queues), temperature=0.04)) == pytest.approx(
+      0.0, abs=1e-6)
+  # Across members the distributions differ even then: the cross term is not zero.
+  assert float(losses.co2(f32(q), f32(q), f32(queues), temperature=0.04, cross=True)) > 1e-3
+
+
+def test_co2_gradient_reaches_only_the_query():
+  q, k, queues = (f32(x) for x in moco_inputs(np.random.default_rng(8), 2))
+  g_q, g_k, g_queues = jax.jit(jax.grad(functools.partial(
+      losses.co2, temperature=0.04, cross=True), argnums=(0, 1, 2)))(q, k, queues)
+  assert np.any(np.asarray(g_q) != 0.0)
+  assert np.all(np.asarray(g_k) == 0.0) and np.all(np.asarray(g_queues) == 0.0)

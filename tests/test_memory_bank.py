@@ -1,4 +1,4 @@
-"""Tests of mcl_jax.memory_bank: init and momentum update (SPEC 2.2), on-device sampling of
+"""Tests of mcl_jax.memory_bank: init and momentum update (docs/SPEC.md 2.2), on-device sampling of
 positives and negatives, and the bank sharded along N over the 'data' mesh axis."""
 import functools
 import math
@@ -18,7 +18,7 @@ def unit(rng, *shape):
 
 
 def np_update(bank, own_idx, z, momentum):
-  """SPEC 2.2 row by row: V_a[o_i] <- normalize(m V_a[o_i] + (1 - m) z_a[i])."""
+  """docs/SPEC.md 2.2 row by row: V_a[o_i] <- normalize(m V_a[o_i] + (1 - m) z_a[i])."""
   bank = bank.copy()
   for a in range(bank.shape[0]):
     for i, o in enumerate(own_idx):
@@ -179,8 +179,8 @@ def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
     z = jnp.asarray(unit(rng, 2, 8, 4), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(2, 2, 8, 9)), jnp.float32)
 
-    def sharded(z):
-      sims = memory_bank.gather_similarities(bank, idx, z, mesh)
+    def sharded(z, chunk_size=0):
+      sims = memory_bank.gather_similarities(bank, idx, z, mesh, chunk_size=chunk_size)
       return jnp.sum(weights * sims), sims
 
     def unsharded(z):
@@ -193,6 +193,11 @@ def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "data")), 4)
+    # In chunks of 4 candidates (9 = 4 + 4 + 1, the last chunk padded): the same values.
+    (_, chunked), chunked_grad = jax.jit(jax.value_and_grad(
+        lambda z: sharded(z, chunk_size=4), has_aux=True))(z)
+    np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(chunked_grad, got_grad, rtol=1e-6, atol=1e-6)
     if mesh.size == 8:
       # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the bank;
       # the all-gather is that of the small embeddings z.

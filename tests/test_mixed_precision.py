@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from mcl_jax import config_lib
+from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train
 from mcl_jax.data import augment
-
-config_lib.ensure_configs_importable()
-from configs import default  # noqa: E402
+from mcl_jax.configs import default
 
 BATCH, SIZE, CLASSES, MEMBERS = 16, 8, 10, 2
 
@@ -47,7 +46,7 @@ def one_step(dtype: str):
   """(state before, state after, metrics, model) of one step from the shared initial state."""
   config = tiny_config(dtype)
   model = train.build_model(config, CLASSES)
-  tx, _ = train.make_optimizer(config, steps_per_epoch=10)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
   # The initial variables are float32 whatever the compute dtype: same RNG, same values.
   state = train.create_train_state(model, tx, (SIZE, SIZE, 3), jax.random.PRNGKey(0), mesh)

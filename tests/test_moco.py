@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mcl_jax import jobs
 from mcl_jax import checkpointing
 from mcl_jax import config_lib
 from mcl_jax import losses
 from mcl_jax import moco
+from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
-
-config_lib.ensure_configs_importable()
-from configs import moco_r18_x2  # noqa: E402
+from mcl_jax.configs import moco_r18_x2
+from mcl_jax.data import views
 
 # The module-scoped runs are made once: every test of this file goes to the same worker.
 pytestmark = pytest.mark.xdist_group("moco")
@@ -51,14 +51,14 @@ def assert_trees_close(a, b, **kw):
 def run(tmp_path_factory):
   """Three steps of a tiny MoCo-MCL x2 on 8 devices, every state kept on the host."""
   workdir = str(tmp_path_factory.mktemp("moco"))
-  trainer = moco.MocoTrainer(tiny_config(), workdir)
+  trainer = jobs.build(tiny_config(), workdir)
   states, metrics, batches = [jax.device_get(trainer.state)], [], []
-  for _, batch in itertools.islice(trainer.local_batches(), 3):
+  for _, batch in itertools.islice(trainer.batches(), 3):
     batches.append(batch)
     metrics.append(jax.device_get(trainer.step(batch)))
     states.append(jax.device_get(trainer.state))
   ckpt = checkpointing.Checkpointer(workdir)
-  ckpt.save(3, trainer.state, trainer.meta())
+  ckpt.save(3, trainer.state, trainer.task.meta())
   ckpt.close()
   return types.SimpleNamespace(trainer=trainer, states=states, metrics=metrics,
                                batches=batches, workdir=workdir)
@@ -77,24 +77,6 @@ def test_queue_takes_the_global_batch_at_the_pointer_fifo(run):
   np.testing.assert_array_equal(q3[:, second], q2[:, second])  # step 3 wrapped to row 0
   assert not np.allclose(q3[:, first], q2[:, first])
   np.testing.assert_allclose(np.linalg.norm(q3, axis=-1), 1.0, rtol=1e-5)
-
-
-def test_enqueued_rows_are_exactly_the_steps_keys(run):
-  """Recompute step 1's keys outside the compiled step: views from the state's RNG, key
-  encoders after the momentum update, train-mode BN over the whole global batch."""
-  trainer, s0 = run.trainer, run.states[0]
-  images = trainer.dataset.train_images[run.batches[0]["index"]]
-
-  @jax.jit
-  def step_keys(state, images):
-    _, view_rng = jax.random.split(state.rng)
-    _, x_k = trainer._views(view_rng, images, None)
-    key_params = moco.momentum_update(state.key_params, state.params, 0.9)
-    return moco.compute_keys(
-        trainer.encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k)[0]
-
-  keys = step_keys(s0, jnp.asarray(images))
-  np.testing.assert_allclose(run.states[1].queues[:, :BATCH], keys, atol=2e-5)
 
 
 def test_key_encoder_is_the_ema_of_the_query_encoder(run):
@@ -124,8 +106,8 @@ def test_losses_are_finite_with_per_member_metrics(run):
 
 
 def test_no_gradient_reaches_the_key_encoders(run):
-  enc, s = run.trainer.encoders, run.states[1]
-  loss_cfg = run.trainer.config.loss
+  enc, s = run.trainer.task.encoders, run.states[1]
+  loss_cfg = run.trainer.setup.config.loss
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
 
   def loss(params, key_params):
@@ -140,9 +122,9 @@ def test_no_gradient_reaches_the_key_encoders(run):
 
 
 def test_resume_restores_queues_pointer_and_key_encoders(run):
-  restarted = moco.MocoTrainer(tiny_config(), run.workdir)
+  restarted = jobs.build(tiny_config(), run.workdir)
   assert int(restarted.state.queue_ptr) == 0
-  assert restarted.restore_or_keep(checkpointing.Checkpointer(run.workdir))
+  assert restarted.restore(checkpointing.Checkpointer(run.workdir))
   restored, saved = jax.device_get(restarted.state), run.states[3]
   assert int(restored.step) == 3 and int(restored.queue_ptr) == BATCH
   for name in ("queues", "key_params", "key_batch_stats", "params", "batch_stats",
@@ -150,30 +132,30 @@ def test_resume_restores_queues_pointer_and_key_encoders(run):
     assert_trees_close(getattr(restored, name), getattr(saved, name), rtol=0, atol=0)
   for leaf in jax.tree.leaves(restarted.state):
     assert leaf.sharding.is_fully_replicated
-  meta = restarted.meta()
+  meta = restarted.task.meta()
   assert meta["trainer"] == "moco" and meta["num_classes"] == 128 and meta["moco_mlp"] is False
-  assert meta["views"] == dataclasses.asdict(moco.MOCO_V1)  # the official v1 recipe
+  assert meta["views"] == dataclasses.asdict(views.MOCO_V1)  # the official v1 recipe
 
 
 def test_views_replace_the_official_recipe(tmp_path):
   """`views=` reaches the step's augmentation (and the meta): with an identity recipe the
   two views are both exactly the normalised source images."""
-  identity = moco.ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=(0.0,) * 4,
+  identity = views.ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=(0.0,) * 4,
                            jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip=False)
-  trainer = moco.MocoTrainer(tiny_config(), str(tmp_path), views=identity)
-  assert trainer.spec == identity and trainer.meta()["views"]["flip"] is False
-  images = jnp.asarray(trainer.dataset.train_images[:4])
-  q, k = jax.jit(trainer._views)(jax.random.PRNGKey(0), images, None)
+  trainer = jobs.build(tiny_config(), str(tmp_path), views=identity)
+  assert trainer.task.spec == identity and trainer.task.meta()["views"]["flip"] is False
+  images = jnp.asarray(trainer.setup.source.train_images[:4])
+  q, k = jax.jit(trainer.task.views)(jax.random.PRNGKey(0), images, None)
   expected = (images / 255.0 - 0.5) / 0.289  # the synthetic set's mean / std
   np.testing.assert_allclose(q, expected, atol=1e-5)
   np.testing.assert_allclose(k, expected, atol=1e-5)
-  assert moco.DIGITS_VIEWS.flip is False and moco.DIGITS_VIEWS.blur_p == 0.0
+  assert views.DIGITS_VIEWS.flip is False and views.DIGITS_VIEWS.blur_p == 0.0
 
 
 def test_sharded_step_equals_single_device(run, tmp_path):
   """BN statistics over the global batch (no shuffle-BN): 8 devices == 1 device."""
-  one = moco.MocoTrainer(tiny_config(), str(tmp_path),
-                         mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  one = jobs.build(tiny_config(), str(tmp_path),
+                   mesh=sharding_lib.make_mesh(jax.devices()[:1]))
   metrics = jax.device_get(one.step(run.batches[0]))
   np.testing.assert_allclose(metrics["loss"], run.metrics[0]["loss"], rtol=1e-5)
   state, eight = jax.device_get(one.state), run.states[1]
@@ -191,14 +173,14 @@ def test_single_network_mocov2_step():
   enc = moco.build_encoders(c, (8, 8, 3))
   width = moco.feature_width("tiny", (8, 8, 3))
   assert enc.cohort.num_classes == width and enc.mlp  # v2: fc is Dense(F, F)
-  tx, _ = train.make_optimizer(c, steps_per_epoch=4)
+  tx, _ = optim.make_optimizer(c, steps_per_epoch=4)
   state = moco.create_state(enc, tx, jax.random.PRNGKey(0), mesh, queue_size=QUEUE)
   assert state.params["members"]["mlp"]["kernel"].shape == (1, width, 128)
-  assert "head" not in state.params["members"]  # the Cohort's SPEC-1 head is not MoCo's
-  views = functools.partial(moco.two_views, spec=moco.MOCO_V2, mean=(0.5,) * 3,
-                            std=(0.25,) * 3, size=8)
+  assert "head" not in state.params["members"]  # the Cohort's docs/SPEC.md 1 head is not MoCo's
+  two = functools.partial(views.two_views, spec=views.MOCO_V2, mean=(0.5,) * 3,
+                          std=(0.25,) * 3, size=8)
   step = jax.jit(functools.partial(moco.train_step, encoders=enc, tx=tx, loss_cfg=c.loss,
-                                   key_momentum=0.99, views=views))
+                                   key_momentum=0.99, views=two))
   images = np.random.default_rng(0).integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
   batch = sharding_lib.global_batch({"image": images}, mesh)
   state, metrics = step(state, batch, {})
@@ -217,9 +199,9 @@ def test_full_window_resize_is_the_identity():
 
   @jax.jit
   def full_window(image):
-    u = jnp.full((moco.NUM_UNIFORMS,), 0.5)
-    window = moco.crop_window(u, 8, 8, (1.0, 1.0), (1.0, 1.0))
-    return jnp.stack(window), moco.resized_crop(image, window, 8)
+    u = jnp.full((views.NUM_UNIFORMS,), 0.5)
+    window = views.crop_window(u, 8, 8, (1.0, 1.0), (1.0, 1.0))
+    return jnp.stack(window), views.resized_crop(image, window, 8)
 
   window, out = full_window(image)
   np.testing.assert_array_equal(window, [0, 0, 8, 8])
@@ -227,8 +209,8 @@ def test_full_window_resize_is_the_identity():
 
 
 def test_crop_windows_fit_the_image_and_the_scale():
-  u = jax.random.uniform(jax.random.PRNGKey(0), (200, moco.NUM_UNIFORMS))
-  top, left, h, w = jax.jit(jax.vmap(lambda v: jnp.stack(moco.crop_window(
+  u = jax.random.uniform(jax.random.PRNGKey(0), (200, views.NUM_UNIFORMS))
+  top, left, h, w = jax.jit(jax.vmap(lambda v: jnp.stack(views.crop_window(
       v, 32, 24, (0.2, 1.0), (3 / 4, 4 / 3)))))(u).T
   assert np.all((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 24))
   area = h * w / (32 * 24)
@@ -238,11 +220,11 @@ def test_crop_windows_fit_the_image_and_the_scale():
 
 def test_hsv_round_trip_and_grayscale():
   rgb = jax.random.uniform(jax.random.PRNGKey(0), (64, 3))
-  round_trip = jax.jit(lambda x: moco.hsv_to_rgb(moco.rgb_to_hsv(x)))
+  round_trip = jax.jit(lambda x: views.hsv_to_rgb(views.rgb_to_hsv(x)))
   np.testing.assert_allclose(round_trip(rgb), rgb, atol=1e-5)
-  spec = moco.ViewSpec(jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=1.0, flip=False)
+  spec = views.ViewSpec(jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=1.0, flip=False)
   image = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 3))
-  gray = jax.jit(lambda x: moco.augment_view(jnp.zeros((moco.NUM_UNIFORMS,)), x, spec, size=8,
+  gray = jax.jit(lambda x: views.augment_view(jnp.zeros((views.NUM_UNIFORMS,)), x, spec, size=8,
                                              crop=False))(image)
   np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-6)
   np.testing.assert_allclose(gray[..., 0], image @ jnp.asarray([0.299, 0.587, 0.114]),
@@ -252,7 +234,7 @@ def test_hsv_round_trip_and_grayscale():
 def test_two_views_differ_per_view_and_per_example():
   image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   images = jnp.asarray(np.stack([image] * 4))  # four copies of one image
-  fn = jax.jit(lambda k, x: moco.two_views(k, x, None, moco.MOCO_V2, mean=(0.5,) * 3,
+  fn = jax.jit(lambda k, x: views.two_views(k, x, None, views.MOCO_V2, mean=(0.5,) * 3,
                                            std=(0.25,) * 3, size=8))
   q, k = fn(jax.random.PRNGKey(0), images)
   assert q.shape == k.shape == (4, 8, 8, 3) and q.dtype == jnp.float32
@@ -290,3 +272,26 @@ def test_streaming_sources_yield_two_crops_per_image(tmp_path):
   assert batch["image"].dtype == np.uint8
   assert not np.array_equal(batch["image"], batch["image2"])  # two crops of each image
   np.testing.assert_array_equal(batch["image2"], again[0]["image2"])  # (seed, epoch) only
+
+
+def test_train_and_embed_steps_compile_once(tmp_path):
+  c = tiny_config()
+  c.input.synthetic_eval_size = 20  # the last eval batch of 16 is padded
+  trainer = jobs.build(c, str(tmp_path))
+  trainer.train_steps(3)
+  trainer.evaluate()
+  trainer.evaluate()
+  assert trainer.task._train_step._cache_size() == 1
+  assert trainer.task._embed_step._cache_size() == 1
+
+
+def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):
+  """Same seed, same first batch and state: the loss with CO2 on exceeds the loss without
+  by exactly weight x the reported co2 term (cross-member pairs on)."""
+  plain = jobs.build(tiny_config(), str(tmp_path / "plain"))
+  with_co2 = jobs.build(tiny_config(**{"loss.co2_weight": 2.0, "loss.co2_cross": True}),
+                        str(tmp_path / "co2"))
+  a, b = plain.train_steps(1)[0], with_co2.train_steps(1)[0]
+  assert "co2" not in a and float(b["co2"]) > 0
+  np.testing.assert_allclose(float(b["loss"]) - float(a["loss"]), 2.0 * float(b["co2"]),
+                             rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Backbones: SPEC 1 parameter counts, the stage contract, names, dtype."""
+"""Backbones: docs/SPEC.md 1 parameter counts, the stage contract, names, dtype."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from mcl_jax import models
 from mcl_jax.models import Cohort, count_cohort_params, count_params
 
-# SPEC 1: arch -> (classes, official shared stages for M > 2, one net, M=3, M=4).
+# docs/SPEC.md 1: arch -> (classes, official shared stages for M > 2, one net, M=3, M=4).
 SPEC_COUNTS = {
     "resnet32": (100, 2, 472_756, 1_370_620, 1_819_552),
     "resnet56": (100, 2, 861_620, 2_499_836, 3_318_944),

@@ -1,4 +1,4 @@
-"""ShuffleNetV2 and HCGNet backbones: SPEC 1 parameter counts, the stage contract, PyTorch parity.
+"""ShuffleNetV2 and HCGNet backbones: docs/SPEC.md 1 parameter counts, the stage contract, PyTorch parity.
 
 Counts use jax.eval_shape (no real init of the big nets). Forward checks run the full
 ShuffleNetV2s and a small HCGNet (the same code with few, narrow layers: a full HCGNet has
@@ -21,7 +21,7 @@ from mcl_jax.models import hcgnet, shufflenetv2
 
 ARCHS = {**shufflenetv2.ARCHS, **hcgnet.ARCHS}
 
-# SPEC 1: (one network, M=3 official shared trunk, M=4 official shared trunk, pooled width).
+# docs/SPEC.md 1: (one network, M=3 official shared trunk, M=4 official shared trunk, pooled width).
 EXPECTED = {
     "shufflenetv2_0.5x": (444_292, 1_317_612, 1_754_272, 1024),
     "shufflenetv2_1x": (1_356_104, 4_006_536, 5_331_752, 1024),
@@ -38,7 +38,7 @@ def small_hcgnet(**kwargs) -> hcgnet.HCGNet:
 
 
 def make(arch: str, **kwargs):
-  """The module for a SPEC arch name (100 classes) or 'small_hcgnet'."""
+  """The module for a docs/SPEC.md arch name (100 classes) or 'small_hcgnet'."""
   return small_hcgnet(**kwargs) if arch == "small_hcgnet" else ARCHS[arch](100, **kwargs)
 
 

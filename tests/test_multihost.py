@@ -37,11 +37,11 @@ STEPS_PER_EPOCH = 4  # 64 synthetic examples / global batch 16
 EPOCHS = 3
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 NUM_DEVICES = 4  # 2 per process in the two-process runs, so batches split within hosts too
-# configs/cifar100_resnet32.py's smoke run shrunk to the tiny test network on 8x8 images.
+# cifar100_resnet32's smoke run shrunk to the tiny test network on 8x8 images.
 # One log line per step (the tests wait for them); eval and checkpoints only at the end
 # unless a test asks for more.
 CONFIG_FLAGS = (
-    "--config=configs/cifar100_resnet32.py:mcl_x2,smoke",
+    "--config=cifar100_resnet32:mcl_x2,smoke",
     "--config.model.arch=tiny",
     "--config.model.num_classes=0",
     "--config.input.image_size=8",

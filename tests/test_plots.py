@@ -66,3 +66,41 @@ def test_format_agreement_table():
   assert lines[2].split()[-2:] == ["0.7500", "1.0000"]
   with pytest.raises(ValueError, match="square"):
     plots.format_agreement_table(np.zeros((2, 3)))
+
+
+def _plot_cli(*args):
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "mcl_jax.plots", *args], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_plot_command_on_a_run_and_comparing_runs(tmp_path):
+  """mcl-plot on a finished tiny MCL x2 run: curves, the t-SNE of both members and the
+  agreement table; --compare overlays a tag of two runs; an unknown tag is one line."""
+  from mcl_jax import jobs
+  from mcl_jax.configs import cifar100_common, common
+  c = common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
+  c.model.num_classes = 0
+  c.input.image_size = 8
+  c.input.synthetic_eval_size = 40
+  c.log_every_steps = 1
+  jobs.run(c, str(tmp_path / "run"))
+  proc = _plot_cli(f"--workdir={tmp_path / 'run'}", "--examples=40")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in ("curves.png", "tsne.png", "agreement.txt"):
+    assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
+  assert "Members predicting the same class" in proc.stdout
+  out = tmp_path / "compare.png"
+  proc = _plot_cli(f"--compare=a={tmp_path / 'run'},b={tmp_path / 'run'}",
+                   "--tags=train/embed_cosine/member_0,train/vcl", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  proc = _plot_cli(f"--compare=a={tmp_path / 'run'}", "--tags=train/nothing", f"--out={out}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: No run has the TensorBoard")

@@ -31,10 +31,9 @@ import pytest
 from mcl_jax import config_lib
 from mcl_jax import convert
 from mcl_jax import models
+from mcl_jax import optim
 from mcl_jax import train
-
-config_lib.ensure_configs_importable()
-from configs import default  # noqa: E402
+from mcl_jax.configs import default
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -93,7 +92,7 @@ def run_jax(recorded, dtype, steps):
   config.optim.momentum, config.optim.nesterov, config.optim.weight_decay = 0.9, True, 5e-4
   loss_cfg = config.loss  # official weights 0.1 / 0.1 / 1 / 1, tau 0.1, T 3
   model = models.Cohort("resnet32", 10, MEMBERS, strategy="unroll", dtype=dtype)
-  tx, _ = train.make_optimizer(config, steps_per_epoch=1000)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
   start = official_state_dict(recorded)
   variables = official_to_cohort(start, dtype)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],

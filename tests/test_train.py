@@ -5,18 +5,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mcl_jax import config_lib
+from mcl_jax import checkpointing
+from mcl_jax import jobs
 from mcl_jax import losses
+from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train
-
-config_lib.ensure_configs_importable()
-from configs import cifar100_common, default  # noqa: E402
+from mcl_jax.configs import cifar100_common, common, default
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The tiny test architecture on synthetic 8x8 data: a jitted step in a second or two."""
-  c = cifar100_common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
+  c = common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
   c.model.num_classes = 0
   c.input.image_size = 8
   c.input.synthetic_train_size = 64
@@ -73,7 +73,7 @@ def test_baseline_computes_no_mcl_terms():
 def test_schedule_is_set_once_per_epoch(kind, boundaries, expected):
   c = default.get_config()
   c.schedule.kind, c.schedule.epochs, c.schedule.boundaries = kind, 2, boundaries
-  schedule = train.learning_rate_schedule(c, steps_per_epoch=2)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch=2)
   got = [float(schedule(s)) for s in range(5)]
   np.testing.assert_allclose(got, expected, atol=1e-7)
 
@@ -81,7 +81,7 @@ def test_schedule_is_set_once_per_epoch(kind, boundaries, expected):
 def test_smoke_run_trains_and_reports_every_member(tmp_path):
   c = tiny_config()
   c.schedule.num_train_steps = 6
-  result = train.train_and_evaluate(c, str(tmp_path))
+  result = jobs.run(c, str(tmp_path))
   top1 = result["eval"]["test"]["top1"]
   assert top1.shape == (3,)  # 2 members + ensemble
   assert np.all((0 <= top1) & (top1 <= 1))
@@ -95,19 +95,18 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   state equals that of a run that never stopped, bit for bit."""
   c = tiny_config()
   c.schedule.num_train_steps = 6
-  full = train.Trainer(c, str(tmp_path / "full"))
+  full = jobs.build(c, str(tmp_path / "full"))
   full.train_steps()
 
   interrupted = tiny_config()
   interrupted.schedule.num_train_steps = 3
-  train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
+  jobs.run(interrupted, str(tmp_path / "resumed"))
   resumed_cfg = tiny_config()
   resumed_cfg.schedule.num_train_steps = 6
-  result = train.train_and_evaluate(resumed_cfg, str(tmp_path / "resumed"))
+  result = jobs.run(resumed_cfg, str(tmp_path / "resumed"))
   assert result["steps"] == 6
-  restarted = train.Trainer(resumed_cfg, str(tmp_path / "resumed"))
-  from mcl_jax import checkpointing
-  assert restarted.restore_or_keep(checkpointing.Checkpointer(str(tmp_path / "resumed")))
+  restarted = jobs.build(resumed_cfg, str(tmp_path / "resumed"))
+  assert restarted.restore(checkpointing.Checkpointer(str(tmp_path / "resumed")))
   assert int(restarted.state.step) == 6
   leaves_close(restarted.state.params, full.state.params)
   leaves_close(restarted.state.batch_stats, full.state.batch_stats)
@@ -116,9 +115,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_sharded_step_equals_single_device(tmp_path):
   c = tiny_config()
-  eight = train.Trainer(c, str(tmp_path / "a"))
-  one = train.Trainer(c, str(tmp_path / "b"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
-  assert eight.mesh.size == 8
+  eight = jobs.build(c, str(tmp_path / "a"))
+  one = jobs.build(c, str(tmp_path / "b"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  assert eight.setup.mesh.size == 8
   m8 = eight.train_steps(2)
   m1 = one.train_steps(2)
   np.testing.assert_allclose(m8[-1]["loss"], m1[-1]["loss"], rtol=1e-5)
@@ -127,25 +126,53 @@ def test_sharded_step_equals_single_device(tmp_path):
 
 def test_state_is_replicated_and_step_compiles_once(tmp_path):
   c = tiny_config()
-  trainer = train.Trainer(c, str(tmp_path))
+  trainer = jobs.build(c, str(tmp_path))
   for leaf in jax.tree.leaves(trainer.state):
     assert leaf.sharding.is_fully_replicated
   trainer.train_steps(3)
-  assert trainer._train_step._cache_size() == 1
+  assert trainer.task._train_step._cache_size() == 1
 
 
-def test_eval_counts_every_example_once(tmp_path):
+def test_eval_is_exact_with_fixed_logits_and_a_padded_last_batch(tmp_path):
+  """Zero classifier weights make every member's logits its bias, the same for every image:
+  the expected accuracies follow from the labels alone. 21 test images over an eval
+  batch of 8 leave a padded last batch, which must not count."""
   c = tiny_config()
-  c.input.synthetic_eval_size = 21  # not a multiple of the (8-device) eval batch
-  trainer = train.Trainer(c, str(tmp_path))
-  acc = trainer.evaluate()["test"]
-  # With 21 examples every accuracy is a multiple of 1/21.
-  np.testing.assert_allclose(acc["top1"] * 21, np.round(acc["top1"] * 21), atol=1e-4)
-  assert np.all(acc["top5"] >= acc["top1"])
+  c.input.synthetic_eval_size = 21
+  run = jobs.build(c, str(tmp_path))
+  params = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), run.state.params)
+  classifier = params["members"]["backbone"]["classifier"]
+  classifier["kernel"][:] = 0.0
+  ranking = np.zeros((2, 10))
+  ranking[0] = np.arange(10)[::-1]  # member 0: class 0 first, then 1, 2, ...
+  ranking[1, [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]] = 4.0 * np.arange(10)[::-1]  # 3, then 0, 1...
+  classifier["bias"][:] = ranking
+  run.state = run.state.replace(params=jax.device_put(
+      params, jax.tree.map(lambda x: x.sharding, run.state.params)))
+  acc = run.evaluate()["test"]
+  labels = np.asarray(run.setup.source.eval_splits()["test"][1])
+  assert labels.shape == (21,)
+  in_top = lambda classes: np.isin(labels, classes).mean()
+  ensemble = ranking.mean(0)  # the mean of the members' logits
+  top5_ensemble = np.argsort(-ensemble)[:5]
+  assert np.argmax(ensemble) == 3 and np.unique(ensemble).size == 10  # no ties
+  np.testing.assert_allclose(acc["top1"], [in_top([0]), in_top([3]), in_top([3])],
+                             rtol=0, atol=1e-7)
+  np.testing.assert_allclose(acc["top5"], [in_top([0, 1, 2, 3, 4]), in_top([3, 0, 1, 2, 4]),
+                                           in_top(top5_ensemble)], rtol=0, atol=1e-7)
+
+
+def test_eval_step_compiles_once_for_a_padded_split(tmp_path):
+  c = tiny_config()
+  c.input.synthetic_eval_size = 21
+  run = jobs.build(c, str(tmp_path))
+  run.evaluate()
+  run.evaluate()
+  assert run.task._eval_step._cache_size() == 1  # the padded last batch keeps the shape
 
 
 def test_members_see_the_same_batch_but_differ(tmp_path):
-  trainer = train.Trainer(tiny_config(), str(tmp_path))
+  trainer = jobs.build(tiny_config(), str(tmp_path))
   history = trainer.train_steps(1)
   ce = np.asarray(history[0]["ce"])
   assert ce.shape == (2,) and ce[0] != ce[1]  # different inits, same data
