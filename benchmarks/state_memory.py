@@ -1,6 +1,6 @@
 """Per-device memory of the train state of an experiment at full size, from shapes only.
 
-  .venv/bin/python benchmarks/state_memory.py --config=configs/imagenet_r18_x3.py --devices=16
+  .venv/bin/python benchmarks/state_memory.py --config=imagenet_r18_x3 --devices=16
 
 Nothing is allocated: the state is built with `jax.eval_shape` (the trainer's own init),
 placed with the trainer's own shardings on a mesh of `--devices` fake CPU devices, and each
@@ -20,7 +20,7 @@ from absl import app, flags
 
 flags.DEFINE_integer("devices", 16, "Devices on the mesh (v4-32: 16).")
 flags.DEFINE_integer("train_examples", 1_281_167, "Training examples N (the bank's rows).")
-flags.DEFINE_string("config", "configs/imagenet_r18_x3.py", "Experiment config file[:arg].")
+flags.DEFINE_string("config", "imagenet_r18_x3", "Experiment config file[:arg].")
 FLAGS = flags.FLAGS
 
 MiB = 2**20
@@ -50,18 +50,17 @@ def main(argv):
 
   import jax
 
-  from mcl_jax import config_lib, sharding as sharding_lib, train
+  from mcl_jax import optim, sharding as sharding_lib, train
 
   path, _, arg = FLAGS.config.partition(":")
-  config_lib.ensure_configs_importable()
   name = os.path.splitext(os.path.basename(path))[0]
-  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  config = importlib.import_module(f"mcl_jax.configs.{name}").get_config(arg or None)
   mesh = sharding_lib.make_mesh(jax.devices()[:FLAGS.devices])
   n = FLAGS.train_examples
   num_classes = config.model.num_classes
   batch = config.input.global_batch_size
   model = train.build_model(config, num_classes)
-  tx, _ = train.make_optimizer(config, steps_per_epoch=n // batch)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=n // batch)
   image_shape = (config.input.image_size, config.input.image_size, 3)
   bank_rows = n if config.loss.regime == "bank" else 0
   state = train.abstract_train_state(model, tx, image_shape, mesh, bank_rows=bank_rows)
