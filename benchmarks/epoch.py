@@ -26,6 +26,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--arch", default="resnet32")
   parser.add_argument("--members", type=int, default=4)
+  parser.add_argument("--shared_stages", type=int, default=-1,
+                      help="-1: the config's (official: stem + first stage for M > 2)")
   parser.add_argument("--steps", type=int, default=390)
   parser.add_argument("--train_examples", type=int, default=50000)
   parser.add_argument("--batch", type=int, default=128)
@@ -42,6 +44,8 @@ def main(argv=None) -> None:
   c = cifar100_common.set_variant(cifar100_common.base(args.arch),
                                   "mcl_x4" if args.members > 2 else "mcl_x2")
   c.cohort.num_members = args.members
+  if args.shared_stages >= 0:
+    c.model.shared_stages = args.shared_stages
   c.model.dtype, c.model.strategy = args.dtype, args.strategy
   c.input.dataset = "synthetic"
   c.input.synthetic_train_size = args.train_examples

@@ -44,8 +44,8 @@ if [[ $MODE == --cpu ]]; then
       --dtype=bfloat16 --steps=2 --warmup=1
   "$PY" benchmarks/torch_step.py --members=2 --batch=16 --image_size=16 --steps=2 --warmup=1 \
       --official=.official/winycg_MCL --json_out="$OUT/torch.jsonl"
-  "$PY" benchmarks/epoch.py --arch=tiny --members=4 --steps=4 --train_examples=256 \
-      --batch=16 --image_size=16 --json_out="$OUT/epoch.jsonl"
+  "$PY" benchmarks/epoch.py --arch=tiny --members=4 --shared_stages=1 --steps=4 \
+      --train_examples=256 --batch=16 --image_size=16 --json_out="$OUT/epoch.jsonl"
 else
   # CIFAR: resnet32 M = 1, 2, 4 (the official shared trunk for 4) and wrn_16_2 x2,
   # B = 128, float32 and bfloat16, unroll and vmap, MCL on.
