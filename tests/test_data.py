@@ -153,6 +153,20 @@ def test_eval_batches_pad_the_last_batch_with_mask_zero():
     assert local.shape == (2,)
 
 
+def test_in_memory_eval_shares_split_the_batch_axis_over_processes():
+  ds = data.make_source({"dataset": "synthetic", "synthetic_train_size": 16,
+                         "synthetic_eval_size": 10, "image_size": 8})
+  shares = [list(ds.eval_batches("test", 4, process_index=p, process_count=2))
+            for p in range(2)]
+  for batch0, batch1 in zip(*shares):
+    assert batch0["image"].shape == (2, 8, 8, 3) and batch0["label"].shape == (2,)
+    joined = np.concatenate([batch0["index"], batch1["index"]])
+    whole = np.concatenate([batch0["image"], batch1["image"]])
+    np.testing.assert_array_equal(whole, ds.eval_images[joined])
+  masks = np.concatenate([np.concatenate([a["mask"], b["mask"]]) for a, b in zip(*shares)])
+  assert masks.sum() == 10
+
+
 # -- sources ---------------------------------------------------------------------------
 
 

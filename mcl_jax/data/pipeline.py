@@ -95,8 +95,9 @@ class Dataset:
     """This process's share of padded batches covering `split` once, in order."""
     p, count = process(process_index, process_count)
     images, labels = self.eval_splits()[split]
+    rows = local_batch_indices(np.arange(global_batch_size), p, count)  # batch axis 0
     for batch in eval_batches(images, labels, global_batch_size):
-      yield {k: local_batch_indices(v, p, count) for k, v in batch.items()}
+      yield {k: v[rows] for k, v in batch.items()}
 
   def device_arrays(self) -> dict[str, np.ndarray]:
     """The training set, kept whole on every device: steps gather their batch by index."""
