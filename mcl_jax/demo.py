@@ -4,7 +4,7 @@ r"""`make demo`: MCL x2 against two independently trained networks on real image
 
 On Fashion-MNIST when it is installed (`apt-get install dataset-fashion-mnist`): the
 `demo_baseline` and `demo_mcl_x2` rows of mcl_jax/configs/fashion_mnist.py (the suite's recipe,
-shortened to 6 epochs so two seeds of both fit in about ten minutes on two cores, two
+shortened to 4 epochs so two seeds of both fit in about ten minutes on two cores, two
 trainings at a time); otherwise on scikit-learn's handwritten digits (mcl_jax/configs/digits.py),
 saying so. Both go through the reproduction runner (`mcl_jax.reproduce`), so a second
 `make demo` only prints the table, and the table is the runner's: every member, the

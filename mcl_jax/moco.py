@@ -285,29 +285,23 @@ class MocoTask:
     self.spec = views or data_views.VIEW_SPECS[config.ssl.views]
     source.use_two_views(self.spec.crop_scale)  # streaming: two host crops per image
     self.encoders = build_encoders(config, source.image_shape)
+    self.views = data_views.source_views(source, self.spec, self.encoders.cohort.dtype)
     self.describe = (f"MoCo ({config.ssl.views} views, "
                      f"{'MLP' if config.moco.mlp else 'linear'} head) pre-training "
                      f"{config.model.arch} x{config.cohort.num_members}")
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
-    replicated = sharding_lib.replicated(mesh)
-    self.shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(self.init_state))
+    self.shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh),
+                                  jax.eval_shape(self.init_state))
     self._train_step = sharding_lib.compile_step(functools.partial(
         train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
         key_momentum=config.moco.key_momentum, views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
-    self._embed_step = jax.jit(
-        functools.partial(embed_step, encoders=self.encoders, preprocess=source.eval_preprocess),
-        in_shardings=(replicated, replicated, sharding_lib.batch_sharded(mesh)),
-        out_shardings=replicated)
-
-  def views(self, rng: Array, images: Array, images2: Array | None) -> tuple[Array, Array]:
-    source = self.setup.source
-    return data_views.two_views(rng, images, images2, self.spec, mean=source.mean,
-                                std=source.std, size=source.image_shape[0],
-                                dtype=self.encoders.cohort.dtype)
+    self._embed_step = sharding_lib.compile_embed(
+        functools.partial(embed_step, encoders=self.encoders,
+                          preprocess=source.eval_preprocess), mesh)
 
   def init_state(self) -> MocoState:
     config = self.setup.config

@@ -59,3 +59,11 @@ def compile_step(step_fn: Callable[..., Any], state_shardings: Any, mesh: Mesh) 
   return jax.jit(step_fn,
                  in_shardings=(state_shardings, batch_sharded(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def compile_embed(embed_fn: Callable[..., Any], mesh: Mesh) -> Callable:
+  """jit of `embed_fn(params, batch_stats, images)` for the kNN monitor: the variables
+  replicated, the images split over `data`, the features gathered (replicated)."""
+  return jax.jit(embed_fn,
+                 in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=replicated(mesh))

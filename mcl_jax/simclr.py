@@ -121,28 +121,20 @@ class SimclrTask:
     source.use_two_views(self.spec.crop_scale)
     self.num_classes = train.num_classes(config, source)  # the (unused) classifier's width
     self.model = train.build_model(config, self.num_classes)
+    self.views = data_views.source_views(source, self.spec, self.model.dtype)
     self.describe = (f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
                      f"x{config.cohort.num_members}")
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
-    replicated = sharding_lib.replicated(mesh)
     self.shardings = train.state_shardings(train.abstract_train_state(
         self.model, setup.tx, source.image_shape, mesh), mesh)
     self._train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
-    self._embed_step = jax.jit(
-        functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess),
-        in_shardings=(replicated, replicated, sharding_lib.batch_sharded(mesh)),
-        out_shardings=replicated)
-
-  def views(self, rng: Array, images: Array, images2: Array | None) -> tuple[Array, Array]:
-    source = self.setup.source
-    return data_views.two_views(rng, images, images2, self.spec, mean=source.mean,
-                                std=source.std, size=source.image_shape[0],
-                                dtype=self.model.dtype)
+    self._embed_step = sharding_lib.compile_embed(
+        functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
 
   def init_state(self) -> train.TrainState:
     setup = self.setup

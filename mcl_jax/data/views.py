@@ -268,3 +268,10 @@ def two_views(key: Array, images: Array, images2: Array | None, spec: ViewSpec, 
   x = jax.vmap(functools.partial(augment_view, spec=spec, size=size, crop=crop))(u, sources)
   x = augment_lib.normalize(x, mean, std, dtype).reshape(batch, 2, *x.shape[1:])
   return x[:, 0], x[:, 1]
+
+
+def source_views(source: Any, spec: ViewSpec, dtype: Any = jnp.float32):
+  """`two_views` bound to a data source's normalisation and image size: the
+  `views(rng, images, images2)` a self-supervised train step takes."""
+  return functools.partial(two_views, spec=spec, mean=source.mean, std=source.std,
+                           size=source.image_shape[0], dtype=dtype)
