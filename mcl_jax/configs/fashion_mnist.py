@@ -219,6 +219,11 @@ ROWS = [
                            ("simclr", "SimCLR (1 network)"),
                            ("simclr_mcl_x2", "SimCLR + MCL x2"))
 ] + [
+    {"name": "held_mocov2_mcl_x2_half_lr", "variant": "mocov2_mcl_x2", "table": "ssl",
+     "label": "MoCo v2 + MCL x2, lr 0.03 (half: ICL doubles each member's gradient)",
+     "overrides": {"input.classes": TRAIN_CLASSES, "optim.lr": 0.03},
+     "fewshot": HELD_OUT_CLASSES},
+] + [
     {"name": f"cause_{name}", "variant": "mcl_x2", "table": "causes", "label": label,
      "overrides": {"loss.soft_warmup_epochs": 0.0, "schedule.num_train_steps": 600, **extra}}
     for name, label, extra in (
