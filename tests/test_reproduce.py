@@ -70,13 +70,14 @@ def test_unknown_row_is_one_sentence():
                     reason="apt-get install dataset-fashion-mnist")
 def test_smoke_suite_trains_resumes_and_reports(tmp_path):
   _, rows, tables = reproduce.load_suite("fashion_mnist")
-  chosen = reproduce.select_rows(rows, ["baseline", "mocov2"])
+  chosen = reproduce.select_rows(rows, ["baseline", "held_mocov2"])
   workdir = str(tmp_path)
   reproduce.run_all("fashion_mnist", chosen, [0], workdir, workers=0, smoke=True)
   result = json.load(open(os.path.join(reproduce.run_dir(workdir, chosen[0], 0), "result.json")))
   assert np.asarray(result["eval"]["test"]["top1"]).shape == (3,)
   moco = json.load(open(os.path.join(reproduce.run_dir(workdir, chosen[1], 0), "result.json")))
   assert len(moco["probe"]["top1"]) == 1 and len(moco["knn"]["top1_k20"]) == 1
+  assert set(moco["fewshot"]) >= {"nearest_centroid_1shot", "logistic_regression_5shot"}
   assert reproduce._pending(workdir, chosen, [0]) == []  # finished runs are not repeated
   text = reproduce.write_report("fashion_mnist", rows, tables, [0], workdir)
   assert "baseline (2 independent)" in text and "MoCo v2 (1 network)" in text
