@@ -50,7 +50,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("suite", "fashion_mnist", "Config in mcl_jax/configs/ that lists ROWS.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every row trains once per seed.")
   flags.DEFINE_string("workdir", None, "Where the runs, results.md and results.png go.")
-  flags.DEFINE_list("rows", [], "Rows to train (default: every row of the suite).")
+  flags.DEFINE_list("rows", [], "Rows to train and report (default: every row of the "
+                    "suite).")
   flags.DEFINE_integer("workers", 1, "Trainings at once (subprocesses, cores split between "
                        "them); 0: in this process.")
   flags.DEFINE_bool("smoke", False, "The rows' smoke configs: seconds per run, for tests.")
@@ -452,7 +453,7 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.report_only:
       run_all(FLAGS.suite, chosen, seeds, FLAGS.workdir, workers=FLAGS.workers,
               smoke=FLAGS.smoke)
-    text = write_report(FLAGS.suite, rows, tables, seeds, FLAGS.workdir)
+    text = write_report(FLAGS.suite, chosen, tables, seeds, FLAGS.workdir)
   except (ValueError, RuntimeError, FileNotFoundError) as e:
     _fail(str(e))
   if text is None:
