@@ -173,7 +173,7 @@ def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: 
 
 
 def make_config(s: Setting):
-  """mcl_jax/mcl_jax/configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
+  """mcl_jax/configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
   from mcl_jax.configs import default
   c = default.get_config()
   c.model.arch, c.model.num_classes = s.arch, s.num_classes

@@ -47,20 +47,14 @@ STRATEGIES = ("vmap", "unroll", "map")
 def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   """The concrete strategy for `strategy` ('auto' | 'vmap' | 'unroll' | 'map').
 
-  'auto' is 'unroll' on every backend. Measured on a 2-core CPU (benchmarks/results/
-  cpu_resnet32.txt, `make bench`), one resnet32 train step at B = 128, float32:
-    M = 2: unroll 2.4-2.7 s, vmap 19-76 s, map 75 s;  M = 4: unroll 5.0-6.0 s, vmap 68 s,
-    map 142-154 s;  M = 1: 1.6 s (so M members unrolled cost <= M single networks).
-  And (benchmarks/results/cpu_resnet18.txt) one resnet18 x3 step at B = 32, 64 px, MCL on:
-    unroll 6.2 s, vmap 4.5 s, map 30.9 s;  M = 1: 2.0 s.
-  vmap turns each member's convolutions into one grouped convolution, which XLA's CPU
-  backend runs far slower at CIFAR widths (16-64 channels) and somewhat faster at
-  ImageNet widths; map runs members one after another inside a loop that XLA cannot fuse
-  across. unroll is never far from the best (at worst 1.4x behind vmap, where vmap is
-  7-30x behind unroll), so it is the one default. On GPU/TPU no measurement has been taken yet (no accelerator was
-  available); unroll is kept there too because JAX issues #13800, #26266 and #26568 report
-  grouped (vmapped) convolutions slow on GPU. Re-measure with `python -m mcl_jax.bench`
-  before changing this; `backend` is the hook for a per-backend answer.
+  'auto' is 'unroll' on every backend. vmap turns each member's convolutions into one
+  grouped convolution, which XLA:CPU runs far slower at CIFAR widths (16-64 channels) and
+  somewhat faster at ImageNet widths; map runs members one after another in a loop XLA
+  cannot fuse across; unroll was never far from the best on CPU (docs/PERFORMANCE.md has
+  the measurements). No accelerator has measured it yet; unroll is kept there too because
+  JAX issues #13800, #26266 and #26568 report grouped (vmapped) convolutions slow on GPU.
+  Re-measure with `benchmarks/gpu.sh` before changing this; `backend` is the hook for a
+  per-backend answer.
   """
   del backend  # One answer for now; kept so callers need not change when it differs.
   if strategy == "auto":
