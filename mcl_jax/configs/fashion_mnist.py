@@ -126,7 +126,7 @@ def self_supervised(c, variant):
   c.optim.nesterov = False
   c.optim.weight_decay = 5e-4
   c.schedule.kind = "cosine"
-  c.schedule.epochs = 10  # 390 steps: 3 seeds of the five "ssl" rows fit in ~2 h on 2 cores
+  c.schedule.epochs = 10  # 390 steps: 15-45 min per run with its probes on a shared 2-core CPU
   c.schedule.per_epoch = False
   c.checkpoint.every_epochs = 5
   c.log_every_steps = 13  # 1/3 epoch (39 steps per epoch)
