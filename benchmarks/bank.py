@@ -14,11 +14,11 @@ update, and the median wall time of that program. docs/IMAGENET.md quotes the ou
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from absl import app, flags
+
+import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
 flags.DEFINE_integer("devices", 8, "Fake CPU devices (the bank is split over them).")
 flags.DEFINE_integer("rows", 1_281_167, "Bank rows N (ImageNet's training set).")
@@ -34,10 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={FLAGS.devices}")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _common.request_cpu_devices(FLAGS.devices)
   import functools
 
   import jax

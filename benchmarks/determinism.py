@@ -12,10 +12,10 @@ docs/RELIABILITY.md quotes the output (benchmarks/results/determinism_cpu.txt).
 """
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app, flags
+
+import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
 flags.DEFINE_integer("steps", 20, "Training steps per run.")
 flags.DEFINE_string("arch", "tiny", "Architecture (tiny: the test network).")
@@ -45,12 +45,9 @@ def run(num_devices: int):
 def main(argv):
   del argv
   counts = [int(n) for n in FLAGS.devices]
-  if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={max(counts)}")
+  _common.request_cpu_devices(max(counts))
   import jax
   import numpy as np
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   print(f"# {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), jax "
         f"{jax.__version__}, {FLAGS.arch} x2 MCL, {FLAGS.steps} steps of 64 at "
         f"{FLAGS.image_size} px")

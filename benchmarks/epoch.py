@@ -14,10 +14,11 @@ per-step work (index batches, global arrays) included, ended by a block on the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+
+import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,9 +80,7 @@ def main(argv=None) -> None:
   print(f"epoch: {args.arch} x{args.members} B={args.batch} {args.dtype}: {done} steps in "
         f"{seconds:.2f} s ({record['seconds_per_390_steps']:.2f} s per 390-step epoch; "
         f"first step with compile {compile_s:.1f} s) on {device.device_kind}", flush=True)
-  if args.json_out:
-    with open(args.json_out, "a") as f:
-      f.write(json.dumps(record) + "\n")
+  _common.append_json_line(args.json_out, record)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ buffers of a step.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
+
+import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
 flags.DEFINE_integer("devices", 16, "Devices on the mesh (v4-32: 16).")
 flags.DEFINE_integer("train_examples", 1_281_167, "Training examples N (the bank's rows).")
@@ -41,11 +42,7 @@ def _tree_bytes(tree, shardings) -> tuple[int, int]:
 
 def main(argv):
   del argv
-  # Fake devices must be requested before JAX initialises its backend.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={FLAGS.devices}")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _common.request_cpu_devices(FLAGS.devices)
   import importlib
 
   import jax

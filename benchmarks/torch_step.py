@@ -17,13 +17,14 @@ they mean the same thing (framework='torch').
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import types
 
 import numpy as np
+
+import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,9 +139,7 @@ def main(argv=None) -> None:
           f"{record['dtype']:<8} channels_last={args.channels_last} "
           f"{1e3 * record['step_s_median']:.1f} ms/step "
           f"{record['member_images_per_s']:.0f} member-img/s", flush=True)
-    if args.json_out:
-      with open(args.json_out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    _common.append_json_line(args.json_out, record)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 

@@ -38,7 +38,6 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 FLAGS = flags.FLAGS

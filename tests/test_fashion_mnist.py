@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from mcl_jax import jobs
-from mcl_jax import config_lib
 from mcl_jax import data
 from mcl_jax.data import fashion_mnist
 from mcl_jax.configs import fashion_mnist as fm_config
@@ -127,7 +126,6 @@ def test_a_short_supervised_run_on_real_images_clearly_learns(tmp_path):
   """tiny x2 (a 4k-parameter network) with MCL on, 150 steps of 64 real 14x14 images (~1.9
   epochs of a 5,000-image subset): measured 53-61% validation top-1 for the members and
   the ensemble (chance 10%); the bar is 4.5x chance."""
-  from mcl_jax import train
   c = fm_config.get_config("mcl_x2,smoke")
   c.input.train_subset = 5000
   c.input.validation_size = 1000

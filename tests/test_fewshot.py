@@ -1,5 +1,4 @@
 """Few-shot evaluation: episodes, classifiers, confidence intervals, the command."""
-import json
 import os
 import subprocess
 import sys

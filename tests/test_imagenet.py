@@ -8,7 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 from mcl_jax import jobs
 from mcl_jax import checkpointing
-from mcl_jax import config_lib
 from mcl_jax import memory_bank
 from mcl_jax import sharding as sharding_lib
 from mcl_jax.configs import imagenet_r18_x3

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax import config_lib
 from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train

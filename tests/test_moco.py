@@ -12,7 +12,6 @@ import pytest
 
 from mcl_jax import jobs
 from mcl_jax import checkpointing
-from mcl_jax import config_lib
 from mcl_jax import losses
 from mcl_jax import moco
 from mcl_jax import optim

@@ -17,7 +17,7 @@ from mcl_jax import config_lib
 from mcl_jax import jobs
 from mcl_jax import loop
 from mcl_jax import sharding as sharding_lib
-from mcl_jax.configs import cifar100_common, common, default
+from mcl_jax.configs import cifar100_common, common
 from mcl_jax.errors import ConfigError, DatasetNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

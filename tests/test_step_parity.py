@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax import config_lib
 from mcl_jax import convert
 from mcl_jax import models
 from mcl_jax import optim
