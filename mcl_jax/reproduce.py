@@ -224,7 +224,7 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
   running: list[tuple[subprocess.Popen, Row, int, float, set[int], Any]] = []
   free = _core_sets(workers)
   queue = list(todo)
-  finished, failed = 0, []
+  finished, failed, durations = 0, [], []
   while queue or running:
     while queue and free:
       row, seed = queue.pop(0)
@@ -251,8 +251,12 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
       finished += 1
       minutes = (time.time() - started) / 60
       if proc.returncode == 0:
+        durations.append(minutes)
+        left = minutes_left(durations, len(queue),
+                            [(time.time() - r[3]) / 60 for r in running], workers)
         print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} done in {minutes:.1f} min; "
-              f"{_eta(t0, finished, len(todo))}", flush=True)
+              f"{(time.time() - t0) / 60:.1f} min so far, about {left:.0f} min left",
+              flush=True)
       else:
         failed.append(f"{row.name} seed {seed}")
         print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} FAILED (exit "
@@ -262,10 +266,17 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
                        "says why, and rerunning the same command retries them.")
 
 
-def _eta(t0: float, done: int, total: int) -> str:
-  elapsed = time.time() - t0
-  left = elapsed / done * (total - done) if done else 0.0
-  return f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left"
+def minutes_left(durations: Sequence[float], queued: int, running_for: Sequence[float],
+                 workers: int) -> float:
+  """Wall minutes until every run is done, assuming each takes the mean finished duration.
+
+  Runs go `workers` at a time, so the queued runs' work is shared among the workers (a
+  plain elapsed / done * left would count them one after another).
+  """
+  mean = sum(durations) / len(durations)
+  running_rest = [max(0.0, mean - elapsed) for elapsed in running_for]
+  work = queued * mean + sum(running_rest)
+  return max(max(running_rest, default=0.0), work / max(1, workers))
 
 
 # ----------------------------------------------------------------------------- the report

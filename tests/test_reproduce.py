@@ -60,6 +60,17 @@ def test_rows_with_the_same_config_share_a_run(tmp_path):
   assert len(reproduce._pending(str(tmp_path), [a, b, c], [0, 1])) == 4
 
 
+def test_minutes_left_shares_queued_runs_among_workers():
+  # Four 6-minute runs on two workers: when the first ends, its twin is about done and two
+  # more remain, which take one more run's time together (not two runs' time).
+  assert reproduce.minutes_left([6.0], queued=2, running_for=[5.5], workers=2) == \
+      pytest.approx((2 * 6.0 + 0.5) / 2)
+  # One worker: the queue runs one after another.
+  assert reproduce.minutes_left([4.0, 6.0], queued=3, running_for=[], workers=1) == 15.0
+  # A long run still going bounds the wait from below.
+  assert reproduce.minutes_left([10.0], queued=0, running_for=[1.0, 2.0], workers=2) == 9.0
+
+
 def test_unknown_row_is_one_sentence():
   _, rows, _ = reproduce.load_suite("fashion_mnist")
   with pytest.raises(ValueError, match="unknown row 'mcl_x9'"):
