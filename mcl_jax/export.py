@@ -24,7 +24,7 @@ import datetime
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +237,41 @@ def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR), target)
   return module, dict(variables), info
+
+
+def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str | None = None,
+             **input_fields: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{split: (pooled features [N, F], labels [N])} of an export, BN in eval mode.
+
+  The images come from `data.sources.make_source` for `dataset` (default: the one the export
+  was trained on) at the export's image size, with `input_fields` (e.g. classes,
+  validation_size, train_subset) as in `config.input`. Splits: 'train' (un-augmented),
+  'validation' (when input_fields hold one out) and 'test'.
+  """
+  from mcl_jax.data import sources
+  module, variables, info = load_exported(export_dir)
+  name = dataset or info["source"].get("dataset")
+  if not name:
+    raise ValueError(f"{export_dir} does not record its dataset; pass --dataset.")
+  source = sources.make_source({"dataset": name, "image_size": info["preprocessing"]["image_size"],
+                                **input_fields})
+  if not hasattr(source, "eval_splits"):
+    raise ValueError(f"features of {name} need a dataset held in memory ("
+                     f"{', '.join(sources.IN_MEMORY)}); {name} streams.")
+  available = dict(source.eval_splits(), train=(source.train_images, source.train_labels))
+  missing = [s for s in splits if s not in available]
+  if missing:
+    raise ValueError(f"split {missing[0]!r} is not in {name} as given (it has "
+                     f"{', '.join(sorted(available))}); a 'validation' split needs "
+                     "validation_size.")
+  apply = jax.jit(lambda x: module.apply(variables, x, False)[1])
+  out = {}
+  for split in splits:
+    images, labels = available[split]
+    chunks = [np.asarray(apply(source.eval_preprocess(images[i:i + 1000])))
+              for i in range(0, len(labels), 1000)]
+    out[split] = (np.concatenate(chunks), np.asarray(labels))
+  return out
 
 
 def main(argv: list[str]) -> None:

@@ -67,31 +67,13 @@ def summarize(accuracies: np.ndarray) -> dict[str, float]:
   return {"mean": float(a.mean()), "ci95": float(1.96 * a.std(ddof=1) / np.sqrt(a.size))}
 
 
-def export_features(export_dir: str, dataset: str | None, classes: Sequence[int],
-                    split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-  """(pooled features [N, F], labels [N]) of an export on a split of the given classes."""
-  import jax
-  from mcl_jax import export
-  from mcl_jax.data import sources
-  module, variables, info = export.load_exported(export_dir)
-  name = dataset or info["source"].get("dataset")
-  if not name:
-    raise ValueError(f"{export_dir} does not record its dataset; pass --dataset.")
-  pre = info["preprocessing"]
-  source = sources.make_source({"dataset": name, "image_size": pre["image_size"],
-                                "classes": tuple(classes)})
-  images, labels = source.eval_splits()[split]
-  apply = jax.jit(lambda x: module.apply(variables, x, False)[1])
-  features = [np.asarray(apply(source.eval_preprocess(images[i:i + 1000])))
-              for i in range(0, len(labels), 1000)]
-  return np.concatenate(features), np.asarray(labels)
-
-
 def evaluate(export_dir: str, *, classes: Sequence[int], ways: int = 5,
              shots: Sequence[int] = (1, 5), queries: int = 15, episodes: int = 600,
              seed: int = 0, dataset: str | None = None) -> dict[str, dict[str, float]]:
   """{'<classifier>_<K>shot': {'mean', 'ci95'}} of the export (module docstring)."""
-  features, labels = export_features(export_dir, dataset, classes)
+  from mcl_jax import export
+  features, labels = export.features(export_dir, ("test",), dataset=dataset,
+                                     classes=tuple(classes))["test"]
   result = {}
   for k in shots:
     accuracies = episode_accuracies(features, labels, ways=ways, shots=k, queries=queries,
@@ -103,7 +85,9 @@ def evaluate(export_dir: str, *, classes: Sequence[int], ways: int = 5,
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
+  from absl import logging
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
   f = flags.FLAGS
   try:
     result = evaluate(f.export, classes=[int(c) for c in f.classes], ways=f.ways,

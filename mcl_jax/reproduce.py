@@ -10,11 +10,15 @@ the runner trains `<suite>:<variant>` with `config.seed = seed` in
 `result.json` there when the run is complete:
 - supervised rows: every member's and the ensemble's top-1/top-5 on the test split and on
   the held-out validation split;
-- self-supervised (MoCo) rows: each member's kNN top-1 (k = 20 and 200), then each member
-  is exported (`mcl_jax.export`) and linearly probed (the suite's `probe` variant) on the
-  frozen backbone; the probe's test and validation top-1.
+- self-supervised (MoCo, SimCLR) rows: each member's kNN top-1 (k = 20 and 200), then each
+  member is exported (`mcl_jax.export`) and probed on the frozen backbone twice: the
+  suite's `probe` variant (SGD, as the official main_lincls.py) and a logistic regression
+  on the features with its L2 strength chosen on the validation split
+  (`mcl_jax.logreg_probe`); each probe's test and validation top-1; few-shot accuracy on
+  the row's held-out classes when it names them.
 The runner is resumable: a finished run (its `result.json`) is skipped, an interrupted one
-resumes from its newest checkpoint. At the end (and with `--report_only`) it reads every
+resumes from its newest checkpoint, and a finished self-supervised run without the
+logistic-regression probe (one from before it existed) gets it from its exports. At the end (and with `--report_only`) it reads every
 `result.json` and writes `WORKDIR/results.md` (tables: each member, the members' mean +-
 std over seeds, the best member, the ensemble; wall time) and `WORKDIR/results.png` (the
 same with seed error bars).
@@ -147,6 +151,8 @@ def train_one(module: Any, row: Row, seed: int, workdir: str, smoke: bool) -> di
   if config.trainer in SELF_SUPERVISED:
     result["knn"] = summary["eval"]
     result["probe"] = probe_members(module, row, seed, directory, smoke)
+    if config.input.validation_size:
+      result["logreg_probe"] = logreg_members(config, directory)
     if row.fewshot:
       result["fewshot"] = fewshot_members(row, directory, smoke)
   else:
@@ -175,6 +181,44 @@ def probe_members(module: Any, row: Row, seed: int, directory: str, smoke: bool
     for key, value in result["eval"].items():
       probes.setdefault(key, []).append(float(value))
   return probes
+
+
+def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
+  """The logistic-regression probe (mcl_jax.logreg_probe) of each exported member on the
+  run's own labelled images: {'top1': [M], 'val_top1': [M], 'c': [M]}."""
+  from mcl_jax import export, logreg_probe
+  _, _, meta = export.read_checkpoint(directory)
+  out: dict[str, list[float]] = {}
+  for member in range(int(meta["num_members"])):
+    result = logreg_probe.evaluate(
+        os.path.join(directory, f"member{member}"), classes=tuple(config.input.classes),
+        validation_size=int(config.input.validation_size),
+        train_subset=int(config.input.train_subset))
+    for key in ("top1", "val_top1", "c"):
+      out.setdefault(key, []).append(result[key])
+  return out
+
+
+def add_missing_logreg_probes(module: Any, rows: Sequence[Row], seeds: Sequence[int],
+                              workdir: str, smoke: bool) -> None:
+  """Adds the logistic-regression probe to finished self-supervised runs that lack it."""
+  for row in rows:
+    for seed in seeds:
+      directory = run_dir(workdir, row, seed)
+      path = os.path.join(directory, RESULT_FILE)
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        result = json.load(f)
+      config = _config(module, row, seed, smoke)
+      if (result["trainer"] not in SELF_SUPERVISED or "logreg_probe" in result
+          or not config.input.validation_size):
+        continue
+      print(f"  logistic-regression probe of {row.name} seed {seed} (finished before it "
+            "existed)", flush=True)
+      result["logreg_probe"] = logreg_members(config, directory)
+      with open(path, "w") as f:
+        json.dump(_to_json(result), f, indent=1)
 
 
 def fewshot_members(row: Row, directory: str, smoke: bool) -> dict[str, list[float]]:
@@ -220,6 +264,7 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
     for i, (row, seed) in enumerate(todo):
       print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}", flush=True)
       train_one(module, row, seed, workdir, smoke)
+    add_missing_logreg_probes(module, rows, seeds, workdir, smoke)
     return
   running: list[tuple[subprocess.Popen, Row, int, float, set[int], Any]] = []
   free = _core_sets(workers)
@@ -261,6 +306,7 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
         failed.append(f"{row.name} seed {seed}")
         print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} FAILED (exit "
               f"{proc.returncode}); see its log.txt", flush=True)
+  add_missing_logreg_probes(module, rows, seeds, workdir, smoke)
   if failed:
     raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their log.txt "
                        "says why, and rerunning the same command retries them.")
@@ -331,6 +377,9 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
   probe = 100 * np.asarray([r["probe"][prefix + "top1"] for r in results])
   summary = {"kind": "ssl", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
              "knn200": knn200.mean(1), "knn20": knn20.mean(1)}
+  if all("logreg_probe" in r for r in results):
+    logreg = 100 * np.asarray([r["logreg_probe"][prefix + "top1"] for r in results])
+    summary.update(logreg_members=logreg, logreg=logreg.mean(1))
   if split == "test" and all("fewshot" in r for r in results):
     for key, _ in FEWSHOT_COLUMNS:
       summary[key] = 100 * np.asarray([np.mean(r["fewshot"][key]) for r in results])
@@ -355,11 +404,15 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
     ssl = results[table_rows[0].name][0]["trainer"] in SELF_SUPERVISED
     fewshot = ssl and all("fewshot" in r for row in table_rows for r in results[row.name])
     extra = [title for _, title in FEWSHOT_COLUMNS] if fewshot else []
+    logreg = ssl and all("logreg_probe" in r for row in table_rows for r in results[row.name])
     lines += [f"### {title}", ""]
     if ssl:
       header = (["row", "seeds", "probe top-1 per member", "probe members' mean",
-                 "probe best member", "kNN k=200 members' mean", "kNN k=20 members' mean"]
-                + extra + ["val probe mean", "min/run"])
+                 "probe best member"]
+                + (["LR probe per member", "LR probe members' mean"] if logreg else [])
+                + ["kNN k=200 members' mean", "kNN k=20 members' mean"]
+                + extra + ["val probe mean"] + (["val LR probe mean"] if logreg else [])
+                + ["min/run"])
       lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     else:
       lines += ["| row | seeds | top-1 per member | members' mean | best member | ensemble "
@@ -371,9 +424,12 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
       per_member = " / ".join(f"{v:.2f}" for v in test["members"].mean(0))
       minutes = np.mean([r["wall_s"] for r in res]) / 60
       if ssl:
-        cells = ([per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["knn200"]),
-                  _pm(test["knn20"])] + [_pm(test[key]) for key, _ in FEWSHOT_COLUMNS
-                                         if fewshot] + [_pm(val.get("mean"))])
+        lr_cells = [" / ".join(f"{v:.2f}" for v in test["logreg_members"].mean(0)),
+                    _pm(test["logreg"])] if logreg else []
+        cells = ([per_member, _pm(test["mean"]), _pm(test["best"])] + lr_cells
+                 + [_pm(test["knn200"]), _pm(test["knn20"])]
+                 + [_pm(test[key]) for key, _ in FEWSHOT_COLUMNS if fewshot]
+                 + [_pm(val.get("mean"))] + ([_pm(val.get("logreg"))] if logreg else []))
       else:
         cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["ensemble"]),
                  _pm(val.get("mean")), _pm(val.get("ensemble"))]
@@ -397,8 +453,10 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
     ax = fig.add_subplot(len(panels), 1, i + 1)
     summaries = [row_summary(results[r.name]) for r in table_rows]
     if summaries[0]["kind"] == "ssl":
-      series = [("probe, members' mean", "mean"), ("probe, best member", "best"),
+      series = [("SGD probe, members' mean", "mean"), ("SGD probe, best member", "best"),
                 ("kNN k=200, members' mean", "knn200")]
+      if all("logreg" in s for s in summaries):
+        series.insert(2, ("LR probe (C on validation), members' mean", "logreg"))
     else:
       series = [("members' mean", "mean"), ("best member", "best"), ("ensemble", "ensemble")]
     width = 0.8 / len(series)

@@ -247,3 +247,19 @@ def test_fewshot_command_on_the_export(supervised, tmp_path):
   for value in result.values():
     assert 0 <= value["mean"] <= 1 and value["ci95"] >= 0
   assert "5-way few-shot accuracy" in proc.stdout
+
+
+def test_logreg_probe_command_on_the_export(supervised, tmp_path):
+  """mcl-logreg-probe on the exported member's features, C chosen on a held-out split."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "probe.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "mcl_jax.logreg_probe", f"--export={supervised.out}",
+       "--validation_size=64", "--cs=0.1,10", f"--json_out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  assert result["c"] in (0.1, 10.0) and len(result["val_top1_per_c"]) == 2
+  assert 0 <= result["top1"] <= 1
+  assert "chosen C =" in proc.stdout

@@ -20,7 +20,9 @@ def fake_result(row, seed, top1, trainer="supervised"):
   if trainer == "moco":
     return {"row": row, "seed": seed, "trainer": "moco", "wall_s": 60.0,
             "knn": {"top1": top1, "top1_k20": top1, "val_top1": top1, "val_top1_k20": top1},
-            "probe": {"top1": top1, "val_top1": top1}}
+            "probe": {"top1": top1, "val_top1": top1},
+            "logreg_probe": {"top1": [v + 0.05 for v in top1],
+                             "val_top1": [v + 0.05 for v in top1]}}
   split = {"top1": top1, "top5": [1.0] * len(top1)}
   return {"row": row, "seed": seed, "trainer": trainer, "wall_s": 120.0,
           "eval": {"test": split, "validation": split}}
@@ -46,6 +48,8 @@ def test_report_from_results(tmp_path):
   # baseline: members' means 81.0 and 83.0 -> 82.00 +- 1.41; best 82 and 84; ensemble 85, 86.
   assert "| baseline | 2 | 82.00 / 82.00 | 82.00 +- 1.41 | 83.00 +- 1.41 | 85.50 +- 0.71 |" in text
   assert "| mcl_x2 | 2 |" in text and "### SSL" in text
+  # SSL: SGD probe 70.00 (per member, mean, best), then the logistic-regression probe 75.00.
+  assert "| moco | 1 | 70.00 | 70.00 +- 0.00 | 70.00 +- 0.00 | 75.00 | 75.00 +- 0.00 |" in text
   assert os.path.getsize(tmp_path / "results.png") > 10_000
   summary = reproduce.row_summary([fake_result("b", 0, [0.8, 0.9, 0.95])])
   np.testing.assert_allclose(summary["best"], [90.0])
@@ -89,6 +93,15 @@ def test_smoke_suite_trains_resumes_and_reports(tmp_path):
   moco = json.load(open(os.path.join(reproduce.run_dir(workdir, chosen[1], 0), "result.json")))
   assert len(moco["probe"]["top1"]) == 1 and len(moco["knn"]["top1_k20"]) == 1
   assert set(moco["fewshot"]) >= {"nearest_centroid_1shot", "logistic_regression_5shot"}
+  assert len(moco["logreg_probe"]["top1"]) == 1 and moco["logreg_probe"]["c"][0] > 0
+  # A run finished before the logistic-regression probe existed gets it from its exports.
+  moco_file = os.path.join(reproduce.run_dir(workdir, chosen[1], 0), "result.json")
+  older = {k: v for k, v in moco.items() if k != "logreg_probe"}
+  json.dump(older, open(moco_file, "w"))
+  module, _, _ = reproduce.load_suite("fashion_mnist")
+  reproduce.add_missing_logreg_probes(module, chosen, [0], workdir, smoke=True)
+  assert json.load(open(moco_file))["logreg_probe"] == moco["logreg_probe"]
   assert reproduce._pending(workdir, chosen, [0]) == []  # finished runs are not repeated
   text = reproduce.write_report("fashion_mnist", rows, tables, [0], workdir)
   assert "baseline (2 independent)" in text and "MoCo v2 (1 network)" in text
+  assert "LR probe members' mean" in text

@@ -85,7 +85,7 @@ def test_the_package_has_no_import_cycle():
 
 @pytest.mark.parametrize("name", ["mcl_jax.main", "mcl_jax.export", "mcl_jax.plots",
                                   "mcl_jax.reproduce", "mcl_jax.demo", "mcl_jax.bench",
-                                  "mcl_jax.fewshot"])
+                                  "mcl_jax.fewshot", "mcl_jax.logreg_probe"])
 def test_every_command_module_imports_and_says_how_to_run_it(name):
   module = importlib.import_module(name)
   assert module.__doc__ and ("python -m " in module.__doc__ or "mcl-" in module.__doc__)
