@@ -23,8 +23,9 @@ demo: $(STAMP)
 # both cores of a small machine. Set PYTEST_WORKERS=auto on a bigger one.
 PYTEST_WORKERS ?= 2
 
+# --durations: the slowest tests, printed at the end, show where the CI minutes go.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 tests
 
 # Slow tests too (full-length runs that the default suite skips).
 test-all: $(STAMP)
