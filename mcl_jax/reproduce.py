@@ -115,8 +115,13 @@ def run_dir(workdir: str, row: Row, seed: int) -> str:
 
 
 def _config(module: Any, row: Row, seed: int, smoke: bool, variant: str | None = None):
+  """The row's config (or the suite's `variant`, e.g. 'probe') with the row's overrides;
+  another variant takes only the row's data overrides (`input.*`): a probe sees the row's
+  images with its own recipe, not the row's learning rate."""
   config = module.get_config((variant or row.variant) + (",smoke" if smoke else ""))
   for key, value in row.overrides:
+    if variant and not key.startswith("input."):
+      continue
     node, *path, field = key.split(".")
     target = config[node]
     for part in path:

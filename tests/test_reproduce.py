@@ -75,6 +75,16 @@ def test_minutes_left_shares_queued_runs_among_workers():
   assert reproduce.minutes_left([10.0], queued=0, running_for=[1.0, 2.0], workers=2) == 9.0
 
 
+def test_a_probe_takes_the_rows_data_but_not_its_recipe():
+  module, rows, _ = reproduce.load_suite("fashion_mnist")
+  (half_lr,) = reproduce.select_rows(rows, ["held_mocov2_mcl_x2_half_lr"])
+  row_config = reproduce._config(module, half_lr, 0, smoke=False)
+  probe_config = reproduce._config(module, half_lr, 0, smoke=False, variant="probe")
+  assert row_config.optim.lr == 0.03
+  assert probe_config.optim.lr == module.get_config("probe").optim.lr != 0.03
+  assert tuple(probe_config.input.classes) == tuple(row_config.input.classes) == (0, 1, 2, 3, 4)
+
+
 def test_unknown_row_is_one_sentence():
   _, rows, _ = reproduce.load_suite("fashion_mnist")
   with pytest.raises(ValueError, match="unknown row 'mcl_x9'"):
