@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any, Sequence
 
@@ -452,7 +453,7 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
   panels = [(t, title, [r for r in rows if r.table == t and r.name in results])
             for t, title in tables.items()]
   panels = [p for p in panels if p[2]]
-  fig = Figure(figsize=(6 + 0.6 * max(len(p[2]) for p in panels), 3.6 * len(panels)))
+  fig = Figure(figsize=(8 + 0.6 * max(len(p[2]) for p in panels), 3.6 * len(panels)))
   FigureCanvasAgg(fig)
   for i, (_, title, table_rows) in enumerate(panels):
     ax = fig.add_subplot(len(panels), 1, i + 1)
@@ -475,8 +476,8 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
     ax.set_ylim(max(0.0, min(lows) - 2.0), min(100.0, max(highs) + 1.0))
     ax.set_xticks(x, [r.title for r in table_rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(textwrap.fill(title, 110), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
     ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
