@@ -26,6 +26,7 @@ import os
 import struct
 
 import numpy as np
+from absl import logging
 
 from mcl_jax.errors import DatasetNotFoundError
 
@@ -108,6 +109,11 @@ def load_tfds(data_dir: str | None, *, download: bool
   tfds = _tf.tfds()
   builder = tfds.builder("fashion_mnist", data_dir=data_dir or None)
   if download:
+    if not builder.is_prepared():
+      # Said first: without network TFDS retries for minutes before it gives up.
+      logging.warning("Fashion-MNIST: no IDX files%s; downloading it with TFDS into %s "
+                      "(without network this fails after TFDS' retries, minutes).",
+                      f" in {data_dir}" if data_dir else "", builder.data_dir)
     builder.download_and_prepare()
   out = []
   for split in ("train", "test"):
