@@ -274,6 +274,16 @@ def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str
   return out
 
 
+def define_export_flags() -> None:
+  """The flags every command that reads an export shares: --export (required), --dataset,
+  --json_out."""
+  from absl import flags
+  flags.DEFINE_string("export", None, "An export directory (mcl-export --out).")
+  flags.DEFINE_string("dataset", None, "Dataset (default: the one the export was trained on).")
+  flags.DEFINE_string("json_out", None, "Write the result as JSON here.")
+  flags.mark_flags_as_required(["export"])
+
+
 def main(argv: list[str]) -> None:
   from absl import flags
   from absl import logging

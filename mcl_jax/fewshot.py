@@ -107,16 +107,14 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  flags.DEFINE_string("export", None, "An export directory (mcl-export --out).")
+  from mcl_jax import export
+  export.define_export_flags()
   flags.DEFINE_list("classes", ["5", "6", "7", "8", "9"], "Held-out class ids to test on.")
   flags.DEFINE_integer("ways", 5, "Classes per episode.")
   flags.DEFINE_list("shots", ["1", "5"], "Support images per class.")
   flags.DEFINE_integer("queries", 15, "Query images per class.")
   flags.DEFINE_integer("episodes", 600, "Episodes per shot count.")
   flags.DEFINE_integer("seed", 0, "Seed of the episodes.")
-  flags.DEFINE_string("dataset", None, "Dataset (default: the one the export was trained on).")
-  flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
-  flags.mark_flags_as_required(["export"])
 
 
 def run_cli() -> None:

@@ -92,15 +92,13 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  flags.DEFINE_string("export", None, "An export directory (mcl-export --out).")
+  from mcl_jax import export
+  export.define_export_flags()
   flags.DEFINE_integer("validation_size", 5000,
                        "Training images held out to choose C on (config.input.validation_size).")
   flags.DEFINE_integer("train_subset", 0, "Labelled training images (0: all the rest).")
   flags.DEFINE_list("classes", [], "Class ids to keep (default: all).")
   flags.DEFINE_list("cs", [str(c) for c in C_GRID], "Inverse L2 strengths to choose from.")
-  flags.DEFINE_string("dataset", None, "Dataset (default: the one the export was trained on).")
-  flags.DEFINE_string("json_out", None, "Write the result as JSON here.")
-  flags.mark_flags_as_required(["export"])
 
 
 def run_cli() -> None:

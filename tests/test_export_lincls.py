@@ -32,11 +32,16 @@ SIZE = 8  # 8x8 synthetic images: every compile here stays in the seconds
 MEMBER = 1  # not 0: an export that always took the first member must fail
 
 
-def run_export_cli(*args):
+def run_command(module, *args, timeout=300):
+  """`python -m <module> args` on one host CPU device, as a user runs a command."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # export runs on one host CPU device
-  return subprocess.run([sys.executable, "-m", "mcl_jax.export", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_export_cli(*args):
+  return run_command("mcl_jax.export", *args, timeout=120)
 
 
 def assert_one_sentence(message):
@@ -233,13 +238,9 @@ def test_probe_train_and_eval_steps_compile_once(probed, tmp_path):
 
 def test_fewshot_command_on_the_export(supervised, tmp_path):
   """mcl-fewshot on the exported member's features of the synthetic test split."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   out = tmp_path / "fewshot.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "mcl_jax.fewshot", f"--export={supervised.out}",
-       "--classes=0,1,2,3,4", "--shots=1,2", "--queries=3", "--episodes=10",
-       f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_command("mcl_jax.fewshot", f"--export={supervised.out}", "--classes=0,1,2,3,4",
+                     "--shots=1,2", "--queries=3", "--episodes=10", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
   assert set(result) == {f"{c}_{k}shot" for c in ("nearest_centroid", "logistic_regression")
@@ -251,13 +252,9 @@ def test_fewshot_command_on_the_export(supervised, tmp_path):
 
 def test_logreg_probe_command_on_the_export(supervised, tmp_path):
   """mcl-logreg-probe on the exported member's features, C chosen on a held-out split."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   out = tmp_path / "probe.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "mcl_jax.logreg_probe", f"--export={supervised.out}",
-       "--validation_size=64", "--cs=0.1,10", f"--json_out={out}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_command("mcl_jax.logreg_probe", f"--export={supervised.out}",
+                     "--validation_size=64", "--cs=0.1,10", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
   assert result["c"] in (0.1, 10.0) and len(result["val_top1_per_c"]) == 2
