@@ -24,11 +24,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 from absl import logging
 
-from mcl_jax.errors import DatasetNotFoundError
+from mcl_jax.errors import ConfigError, DatasetNotFoundError
 
 NUM_CLASSES = 10
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
@@ -42,6 +43,9 @@ HOW_TO_GET_IT = ("install the IDX files with `apt-get install dataset-fashion-mn
                  f"to {DEBIAN_DIR}) or point config.input.data_dir at a folder holding them, "
                  "or prepare the TFDS dataset with `tfds build fashion_mnist --data_dir=DIR` "
                  "on a machine with network and pass config.input.data_dir=DIR")
+HOW_TO_REPLACE = ("replace the four IDX files (`apt-get install --reinstall "
+                  "dataset-fashion-mnist` restores the Debian copy) or point "
+                  "config.input.data_dir at a good copy")
 
 # IDX element type codes (http://yann.lecun.com/exdb/mnist/): only unsigned bytes occur here.
 _IDX_UBYTE = 0x08
@@ -62,34 +66,54 @@ def has_idx_files(data_dir: str | None) -> bool:
 def read_idx(path: str) -> np.ndarray:
   """An IDX file (optionally gzipped) as a numpy array of its declared shape.
 
-  Raises ValueError naming the file when its header is not an unsigned-byte IDX header or
-  its size does not match the header.
+  A damaged file means the whole dataset is wrong, so it stops the run at start-up:
+  ConfigError (one sentence naming the file) when the gzip stream is cut or corrupt, the
+  header is not an unsigned-byte IDX header, or the data size does not match the header
+  (e.g. a copy cut mid-image: the sentence says how many whole items it holds of how
+  many declared).
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError, zlib.error) as e:  # gzip: a cut or corrupt compressed stream
+    raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is "
+                      f"truncated or corrupt: {HOW_TO_REPLACE}.") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
-    raise ValueError(f"{path} is not an IDX file (its first two bytes must be zero).")
+    raise ConfigError(f"{path} is not an IDX file (its first two bytes must be zero): "
+                      f"{HOW_TO_REPLACE}.")
   dtype_code, ndim = data[2], data[3]
   if dtype_code != _IDX_UBYTE:
-    raise ValueError(f"{path} holds IDX type 0x{dtype_code:02x}; only unsigned bytes (0x08) "
-                     "are expected for Fashion-MNIST.")
+    raise ConfigError(f"{path} holds IDX type 0x{dtype_code:02x}; only unsigned bytes (0x08) "
+                      "are expected for Fashion-MNIST.")
   header = 4 + 4 * ndim
+  if len(data) < header:
+    raise ConfigError(f"{path} ends inside its IDX header ({len(data)} of {header} bytes); "
+                      f"the file is truncated: {HOW_TO_REPLACE}.")
   shape = struct.unpack(f">{ndim}I", data[4:header])
   expected = int(np.prod(shape, dtype=np.int64))
-  if len(data) - header != expected:
-    raise ValueError(f"{path} has {len(data) - header} data bytes but its header declares "
-                     f"shape {shape} ({expected} bytes); the file is truncated or corrupt.")
+  found = len(data) - header
+  if found != expected:
+    item = int(np.prod(shape[1:], dtype=np.int64))  # bytes of one image (28 x 28) or label
+    whole, extra = divmod(found, item) if item else (0, found)
+    noun = {1: "labels", 3: "images"}.get(ndim, "items")
+    raise ConfigError(
+        f"{path} has {found} data bytes but its header declares shape {shape} "
+        f"({expected} bytes): {whole} whole {noun} of {shape[0] if shape else 0}"
+        f"{f' and {extra} bytes of the next' if extra else ''}, so the file is "
+        f"{'truncated' if found < expected else 'longer than declared'} or corrupt: "
+        f"{HOW_TO_REPLACE}.")
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
 def _check(images: np.ndarray, labels: np.ndarray, split: str, where: str) -> None:
   if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-    raise ValueError(f"Fashion-MNIST {split} split in {where}: images {images.shape} and labels "
-                     f"{labels.shape} are not [N, 28, 28] and [N].")
+    raise ConfigError(f"Fashion-MNIST {split} split in {where}: images {images.shape} and "
+                      f"labels {labels.shape} are not [N, 28, 28] and [N]: {HOW_TO_REPLACE}.")
   if labels.size and int(labels.max()) >= NUM_CLASSES:
-    raise ValueError(f"Fashion-MNIST {split} split in {where} has label {int(labels.max())}; "
-                     f"labels must be in 0..{NUM_CLASSES - 1}.")
+    raise ConfigError(f"Fashion-MNIST {split} split in {where} has label "
+                      f"{int(labels.max())}; labels must be in 0..{NUM_CLASSES - 1}: "
+                      f"{HOW_TO_REPLACE}.")
 
 
 def load_idx(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -33,6 +33,11 @@ row), and for eval `mask` float32 (0 on padding). Each process reads only its ow
 and yields `global_batch_size / process_count` rows per batch; every process yields the
 same number of batches.
 
+Broken files in an image folder do not stop a run (docs/RELIABILITY.md, "Broken data"):
+names that are not images are left out at listing, and an image that does not decode
+(truncated, empty, not an image) is replaced in its batch by a copy of another row of
+that batch (eval: masked out), with the count in one warning per epoch.
+
 `train_labels` (the label of every training example, in dense-index order; the memory
 bank's class table) never decodes an image: for the folder it comes from the folder names;
 for tfds it takes one pass over the training records reading only labels, which still
@@ -47,12 +52,13 @@ import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
 from mcl_jax.data import _tf
 from mcl_jax.data import augment as augment_lib
 from mcl_jax.data import pipeline
 from mcl_jax.data import sampler
-from mcl_jax.errors import DatasetNotFoundError
+from mcl_jax.errors import ConfigError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CROP_SCALE = (0.08, 1.0)
@@ -311,9 +317,18 @@ class _StreamingSource(abc.ABC):
     return fn
 
 
-def _list_images(folder: str, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-  """(paths, labels) of `folder/<class>/**` images, classes in the given order, files sorted."""
-  paths, labels = [], []
+def _list_images(folder: str, classes: Sequence[str]
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(paths, labels, skipped) of `folder/<class>/**` images, classes in the given order,
+  files sorted.
+
+  `skipped`: the files whose name alone says they are not images, left out before they
+  can cost a decode: no image extension (README.txt) or hidden (.DS_Store, macOS'
+  `._name.jpg` copies). Only names are read: no stat per file (an empty file fails at
+  decode time like a truncated one), so the listing costs what `ls` does, and the dense
+  indices (memory-bank rows) do not move when a damaged file is repaired between runs.
+  """
+  paths, labels, skipped = [], [], []
   for label, name in enumerate(classes):
     class_dir = os.path.join(folder, name)
     if not os.path.isdir(class_dir):
@@ -321,10 +336,81 @@ def _list_images(folder: str, classes: Sequence[str]) -> tuple[np.ndarray, np.nd
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
       dirnames.sort()
       for filename in sorted(filenames):
-        if filename.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(dirpath, filename))
+        path = os.path.join(dirpath, filename)
+        if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
+          skipped.append(path)
+        else:
+          paths.append(path)
           labels.append(label)
-  return np.asarray(paths, dtype=object), np.asarray(labels, dtype=np.int32)
+  return np.asarray(paths, dtype=object), np.asarray(labels, dtype=np.int32), skipped
+
+
+def _some(paths: Sequence[str], shown: int = 3) -> str:
+  """'a, b, c and 4 more': a few of `paths`, so that a warning stays one line."""
+  head = ", ".join(str(p) for p in paths[:shown])
+  return head + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def _step_batches(columns: tuple[np.ndarray, ...], decode):
+  """A tf.data pipeline with exactly one element per step: the rows that decoded.
+
+  `columns` are [steps, local] arrays (the first one the file paths); `decode(*row)` reads
+  and decodes one row. Each step's rows get their own small pipeline in which a failing
+  row (truncated, empty or vanished file, not an image) is dropped (`ignore_errors`)
+  instead of ending the epoch; steps are decoded in parallel and yielded in step order
+  (a deterministic interleave where each step yields one element), and a step whose every
+  row fails still yields an empty element, so the batches never shift from one step to
+  the next and every process yields as many as the others. `_complete_batches` fills the
+  dropped rows back in.
+  """
+  tf = _tf.tf()
+  local = columns[0].shape[1]
+
+  def one_step(*step):
+    rows = tf.data.Dataset.from_tensor_slices(step).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    empty = tf.nest.map_structure(lambda spec: tf.zeros([0, *spec.shape], spec.dtype),
+                                  rows.element_spec)
+    return rows.batch(local).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+
+  return tf.data.Dataset.from_tensor_slices(columns).interleave(
+      one_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _complete_batches(batches: Iterator[dict[str, np.ndarray]], indices: np.ndarray,
+                      files: np.ndarray, *, what: str, fill: str
+                      ) -> Iterator[dict[str, np.ndarray]]:
+  """The batches of `_step_batches` with their rows that did not decode filled back in.
+
+  `indices` [steps, local]: the dense indices each step asked for, `files` the paths by
+  dense index. A batch short of rows is completed with copies of its own first rows (a
+  pure function of the step's files, so the order stays a pure function of (seed, epoch));
+  in eval batches (`mask`) the copies carry mask 0, i.e. the bad image is left out of the
+  metrics. When the iterator ends or is closed, one warning gives the count and a few of
+  the files. A step none of whose rows decodes stops with one sentence: the folder is
+  damaged beyond skipping.
+  """
+  failed: dict[str, None] = {}  # the files that did not decode, in order, once each
+  try:
+    for wanted, batch in zip(indices, batches):
+      got = len(batch["index"])
+      if got < len(wanted):
+        missing = np.setdiff1d(wanted, batch["index"])
+        failed.update((str(f), None) for f in files[missing])
+        if got == 0:
+          raise ConfigError(
+              f"None of the {len(wanted)} {what} in a batch could be decoded "
+              f"({_some(files[wanted].tolist())}); the image folder is damaged: check "
+              "that its files are whole JPEG/PNG images.")
+        rows = np.arange(len(wanted)) % got
+        batch = {key: value[rows] for key, value in batch.items()}
+        if "mask" in batch:
+          batch["mask"][got:] = 0.0
+      yield batch
+  finally:
+    if failed:
+      logging.warning("%d %s could not be decoded (truncated, empty or not an image: "
+                      "%s) and %s.", len(failed), what, _some(list(failed)), fill)
 
 
 class ImageFolderSource(_StreamingSource):
@@ -358,8 +444,13 @@ class ImageFolderSource(_StreamingSource):
           f"{eval_root} has class folders that {train_root} lacks ({', '.join(unknown[:3])}"
           "...); both must use the same class folder names.")
     self.num_classes = len(self.class_names)
-    self.train_files, self._train_labels = _list_images(train_root, self.class_names)
-    self.eval_files, self.eval_labels = _list_images(eval_root, self.class_names)
+    self.train_files, self._train_labels, skipped = _list_images(train_root, self.class_names)
+    self.eval_files, self.eval_labels, eval_skipped = _list_images(eval_root, self.class_names)
+    skipped += eval_skipped
+    if skipped:
+      logging.warning("Image folder %s: skipped %d files that are not images (no image "
+                      "extension %s, or hidden): %s.", root, len(skipped),
+                      "/".join(IMAGE_EXTENSIONS), _some(skipped))
     for path, files in ((train_root, self.train_files), (eval_root, self.eval_files)):
       if len(files) == 0:
         raise DatasetNotFoundError(
@@ -397,21 +488,23 @@ class ImageFolderSource(_StreamingSource):
                     ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
     self._check_order(samples_per_class)
+    tf = _tf.tf()
     p, count = pipeline.process(process_index, process_count)
-    local = _local_batch(global_batch_size, count)
+    _local_batch(global_batch_size, count)  # the batch must split evenly over processes
     order = sampler.shuffled_epoch(self.num_train, epoch=epoch, seed=seed,
                                    global_batch_size=global_batch_size)
-    indices = pipeline.local_batch_indices(order, p, count)[start_step:].reshape(-1)
-    return self._batches_from_indices(indices, local, _epoch_seed(seed, epoch))
+    indices = pipeline.local_batch_indices(order, p, count)[start_step:]  # [steps, local]
+    train_map = self._train_map(_epoch_seed(seed, epoch))
 
-  def _batches_from_indices(self, indices: np.ndarray, local_batch: int, epoch_seed: int):
-    tf = _tf.tf()
-    files = self.train_files[indices].astype(str)
-    ds = tf.data.Dataset.from_tensor_slices((files, self._train_labels[indices], indices))
-    ds = ds.map(lambda path, label, index: (tf.io.read_file(path), label, index))
-    ds = ds.map(self._train_map(epoch_seed), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(tf)).as_numpy_iterator()
+    def decode(path, label, index):
+      return train_map(tf.io.read_file(path), label, index)
+
+    ds = _step_batches((self.train_files[indices].astype(str), self._train_labels[indices],
+                        indices), decode)
+    batches = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf)).as_numpy_iterator()
+    return _complete_batches(
+        batches, indices, self.train_files, what=f"training images of epoch {epoch}",
+        fill="were replaced by copies of other images of their batches; training goes on")
 
   def eval_batches(self, split: str, global_batch_size: int, *,
                    process_index: int | None = None, process_count: int | None = None
@@ -420,16 +513,20 @@ class ImageFolderSource(_StreamingSource):
     self._check_split(split)
     tf = _tf.tf()
     p, count = pipeline.process(process_index, process_count)
-    local = _local_batch(global_batch_size, count)
+    _local_batch(global_batch_size, count)  # the batch must split evenly over processes
     indices, mask = pipeline.eval_indices(self.num_eval, global_batch_size)
-    indices = pipeline.local_batch_indices(indices, p, count).reshape(-1)
-    mask = pipeline.local_batch_indices(mask, p, count).reshape(-1)
-    files = self.eval_files[indices].astype(str)
-    ds = tf.data.Dataset.from_tensor_slices((files, self.eval_labels[indices], indices, mask))
-    ds = ds.map(lambda path, *rest: (tf.io.read_file(path), *rest))
-    ds = ds.map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(tf)).as_numpy_iterator()
+    indices = pipeline.local_batch_indices(indices, p, count)  # [steps, local]
+    mask = pipeline.local_batch_indices(mask, p, count)
+    eval_map = self._eval_map()
+
+    def decode(path, *rest):
+      return eval_map(tf.io.read_file(path), *rest)
+
+    ds = _step_batches((self.eval_files[indices].astype(str), self.eval_labels[indices],
+                        indices, mask), decode)
+    batches = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf)).as_numpy_iterator()
+    return _complete_batches(batches, indices, self.eval_files, what="validation images",
+                             fill="were left out of this evaluation")
 
 
 class TfdsImageNetSource(_StreamingSource):
