@@ -14,12 +14,21 @@ depends on the device count, the memory bank (its rows zero-padded to a multiple
 device count), is read on the host and re-padded (`restore`). A newest checkpoint that
 cannot be read (a truncated file) is reported in one sentence and the one before it is
 used (`restore_latest`).
+
+A save that runs out of disk space (ENOSPC, or a quota: on a background thread, so it
+surfaces when the next save or the end of the run waits for it) removes what it had
+written of its step and raises `DiskFullError`, one sentence naming that step and the
+newest complete checkpoint, which a rerun resumes from (tests/test_faults.py).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
 
 from absl import logging
 import jax
@@ -38,11 +47,60 @@ class StateMismatchError(ValueError):
   """A checkpoint whose arrays do not fit the state being restored (another experiment)."""
 
 
+class DiskFullError(RuntimeError):
+  """A checkpoint could not be written for lack of space; its partial files are removed and
+  the message names the newest complete checkpoint, which a rerun resumes from."""
+
+
+# How long a failed save's files are given to stop changing, and how long they must have
+# stayed removed (docs in Checkpointer._discard).
+_DISCARD_WAIT_S = 60.0
+_DISCARD_SETTLE_S = 0.5
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+  """'no space left on device' (or 'disk quota exceeded') when `error` or an error it was
+  raised from is one; None otherwise. TensorStore, which writes the arrays, reports it as a
+  ValueError whose text carries the OS's message and `os_error_code='28'`."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return _DISK_FULL_ERRNOS[error.errno]
+    text = str(error)
+    for code, reason in _DISK_FULL_ERRNOS.items():
+      if os.strerror(code) in text or f"os_error_code='{code}'" in text:
+        return reason
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def newest_complete_step(directory: str) -> int | None:
+  """The newest step in the checkpoint `directory` that was completely written, read from the
+  directory names alone (no CheckpointManager: in a multi-process run that has lost a
+  process, creating one would wait for it). On object stores, where Orbax does not
+  rename, a step counts only with its commit marker."""
+  from etils import epath
+  path = epath.Path(directory)
+  try:
+    names = [p.name for p in path.iterdir()]
+  except (OSError, ValueError):
+    return None
+  steps = [int(n) for n in names if n.isdigit()]
+  if "://" in directory:
+    steps = [s for s in steps if (path / str(s) / "commit_success.txt").exists()]
+  return max(steps, default=None)
+
+
 class Checkpointer:
   """Keep-N async checkpoints of a train state; `restore_latest` resumes where a run stopped."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True,
                read_only: bool = False):
+    self._saving_step: int | None = None  # the step of the save last started
+    self._failed = False  # a save ran out of space (already reported)
+    self._closed = False
     # cleanup_tmp_directories: without it a half-written step directory stays until that
     # same step is saved again, which never happens if the save schedule changed.
     options = ocp.CheckpointManagerOptions(
@@ -59,11 +117,86 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
            force: bool = True) -> None:
-    self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-        force=force)
+    """Starts writing checkpoint `step` in the background.
+
+    Raises DiskFullError when this save, or the previous one (whose background write
+    Orbax waits for first), runs out of space."""
+    # Orbax waits for the previous save inside save() anyway; waiting here first lets a
+    # failure of that save be reported with its own step.
+    self.wait()
+    self._saving_step = int(step)
+    with self._disk_full_as_error():
+      self._manager.save(
+          int(step),
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
+          force=force)
+
+  @contextlib.contextmanager
+  def _disk_full_as_error(self) -> Iterator[None]:
+    """Turns running out of space during the save of `self._saving_step` into
+    DiskFullError, after removing what that save wrote: its temporary directory (and the
+    step's final directory, should one exist), so that the next run neither trips over
+    it nor takes it for a checkpoint."""
+    try:
+      yield
+    except Exception as e:
+      reason = disk_full_reason(e)
+      if reason is None or self._saving_step is None:
+        raise
+      step = self._saving_step
+      self._failed = True
+      self._close_manager()  # Orbax's threads stop first: none may write into what goes next
+      self._discard(step)
+      newest = newest_complete_step(self.directory)
+      where = ("there is no complete checkpoint yet, so a rerun starts afresh"
+               if newest is None else
+               f"the newest complete checkpoint is step {newest}, which a rerun resumes from")
+      raise DiskFullError(
+          f"{reason} while saving the checkpoint of step {step} in {self.directory}; its "
+          f"partial files are removed and {where}; free some space and rerun the same "
+          "command.") from e
+
+  def _discard(self, step: int) -> None:
+    """Removes step `step`'s directories, temporary or final (process 0 only: the
+    checkpoint directory is shared).
+
+    The first failed write ends the save, but its other writes go on for a while (Orbax's
+    threads, and TensorStore's, which Python cannot wait for) and may recreate what was
+    removed: Orbax's threads are waited for, then the directory is removed until it has
+    stayed away for a moment (both bounded in time)."""
+    if jax.process_index() != 0:
+      return
+    from etils import epath
+    deadline = time.monotonic() + _DISCARD_WAIT_S
+    for thread in threading.enumerate():
+      if thread is not threading.current_thread() and type(thread).__module__.startswith(
+          "orbax."):
+        try:  # Orbax's threads re-raise their own failure when joined
+          thread.join(max(0.0, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 -- another write of the same failed save
+          logging.info("A writer of the failed save: %s", first_line(e))
+    directory = epath.Path(self.directory)
+    try:
+      doomed = [p for p in directory.iterdir()
+                if p.name == str(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
+    except OSError:
+      return
+    for path in doomed:
+      absent_since = None
+      while absent_since is None or time.monotonic() - absent_since < _DISCARD_SETTLE_S:
+        if path.exists():
+          absent_since = None
+          if time.monotonic() > deadline:  # the next run's Orbax clean-up removes it
+            logging.warning("Could not remove %s; a rerun removes it.", path)
+            break
+          try:
+            path.rmtree(missing_ok=True)
+          except OSError:  # a file being written meanwhile: try again
+            pass
+        elif absent_since is None:
+          absent_since = time.monotonic()
+        time.sleep(0.05)
 
   def steps(self) -> list[int]:
     """The complete checkpoints' steps, oldest first."""
@@ -146,12 +279,30 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    """Blocks until pending async saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending async saves are on disk; DiskFullError if one ran out of space."""
+    with self._disk_full_as_error():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the pending save, then releases Orbax's threads."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      self._close_manager()
+
+  def _close_manager(self) -> None:
+    """Closes Orbax's manager once. After a save that ran out of space (reported already
+    as DiskFullError) its own complaints about that save are moot and only logged."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001 -- the failed save's error, reported once already
+      if not self._failed:
+        raise
+      logging.info("Closing the checkpointer after a failed save: %s", first_line(e))
 
 
 def _key(path: tuple[Any, ...]) -> str:
