@@ -6,9 +6,12 @@ device work, so a typo or an impossible combination costs seconds, not a pod all
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import math
+import numbers
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections
 
@@ -125,6 +128,178 @@ def _choice(value: Any, field: str, choices: tuple[str, ...]) -> None:
     raise ConfigError(f"config.{field}={value!r} is not one of {', '.join(choices)}.")
 
 
+# Without jax_enable_x64, JAX counts steps, sizes and indices in 32-bit integers.
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+  """The valid values of a numeric field, or of each item of a tuple field.
+
+  `low` is inclusive unless `low_open`, `high` inclusive unless `high_open`; an integer
+  field without `high` may go up to INT32_MAX. `note` (in parentheses) says what a special
+  value means or why the bound is there; it ends the error sentence.
+  """
+  low: float
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  note: str = ""
+
+  def violation(self, value: float, is_int: bool) -> str | None:
+    """'must be ...' when `value` is out of bounds, else None."""
+    high = self.high if self.high is not None else (INT32_MAX if is_int else None)
+    too_low = value < self.low or (self.low_open and value == self.low)
+    too_high = high is not None and (value > high or (self.high_open and value == high))
+    if not (too_low or too_high):
+      return None
+    if self.high is not None:
+      phrase = (f"must be in {'(' if self.low_open else '['}{self.low}, "
+                f"{self.high}{')' if self.high_open else ']'}")
+    elif too_high:
+      phrase = f"must be at most {high} (JAX counts in 32-bit integers)"
+    elif (self.low == 0 and self.low_open) or (is_int and self.low == 1):
+      phrase = "must be positive"
+    elif self.low == 0:
+      phrase = "must be >= 0"
+    else:
+      phrase = f"must be at least {self.low}"
+    return f"{phrase} {self.note}" if self.note else phrase
+
+
+_POSITIVE = Bounds(0, low_open=True)
+_TEMPERATURE = Bounds(0, low_open=True, note="(it divides the logits)")
+_TERM_WEIGHT = Bounds(0, note="(0: the term is off)")
+
+# The range of every numeric field of configs/default.py (of each item, for a tuple). The
+# type of every field is checked against its default's (`_check_fields`); bools and strings
+# need no range, strings with a fixed set of values are checked in `_check_choices`, and
+# bounds that depend on other fields are checked in the `_check_*` functions below.
+FIELD_BOUNDS: dict[str, Bounds] = {
+    "seed": Bounds(0, 2**32 - 1, note="(numpy's SeedSequence takes no negative seed, and a "
+                   "JAX PRNG key keeps 32 bits)"),
+    "model.num_classes": Bounds(0, note="(0: from the dataset)"),
+    "model.shared_stages": Bounds(0, note="(0: nothing shared)"),  # and < the arch's stages
+    "model.embed_dim": Bounds(1),
+    "cohort.num_members": Bounds(1),
+    **dict.fromkeys(("loss.vcl_weight", "loss.icl_weight", "loss.soft_vcl_weight",
+                     "loss.soft_icl_weight", "loss.logit_kd_weight", "loss.co2_weight"),
+                    _TERM_WEIGHT),
+    "loss.tau": _TEMPERATURE,
+    "loss.kd_temperature": _TEMPERATURE,
+    "loss.co2_temperature": _TEMPERATURE,
+    "loss.soft_warmup_epochs": Bounds(0, note="(0: constant weights)"),
+    "bank.num_positives": Bounds(1),
+    "bank.num_negatives": Bounds(1),
+    "bank.momentum": Bounds(0, 1),
+    "bank.gather_chunk": Bounds(0, note="(0: all candidates at once)"),
+    "moco.queue_size": Bounds(1),
+    "moco.key_momentum": Bounds(0, 1),
+    "moco.bn_group_size": Bounds(0, note="(0: one group per device)"),
+    "ssl.knn_every_epochs": Bounds(0, note="(0: off)"),
+    "input.validation_size": Bounds(0, note="(0: none)"),
+    "input.train_subset": Bounds(0, note="(0: the whole training split)"),
+    "input.classes": Bounds(0, note="(class ids)"),
+    "input.global_batch_size": Bounds(1),
+    "input.samples_per_class": Bounds(0, note="(0: plain shuffled batches)"),
+    "input.image_size": Bounds(1),
+    "input.eval_batch_size": Bounds(1),
+    "input.synthetic_train_size": Bounds(1),
+    "input.synthetic_eval_size": Bounds(1),
+    "input.synthetic_num_classes": Bounds(2, note="(a classifier needs two classes)"),
+    "optim.lr": _POSITIVE,
+    "optim.momentum": Bounds(0, 1, high_open=True),
+    "optim.weight_decay": Bounds(0),
+    "schedule.epochs": Bounds(1),
+    "schedule.boundaries": Bounds(0, note="(epochs)"),
+    "schedule.decay_factor": _POSITIVE,
+    "schedule.warmup_epochs": Bounds(0, note="(0: off)"),
+    "schedule.num_train_steps": Bounds(0, note="(0: schedule.epochs)"),
+    "checkpoint.every_epochs": Bounds(1, note="(the end of the run is always saved)"),
+    "checkpoint.keep": Bounds(1),
+    "log_every_steps": Bounds(1),
+    "eval_every_epochs": Bounds(0, note="(0: only at the end)"),
+}
+
+
+def config_leaves(config: ml_collections.ConfigDict, prefix: str = ""
+                  ) -> Iterator[tuple[str, Any]]:
+  """(dotted name, value) of every field that is not itself a ConfigDict, depth first."""
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from config_leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# What a field of each default's type must hold: (one value, several values).
+_TYPE_NAMES = {bool: ("True or False", "True/False values"), int: ("an integer", "integers"),
+               float: ("a finite number", "finite numbers"), str: ("a string", "strings")}
+
+
+def _has_type_of(value: Any, default: Any) -> bool:
+  """Whether `value` has the type of the field's default `default`.
+
+  ml_collections locks a field's type only on assignment, and lets None, a bool for an
+  int and an int for a float through (and anything into a config built from a dict), so
+  this is checked here. A float field takes an int, but no NaN or infinity; every tuple
+  field holds integers unless its default says otherwise.
+  """
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return _is_int(value)
+  if isinstance(default, float):
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, tuple):
+    item = default[0] if default else 0
+    return isinstance(value, (tuple, list)) and all(_has_type_of(v, item) for v in value)
+  return True
+
+
+def _type_wanted(default: Any) -> str:
+  """'an integer', 'a tuple of integers, e.g. (150, 225)', ...: what `_has_type_of` wants."""
+  if isinstance(default, tuple):
+    item = default[0] if default else 0
+    return f"a tuple of {_TYPE_NAMES[type(item)][1]}, e.g. {default or (0, 1)}"
+  return _TYPE_NAMES[type(default)][0]
+
+
+def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+  """Every field of `schema` present in `config` has its default's type and its bounds."""
+  for field, default in config_leaves(schema):
+    section, _, name = field.rpartition(".")
+    holder = config
+    for key in section.split(".") if section else ():
+      holder = holder.get(key) if isinstance(holder, ml_collections.ConfigDict) else None
+    if not isinstance(holder, ml_collections.ConfigDict) or name not in holder:
+      continue  # absent here: nothing to check
+    value = holder[name]
+    if not _has_type_of(value, default):
+      raise ConfigError(f"config.{field}={value!r} must be {_type_wanted(default)}.")
+    if isinstance(default, tuple):
+      items, is_int = value, all(_is_int(v) for v in value)
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+      items, is_int = (value,), isinstance(default, int)
+    else:
+      continue  # bools and strings: the type is all (choices: `_check_choices`)
+    # A number without bounds of its own must still fit JAX's int32 when it is an integer.
+    bounds = FIELD_BOUNDS.get(field) or (Bounds(-INT32_MAX - 1) if is_int else None)
+    for item in items if bounds else ():
+      wrong = bounds.violation(item, is_int)
+      if wrong:
+        where = ": each item " if isinstance(default, tuple) else " "
+        raise ConfigError(f"config.{field}={value!r}{where}{wrong}.")
+
+
 def mcl_terms_on(config: ml_collections.ConfigDict) -> bool:
   loss = config.loss
   weights = [loss.icl_weight, loss.soft_vcl_weight, loss.soft_icl_weight, loss.logit_kd_weight]
@@ -167,15 +342,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   need the data (a batch larger than the dataset, a probe on a dataset of another channel
   count) are made where the data is first read, with the same one-sentence errors.
   """
-  unknown = _unknown_fields(config, default_config())
+  schema = default_config()
+  unknown = _unknown_fields(config, schema)
   if unknown:
     name, known = unknown[0]
     raise ConfigError(f"Unknown config field '{name}'; known fields here: {', '.join(known)}.")
+  _check_fields(config, schema)
   _check_choices(config)
   _check_model(config)
   _check_loss(config)
   _check_input(config, num_devices)
-  _check_optimisation(config)
   _check_trainer(config)
   if workdir is not None:
     check_workdir(workdir)
@@ -200,40 +376,24 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
+  from mcl_jax import models
   members = config.cohort.num_members
-  if members < 1:
-    raise ConfigError(f"config.cohort.num_members={members} must be at least 1.")
   if members < 2 and mcl_terms_on(config):
     raise ConfigError(
         f"config.cohort.num_members={members} but MCL needs a cohort of at least 2; set "
         "num_members >= 2 or every loss weight (vcl/icl/soft_vcl/soft_icl/logit_kd) to 0.")
-  if config.model.shared_stages < 0:
-    raise ConfigError(f"config.model.shared_stages={config.model.shared_stages} must be >= 0.")
-  if config.model.embed_dim < 1:
-    raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must be positive.")
+  arch, shared = config.model.arch, config.model.shared_stages
+  stages = models.create(arch, max(1, config.model.num_classes)).num_stages
+  if shared >= stages:
+    raise ConfigError(f"config.model.shared_stages={shared} must be less than {arch}'s "
+                      f"{stages} stages (stem included), so each member keeps its own.")
 
 
 def _check_loss(config: ml_collections.ConfigDict) -> None:
   loss = config.loss
-  for field in ("tau", "kd_temperature"):
-    if loss[field] <= 0:
-      raise ConfigError(f"config.loss.{field}={loss[field]} must be positive (it divides "
-                        "the logits).")
-  for field in ("vcl_weight", "icl_weight", "soft_vcl_weight", "soft_icl_weight",
-                "logit_kd_weight", "soft_warmup_epochs"):
-    if loss[field] < 0:
-      raise ConfigError(f"config.loss.{field}={loss[field]} must be >= 0.")
-  if loss.co2_weight < 0 or loss.co2_temperature <= 0:
-    raise ConfigError(f"config.loss.co2_weight={loss.co2_weight} must be >= 0 and "
-                      f"config.loss.co2_temperature={loss.co2_temperature} positive.")
   if loss.co2_weight and config.trainer != "moco":
     raise ConfigError(f"config.loss.co2_weight={loss.co2_weight}: CO2 regularises MoCo's "
                       "queue similarities; use it with the moco trainer or set it to 0.")
-  if loss.regime == "bank" and config.bank.num_negatives < 1:
-    raise ConfigError("config.bank.num_negatives must be at least 1 for the memory bank.")
-  if config.bank.gather_chunk < 0:
-    raise ConfigError(f"config.bank.gather_chunk={config.bank.gather_chunk} must be 0 (all "
-                      "candidates at once) or positive.")
   if config.model.head == "none" and config.trainer == "supervised" and any(
       loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")):
     raise ConfigError("config.model.head='none' leaves the contrastive terms no embeddings; "
@@ -243,8 +403,6 @@ def _check_loss(config: ml_collections.ConfigDict) -> None:
 def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
   from mcl_jax.data import sources
   batch = config.input.global_batch_size
-  if batch < 1:
-    raise ConfigError(f"config.input.global_batch_size={batch} must be positive.")
   if num_devices is not None and batch % num_devices:
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by the {num_devices} "
@@ -265,11 +423,8 @@ def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> 
              if config.trainer == "supervised" else f"the {config.trainer} trainer uses "
              "plain shuffled batches")
     raise ConfigError(f"config.input.samples_per_class={per_class}: {where}; set it to 0.")
-  if config.input.validation_size < 0 or config.input.train_subset < 0:
-    raise ConfigError("config.input.validation_size and config.input.train_subset must be "
-                      ">= 0 (0: none / the whole training split).")
   classes = tuple(config.input.classes)
-  if classes and (len(set(classes)) != len(classes) or min(classes) < 0 or len(classes) < 2):
+  if classes and (len(set(classes)) != len(classes) or len(classes) < 2):
     raise ConfigError(f"config.input.classes={classes} must name at least 2 distinct "
                       "non-negative class ids (or be empty: every class).")
   if classes and config.input.dataset in sources.STREAMING:
@@ -278,25 +433,6 @@ def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> 
   if config.input.rotation_classes and config.input.dataset in sources.STREAMING:
     raise ConfigError("config.input.rotation_classes builds a task from in-memory datasets; "
                       f"{config.input.dataset} is streamed.")
-  if config.input.eval_batch_size < 1:
-    raise ConfigError(
-        f"config.input.eval_batch_size={config.input.eval_batch_size} must be positive.")
-
-
-def _check_optimisation(config: ml_collections.ConfigDict) -> None:
-  if config.optim.lr <= 0:
-    raise ConfigError(f"config.optim.lr={config.optim.lr} must be positive.")
-  if config.optim.weight_decay < 0 or not 0 <= config.optim.momentum < 1:
-    raise ConfigError("config.optim.weight_decay must be >= 0 and config.optim.momentum in "
-                      f"[0, 1); got {config.optim.weight_decay} and {config.optim.momentum}.")
-  if config.schedule.epochs < 1:
-    raise ConfigError(f"config.schedule.epochs={config.schedule.epochs} must be positive.")
-  if config.schedule.warmup_epochs < 0:
-    raise ConfigError(
-        f"config.schedule.warmup_epochs={config.schedule.warmup_epochs} must be >= 0 (0: off).")
-  if config.schedule.num_train_steps < 0:
-    raise ConfigError(f"config.schedule.num_train_steps={config.schedule.num_train_steps} "
-                      "must be >= 0 (0: schedule.epochs).")
 
 
 def _check_trainer(config: ml_collections.ConfigDict) -> None:
@@ -317,6 +453,13 @@ def _check_trainer(config: ml_collections.ConfigDict) -> None:
           f"global batch {batch}; the FIFO queue takes whole batches.")
     if not 0.0 <= moco.key_momentum <= 1.0:
       raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
+    group = moco.bn_group_size
+    # A group of one image has no variance to normalise by; a group size at least the
+    # global batch is one group (global BN); otherwise the groups must tile the batch.
+    if moco.shuffle_bn and (group < 0 or group == 1 or (0 < group < batch and batch % group)):
+      raise ConfigError(
+          f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
+          f"and divide the global batch {batch}, or be at least the batch (one group).")
   if trainer in SELF_SUPERVISED:
     if ssl.knn_every_epochs < 0:
       raise ConfigError(

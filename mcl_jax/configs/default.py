@@ -64,6 +64,13 @@ def get_config(arg=None):
   c.moco.mlp = False  # --mlp done for real: Dense(F, F)-ReLU-Dense(F, d) instead of Dense(F, d)
   c.moco.queue_size = 65536  # --moco-k
   c.moco.key_momentum = 0.999  # --moco-m
+  # Shuffle-BN (official moco/builder.py: DDP without SyncBN, so BN is per GPU in both
+  # encoders, and the key encoder's input is shuffled across GPUs, `_batch_shuffle_ddp`).
+  # False: BN over the global batch in both encoders (docs/MOCO.md).
+  c.moco.shuffle_bn = True
+  # Images per BN group (the per-GPU batch): 32 = the official 256 over 8 GPUs. 0: one
+  # group per device. At least the global batch: one group (global BN, nothing shuffled).
+  c.moco.bn_group_size = 32
 
   # Self-supervised trainers (moco, simclr): the two views and the kNN monitor.
   c.ssl = ml_collections.ConfigDict()
