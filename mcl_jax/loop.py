@@ -211,7 +211,8 @@ def fit(run: Run) -> dict[str, Any]:
   preemption notice) it saves at the current step and returns early with preempted=True.
   Raises DivergedError when a step's loss is not finite (no checkpoint of it is written).
   Returns {"eval": the last evaluation, "train": the last logged training metrics,
-  "steps": the step reached, "preempted": bool}.
+  "steps": the step reached, "preempted": bool, "collapsed": None or the first collapse
+  {'step', 'member', 'signal', 'value'} (`CollapseWatch`)}.
   """
   from clu import metric_writers, periodic_actions
   from mcl_jax.data import _tf
@@ -241,7 +242,8 @@ def fit(run: Run) -> dict[str, Any]:
   watch = DivergenceWatch(workdir, ckpt)
   pending, last_train, done = [], {}, start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
-  collapse = CollapseWatch()
+  collapse = CollapseWatch(getattr(task, "collapse_remedy", ""), grace_steps=round(
+      metrics_lib.COLLAPSE_GRACE_EPOCHS * spe))
 
   def run_eval():
     result = task.evaluate(run.state)
@@ -256,7 +258,7 @@ def fit(run: Run) -> dict[str, Any]:
 
   def summary(preempted: bool) -> dict[str, Any]:
     return {"eval": evaluated["result"], "train": last_train, "steps": done,
-            "preempted": preempted}
+            "preempted": preempted, "collapsed": collapse.first}
 
   t0 = time.time()
   try:
@@ -430,30 +432,38 @@ class PreemptionGuard:
 
 
 class CollapseWatch:
-  """Warns once when a member's embeddings have collapsed to one direction.
+  """Warns once when a member has collapsed, and remembers the first collapse.
 
-  Reads the logged `embed_cosine/member_m` (metrics.embedding_health): above
-  metrics.COLLAPSE_COSINE every in-batch similarity is about the same, the contrastive
-  terms sit near log(B - 1) per row and give almost no gradient, so MCL is effectively off
-  until the embeddings spread again (docs/RESULTS.md, "The collapse").
+  Reads the logged per-member signals of `metrics.cohort_health` from the flattened
+  training metrics (`metrics.first_collapse`): `embed_cosine/member_m` above
+  metrics.COLLAPSE_COSINE (every in-batch similarity about the same), or, after
+  `grace_steps`, `contrastive_vs_chance/member_m` above metrics.COLLAPSE_LOSS_RATIO (the
+  member's own contrastive loss at chance). Either way the contrastive terms give almost no
+  gradient, so MCL is effectively off until the member recovers (docs/RESULTS.md, "The
+  collapse"). `remedy`: the task's `collapse_remedy`, a sentence the warning ends with.
+  `first`: None, or {'step', 'member', 'signal', 'value'} of the first collapse (`fit`'s
+  summary reports it as `collapsed`).
   """
 
-  def __init__(self):
-    self.warned = False
+  def __init__(self, remedy: str = "", grace_steps: int = 0):
+    self.remedy, self.grace_steps = remedy, grace_steps
+    self.first: dict[str, Any] | None = None
 
   def check(self, step: int, train_metrics: dict[str, float]) -> None:
-    if self.warned:
+    if self.first is not None:
       return
-    for name, value in train_metrics.items():
-      if name.startswith("embed_cosine/") and value > metrics_lib.COLLAPSE_COSINE:
-        member = name.split("member_")[-1]
-        logging.warning(
-            "Step %d: member %s's embeddings have collapsed (mean pairwise cosine %.3f > "
-            "%.2f), so the contrastive terms give almost no gradient; ramping the soft "
-            "terms in (config.loss.soft_warmup_epochs=1) avoids this (docs/RESULTS.md).",
-            step, member, value, metrics_lib.COLLAPSE_COSINE)
-        self.warned = True
-        return
+    found = metrics_lib.first_collapse(train_metrics, check_loss=step >= self.grace_steps)
+    if found is None:
+      return
+    self.first = {"step": step, **found}
+    what = ("embeddings point one way (mean pairwise cosine %.3f > %.2f)"
+            if found["signal"] == "embed_cosine" else
+            "own contrastive loss is at chance (%.3f of log(candidates) > %.2f)")
+    limit = (metrics_lib.COLLAPSE_COSINE if found["signal"] == "embed_cosine"
+             else metrics_lib.COLLAPSE_LOSS_RATIO)
+    logging.warning(
+        "Step %d: member %d has collapsed: its " + what + ", so the contrastive terms give "
+        "almost no gradient. %s", step, found["member"], found["value"], limit, self.remedy)
 
 
 def _progress(total_steps: int, initial: int):

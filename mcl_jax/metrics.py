@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mcl_jax import losses
 
 # Mean pairwise cosine of a member's embeddings above which they are called collapsed: the
 # in-batch contrastive terms then sit near log(B - 1) per row and give almost no gradient
@@ -22,6 +26,15 @@ import numpy as np
 # initialisation (a common component of the all-positive pooled features), 0.99+ while
 # collapsed, 0.7-0.85 once the contrastive terms work.
 COLLAPSE_COSINE = 0.95
+
+# A member's own contrastive loss divided by its chance value (`contrastive_vs_chance`)
+# above which it is called collapsed, once COLLAPSE_GRACE_EPOCHS of training are done:
+# every candidate then scores about the same. Chosen from the committed Fashion-MNIST logs
+# (docs/MOCO.md, "Collapse"): healthy runs sit clearly below it after the first epoch, the
+# collapsed MoCo + MCL members above it. Near chance is also where every run STARTS (random
+# embeddings; MoCo's queue still filling), hence the grace period.
+COLLAPSE_LOSS_RATIO = 0.95
+COLLAPSE_GRACE_EPOCHS = 1.0
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int = 5
@@ -57,6 +70,67 @@ def embedding_health(embeddings: jax.Array, head_hidden: jax.Array | None = None
     dead = jnp.all(jax.lax.stop_gradient(head_hidden) <= 0, axis=1)  # [M, h]
     health["head_dead_units"] = dead.astype(jnp.float32).mean(-1)
   return health
+
+
+def contrastive_vs_chance(own_loss: jax.Array, num_candidates: int) -> jax.Array:
+  """Each member's own contrastive loss [M] over its chance value log(num_candidates).
+
+  `num_candidates`: the terms in the loss's softmax denominator (for InfoNCE, the positive
+  and the negatives). When every candidate scores the same the loss is exactly
+  log(num_candidates), so a ratio near 1 means the member tells nothing apart; a ratio
+  near 0 means the positives win by a wide margin.
+  """
+  return jax.lax.stop_gradient(own_loss).astype(jnp.float32) / math.log(num_candidates)
+
+
+def in_batch_own_loss(z: jax.Array, labels: jax.Array, *, tau: float) -> jax.Array:
+  """[M]: each member's own in-batch contrastive loss L_aa (the summand of
+  `losses.batch_mcl`'s VCL) on detached embeddings z [M, B, d]; chance is log(B - 1)
+  (the diagonal is left out of the denominator)."""
+
+  def own(zm):
+    return losses.batch_mcl(zm[None], labels, tau=tau, kd_temperature=1.0)["vcl"]
+
+  return jax.vmap(own)(jax.lax.stop_gradient(z))
+
+
+def bank_own_loss(sims: jax.Array, *, num_positives: int, tau: float) -> jax.Array:
+  """[M]: each member's own memory-bank contrastive loss (the summand of
+  `losses.bank_mcl_from_similarities`' VCL) from its similarities sims [M, M, B, 1 + P + K]:
+  its own row left out, P positives first; chance is log(P + K)."""
+  own = jnp.einsum("aaik->aik", jax.lax.stop_gradient(sims)).astype(jnp.float32)[..., 1:] / tau
+  log_z = jax.nn.logsumexp(own, axis=-1)
+  return jnp.mean(log_z - jnp.mean(own[..., :num_positives], axis=-1), axis=-1)
+
+
+def cohort_health(embeddings: jax.Array, *, own_loss: jax.Array | None = None,
+                  num_candidates: int | None = None,
+                  head_hidden: jax.Array | None = None) -> dict[str, jax.Array]:
+  """A regime's per-member collapse signals, [M] each: `embedding_health` (embed_cosine,
+  head_dead_units with an MLP head) and, when the member's own contrastive loss is given,
+  `contrastive_vs_chance`. `loop.CollapseWatch` reads them from the logged metrics."""
+  health = embedding_health(embeddings, head_hidden)
+  if own_loss is not None:
+    health["contrastive_vs_chance"] = contrastive_vs_chance(own_loss, num_candidates)
+  return health
+
+
+def first_collapse(train_metrics: dict[str, float], *, check_loss: bool
+                   ) -> dict[str, object] | None:
+  """The first collapse signal in flattened logged metrics (`embed_cosine/member_m`,
+  `contrastive_vs_chance/member_m`), or None: {'member': m, 'signal': name, 'value': v}.
+
+  The cosine is read at every step; the loss ratio only when `check_loss` (after the
+  grace period, since every run starts near chance).
+  """
+  limits = {"embed_cosine": COLLAPSE_COSINE}
+  if check_loss:
+    limits["contrastive_vs_chance"] = COLLAPSE_LOSS_RATIO
+  for name, value in sorted(train_metrics.items()):
+    signal, _, member = name.partition("/member_")
+    if signal in limits and member.isdigit() and value > limits[signal]:
+      return {"member": int(member), "signal": signal, "value": float(value)}
+  return None
 
 
 def cohort_accuracy(counts: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -15,9 +15,20 @@ classifier) without the MLP's second layer, the key encoder or the queue.
 Queues: one FIFO queue per member, `queues` [M, K, d], replicated on every device (each
 device scores its share of the queries against every queue, so it needs them whole); after
 each step every member enqueues the keys of the whole global batch at `queue_ptr` (one
-pointer for all; `K % global batch == 0` is validated, so a batch never wraps). BN runs
-over the global batch in both encoders instead of the official shuffle-BN (docs/MOCO.md).
+pointer for all; `K % global batch == 0` is validated, so a batch never wraps).
 The two views come from `mcl_jax.data.views` (`ssl.views` names the recipe).
+
+Shuffle-BN (`moco.shuffle_bn`, default on as the official code; docs/MOCO.md): the official
+code trains with DistributedDataParallel and no SyncBN, so BN in BOTH encoders normalises
+over one GPU's share of the batch, and the key encoder's input is first shuffled across GPUs
+(`_batch_shuffle_ddp`) and its keys unshuffled after (`_batch_unshuffle_ddp`), so a query
+and its positive key never share batch statistics. Here the global batch is cut into G
+groups of `moco.bn_group_size` consecutive images (the per-GPU batch; 0: one group per
+device), each normalised with its own statistics (`apply_in_groups`: a vmap of the encoders
+over the groups); the keys are computed from a permutation of the batch drawn from the
+state's rng each step and put back in the original order. Off, BN runs over the global batch
+in both encoders. Running statistics: the mean over the groups of each group's update (the
+official keeps one copy per GPU and checkpoints GPU 0's).
 
 Order within a step (official `MoCo.forward`): momentum update of the key encoders from
 the current (pre-step) query encoders, keys from the updated key encoders, the loss, the
@@ -44,6 +55,7 @@ from mcl_jax import models
 from mcl_jax import numerics
 from mcl_jax import sharding as sharding_lib
 from mcl_jax.data import views as data_views
+from mcl_jax.errors import ConfigError
 from mcl_jax.models import layers
 
 Array = jax.Array
@@ -113,6 +125,12 @@ class MocoEncoders:
   def apply(self, variables: dict[str, Any], images: Array, train: bool
             ) -> tuple[Array, Array, Any]:
     """(embeddings [M, B, d] L2-normalised, features [M, B, F], new batch_stats or None)."""
+    return self.apply_with_hidden(variables, images, train)[:3]
+
+  def apply_with_hidden(self, variables: dict[str, Any], images: Array, train: bool
+                        ) -> tuple[Array, Array, Any, Array | None]:
+    """`apply`, plus the MLP head's pre-ReLU hidden layer [M, B, F] (None without MLP):
+    what `metrics.embedding_health` counts dead units of."""
     params = dict(variables["params"])
     params["members"] = {k: v for k, v in params["members"].items() if k != "mlp"}
     cohort_vars = {"params": params, "batch_stats": variables["batch_stats"]}
@@ -124,9 +142,49 @@ class MocoEncoders:
       out = self.cohort.apply(cohort_vars, images, train=False)
     z = out["logits"]  # [M, B, num_classes]: d (linear head) or F (the MLP's hidden layer)
     mlp = variables["params"]["members"].get("mlp")
+    hidden = None
     if mlp is not None:
+      hidden = z
       z = jnp.einsum("mbf,mfd->mbd", jax.nn.relu(z), mlp["kernel"]) + mlp["bias"][:, None]
-    return numerics.l2_normalize(z), out["features"], new_stats
+    return numerics.l2_normalize(z), out["features"], new_stats, hidden
+
+
+def apply_in_groups(encoders: MocoEncoders, variables: dict[str, Any], images: Array,
+                    num_groups: int) -> tuple[Array, Array, Any, Array | None]:
+  """`encoders.apply_with_hidden` in training mode with BN statistics per group of
+  B / num_groups consecutive images (official: per GPU), outputs back in batch order.
+
+  The batch is reshaped to [G, B / G, ...] and the encoders vmapped over the groups, so
+  every BN layer normalises each group by its own mean and variance. The new running
+  statistics are the mean over the groups of each group's update (module docstring).
+  One group is plain global BN.
+  """
+  if num_groups <= 1:
+    return encoders.apply_with_hidden(variables, images, train=True)
+  batch = images.shape[0]
+  if batch % num_groups:
+    raise ValueError(f"A batch of {batch} cannot be cut into {num_groups} equal BN groups.")
+  grouped = images.reshape(num_groups, batch // num_groups, *images.shape[1:])
+  z, features, stats, hidden = jax.vmap(
+      lambda x: encoders.apply_with_hidden(variables, x, train=True))(grouped)
+
+  def ungroup(a):  # [G, M, B / G, ...] -> [M, B, ...]
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], batch, *a.shape[3:])
+
+  return (ungroup(z), ungroup(features), jax.tree.map(lambda v: jnp.mean(v, 0), stats),
+          None if hidden is None else ungroup(hidden))
+
+
+def num_bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """G, the shuffle-BN groups of a global batch (0: shuffle-BN off, global BN).
+
+  `moco.bn_group_size` images per group, 0 meaning one group per device; a group size at
+  least the global batch gives one group (validated: config_lib).
+  """
+  if not config.moco.shuffle_bn:
+    return 0
+  batch, size = config.input.global_batch_size, config.moco.bn_group_size
+  return num_devices if size == 0 else max(1, batch // size)
 
 
 def build_encoders(config: ml_collections.ConfigDict,
@@ -175,11 +233,22 @@ def momentum_update(key_params: Any, params: Any, momentum: float) -> Any:
   return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params, params)
 
 
-def compute_keys(encoders: MocoEncoders, key_variables: dict[str, Any], images: Array
+def compute_keys(encoders: MocoEncoders, key_variables: dict[str, Any], images: Array, *,
+                 shuffle_bn_groups: int = 0, shuffle_rng: Array | None = None
                  ) -> tuple[Array, Any]:
-  """Keys [M, B, d] of the key encoders (train-mode BN, as the official), no gradient."""
-  k, _, stats = encoders.apply(key_variables, images, train=True)
-  return jax.lax.stop_gradient(k), stats
+  """Keys [M, B, d] of the key encoders (train-mode BN, as the official), no gradient.
+
+  shuffle_bn_groups = 0: BN over the whole batch. G > 0: shuffle-BN, the official
+  `_batch_shuffle_ddp` / `_batch_unshuffle_ddp` with G GPUs: the keys of images[perm]
+  (perm a permutation drawn from `shuffle_rng`) with BN per group of B / G consecutive
+  shuffled images, put back in the order of `images`.
+  """
+  if not shuffle_bn_groups:
+    k, _, stats = encoders.apply(key_variables, images, train=True)
+    return jax.lax.stop_gradient(k), stats
+  perm = jax.random.permutation(shuffle_rng, images.shape[0])
+  k, _, stats, _ = apply_in_groups(encoders, key_variables, images[perm], shuffle_bn_groups)
+  return jax.lax.stop_gradient(k[:, jnp.argsort(perm)]), stats
 
 
 def enqueue(queues: Array, ptr: Array, keys: Array) -> tuple[Array, Array]:
@@ -191,19 +260,21 @@ def enqueue(queues: Array, ptr: Array, keys: Array) -> tuple[Array, Array]:
 
 def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues: Array, *,
               encoders: MocoEncoders, loss_cfg: ml_collections.ConfigDict,
-              soft_scale: Array | float = 1.0
+              soft_scale: Array | float = 1.0, bn_groups: int = 0
               ) -> tuple[Array, tuple[dict[str, Array], Any, Array]]:
   """docs/SPEC.md 2.3 total: weighted VCL + ICL + SoftVCL + SoftICL of the queries of
   `images` (+ CO2 with `loss.co2_weight`).
 
-  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`).
+  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`). `bn_groups`
+  G > 1: BN per group of B / G consecutive images (shuffle-BN's query side).
 
   Returns (loss, (metrics, new query batch_stats, queries)). Per-member metrics: `ce`
-  (the member's own InfoNCE, CE(logits_aa, 0)) and `instance_accuracy` (how often the
-  positive key outscores all K queue keys).
+  (the member's own InfoNCE, CE(logits_aa, 0)), `instance_accuracy` (how often the
+  positive key outscores all K queue keys) and the collapse signals of
+  `metrics.cohort_health` (of the queries; chance of `ce`: log(1 + K)).
   """
-  q, _, new_stats = encoders.apply({"params": params, "batch_stats": batch_stats}, images,
-                                   train=True)
+  q, _, new_stats, hidden = apply_in_groups(
+      encoders, {"params": params, "batch_stats": batch_stats}, images, bn_groups)
   terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau,
                           kd_temperature=loss_cfg.kd_temperature)
   weights = losses.mcl_weights(loss_cfg)
@@ -223,6 +294,9 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
   logits = jnp.concatenate([l_pos[..., None], l_neg], axis=-1) / loss_cfg.tau
   metrics["ce"] = jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0], axis=-1)
   metrics["instance_accuracy"] = jnp.mean(l_pos > l_neg.max(-1), axis=-1)
+  metrics.update(metrics_lib.cohort_health(qs, own_loss=metrics["ce"],
+                                           num_candidates=1 + queues.shape[1],
+                                           head_hidden=hidden))
   metrics["finite"] = metrics_lib.all_finite(metrics)
   return total, (metrics, new_stats, qs)
 
@@ -231,24 +305,34 @@ def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Arra
                encoders: MocoEncoders, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict, key_momentum: float,
                views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
-               soft_ramp_steps: float = 0.0) -> tuple[MocoState, dict[str, Array]]:
+               soft_ramp_steps: float = 0.0, shuffle_bn_groups: int = 0
+               ) -> tuple[MocoState, dict[str, Array]]:
   """One MoCo-MCL step of the whole cohort (order: module docstring).
 
   batch: either `index` [B] of the training set held on device (consts['train_image']),
   or host-made crops `image`, `image2` [B, S, S, C] (streaming sources).
+  shuffle_bn_groups: 0 (the default), BN over the global batch in both encoders; G > 0,
+  shuffle-BN with G groups (`num_bn_groups`; module docstring), its permutation drawn from
+  the state's rng.
   """
   if "image" in batch:
     images, images2 = batch["image"], batch.get("image2")
   else:
     images, images2 = consts["train_image"][batch["index"]], None
-  rng, view_rng = jax.random.split(state.rng)
+  shuffle_rng = None
+  if shuffle_bn_groups:
+    rng, view_rng, shuffle_rng = jax.random.split(state.rng, 3)
+  else:
+    rng, view_rng = jax.random.split(state.rng)
   x_q, x_k = views(view_rng, images, images2)
   key_params = momentum_update(state.key_params, state.params, key_momentum)
   keys, key_stats = compute_keys(
-      encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k)
+      encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k,
+      shuffle_bn_groups=shuffle_bn_groups, shuffle_rng=shuffle_rng)
   grad_fn = jax.grad(functools.partial(
       moco_loss, encoders=encoders, loss_cfg=loss_cfg,
-      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps)), has_aux=True)
+      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+      bn_groups=shuffle_bn_groups), has_aux=True)
   grads, (metrics, batch_stats, _) = grad_fn(state.params, state.batch_stats, x_q, keys,
                                              state.queues)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -278,6 +362,11 @@ class MocoTask:
   the loss, head and tau stay the config's. evaluate(state) -> `knn_accuracy`, or None for
   streaming sources (judged by the linear probe instead).
   """
+  # What loop.CollapseWatch's warning recommends (docs/MOCO.md, "Collapse").
+  collapse_remedy = ("MoCo + MCL collapsed this way on Fashion-MNIST with global BN; "
+                     "shuffle-BN (config.moco.shuffle_bn=True, the default) removes the "
+                     "batch-statistics shortcut MoCo's near-chance-but-winning keys point "
+                     "to, but has not yet been measured to prevent it (docs/MOCO.md).")
 
   def __init__(self, setup: loop.Setup, views: data_views.ViewSpec | None = None):
     self.setup = setup
@@ -294,11 +383,17 @@ class MocoTask:
     self.consts.pop("train_label", None)  # no labels in self-supervised training
     self.shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh),
                                   jax.eval_shape(self.init_state))
+    self.bn_groups = num_bn_groups(config, mesh.size)
+    if self.bn_groups and config.input.global_batch_size // self.bn_groups < 2:
+      raise ConfigError(
+          f"config.moco.bn_group_size=0 gives one shuffle-BN group per device, here "
+          f"{config.input.global_batch_size // self.bn_groups} image(s) each: BN needs at "
+          f"least 2; set config.moco.bn_group_size or a larger global batch.")
     self._train_step = sharding_lib.compile_step(functools.partial(
         train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
         key_momentum=config.moco.key_momentum, views=self.views,
-        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
-        self.shardings, mesh)
+        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+        shuffle_bn_groups=self.bn_groups), self.shardings, mesh)
     self._embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, encoders=self.encoders,
                           preprocess=source.eval_preprocess), mesh)

@@ -18,10 +18,14 @@ the runner trains `<suite>:<variant>` with `config.seed = seed` in
   the row's held-out classes when it names them.
 The runner is resumable: a finished run (its `result.json`) is skipped, an interrupted one
 resumes from its newest checkpoint, and a finished self-supervised run without the
-logistic-regression probe (one from before it existed) gets it from its exports. At the end (and with `--report_only`) it reads every
-`result.json` and writes `WORKDIR/results.md` (tables: each member, the members' mean +-
-std over seeds, the best member, the ensemble; wall time) and `WORKDIR/results.png` (the
-same with seed error bars).
+logistic-regression probe (one from before it existed) gets it from its exports. At the
+end (and with `--report_only`) it reads every `result.json` and writes
+`WORKDIR/results.md` (tables: each member, the members' mean +- std over seeds, the best
+member, the ensemble; wall time) and `WORKDIR/results.png` (the same with seed error bars).
+Each result records the run's first collapse (`collapsed`: `loop.fit`'s summary, or re-read
+from the logged metrics of runs from before that, `collapse_from_logs`); a table's
+`collapsed` column counts a row's collapsed runs, and every figure of such a row carries a
+mark and a footnote, so it is never read as the method's.
 
 `--workers=N` runs N trainings at once as subprocesses, each pinned to its own share of the
 CPU cores (two single-core JAX processes train ~1.25x more steps per second than one
@@ -153,7 +157,7 @@ def train_one(module: Any, row: Row, seed: int, workdir: str, smoke: bool) -> di
     raise RuntimeError(f"{row.name} seed {seed} was preempted; rerun to resume it.")
   result = {"row": row.name, "variant": row.variant, "seed": seed, "trainer": config.trainer,
             "members": int(config.cohort.num_members), "steps": summary["steps"],
-            "train": summary["train"]}
+            "train": summary["train"], "collapsed": summary["collapsed"]}
   if config.trainer in SELF_SUPERVISED:
     result["knn"] = summary["eval"]
     result["probe"] = probe_members(module, row, seed, directory, smoke)
@@ -223,6 +227,71 @@ def add_missing_logreg_probes(module: Any, rows: Sequence[Row], seeds: Sequence[
       print(f"  logistic-regression probe of {row.name} seed {seed} (finished before it "
             "existed)", flush=True)
       result["logreg_probe"] = logreg_members(config, directory)
+      with open(path, "w") as f:
+        json.dump(_to_json(result), f, indent=1)
+
+
+def collapse_from_logs(directory: str, config: Any, steps: int) -> dict[str, Any] | None:
+  """The first collapse of a finished run, re-read from its TensorBoard metrics (runs from
+  before `loop.fit` reported it): what `loop.CollapseWatch` would have found.
+
+  Runs that logged no `contrastive_vs_chance` get it from the loss they logged: MoCo's
+  `ce/member_m` over log(1 + K); the in-batch, SimCLR and bank regimes' VCL shared equally
+  by the members (the mean, where the members' own losses were not logged) over log(B - 1),
+  log(2B - 1) and log(P + K).
+  """
+  import math
+  from mcl_jax import metrics as metrics_lib
+  from mcl_jax import plots
+  scalars = {tag[len("train/"):]: dict(zip(steps_.tolist(), values.tolist()))
+             for tag, (steps_, values) in plots.read_scalars(directory).items()
+             if tag.startswith("train/")}
+  members, batch = int(config.cohort.num_members), int(config.input.global_batch_size)
+  if not any(name.startswith("contrastive_vs_chance/") for name in scalars):
+    if config.trainer == "moco":
+      chance = math.log(1 + config.moco.queue_size)
+      own = {m: scalars.get(f"ce/member_{m}", {}) for m in range(members)}
+    else:
+      candidates = {"batch": batch - 1, "simclr": 2 * batch - 1,
+                    "bank": config.bank.num_positives + config.bank.num_negatives}
+      chance = math.log(candidates[config.loss.regime])
+      shared = {t: v / members for t, v in scalars.get("vcl", {}).items()}
+      own = {m: shared for m in range(members)}
+    for m, series in own.items():
+      scalars[f"contrastive_vs_chance/member_{m}"] = {t: v / chance for t, v in series.items()}
+  epochs = config.schedule.epochs
+  steps_per_epoch = (steps / epochs if not config.schedule.num_train_steps and epochs
+                     else _steps_per_epoch(config))
+  grace = round(metrics_lib.COLLAPSE_GRACE_EPOCHS * steps_per_epoch)
+  for step in sorted({t for series in scalars.values() for t in series}):
+    logged = {name: series[step] for name, series in scalars.items() if step in series}
+    found = metrics_lib.first_collapse(logged, check_loss=step >= grace)
+    if found is not None:
+      return {"step": int(step), **found}
+  return None
+
+
+def _steps_per_epoch(config: Any) -> int:
+  """Training steps per epoch of a config (its data source's size over the batch)."""
+  from mcl_jax import data
+  return data.make_source(config.input).num_train // config.input.global_batch_size
+
+
+def add_missing_collapse_marks(module: Any, rows: Sequence[Row], seeds: Sequence[int],
+                               workdir: str, smoke: bool) -> None:
+  """Adds `collapsed` (`collapse_from_logs`) to finished runs from before it was reported."""
+  for row in rows:
+    for seed in seeds:
+      directory = run_dir(workdir, row, seed)
+      path = os.path.join(directory, RESULT_FILE)
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        result = json.load(f)
+      if "collapsed" in result:
+        continue
+      config = _config(module, row, seed, smoke)
+      result["collapsed"] = collapse_from_logs(directory, config, result["steps"])
       with open(path, "w") as f:
         json.dump(_to_json(result), f, indent=1)
 
@@ -399,6 +468,26 @@ def _pm(values: Sequence[float] | None) -> str:
   return f"{mean:.2f} +- {std:.2f}"
 
 
+# Suffix of every figure of a row with at least one collapsed run (`collapsed_runs`).
+COLLAPSE_MARK = " †"
+COLLAPSE_FOOTNOTE = (
+    "†: at least one run of the row collapsed (column 'collapsed': how many; step, member "
+    "and signal in its result.json): a member's embeddings pointed one way or its own "
+    "contrastive loss sat at chance (loop.CollapseWatch), so these figures are not those of "
+    "the method working.")
+
+
+def collapsed_runs(results: Sequence[dict[str, Any]]) -> tuple[int, int]:
+  """(runs that collapsed, runs without the record) among one row's results."""
+  return (sum(bool(r.get("collapsed")) for r in results),
+          sum("collapsed" not in r for r in results))
+
+
+def _collapse_cell(results: Sequence[dict[str, Any]]) -> str:
+  collapsed, unknown = collapsed_runs(results)
+  return f"{collapsed}" + (f" (+{unknown} unread)" if unknown else "")
+
+
 def format_tables(rows: Sequence[Row], tables: dict[str, str],
                   results: dict[str, list[dict[str, Any]]]) -> str:
   """The Markdown tables of results.md (test split, and the validation split beside it)."""
@@ -412,18 +501,19 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
     extra = [title for _, title in FEWSHOT_COLUMNS] if fewshot else []
     logreg = ssl and all("logreg_probe" in r for row in table_rows for r in results[row.name])
     lines += [f"### {title}", ""]
+    marked = False
     if ssl:
-      header = (["row", "seeds", "probe top-1 per member", "probe members' mean",
-                 "probe best member"]
+      header = (["row", "seeds", "collapsed", "probe top-1 per member",
+                 "probe members' mean", "probe best member"]
                 + (["LR probe per member", "LR probe members' mean"] if logreg else [])
                 + ["kNN k=200 members' mean", "kNN k=20 members' mean"]
                 + extra + ["val probe mean"] + (["val LR probe mean"] if logreg else [])
                 + ["min/run"])
       lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     else:
-      lines += ["| row | seeds | top-1 per member | members' mean | best member | ensemble "
-                "| val members' mean | val ensemble | min/run |",
-                "|---|---|---|---|---|---|---|---|---|"]
+      lines += ["| row | seeds | collapsed | top-1 per member | members' mean | best member "
+                "| ensemble | val members' mean | val ensemble | min/run |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table_rows:
       res = results[row.name]
       test, val = row_summary(res, "test"), row_summary(res, "validation") or {}
@@ -439,8 +529,12 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
       else:
         cells = [per_member, _pm(test["mean"]), _pm(test["best"]), _pm(test["ensemble"]),
                  _pm(val.get("mean")), _pm(val.get("ensemble"))]
-      lines.append(f"| {row.title} | {len(res)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
-    lines.append("")
+      if collapsed_runs(res)[0]:  # no plain number for a row with a collapsed run
+        cells = [c if c == "-" else c + COLLAPSE_MARK for c in cells]
+        marked = True
+      lines.append(f"| {row.title} | {len(res)} | {_collapse_cell(res)} | " + " | ".join(cells)
+                   + f" | {minutes:.1f} |")
+    lines += ["", COLLAPSE_FOOTNOTE, ""] if marked else [""]
   return "\n".join(lines)
 
 
@@ -474,7 +568,8 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
     lows = [min(s[key].min() for _, key in series) for s in summaries]
     highs = [max(s[key].max() for _, key in series) for s in summaries]
     ax.set_ylim(max(0.0, min(lows) - 2.0), min(100.0, max(highs) + 1.0))
-    ax.set_xticks(x, [r.title for r in table_rows], rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(x, [r.title + (COLLAPSE_MARK if collapsed_runs(results[r.name])[0] else "")
+                      for r in table_rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(textwrap.fill(title, 110), fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
@@ -527,6 +622,7 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.report_only:
       run_all(FLAGS.suite, chosen, seeds, FLAGS.workdir, workers=FLAGS.workers,
               smoke=FLAGS.smoke)
+    add_missing_collapse_marks(module, chosen, seeds, FLAGS.workdir, FLAGS.smoke)
     text = write_report(FLAGS.suite, chosen, tables, seeds, FLAGS.workdir)
   except (ValueError, RuntimeError, FileNotFoundError) as e:
     _fail(str(e))

@@ -1,7 +1,12 @@
-"""Metrics: top-k counts with padding, cohort accuracy summaries, embedding health."""
+"""Metrics: top-k counts with padding, cohort accuracy summaries, embedding health, the
+collapse signals."""
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcl_jax import losses
 from mcl_jax import metrics
 
 
@@ -38,3 +43,59 @@ def test_accuracy_scalars_name_members_best_mean_and_ensemble():
   assert scalars["eval/top1/ensemble"] == 0.95 and "eval/top1/member_3" not in scalars
   line = metrics.format_cohort_accuracy({"top1": acc["top1"], "top5": np.ones(4)})
   assert "best member: 90.00" in line and "ensemble: 95.00/100.00" in line
+
+
+def unit_rows(rng, *shape):
+  z = rng.normal(size=shape)
+  return jnp.asarray(z / np.linalg.norm(z, axis=-1, keepdims=True), jnp.float32)
+
+
+def test_own_in_batch_loss_is_the_vcl_summand_and_chance_is_log_b_minus_1():
+  z, labels = unit_rows(np.random.default_rng(0), 3, 12, 8), jnp.arange(12) // 3
+  own_loss = jax.jit(functools.partial(metrics.in_batch_own_loss, tau=0.1))
+  own = own_loss(z, labels)
+  vcl = jax.jit(functools.partial(losses.batch_mcl, tau=0.1, kd_temperature=3.0))(z, labels)["vcl"]
+  assert own.shape == (3,)
+  np.testing.assert_allclose(own.sum(), vcl, rtol=1e-5)
+  same = jnp.broadcast_to(z[:, :1], z.shape)  # every embedding of a member the same
+  ratio = metrics.contrastive_vs_chance(own_loss(same, labels), 11)
+  np.testing.assert_allclose(ratio, 1.0, rtol=1e-5)
+
+
+def test_own_bank_loss_is_the_vcl_summand_and_chance_is_log_p_plus_k():
+  sims = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 2, 6, 1 + 3 + 10)),
+                     jnp.float32)
+  own_loss = jax.jit(functools.partial(metrics.bank_own_loss, num_positives=3, tau=0.07))
+  own = own_loss(sims)
+  vcl = jax.jit(functools.partial(losses.bank_mcl_from_similarities, num_positives=3, tau=0.07,
+                                  kd_temperature=3.0))(sims)["vcl"]
+  np.testing.assert_allclose(own.sum(), vcl, rtol=1e-5)
+  flat = own_loss(jnp.full_like(sims, 0.3))
+  np.testing.assert_allclose(metrics.contrastive_vs_chance(flat, 3 + 10), 1.0, rtol=1e-5)
+
+
+def test_first_collapse_reads_either_signal_from_flattened_metrics():
+  healthy = {"loss": 3.0, "embed_cosine/member_0": 0.5, "embed_cosine/member_1": 0.6,
+             "contrastive_vs_chance/member_0": 0.8, "contrastive_vs_chance/member_1": 0.85}
+  assert metrics.first_collapse(healthy, check_loss=True) is None
+  at_chance = {**healthy, "contrastive_vs_chance/member_1": 0.99}
+  assert metrics.first_collapse(at_chance, check_loss=False) is None  # grace period
+  assert metrics.first_collapse(at_chance, check_loss=True) == {
+      "member": 1, "signal": "contrastive_vs_chance", "value": 0.99}
+  one_way = {**healthy, "embed_cosine/member_0": 0.97}
+  assert metrics.first_collapse(one_way, check_loss=False)["signal"] == "embed_cosine"
+
+
+def test_collapse_watch_warns_once_with_the_remedy_and_keeps_the_first(caplog):
+  from mcl_jax import loop
+  watch = loop.CollapseWatch("Try the remedy.", grace_steps=10)
+  at_chance = {"contrastive_vs_chance/member_0": 0.99, "embed_cosine/member_0": 0.5}
+  watch.check(5, at_chance)
+  assert watch.first is None
+  with caplog.at_level("WARNING"):
+    watch.check(10, at_chance)
+    watch.check(20, {"embed_cosine/member_0": 0.99})
+  assert watch.first == {"step": 10, "member": 0, "signal": "contrastive_vs_chance",
+                         "value": 0.99}
+  warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].endswith("Try the remedy.")

@@ -294,3 +294,126 @@ def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):
   assert "co2" not in a and float(b["co2"]) > 0
   np.testing.assert_allclose(float(b["loss"]) - float(a["loss"]), 2.0 * float(b["co2"]),
                              rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- shuffle-BN
+
+
+class BatchNormOnly:
+  """A one-member stand-in for `moco.MocoEncoders`: a BatchNorm over the flattened images,
+  so each output row is its image normalised by the statistics of the batch BN saw."""
+
+  def __init__(self):
+    self.bn = moco.layers.BatchNorm(use_running_average=False)
+
+  def init(self, width):
+    return self.bn.init(jax.random.PRNGKey(0), jnp.zeros((2, width)))
+
+  def apply_with_hidden(self, variables, images, train):
+    assert train
+    y, mutated = self.bn.apply(variables, images.reshape(images.shape[0], -1),
+                               mutable=["batch_stats"])
+    return y[None], y[None], mutated["batch_stats"], None
+
+  def apply(self, variables, images, train):
+    return self.apply_with_hidden(variables, images, train)[:3]
+
+
+def normalise_per_group(x, groups):
+  """NumPy: rows of x [B, F] normalised by their group's mean and biased variance (BN at
+  init: scale 1, bias 0, eps 1e-5), groups = B / G consecutive rows each."""
+  g = x.reshape(groups, -1, x.shape[-1])
+  mean, var = g.mean(1, keepdims=True), g.var(1, keepdims=True)
+  return ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+
+
+def official_shuffled_keys(x, idx_shuffle, encoder, world_size):
+  """NumPy re-implementation of the official builder's key path on `world_size` GPUs:
+  GPU r holds rows [r b, (r + 1) b) of x; `_batch_shuffle_ddp` gives it
+  x_gather[idx_shuffle.view(world, -1)[r]], its encoder normalises over that share, and
+  `_batch_unshuffle_ddp` gives it back k_gather[idx_unshuffle.view(world, -1)[r]]."""
+  idx_unshuffle = np.argsort(idx_shuffle)
+  shuffled_keys = np.concatenate(
+      [encoder(x[this]) for this in idx_shuffle.reshape(world_size, -1)])  # all-gathered
+  return np.concatenate([shuffled_keys[this] for this in idx_unshuffle.reshape(world_size, -1)])
+
+
+def test_shuffle_bn_keys_use_each_groups_statistics_over_a_permutation():
+  """Keys: BN per group of consecutive images of the PERMUTED batch, returned in the
+  original order; queries: BN per group of the batch as it is; running statistics: the
+  mean over the groups of each group's update."""
+  enc, groups, rng = BatchNormOnly(), 4, jax.random.PRNGKey(3)
+  x = np.random.default_rng(0).normal(size=(BATCH, 5)).astype(np.float32) * [1, 2, 3, 4, 5]
+  variables = enc.init(5)
+  keys, stats = jax.jit(functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups,
+                                          shuffle_rng=rng))(variables, x)
+  perm = np.asarray(jax.random.permutation(rng, BATCH))
+  assert not np.array_equal(perm, np.arange(BATCH))
+  expected = normalise_per_group(x[perm], groups)[np.argsort(perm)]
+  np.testing.assert_allclose(keys[0], expected, atol=1e-4)
+  # Not the same as normalising the unpermuted groups, nor the whole batch.
+  assert not np.allclose(keys[0], normalise_per_group(x, groups), atol=1e-2)
+  assert not np.allclose(keys[0], normalise_per_group(x, 1), atol=1e-2)
+  shuffled = x[perm].reshape(groups, -1, 5)
+  n = shuffled.shape[1]
+  np.testing.assert_allclose(stats["mean"], 0.1 * shuffled.mean(1).mean(0), atol=1e-5)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * (shuffled.var(1) * n / (n - 1)).mean(0),
+                             atol=1e-5)
+  queries = moco.apply_in_groups(enc, variables, jnp.asarray(x), groups)[0]
+  np.testing.assert_allclose(queries[0], normalise_per_group(x, groups), atol=1e-4)
+  # No shuffle-BN (the default of compute_keys and train_step): BN over the whole batch.
+  plain, _ = moco.compute_keys(enc, variables, jnp.asarray(x))
+  np.testing.assert_allclose(plain[0], normalise_per_group(x, 1), atol=1e-4)
+
+
+def test_one_group_per_device_is_the_official_per_gpu_shuffle():
+  """bn_group_size=0 on 8 devices: 8 groups, and the keys of the batch sharded over the 8
+  devices equal the official `_batch_shuffle_ddp` / `_batch_unshuffle_ddp` with 8 GPUs
+  and the same permutation."""
+  mesh = sharding_lib.make_mesh()
+  config = tiny_config(**{"moco.bn_group_size": 0})
+  groups = moco.num_bn_groups(config, mesh.size)
+  assert groups == mesh.size == 8
+  assert moco.num_bn_groups(tiny_config(**{"moco.shuffle_bn": False}), 8) == 0
+  assert moco.num_bn_groups(tiny_config(**{"moco.bn_group_size": 4}), 8) == BATCH // 4
+  assert moco.num_bn_groups(tiny_config(**{"moco.bn_group_size": 64}), 8) == 1
+  enc, rng = BatchNormOnly(), jax.random.PRNGKey(7)
+  x = np.random.default_rng(1).normal(size=(BATCH, 3)).astype(np.float32) * [1, 5, 9]
+  sharded_x = sharding_lib.global_batch(x, mesh)
+  keys, _ = jax.jit(functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups,
+                                      shuffle_rng=rng))(enc.init(3), sharded_x)
+  perm = np.asarray(jax.random.permutation(rng, BATCH))
+  official = official_shuffled_keys(x, perm, lambda share: normalise_per_group(share, 1),
+                                    world_size=groups)
+  np.testing.assert_allclose(keys[0], official, atol=1e-4)
+
+
+def test_shuffle_bn_step_is_the_same_on_one_and_eight_devices(tmp_path):
+  """Groups of `bn_group_size` images (2 groups here) do not depend on the device count;
+  the step trains, and shuffle_bn=False compiles today's global-BN step."""
+  c = tiny_config(**{"moco.bn_group_size": BATCH // 2})
+  eight = jobs.build(c, str(tmp_path / "eight"))
+  one = jobs.build(c, str(tmp_path / "one"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  assert eight.task.bn_groups == one.task.bn_groups == 2
+  batch = next(iter(eight.batches()))[1]
+  a, b = jax.device_get(eight.step(batch)), jax.device_get(one.step(batch))
+  assert np.isfinite(a["loss"]) and a["embed_cosine"].shape == (2,)
+  np.testing.assert_allclose(a["contrastive_vs_chance"], a["ce"] / np.log(1 + QUEUE), rtol=1e-5)
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  assert_trees_close(jax.device_get(eight.state.key_batch_stats),
+                     jax.device_get(one.state.key_batch_stats), atol=1e-5)
+  assert_trees_close(jax.device_get(eight.state.params), jax.device_get(one.state.params),
+                     atol=1e-5)
+  off = jobs.build(tiny_config(**{"moco.shuffle_bn": False}), str(tmp_path / "off"))
+  assert off.task.bn_groups == 0
+
+
+def test_bn_groups_must_tile_the_global_batch():
+  from mcl_jax import config_lib
+  from mcl_jax.errors import ConfigError
+  for size in (0, 2, 8, BATCH, 4 * BATCH):  # per device, tiles, one group, one group
+    config_lib.validate(tiny_config(**{"moco.bn_group_size": size}))
+  config_lib.validate(tiny_config(**{"moco.bn_group_size": 3, "moco.shuffle_bn": False}))
+  for size in (1, 3, 12, -8):
+    with pytest.raises(ConfigError, match=f"config.moco.bn_group_size={size} "):
+      config_lib.validate(tiny_config(**{"moco.bn_group_size": size}))

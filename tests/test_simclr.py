@@ -98,5 +98,14 @@ def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):
   knn = result["eval"]
   assert knn["top1"].shape == (2,) and np.all((0 <= knn["top1"]) & (knn["top1"] <= 1))
   assert np.isfinite(result["train"]["loss"])
+  # The logged collapse signals: each member's own NT-Xent over log(2B - 1) (the other
+  # views of the global batch); summed over members and times that log, VCL.
+  train = result["train"]
+  ratios = [train[f"contrastive_vs_chance/member_{m}"] for m in range(2)]
+  np.testing.assert_allclose(sum(ratios) * np.log(2 * c.input.global_batch_size - 1),
+                             train["vcl"], rtol=1e-5)
+  assert "embed_cosine/member_1" in train and "head_dead_units/member_1" in train
+  assert result["collapsed"] is None or result["collapsed"]["member"] in (0, 1)
   info = export.export_member(str(tmp_path / "run"), 1, str(tmp_path / "member1"))
   assert info["source"]["trainer"] == "simclr"
+

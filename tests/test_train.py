@@ -176,3 +176,31 @@ def test_members_see_the_same_batch_but_differ(tmp_path):
   history = trainer.train_steps(1)
   ce = np.asarray(history[0]["ce"])
   assert ce.shape == (2,) and ce[0] != ce[1]  # different inits, same data
+
+
+def tiny_bank_config() -> ml_collections.ConfigDict:
+  """imagenet_r18_x3's smoke recipe (memory bank) on two tiny float32 members."""
+  from mcl_jax.configs import imagenet_r18_x3
+  c = imagenet_r18_x3.get_config("smoke")
+  c.model.arch, c.model.shared_stages, c.input.image_size = "tiny", 1, 8
+  c.cohort.num_members, c.model.dtype = 2, "float32"
+  c.input.synthetic_train_size = 64
+  return c
+
+
+@pytest.mark.parametrize("regime", ["batch", "bank"])
+def test_step_logs_each_members_collapse_signals(regime, tmp_path):
+  """embed_cosine, head_dead_units and contrastive_vs_chance [M]: the member's own VCL
+  over log(candidates), B - 1 in the batch, P + K in the bank; summed over members and
+  times that log, the ratios give back VCL."""
+  c = tiny_config() if regime == "batch" else tiny_bank_config()
+  trainer = jobs.build(c, str(tmp_path))
+  metrics = jax.device_get(trainer.train_steps(1)[0])
+  members = c.cohort.num_members
+  for name in ("embed_cosine", "head_dead_units", "contrastive_vs_chance"):
+    assert metrics[name].shape == (members,) and np.all(np.isfinite(metrics[name])), name
+  candidates = (c.input.global_batch_size - 1 if regime == "batch"
+                else c.bank.num_positives + c.bank.num_negatives)
+  np.testing.assert_allclose(metrics["contrastive_vs_chance"].sum() * np.log(candidates),
+                             metrics["vcl"], rtol=1e-4)
+

@@ -10,9 +10,10 @@ Published linear-probe top-1 (ImageNet, ResNet-18): MoCo 47.45 -> MCL x2 48.04
 (`moco_r18_baseline.py` is the single-network MoCo). Recipe (official main_moco_mcl.py):
 two independent ResNet-18s (fc -> 128-d, the MoCo v1 head), K = 65536, key momentum 0.999,
 tau 0.07, T 3, the four MCL terms with weight 1, batch 256, SGD 0.9 lr 0.03 x0.1 at
-epochs 120 and 160, wd 1e-4, 200 epochs, MoCo v1 augmentation. BN over the global batch
-replaces shuffle-BN (mcl_jax/moco.py). DATA_DIR holds the tfds `imagenet2012` build (see
-mcl_jax/data/imagenet.py), or use --config.input.dataset=image_folder with the folder.
+epochs 120 and 160, wd 1e-4, 200 epochs, MoCo v1 augmentation, shuffle-BN over groups of
+32 images (the official per-GPU batch; mcl_jax/moco.py). DATA_DIR holds the tfds
+`imagenet2012` build (see mcl_jax/data/imagenet.py), or use
+--config.input.dataset=image_folder with the folder.
 
 `:smoke` runs a few steps of the `tiny` arch on 16x16 synthetic data with a 64-key queue.
 
