@@ -10,7 +10,8 @@
 #     launch/local_two_process.sh [EXTRA_MAIN_FLAGS ...]
 # Each process logs to $LOG_DIR/process_<id>.log. The script waits for all of them and
 # exits non-zero if any fails; when one fails the others are killed at once (they would
-# otherwise wait for it in a collective until JAX's heartbeat timeout, 100 s, and SIGTERM
+# otherwise wait for it until the heartbeat timeout mcl-train sets, 60 s (--heartbeat_timeout_s;
+# docs/LAUNCH.md, "A lost process"), and SIGTERM
 # does not end them: JAX catches it as a preemption notice). DRY_RUN=1 prints the commands
 # instead.
 #
