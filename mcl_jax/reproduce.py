@@ -471,10 +471,11 @@ def _pm(values: Sequence[float] | None) -> str:
 # Suffix of every figure of a row with at least one collapsed run (`collapsed_runs`).
 COLLAPSE_MARK = " †"
 COLLAPSE_FOOTNOTE = (
-    "†: at least one run of the row collapsed (column 'collapsed': how many; step, member "
-    "and signal in its result.json): a member's embeddings pointed one way or its own "
-    "contrastive loss sat at chance (loop.CollapseWatch), so these figures are not those of "
-    "the method working.")
+    "†: at least one run of the row collapsed at some step (column 'collapsed': how many; "
+    "the first step, member and signal are in its result.json): a member's embeddings "
+    "pointed one way or its own contrastive loss sat near chance (loop.CollapseWatch). The "
+    "mark does not say whether the run recovered: its logged embed_cosine and "
+    "contrastive_vs_chance curves do.")
 
 
 def collapsed_runs(results: Sequence[dict[str, Any]]) -> tuple[int, int]:
@@ -486,6 +487,54 @@ def collapsed_runs(results: Sequence[dict[str, Any]]) -> tuple[int, int]:
 def _collapse_cell(results: Sequence[dict[str, Any]]) -> str:
   collapsed, unknown = collapsed_runs(results)
   return f"{collapsed}" + (f" (+{unknown} unread)" if unknown else "")
+
+
+# Figures compared seed by seed between two rows of a table: (row_summary key, name).
+PAIRED_FIGURES = {"supervised": (("mean", "members' mean"), ("best", "best member"),
+                                 ("ensemble", "ensemble")),
+                  "ssl": (("logreg", "LR probe members' mean"), ("mean", "probe members' mean"),
+                          ("knn20", "kNN k=20 members' mean"))}
+
+
+def paired_difference(values: Sequence[float]) -> tuple[float, float, float]:
+  """(mean, low, high): the mean of per-seed differences and its two-sided 95% confidence
+  interval from Student's t with n - 1 degrees of freedom (n >= 2 differences)."""
+  from scipy import stats
+  d = np.asarray(values, np.float64)
+  half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def paired_lines(table_rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]
+                 ) -> list[str]:
+  """One line per row that shares at least two seeds with its reference, the first row of
+  the table with the same trainer (MoCo rows against MoCo alone, SimCLR rows against SimCLR
+  alone): the difference (row - reference) of each figure, paired by seed, with its 95%
+  interval."""
+  by_seed = lambda res: {r["seed"]: r for r in res}  # noqa: E731
+  trainer = lambda row: results[row.name][0]["trainer"]  # noqa: E731
+  lines = []
+  for i, row in enumerate(table_rows):
+    reference = next((r for r in table_rows[:i] if trainer(r) == trainer(row)), None)
+    if reference is None:
+      continue
+    runs, ref_runs = by_seed(results[row.name]), by_seed(results[reference.name])
+    seeds = sorted(set(runs) & set(ref_runs))
+    if len(seeds) < 2:
+      continue
+    ref = row_summary([ref_runs[s] for s in seeds])
+    this = row_summary([runs[s] for s in seeds])
+    cells = []
+    for key, name in PAIRED_FIGURES[this["kind"]]:
+      if key in this and key in ref:
+        mean, low, high = paired_difference(np.asarray(this[key]) - np.asarray(ref[key]))
+        cells.append(f"{name} {mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+    mark = COLLAPSE_MARK if (collapsed_runs(results[row.name])[0]
+                             or collapsed_runs(results[reference.name])[0]) else ""
+    lines.append(f"- {row.title} - {reference.title}, paired by seed ({len(seeds)} seeds: "
+                 f"{', '.join(map(str, seeds))}), mean difference in points [95% CI]: "
+                 + "; ".join(cells) + mark)
+  return lines
 
 
 def format_tables(rows: Sequence[Row], tables: dict[str, str],
@@ -534,6 +583,8 @@ def format_tables(rows: Sequence[Row], tables: dict[str, str],
         marked = True
       lines.append(f"| {row.title} | {len(res)} | {_collapse_cell(res)} | " + " | ".join(cells)
                    + f" | {minutes:.1f} |")
+    paired = paired_lines(table_rows, results)
+    lines += [""] + paired if paired else []
     lines += ["", COLLAPSE_FOOTNOTE, ""] if marked else [""]
   return "\n".join(lines)
 

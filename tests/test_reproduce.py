@@ -74,6 +74,23 @@ def test_rows_with_a_collapsed_run_count_them_and_carry_no_plain_number():
   assert reproduce.COLLAPSE_FOOTNOTE in text
 
 
+def test_rows_sharing_seeds_get_the_paired_difference_and_its_interval():
+  # Differences 1, 2, 3 points: mean 2, std 1, t(0.975, 2 dof) = 4.3027 -> +-2.484.
+  mean, low, high = reproduce.paired_difference([1.0, 2.0, 3.0])
+  assert mean == pytest.approx(2.0) and high - mean == pytest.approx(4.30265 / np.sqrt(3), 1e-4)
+  assert mean - low == pytest.approx(high - mean)
+  rows = [reproduce.Row("base", "baseline", "main"), reproduce.Row("mcl", "mcl_x2", "main"),
+          reproduce.Row("lone", "mcl_x2", "main")]
+  results = {"base": [fake_result("base", s, [0.80, 0.80, 0.80]) for s in range(3)],
+             # members' mean up by 1, 2, 3 points on seeds 0, 1, 2; seed 3 has no partner.
+             "mcl": [fake_result("mcl", s, [0.81 + s / 100] * 3) for s in range(4)],
+             "lone": [fake_result("lone", 5, [0.9] * 3)]}  # no seed in common: no line
+  text = reproduce.format_tables(rows, {"main": "Main"}, results)
+  paired = [l for l in text.splitlines() if "paired by seed" in l]
+  assert len(paired) == 1 and paired[0].startswith("- mcl - base, paired by seed (3 seeds: 0, 1, 2)")
+  assert "members' mean +2.00 [-0.48, +4.48]" in paired[0]
+
+
 @pytest.mark.skipif(not os.path.isdir(COMMITTED_SSL), reason="no committed SSL results")
 @pytest.mark.parametrize("row,expected", [
     ("held_mocov2", None),
