@@ -89,13 +89,51 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(tmp_path):
     jobs.run(bigger, workdir)
 
 
+def assert_restored(run: loop.Run, saved, *, bank_rows: int | None = None) -> None:
+  """Every leaf of `run.state` (params, optimizer state, BN statistics, RNG, step, bank)
+  equals `saved`, the state that was checkpointed, bit for bit; on another device count
+  the bank equal in its first `bank_rows` rows and zero in the padding after them.
+
+  A restore that brought back only part of the state (the step, say, with fresh
+  parameters) passes a check of the step or of the end of training (a restart from
+  scratch on the same batches ends alike), not this one.
+  """
+  got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(jax.device_get(run.state))
+  want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(saved)
+  assert got_tree == want_tree
+  for (path, got), (_, want) in zip(got_leaves, want_leaves):
+    name = jax.tree_util.keystr(path)
+    got, want = np.asarray(got), np.asarray(want)
+    if name == ".bank" and bank_rows is not None:
+      np.testing.assert_array_equal(got[:, :bank_rows], want[:, :bank_rows], err_msg=name)
+      assert not np.any(got[:, bank_rows:]), "the bank's padding rows are not zero"
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def restored_run(config, workdir: str, **build_options) -> loop.Run:
+  """A new run of `config` in `workdir`, resumed from its newest checkpoint (as `fit` does)."""
+  run = jobs.build(config, workdir, **build_options)
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    assert loop.resume(run, ckpt)
+  finally:
+    ckpt.close()
+  return run
+
+
 def test_harmless_changes_resume(tmp_path):
   workdir = str(tmp_path / "run")
-  loop.fit(jobs.build(tiny_config(**{"schedule.num_train_steps": 4}), workdir))
+  first = jobs.build(tiny_config(**{"schedule.num_train_steps": 4}), workdir)
+  loop.fit(first)
+  saved = jax.device_get(first.state)  # what step 4's checkpoint holds
   more = tiny_config()
   more.log_every_steps, more.eval_every_epochs = 2, 2
   more.schedule.epochs = 2  # 8 steps: resumes at 4 and trains 4 more
-  result = jobs.run(more, workdir)
+  run = restored_run(more, workdir)
+  assert int(run.state.step) == 4
+  assert_restored(run, saved)
+  result = loop.fit(run)
   assert result["steps"] == 8
 
 
@@ -133,11 +171,17 @@ def test_elastic_restore_8_to_2_to_4_devices_equals_an_uninterrupted_run(tmp_pat
   full = jobs.build(bank_config(), str(tmp_path / "full"), mesh=mesh_of(8))
   full.train_steps()
   workdir = str(tmp_path / "elastic")
+  saved = None  # the state the previous leg ended with and checkpointed
   for devices, steps in ((8, 7), (2, 14), (4, 21)):
     c = bank_config()
     c.schedule.num_train_steps = steps
-    run = jobs.build(c, workdir, mesh=mesh_of(devices))
+    if saved is None:
+      run = jobs.build(c, workdir, mesh=mesh_of(devices))
+    else:  # the restore itself, before any training: the whole state, re-padded
+      run = restored_run(c, workdir, mesh=mesh_of(devices))
+      assert_restored(run, saved, bank_rows=60)
     loop.fit(run)
+    saved = jax.device_get(run.state)
     assert int(run.state.step) == steps and run.setup.mesh.size == devices
     rows = run.state.bank.shape[1]
     assert rows == -(-60 // devices) * devices  # padded for this mesh

@@ -14,10 +14,14 @@ Tolerances. Both sides run in float64 for the 20-step comparison: there the reco
 is well conditioned (a 1e-13 perturbation does not grow at lr 0.01), so two exact
 implementations agree to ~1e-9 relative; the bound used is 1e-6 relative to each tensor's
 largest value (the stored values are float32). In float32 the step is ill-conditioned
-(the official code's own float32 run drifts from its float64 run by ~1e-4 in the loss
-after one step and by percents after 20; see the recording script), so the float32 check
-covers the first three steps, with a bound of 4x the official float32 run's own distance
-from float64 at that step, plus 1e-5.
+(see the recording script), so the float32 check bounds each step's distance from the
+official float64 losses by what float32 rounding alone does to this step on the machine
+that runs the test: 4x the largest spread of the float32 losses over six runs started from
+the same weights times (1 + 2^-23 N(0, 1)) (one rounding's worth), plus 1e-5. A bug
+(in either dtype) moves the losses away from the official ones without widening that
+spread. Only the first two steps are judged: from the third on, one rounding's
+perturbation of the start already moves the float32 losses by 5e-3 to 1e-1 (measured in
+docs/TESTING.md), so a bound there would let errors of that size through unseen.
 """
 import functools
 import os
@@ -84,22 +88,31 @@ def cohort_to_official(variables):
   return out
 
 
-def run_jax(recorded, dtype, steps):
-  """`steps` train steps of mcl_jax from the recorded start; (losses [steps, 7], variables)."""
+@functools.lru_cache(maxsize=None)
+def jax_step(dtype, lr):
+  """(the jitted `train.train_step` of the recorded recipe, its optimizer): built once per
+  dtype, so the float32 runs of one test share one compilation."""
   config = default.get_config()
-  config.optim.lr = float(recorded["lr"])  # cosine, per epoch: constant within epoch 0
+  config.optim.lr = lr  # cosine, per epoch: constant within epoch 0
   config.optim.momentum, config.optim.nesterov, config.optim.weight_decay = 0.9, True, 5e-4
   loss_cfg = config.loss  # official weights 0.1 / 0.1 / 1 / 1, tau 0.1, T 3
   model = models.Cohort("resnet32", 10, MEMBERS, strategy="unroll", dtype=dtype)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
-  start = official_state_dict(recorded)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=loss_cfg,
+                                   preprocess=lambda rng, x: x))
+  return step, tx
+
+
+def run_jax(recorded, dtype, steps, start=None):
+  """`steps` train steps of mcl_jax from the recorded start (or `start`, a state dict of
+  the official names); (losses [steps, 7], variables)."""
+  step, tx = jax_step(dtype, float(recorded["lr"]))
+  start = official_state_dict(recorded) if start is None else start
   variables = official_to_cohort(start, dtype)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(variables["params"]),
                            rng=jax.random.PRNGKey(0), bank=None)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=loss_cfg,
-                                   preprocess=lambda rng, x: x))
   losses = []
   for t in range(steps):
     image = np.repeat(recorded["images"][t][..., None], 3, axis=-1)  # NHWC, 3 channels
@@ -132,11 +145,21 @@ def test_twenty_float64_steps_match_the_official_code(recorded):
     assert err <= 1e-6 * scale, f"{key}: |ours - official| = {err:.2e} (scale {scale:.2e})"
 
 
-def test_float32_steps_stay_as_close_as_the_official_float32_code(recorded):
-  steps = 3
+def rounding_perturbed(state_dict, seed):
+  """Every starting value times (1 + 2^-23 N(0, 1)): float32 rounding's size of change."""
+  rng = np.random.default_rng(seed)
+  return {k: (v * (1.0 + 2.0**-23 * rng.standard_normal(v.shape))).astype(np.float32)
+          for k, v in state_dict.items()}
+
+
+def test_float32_steps_stay_within_float32_rounding_of_the_official_code(recorded):
+  steps = 2
   losses, _ = run_jax(recorded, jnp.float32, steps)
-  exact = recorded["losses64"][:steps]
-  official_drift = np.maximum.accumulate(
-      np.abs(recorded["losses32"][:steps] - exact).max(axis=1))
-  ours = np.abs(losses - exact).max(axis=1)
-  assert np.all(ours <= 4 * official_drift + 1e-5), (ours, official_drift)
+  spread = np.zeros(steps)
+  for seed in range(1, 7):  # the runs share the first one's compilation
+    start = rounding_perturbed(official_state_dict(recorded), seed)
+    perturbed, _ = run_jax(recorded, jnp.float32, steps, start=start)
+    spread = np.maximum(spread, np.abs(perturbed - losses).max(axis=1))
+  spread = np.maximum.accumulate(spread)
+  ours = np.abs(losses - recorded["losses64"][:steps]).max(axis=1)
+  assert np.all(ours <= 4 * spread + 1e-5), (ours, spread)
