@@ -176,3 +176,13 @@ def test_cli_bad_batch_split_is_one_line(tmp_path):
   assert last == ("error: config.input.global_batch_size=12 is not divisible by the 8 devices; "
                   "use a multiple of 8."), r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_the_top_level_configs_folder_is_the_packages_own():
+  """`--config=configs/imagenet_r18_x3.py` from the repository root names a real file, and
+  it is the installed package's file, not a copy (`configs` links to mcl_jax/configs)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  top = os.path.join(root, "configs", "imagenet_r18_x3.py")
+  assert os.path.isfile(top)
+  assert os.path.samefile(top, os.path.join(config_lib.CONFIG_DIR, "imagenet_r18_x3.py"))
+  assert config_lib.resolve_config_path(top + ":smoke") == top + ":smoke"
