@@ -124,6 +124,7 @@ class LinclsTask:
   evaluate(state) -> {'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a
   validation split is held out (floats in [0, 1], whole split).
   """
+  collapse_remedy = ""  # a frozen backbone: nothing of its own to collapse
 
   def __init__(self, setup: loop.Setup):
     self.setup = setup

@@ -157,6 +157,9 @@ class Task(Protocol):
   setup: Setup
   describe: str
   eval_every_epochs: int
+  # What the collapse warning (`CollapseWatch`) tells the user to try; "" where the regime
+  # has no embeddings of its own to collapse (the linear probe).
+  collapse_remedy: str
 
   def init_state(self) -> Any: ...
   def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict]: ...
@@ -242,7 +245,7 @@ def fit(run: Run) -> dict[str, Any]:
   watch = DivergenceWatch(workdir, ckpt)
   pending, last_train, done = [], {}, start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
-  collapse = CollapseWatch(getattr(task, "collapse_remedy", ""), grace_steps=round(
+  collapse = CollapseWatch(task.collapse_remedy, grace_steps=round(
       metrics_lib.COLLAPSE_GRACE_EPOCHS * spe))
 
   def run_eval():
