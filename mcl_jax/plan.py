@@ -1,0 +1,619 @@
+r"""`mcl-plan`: compile a config's real train step for a TPU slice, from a CPU host.
+
+  mcl-plan --config=imagenet_r18_x3 --topology=v4:2x2x4 [--batch=N] [--json_out=F]
+  mcl-plan --config=cifar100_resnet32:mcl_x4 --topology=v5e:2x2 --max_batch
+  mcl-plan --all --topology=v5e:2x2 --json_out=plans.jsonl     (every shipped config)
+
+XLA's TPU compiler (libtpu, `pip install "jax[tpu]==0.10.2"`) runs on any CPU host:
+`jax.experimental.topologies` gives compile-only TPU devices, and a program lowered for a
+mesh over them compiles into what the slice would run. The plan compiles the step exactly
+as `fit` would: the regime's own task (`jobs.TASKS[config.trainer]`) is built from a
+`loop.Setup` by `loop.prepare`, so the step function, its shardings and its donation are
+the task's (`sharding.compile_step`), not a copy. Nothing is read or allocated: the data
+source knows only shapes (a zero-page in-memory training set, or a streaming ImageNet
+source that holds no files; the memory bank's rows are the dataset's known size), the
+state is `jax.eval_shape` of the task's init, and every array the task would put on the
+devices becomes a `jax.ShapeDtypeStruct` with that sharding (compile-only devices hold no
+data).
+
+Per step it reports, from the compiled program: per-chip HBM (arguments, temporaries,
+outputs, generated code; against the chip's capacity), the FLOPs, an estimated step time
+(the compiler's own `optimal_seconds` where it is a positive number, else a roofline bound
+max(FLOPs / peak, bytes / HBM bandwidth) per chip; the label says which), images/s and MFU
+at that estimate, the collectives with their counts and result bytes, whether anything is
+float64 or a host callback, and the compile time. These are the compiler's estimates for
+a program it never ran, not measurements.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from mcl_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  """One TPU chip's published figures (per chip, not per TensorCore)."""
+  kind: str
+  bf16_tflops: float
+  hbm_bytes: float
+  hbm_gbps: float  # GB/s (10^9 bytes)
+  source: str
+  megacore: bool = False  # one JAX device per chip (both TensorCores): v4, v5p
+  devices_per_chip: int = 1  # v3: one device per TensorCore, two per chip
+
+
+GiB, GB = 2 ** 30, 10 ** 9
+# Google Cloud's TPU documentation, the "System architecture" table of each generation's
+# page (docs.cloud.google.com/tpu/docs/<v>): "TPU v4" (275 TFLOPs bf16, HBM2 32 GiB at
+# 1200 GBps), "TPU v5e" (197 TFLOPs bf16, 16 GB at 819 GBps), "TPU v6e" (918 TFLOPs bf16,
+# 32 GB at 1638 GBps), "TPU v5p" (459 TFLOPs bf16, 95 GB at 2765 GBps), "TPU v3" (123
+# TFLOPs bf16 and 32 GiB per chip, two TensorCores, 900 GBps).
+CHIPS = {
+    "v3": ChipSpec("TPU v3", 123.0, 32 * GiB, 900.0, "cloud.google.com/tpu/docs/v3",
+                   devices_per_chip=2),
+    "v4": ChipSpec("TPU v4", 275.0, 32 * GiB, 1200.0, "cloud.google.com/tpu/docs/v4",
+                   megacore=True),
+    "v5e": ChipSpec("TPU v5e", 197.0, 16 * GB, 819.0, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": ChipSpec("TPU v5p", 459.0, 95 * GB, 2765.0, "cloud.google.com/tpu/docs/v5p",
+                    megacore=True),
+    "v6e": ChipSpec("TPU v6e", 918.0, 32 * GB, 1638.0, "cloud.google.com/tpu/docs/v6e"),
+}
+EXAMPLES = "v4:2x2x4, v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, v3:4x4"
+INSTALL = "pip install 'jax[tpu]==0.10.2'"
+# Training-set sizes of the datasets whose files a plan never reads.
+IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
+CIFAR = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100)}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+               "c128": 16}
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def require_libtpu() -> None:
+  """ConfigError (one sentence) when XLA's TPU compiler is not installed."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError(f"TPU plans need XLA's TPU compiler, which is not installed; run "
+                      f"{INSTALL} (about 700 MB, no TPU needed).")
+
+
+def chip_spec(topology: str) -> ChipSpec:
+  generation = topology.split(":")[0].lower()
+  if generation not in CHIPS or ":" not in topology:
+    raise ConfigError(f"Unknown --topology={topology!r}; name a TPU slice as GENERATION:SHAPE "
+                      f"with GENERATION one of {', '.join(CHIPS)}, e.g. {EXAMPLES}.")
+  return CHIPS[generation]
+
+
+@functools.lru_cache(maxsize=None)
+def topology_devices(topology: str) -> tuple[Any, ...]:
+  """The compile-only devices of a TPU slice (one per chip on v4/v5p: megacore)."""
+  spec = chip_spec(topology)
+  require_libtpu()
+  # Another process on this host that touched libtpu holds its lock file; compiling
+  # needs no exclusive TPU, so a second loader is harmless here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  kwargs = {"chip_config_name": "megacore"} if spec.megacore else {}
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+  except Exception as e:  # libtpu's own message: keep its first line
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"libtpu does not know --topology={topology!r} ({first[:160]}); try "
+                      f"one of {EXAMPLES}.") from None
+  return tuple(desc.devices)
+
+
+# ----------------------------------------------------------------------------- shapes only
+
+
+def _shape_only_source(input_cfg: Any) -> Any:
+  """A data source with the real one's shapes, preprocessing and sizes, and no data.
+
+  ImageNet: a streaming source that holds no files (1,281,167 training examples, 1000
+  classes). CIFAR: an in-memory `Dataset` of zero pages (the OS maps them lazily; only
+  shapes reach the compiler). The small datasets (digits, Fashion-MNIST, synthetic) are
+  read for real.
+  """
+  from mcl_jax.data import pipeline
+  from mcl_jax.data import sources
+  name = input_cfg.dataset
+  if name in sources.STREAMING:
+    from mcl_jax.data import imagenet
+
+    class ShapeOnlyImageNet(imagenet._StreamingSource):  # pylint: disable=protected-access
+      """ImageNet's metadata without its files: what a compile needs."""
+      num_classes, output_dtype = IMAGENET_CLASSES, "uint8"
+
+      def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+
+      @property
+      def num_train(self) -> int:
+        return IMAGENET_TRAIN
+
+      @property
+      def train_labels(self) -> np.ndarray:
+        return (np.arange(IMAGENET_TRAIN) % IMAGENET_CLASSES).astype(np.int32)
+
+    return ShapeOnlyImageNet(input_cfg.image_size)
+  if name in CIFAR:
+    from mcl_jax.data import augment as augment_lib
+    num_train, num_eval, num_classes = CIFAR[name]
+    images = lambda n: np.zeros((n, 32, 32, 3), np.uint8)
+    labels = lambda n: (np.arange(n) % num_classes).astype(np.int32)
+    dataset = pipeline.Dataset(
+        name, images(num_train), labels(num_train), images(num_eval), labels(num_eval),
+        num_classes=num_classes, mean=augment_lib.CIFAR_MEAN, std=augment_lib.CIFAR_STD,
+        augment=augment_lib.AugmentSpec(crop_padding=4, flip=True))
+    if input_cfg.validation_size or input_cfg.train_subset:
+      dataset = pipeline.hold_out_validation(dataset, input_cfg.validation_size,
+                                             input_cfg.train_subset)
+    return dataset
+  return sources.make_source(input_cfg)
+
+
+def _abstract_put(x: Any, device: Any = None, *args: Any, **kwargs: Any) -> Any:
+  """`jax.device_put` for compile-only devices: the shape, dtype and sharding only."""
+  import jax
+  del args, kwargs
+
+  def struct(value: Any) -> jax.ShapeDtypeStruct:
+    value = value if hasattr(value, "dtype") else np.asarray(value)
+    return jax.ShapeDtypeStruct(np.shape(value), value.dtype, sharding=device)
+
+  return jax.tree.map(struct, x)
+
+
+@contextlib.contextmanager
+def _shape_only_world(config: Any) -> Iterator[None]:
+  """While a task is built: sources know only shapes, device puts make ShapeDtypeStructs,
+  and a probe's export is the architecture's abstract variables (no files read)."""
+  import jax
+  from mcl_jax import data
+  from mcl_jax import export
+  real = (jax.device_put, data.make_source, export.load_exported)
+
+  def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    del path
+    from mcl_jax import models
+    source = _shape_only_source(config.input)
+    arch, classes = config.model.arch, source.num_classes
+    variables = jax.eval_shape(lambda: models.create(arch, classes).init(
+        jax.random.PRNGKey(0), jax.numpy.zeros((1, *source.image_shape)), False))
+    info = {"arch": arch, "num_classes": classes,
+            "preprocessing": {"image_shape": list(source.image_shape),
+                              "mean": list(np.asarray(source.mean, float)),
+                              "std": list(np.asarray(source.std, float))}}
+    return models.create(arch, classes), dict(variables), info
+
+  jax.device_put, data.make_source, export.load_exported = (
+      _abstract_put, _shape_only_source, load_exported)
+  try:
+    yield
+  finally:
+    jax.device_put, data.make_source, export.load_exported = real
+
+
+@dataclasses.dataclass
+class Planned:
+  """A task built over compile-only devices, with abstract inputs for its steps."""
+  config: Any
+  topology: str
+  mesh: Any
+  task: Any
+  state: Any  # ShapeDtypeStructs carrying the task's state shardings
+  batch: dict[str, Any]
+  eval_args: tuple[Any, ...] | None
+  eval_fn: Any
+
+
+def build(config: Any, topology: str) -> Planned:
+  """The config's task for `topology`'s devices, and abstract (state, batch) for its step.
+
+  Raises ConfigError for an unknown topology, a missing libtpu, or a config that cannot
+  run there (e.g. a batch that does not split over the chips).
+  """
+  import jax
+  from mcl_jax import config_lib
+  from mcl_jax import jobs
+  from mcl_jax import loop
+  from mcl_jax import sharding as sharding_lib
+  from mcl_jax import train
+  devices = topology_devices(topology)
+  mesh = sharding_lib.make_mesh(list(devices))
+  config = config.copy_and_resolve_references()
+  if config.trainer == "lincls" and not config.lincls.pretrained:
+    # The probe's export is replaced by config.model.arch's abstract variables.
+    config.lincls.pretrained = "<shape-only export of config.model.arch>"
+  config_lib.validate(config, num_devices=mesh.size)
+  with _shape_only_world(config):
+    setup = loop.prepare(config, "", mesh)
+    task = importlib.import_module(jobs.TASKS[config.trainer]).build_task(setup)
+    if hasattr(task, "model") and config.trainer in ("supervised", "simclr"):
+      abstract = train.abstract_train_state(task.model, setup.tx, setup.source.image_shape,
+                                            mesh, bank_rows=getattr(task, "bank_rows", 0))
+    else:  # MoCo, the probe: their init is traceable as it is
+      abstract = jax.eval_shape(task.init_state)
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       abstract, task.shardings)
+  source, batch_size = setup.source, setup.global_batch
+  split = sharding_lib.batch_sharded(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+  image = spec((batch_size, *source.image_shape), np.uint8)
+  if hasattr(source, "train_images"):  # in memory: the step gathers its batch by index
+    batch = {"index": spec((batch_size,), np.int32)}
+  else:  # streamed: host-decoded crops
+    batch = {"image": image, "label": spec((batch_size,), np.int32),
+             "index": spec((batch_size,), np.int32)}
+    if getattr(source, "two_view_crop_scale", None) is not None:
+      batch["image2"] = image
+  eval_size = setup.eval_batch_size()
+  eval_batch = {"image": spec((eval_size, *source.image_shape), np.uint8),
+                "label": spec((eval_size,), np.int32), "mask": spec((eval_size,), np.float32)}
+  eval_args, eval_fn = None, None
+  if hasattr(task, "_eval_step"):  # supervised, probe: counts over a padded eval batch
+    eval_fn = task._eval_step  # pylint: disable=protected-access
+    eval_args = (state, eval_batch) + ((task.consts["frozen"],) if "frozen" in task.consts
+                                       else ())
+  elif hasattr(task, "_embed_step"):  # MoCo, SimCLR: the kNN monitor's features
+    eval_fn = task._embed_step  # pylint: disable=protected-access
+    eval_args = (state.params, state.batch_stats, eval_batch["image"])
+  return Planned(config, topology, mesh, task, state, batch, eval_args, eval_fn)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def array_bytes(shape_text: str) -> int:
+  """Bytes of every array type in an HLO shape (a tuple counts each element)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """{op: {'count', 'bytes', 'max_bytes', 'elements'}} of the program's collectives.
+
+  Per chip, from each op's result (an async start's tuple holds operand and result: its
+  largest element is taken; `-done` halves are not counted again). `elements` counts
+  array elements, whatever their dtype (a bfloat16 step reduces bfloat16 gradients).
+  """
+  found: dict[str, dict[str, int]] = {}
+  for line in hlo.splitlines():
+    match = _OP.search(line)
+    if not match:
+      continue
+    shape, op, is_start = match.groups()
+    arrays = [(DTYPE_BYTES[d], math.prod(int(x) for x in dims.split(",") if x))
+              for d, dims in _ARRAY.findall(shape)] or [(0, 0)]
+    if is_start or (shape.startswith("(") and op != "all-reduce"):
+      arrays = [max(arrays)]
+    size = sum(b * n for b, n in arrays)
+    entry = found.setdefault(op, {"count": 0, "bytes": 0, "max_bytes": 0, "elements": 0})
+    entry["count"] += 1
+    entry["bytes"] += size
+    entry["max_bytes"] = max(entry["max_bytes"], size)
+    entry["elements"] += sum(n for _, n in arrays)
+  return found
+
+
+def host_callbacks(hlo: str) -> list[str]:
+  """Custom calls back into Python (jax.debug.print, pure_callback, io_callback)."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]*callback[^"]*)"', hlo)))
+
+
+def analyse(compiled: Any, spec: ChipSpec, *, num_chips: int, batch_size: int,
+            compile_s: float) -> dict[str, Any]:
+  """The plan of one compiled step (module docstring), per chip."""
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
+  # Per JAX device; v3 devices are TensorCores (half a chip), so scale to the chip.
+  per_chip = spec.devices_per_chip
+  arguments = memory.argument_size_in_bytes * per_chip
+  outputs = memory.output_size_in_bytes * per_chip
+  aliased = memory.alias_size_in_bytes * per_chip
+  temporaries = memory.temp_size_in_bytes * per_chip
+  code = memory.generated_code_size_in_bytes * per_chip
+  total = arguments + outputs - aliased + temporaries + code
+  flops = float(cost.get("flops", 0.0)) * per_chip
+  bytes_accessed = float(cost.get("bytes accessed", 0.0)) * per_chip
+  compute_s = flops / (spec.bf16_tflops * 1e12)
+  memory_s = bytes_accessed / (spec.hbm_gbps * 1e9)
+  roofline_s = max(compute_s, memory_s)
+  optimal = cost.get("optimal_seconds")
+  if optimal is not None and math.isfinite(optimal) and optimal > 0:
+    step_s, basis = float(optimal), "compiler optimal_seconds"
+  else:
+    # The compiler's FLOPs over the peak, or its bytes accessed (every op's operands and
+    # result, as the cost analysis counts them) over the HBM bandwidth, whichever is longer.
+    step_s, basis = roofline_s, ("roofline (compiler estimate invalid): "
+                                 + ("FLOPs/peak" if compute_s >= memory_s else
+                                    "bytes accessed/HBM bandwidth"))
+  return {
+      "hbm_per_chip": {"arguments": arguments, "outputs": outputs, "aliased": aliased,
+                       "temporaries": temporaries, "code": code, "total": total,
+                       "capacity": spec.hbm_bytes, "fits": total <= spec.hbm_bytes,
+                       "margin": spec.hbm_bytes - total},
+      "flops_per_chip": flops, "flops_per_step": flops * num_chips,
+      "bytes_accessed_per_chip": bytes_accessed,
+      "compiler_optimal_seconds": None if optimal is None else float(optimal),
+      "roofline_seconds": roofline_s, "roofline_compute_seconds": compute_s,
+      "roofline_memory_seconds": memory_s, "step_seconds": step_s,
+      "step_seconds_basis": basis,
+      "images_per_second": batch_size / step_s if step_s > 0 else None,
+      "mfu": flops / step_s / (spec.bf16_tflops * 1e12) if step_s > 0 else None,
+      "collectives": collectives(hlo), "float64": bool(re.search(r"\bf64\[", hlo)),
+      "host_callbacks": host_callbacks(hlo), "compile_seconds": compile_s,
+  }
+
+
+@contextlib.contextmanager
+def _no_persistent_cache() -> Iterator[None]:
+  """A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
+  cache (there is no TPU client to load it into), so plans neither write nor read it.
+
+  JAX decides once per process whether the cache is used: reset that decision on the way
+  in and out, so the process's other compiles keep the cache."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  if not jax.config.values.get("jax_compilation_cache_dir"):
+    yield  # no persistent cache configured: nothing to keep out
+    return
+  enabled = jax.config.values.get("jax_enable_compilation_cache", True)
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
+def compile_and_analyse(fn: Any, args: tuple[Any, ...], spec: ChipSpec, *, num_chips: int,
+                        batch_size: int) -> tuple[dict[str, Any], Any]:
+  """Lowers and compiles the jitted `fn` on abstract `args`; (`analyse`'s plan, the
+  compiled program)."""
+  start = time.perf_counter()
+  with _no_persistent_cache():
+    compiled = fn.lower(*args).compile()
+  result = analyse(compiled, spec, num_chips=num_chips, batch_size=batch_size,
+                   compile_s=time.perf_counter() - start)
+  return result, compiled
+
+
+def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any]:
+  """The plan (a JSON-able dict) of `config`'s train step (and eval step) on `topology`."""
+  import jax
+  spec = chip_spec(topology)
+  planned = build(config, topology)
+  chips = planned.mesh.size // spec.devices_per_chip
+  batch_size = planned.config.input.global_batch_size
+  # The task's jitted step (`sharding.compile_step`: its shardings and donation), the very
+  # object `train_step` calls; lowered here instead of called.
+  train_plan, _ = compile_and_analyse(
+      planned.task._train_step,  # pylint: disable=protected-access
+      (planned.state, planned.batch, planned.task.consts), spec, num_chips=chips,
+      batch_size=batch_size)
+  result = {
+      "config": config_name(planned.config), "topology": topology, "chip": spec.kind,
+      "chips": chips, "devices": planned.mesh.size, "trainer": planned.config.trainer,
+      "arch": planned.config.model.arch, "members": planned.config.cohort.num_members,
+      "dtype": planned.config.model.dtype, "global_batch": batch_size,
+      "steps_per_epoch": planned.task.setup.steps_per_epoch,
+      "chip_source": spec.source, "bf16_tflops_per_chip": spec.bf16_tflops,
+      "hbm_gbps_per_chip": spec.hbm_gbps, "jax": jax.__version__,
+      "optimizations": ("most disabled (jax_disable_most_optimizations)"
+                        if optimizations_disabled() else "full"),
+      "note": "compiler estimates for a program that never ran, not measurements",
+      "train": train_plan,
+  }
+  bank = getattr(planned.state, "bank", None)
+  if bank is not None:
+    result["bank"] = {"shape": list(bank.shape), "total_bytes": bank.size * bank.dtype.itemsize,
+                      "per_chip_bytes": bank.size * bank.dtype.itemsize // chips}
+  if with_eval and planned.eval_fn is not None:
+    eval_size = planned.task.setup.eval_batch_size()
+    result["eval"], _ = compile_and_analyse(planned.eval_fn, planned.eval_args, spec,
+                                            num_chips=chips, batch_size=eval_size)
+  return result
+
+
+def optimizations_disabled() -> bool:
+  """Whether `jax_disable_most_optimizations` is on (the test suite's setting): fine for
+  structure checks, not for a plan's memory and time figures."""
+  import jax
+  return bool(jax.config.values.get("jax_disable_most_optimizations", False))
+
+
+def config_name(config: Any) -> str:
+  return f"{config.model.arch} x{config.cohort.num_members} ({config.trainer})"
+
+
+def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, Any]:
+  """The largest global batch (a multiple of the chips and of samples_per_class) whose
+  train step fits in HBM: doubling from the config's batch, then bisection."""
+  spec = chip_spec(topology)
+  devices = len(topology_devices(topology))
+  unit = math.lcm(devices, config.input.samples_per_class or 1)
+  tried: dict[int, bool] = {}
+
+  def fits(batch: int) -> bool:
+    if batch not in tried:
+      trial = config.copy_and_resolve_references()
+      trial.input.global_batch_size = batch
+      try:
+        planned = build(trial, topology)
+      except ConfigError:  # e.g. more classes per class-aware batch than the dataset has
+        tried[batch] = False
+        return False
+      result, _ = compile_and_analyse(
+          planned.task._train_step,  # pylint: disable=protected-access
+          (planned.state, planned.batch, planned.task.consts), spec,
+          num_chips=devices // spec.devices_per_chip, batch_size=batch)
+      tried[batch] = result["hbm_per_chip"]["fits"]
+    return tried[batch]
+
+  low = max(unit, config.input.global_batch_size // unit * unit)
+  if not fits(low):
+    high, low = low, 0
+  else:
+    high = low * 2
+    while high <= limit and fits(high):
+      low, high = high, high * 2
+  while high - low > unit:
+    middle = (low + high) // 2 // unit * unit
+    if middle in (low, high):
+      break
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  return {"max_global_batch": low, "tried": {str(k): v for k, v in sorted(tried.items())}}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:.2f} GiB"
+
+
+def format_plan(result: dict[str, Any]) -> str:
+  """The plan as a short table."""
+  lines = [f"{result['config']} on {result['topology']} ({result['chips']} x "
+           f"{result['chip']}), global batch {result['global_batch']}, {result['dtype']}",
+           "  (XLA:TPU compiler estimates for a program that never ran, not measurements)"]
+  for name in ("train", "eval"):
+    step = result.get(name)
+    if step is None:
+      continue
+    hbm = step["hbm_per_chip"]
+    lines.append(
+        f"  {name:5s} HBM/chip: args {_gib(hbm['arguments'])}, temps "
+        f"{_gib(hbm['temporaries'])}, outputs {_gib(hbm['outputs'])}, total "
+        f"{_gib(hbm['total'])} of {_gib(hbm['capacity'])}: "
+        + ("fits" if hbm["fits"] else "DOES NOT FIT") + f" (margin {_gib(hbm['margin'])})")
+    mfu = f", MFU {100 * step['mfu']:.1f}%" if step["mfu"] is not None else ""
+    ips = (f", {step['images_per_second']:,.0f} images/s" if step["images_per_second"]
+           else "")
+    lines.append(f"        {step['flops_per_step'] / 1e12:.3f} TFLOP/step; est. step "
+                 f"{1e3 * step['step_seconds']:.2f} ms [{step['step_seconds_basis']}]{ips}"
+                 f"{mfu}; compiled in {step['compile_seconds']:.0f} s")
+    ops = ", ".join(f"{op} x{c['count']} ({c['bytes'] / 2 ** 20:.1f} MiB)"
+                    for op, c in sorted(step["collectives"].items())) or "none"
+    lines.append(f"        collectives: {ops}")
+    if step["float64"] or step["host_callbacks"]:
+      lines.append(f"        WARNING: float64 {step['float64']}, host callbacks "
+                   f"{step['host_callbacks']}")
+  if "bank" in result:
+    lines.append(f"  bank {result['bank']['shape']}: {_gib(result['bank']['total_bytes'])}, "
+                 f"{_gib(result['bank']['per_chip_bytes'])} per chip")
+  if "max_batch" in result:
+    lines.append(f"  largest global batch that fits: {result['max_batch']['max_global_batch']}")
+  return "\n".join(lines)
+
+
+def load_config(value: str) -> Any:
+  """A package config by `NAME[:ARG]` (or a config file), as `--config` names it."""
+  import importlib.util
+  from mcl_jax import config_lib
+  path, _, arg = config_lib.resolve_config_path(value).partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={value} names no config of mcl_jax/configs/ and no file.")
+  spec = importlib.util.spec_from_file_location(f"_plan_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "An experiment config: NAME[:ARG].",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", "v4:2x2x4", f"A TPU slice: {EXAMPLES}.")
+  flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
+  flags.DEFINE_string("json_out", None, "Append the plan as one JSON line to this file.")
+  flags.DEFINE_bool("max_batch", False, "Also bisect the largest global batch that fits.")
+  flags.DEFINE_bool("eval", True, "Also compile the eval (or kNN feature) step.")
+  flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  from mcl_jax import config_lib
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
+  try:
+    if FLAGS.all:
+      configs = [(name, load_config(name)) for name in config_lib.experiment_names()]
+    elif FLAGS.config is None:
+      _fail("pass --config=NAME[:ARG] (or --all).")
+    else:
+      configs = [(None, FLAGS.config)]
+    chip_spec(FLAGS.topology)
+    topology_devices(FLAGS.topology)
+    for name, config in configs:
+      config = config.copy_and_resolve_references()
+      if FLAGS.batch:
+        config.input.global_batch_size = FLAGS.batch
+      try:
+        result = plan(config, FLAGS.topology, with_eval=FLAGS.eval)
+        if FLAGS.max_batch:
+          result["max_batch"] = max_batch(config, FLAGS.topology)
+      except ConfigError as e:
+        if name is None:
+          raise
+        print(f"{name}: not planned: {e}")
+        continue
+      if name is not None:
+        result["config_name"] = name
+      print(format_plan(result), flush=True)
+      if FLAGS.json_out:
+        with open(FLAGS.json_out, "a") as f:
+          f.write(json.dumps(result) + "\n")
+  except ConfigError as e:
+    _fail(str(e))
+
+
+def run_cli() -> None:
+  """The `mcl-plan` command."""
+  from absl import app
+  from mcl_jax import main as main_lib
+  _define_flags()
+  app.run(main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":
+  run_cli()

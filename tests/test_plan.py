@@ -1,0 +1,209 @@
+"""Every regime and every architecture family compiles for a TPU slice (`mcl_jax.plan`).
+
+XLA's TPU compiler runs on this CPU host (libtpu, `pip install "jax[tpu]==0.10.2"`); the
+tests skip with that reason where it is not installed. Each test compiles the regime's
+real train step, as its task builds it, for compile-only `v5e:2x2` devices (4 chips) at
+shrunken shapes (the `tiny` arch, 16 px, batch 8), and checks the properties a pod run
+depends on: the memory bank is split over the chips and never gathered whole, the
+gradients are all-reduced once per step (not once per member), nothing is float64 and
+nothing calls back to the host. One xdist worker runs the module: libtpu's start-up and
+the topology are paid once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mcl_jax import losses
+from mcl_jax import plan
+from mcl_jax.errors import ConfigError
+
+pytestmark = [
+    pytest.mark.xdist_group("plan_tpu"),
+    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                       reason="XLA's TPU compiler is not installed: pip install "
+                       "'jax[tpu]==0.10.2'"),
+]
+TOPOLOGY = "v5e:2x2"
+CHIPS = 4
+
+
+def shrunk(name: str, **overrides) -> object:
+  """A shipped config (its smoke variant) at the smallest shapes: 16 px, batch 8."""
+  c = plan.load_config(name)
+  c.input.image_size = 16
+  c.input.global_batch_size = c.input.eval_batch_size = 8
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def compile_train(config):
+  planned = plan.build(config, TOPOLOGY)
+  result, _ = plan.compile_and_analyse(
+      planned.task._train_step, (planned.state, planned.batch, planned.task.consts),
+      plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
+  return planned, result
+
+
+def num_elements(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def assert_clean(result) -> None:
+  assert not result["float64"], "a float64 array in the compiled step"
+  assert not result["host_callbacks"], f"host callbacks: {result['host_callbacks']}"
+  assert result["hbm_per_chip"]["fits"]
+  assert result["flops_per_chip"] > 0
+
+
+def assert_gradients_reduced_once(planned, result) -> None:
+  """The all-reduced elements cover every trained parameter's gradient once: at least as
+  many as those parameters have (the gradients are reduced at all) and under twice (not
+  once per member). Elements, not bytes: a bfloat16 step reduces bfloat16 gradients.
+  Without MCL terms the projection head gets no gradient, so it is not counted."""
+  trained = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(planned.state.params)[0]
+             if any(losses.mcl_weights(planned.config.loss).values())
+             or "head" not in [getattr(k, "key", None) for k in path]]
+  params = num_elements(trained)
+  reduced = result["collectives"]["all-reduce"]["elements"]
+  assert params <= reduced < 2 * params, (params, reduced)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _topology():
+  plan.topology_devices(TOPOLOGY)
+
+
+def test_in_batch_step_reduces_the_gradients_once():
+  planned, result = compile_train(shrunk("cifar100_resnet32:mcl_x2,smoke", model__arch="tiny"))
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+  assert planned.state.bank is None
+
+
+def test_all_reduce_bytes_do_not_grow_faster_than_the_parameters():
+  """M = 4 members: the gradient reduction is still one pass over the parameters."""
+  planned, result = compile_train(shrunk("cifar100_resnet32:mcl_x4,smoke", model__arch="tiny",
+                                         model__shared_stages=0))
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+
+
+def test_bank_step_keeps_the_bank_split_over_the_chips():
+  config = shrunk("imagenet_r18_x3:smoke", model__arch="tiny", model__shared_stages=1,
+                  input__synthetic_train_size=1000)
+  planned = plan.build(config, TOPOLOGY)
+  result, compiled = plan.compile_and_analyse(
+      planned.task._train_step, (planned.state, planned.batch, planned.task.consts),
+      plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+  members, rows, dim = planned.state.bank.shape
+  assert rows == 1000
+  assert planned.state.bank.sharding.shard_shape((members, rows, dim)) == (
+      members, rows // CHIPS, dim)
+  # The compiled per-chip program takes only its rows, and no op in it (no all-gather, no
+  # copy) ever holds the whole bank.
+  hlo = compiled.as_text()
+  assert f"f32[{members},{rows // CHIPS},{dim}]" in hlo
+  assert f"f32[{members},{rows},{dim}]" not in hlo
+
+
+def test_moco_step_compiles():
+  planned, result = compile_train(shrunk("mocov2_r18_x2:smoke"))
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+
+
+def test_simclr_step_compiles():
+  planned, result = compile_train(shrunk(
+      "fashion_mnist:simclr_mcl_x2,smoke", input__dataset="synthetic", model__arch="tiny",
+      input__synthetic_train_size=64, input__train_subset=0, input__validation_size=0,
+      model__num_classes=0))
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+
+
+def test_linear_probe_step_and_its_eval_step_compile():
+  result = plan.plan(shrunk("lincls_r18:smoke"), TOPOLOGY)
+  assert_clean(result["train"])
+  assert_clean(result["eval"])
+  # Only the classifier is trained: its gradient is the only parameter-sized reduction.
+  assert result["train"]["collectives"]["all-reduce"]["max_bytes"] < 1 << 20
+
+
+@pytest.mark.parametrize("arch", [
+    "resnet32", "wrn_16_2", "shufflenetv2_0.5x", "resnet18",
+    # XLA:TPU compiles HCGNet's step several times slower than all the other families'
+    # together (docs/TESTING.md): with --runslow only.
+    pytest.param("hcgnet_a1", marks=pytest.mark.slow)])
+def test_every_architecture_family_compiles(arch):
+  """One member, cross-entropy only (the cohort and MCL paths are the regimes' tests)."""
+  planned, result = compile_train(shrunk("cifar100_resnet32:baseline,smoke", model__arch=arch,
+                                         cohort__num_members=1))
+  assert_clean(result)
+  assert_gradients_reduced_once(planned, result)
+
+
+def test_bad_topology_and_batch_are_one_sentence():
+  with pytest.raises(ConfigError, match="Unknown --topology"):
+    plan.chip_spec("h100:8")
+  with pytest.raises(ConfigError, match="libtpu does not know"):
+    plan.topology_devices("v5e:3x7x9")
+  with pytest.raises(ConfigError, match="global_batch_size"):
+    plan.build(shrunk("cifar100_resnet32:mcl_x2,smoke", input__global_batch_size=6), TOPOLOGY)
+
+
+def test_collective_parser_counts_async_pairs_once():
+  hlo = """
+  %ar = f32[256,4]{1,0} all-reduce(f32[256,4]{1,0} %g), replica_groups={}
+  %ags = (bf16[8,16]{1,0}, bf16[32,16]{1,0}) all-gather-start(bf16[8,16]{1,0} %x)
+  %agd = bf16[32,16]{1,0} all-gather-done((bf16[8,16]{1,0}, bf16[32,16]{1,0}) %ags)
+  %t = (f32[3]{0}, s32[2]{0}) all-reduce(f32[3]{0} %a, s32[2]{0} %b)
+  """
+  found = plan.collectives(hlo)
+  assert found["all-reduce"] == {"count": 2, "bytes": 4096 + 20, "max_bytes": 4096,
+                                 "elements": 1024 + 5}
+  assert found["all-gather"] == {"count": 1, "bytes": 1024, "max_bytes": 1024,
+                                 "elements": 512}
+
+
+def test_command_line_errors_exit_2_with_one_sentence():
+  run = subprocess.run([sys.executable, "-m", "mcl_jax.plan", "--config=digits",
+                        "--topology=v9:2x2"], capture_output=True, text=True)
+  assert run.returncode == 2
+  assert run.stderr.strip().splitlines()[-1].startswith("error: Unknown --topology")
+
+
+def test_missing_libtpu_is_one_sentence(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(ConfigError, match=r"pip install 'jax\[tpu\]==0.10.2'"):
+    plan.require_libtpu()
+
+
+def test_command_line_prints_the_plan_and_appends_json(tmp_path):
+  out = tmp_path / "plans.jsonl"
+  run = subprocess.run([sys.executable, "-m", "mcl_jax.plan", "--config=lincls_r18:smoke",
+                        f"--topology={TOPOLOGY}", "--noeval", f"--json_out={out}",
+                        "--config.input.image_size=16", "--batch=8"],
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "not measurements" in run.stdout and "HBM/chip" in run.stdout
+  result = json.loads(out.read_text())
+  assert (result["topology"], result["chips"], result["global_batch"]) == (TOPOLOGY, CHIPS, 8)
+  assert result["train"]["hbm_per_chip"]["fits"] and "eval" not in result
