@@ -125,6 +125,7 @@ class LinclsTask:
   validation split is held out (floats in [0, 1], whole split).
   """
   collapse_remedy = ""  # a frozen backbone: nothing of its own to collapse
+  collapse_cosine_grace_epochs = 0.0
 
   def __init__(self, setup: loop.Setup):
     self.setup = setup

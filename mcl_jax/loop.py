@@ -160,6 +160,9 @@ class Task(Protocol):
   # What the collapse warning (`CollapseWatch`) tells the user to try; "" where the regime
   # has no embeddings of its own to collapse (the linear probe).
   collapse_remedy: str
+  # Epochs at the start during which the embeddings' cosine is not judged: 0 where healthy
+  # runs start below metrics.COLLAPSE_COSINE (supervised), 1 where they start above it.
+  collapse_cosine_grace_epochs: float
 
   def init_state(self) -> Any: ...
   def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict]: ...
@@ -245,8 +248,9 @@ def fit(run: Run) -> dict[str, Any]:
   watch = DivergenceWatch(workdir, ckpt)
   pending, last_train, done = [], {}, start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
-  collapse = CollapseWatch(task.collapse_remedy, grace_steps=round(
-      metrics_lib.COLLAPSE_GRACE_EPOCHS * spe))
+  collapse = CollapseWatch(
+      task.collapse_remedy, grace_steps=round(metrics_lib.COLLAPSE_GRACE_EPOCHS * spe),
+      cosine_grace_steps=round(task.collapse_cosine_grace_epochs * spe))
 
   def run_eval():
     result = task.evaluate(run.state)
@@ -448,14 +452,16 @@ class CollapseWatch:
   summary reports it as `collapsed`).
   """
 
-  def __init__(self, remedy: str = "", grace_steps: int = 0):
+  def __init__(self, remedy: str = "", grace_steps: int = 0, cosine_grace_steps: int = 0):
     self.remedy, self.grace_steps = remedy, grace_steps
+    self.cosine_grace_steps = cosine_grace_steps
     self.first: dict[str, Any] | None = None
 
   def check(self, step: int, train_metrics: dict[str, float]) -> None:
     if self.first is not None:
       return
-    found = metrics_lib.first_collapse(train_metrics, check_loss=step >= self.grace_steps)
+    found = metrics_lib.first_collapse(train_metrics, check_loss=step >= self.grace_steps,
+                                       check_cosine=step >= self.cosine_grace_steps)
     if found is None:
       return
     self.first = {"step": step, **found}

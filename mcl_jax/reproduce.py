@@ -265,7 +265,9 @@ def collapse_from_logs(directory: str, config: Any, steps: int) -> dict[str, Any
   grace = round(metrics_lib.COLLAPSE_GRACE_EPOCHS * steps_per_epoch)
   for step in sorted({t for series in scalars.values() for t in series}):
     logged = {name: series[step] for name, series in scalars.items() if step in series}
-    found = metrics_lib.first_collapse(logged, check_loss=step >= grace)
+    found = metrics_lib.first_collapse(
+        logged, check_loss=step >= grace,
+        check_cosine=config.trainer not in SELF_SUPERVISED or step >= grace)
     if found is not None:
       return {"step": int(step), **found}
   return None

@@ -121,6 +121,8 @@ class SimclrTask:
   collapse_remedy = ("No remedy has been measured for SimCLR-MCL; the supervised regime's "
                      "is to ramp the soft terms in (config.loss.soft_warmup_epochs, "
                      "docs/RESULTS.md).")
+  # Freshly initialised embeddings point nearly one way in healthy runs too (as MoCo's).
+  collapse_cosine_grace_epochs = 1.0
 
   def __init__(self, setup: loop.Setup, views: data_views.ViewSpec | None = None):
     self.setup = setup

@@ -84,6 +84,18 @@ def test_first_collapse_reads_either_signal_from_flattened_metrics():
       "member": 1, "signal": "contrastive_vs_chance", "value": 0.99}
   one_way = {**healthy, "embed_cosine/member_0": 0.97}
   assert metrics.first_collapse(one_way, check_loss=False)["signal"] == "embed_cosine"
+  # The self-supervised regimes' grace covers the cosine too (their healthy starts are high).
+  assert metrics.first_collapse(one_way, check_loss=False, check_cosine=False) is None
+
+
+def test_collapse_watch_does_not_judge_the_cosine_in_its_grace_period():
+  from mcl_jax import loop
+  watch = loop.CollapseWatch("", grace_steps=39, cosine_grace_steps=39)
+  start = {"embed_cosine/member_0": 0.98, "contrastive_vs_chance/member_0": 0.82}
+  watch.check(13, start)  # a healthy MoCo run's first log (docs/RESULTS.md)
+  assert watch.first is None
+  watch.check(39, start)
+  assert watch.first == {"step": 39, "member": 0, "signal": "embed_cosine", "value": 0.98}
 
 
 def test_collapse_watch_warns_once_with_the_remedy_and_keeps_the_first(caplog):
