@@ -377,9 +377,6 @@ class MocoTask:
     source.use_two_views(self.spec.crop_scale)  # streaming: two host crops per image
     self.encoders = build_encoders(config, source.image_shape)
     self.views = data_views.source_views(source, self.spec, self.encoders.cohort.dtype)
-    self.describe = (f"MoCo ({config.ssl.views} views, "
-                     f"{'MLP' if config.moco.mlp else 'linear'} head) pre-training "
-                     f"{config.model.arch} x{config.cohort.num_members}")
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
@@ -391,6 +388,11 @@ class MocoTask:
           f"config.moco.bn_group_size=0 gives one shuffle-BN group per device, here "
           f"{config.input.global_batch_size // self.bn_groups} image(s) each: BN needs at "
           f"least 2; set config.moco.bn_group_size or a larger global batch.")
+    bn = (f"shuffle-BN, {self.bn_groups} groups of "
+          f"{config.input.global_batch_size // self.bn_groups}" if self.bn_groups else "global BN")
+    self.describe = (f"MoCo ({config.ssl.views} views, "
+                     f"{'MLP' if config.moco.mlp else 'linear'} head, {bn}) pre-training "
+                     f"{config.model.arch} x{config.cohort.num_members}")
     self._train_step = sharding_lib.compile_step(functools.partial(
         train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
         key_momentum=config.moco.key_momentum, views=self.views,
