@@ -43,7 +43,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -209,26 +209,35 @@ def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
   return out
 
 
-def add_missing_logreg_probes(module: Any, rows: Sequence[Row], seeds: Sequence[int],
-                              workdir: str, smoke: bool) -> None:
-  """Adds the logistic-regression probe to finished self-supervised runs that lack it."""
+def finished_runs(rows: Sequence[Row], seeds: Sequence[int], workdir: str
+                  ) -> Iterator[tuple[Row, int, str, dict[str, Any]]]:
+  """(row, seed, run directory, its result) of every finished run among rows x seeds."""
   for row in rows:
     for seed in seeds:
       directory = run_dir(workdir, row, seed)
       path = os.path.join(directory, RESULT_FILE)
-      if not os.path.exists(path):
-        continue
-      with open(path) as f:
-        result = json.load(f)
-      config = _config(module, row, seed, smoke)
-      if (result["trainer"] not in SELF_SUPERVISED or "logreg_probe" in result
-          or not config.input.validation_size):
-        continue
-      print(f"  logistic-regression probe of {row.name} seed {seed} (finished before it "
-            "existed)", flush=True)
-      result["logreg_probe"] = logreg_members(config, directory)
-      with open(path, "w") as f:
-        json.dump(_to_json(result), f, indent=1)
+      if os.path.exists(path):
+        with open(path) as f:
+          yield row, seed, directory, json.load(f)
+
+
+def _rewrite_result(directory: str, result: dict[str, Any]) -> None:
+  with open(os.path.join(directory, RESULT_FILE), "w") as f:
+    json.dump(_to_json(result), f, indent=1)
+
+
+def add_missing_logreg_probes(module: Any, rows: Sequence[Row], seeds: Sequence[int],
+                              workdir: str, smoke: bool) -> None:
+  """Adds the logistic-regression probe to finished self-supervised runs that lack it."""
+  for row, seed, directory, result in finished_runs(rows, seeds, workdir):
+    config = _config(module, row, seed, smoke)
+    if (result["trainer"] not in SELF_SUPERVISED or "logreg_probe" in result
+        or not config.input.validation_size):
+      continue
+    print(f"  logistic-regression probe of {row.name} seed {seed} (finished before it "
+          "existed)", flush=True)
+    result["logreg_probe"] = logreg_members(config, directory)
+    _rewrite_result(directory, result)
 
 
 def collapse_from_logs(directory: str, config: Any, steps: int) -> dict[str, Any] | None:
@@ -282,20 +291,11 @@ def _steps_per_epoch(config: Any) -> int:
 def add_missing_collapse_marks(module: Any, rows: Sequence[Row], seeds: Sequence[int],
                                workdir: str, smoke: bool) -> None:
   """Adds `collapsed` (`collapse_from_logs`) to finished runs from before it was reported."""
-  for row in rows:
-    for seed in seeds:
-      directory = run_dir(workdir, row, seed)
-      path = os.path.join(directory, RESULT_FILE)
-      if not os.path.exists(path):
-        continue
-      with open(path) as f:
-        result = json.load(f)
-      if "collapsed" in result:
-        continue
+  for row, seed, directory, result in finished_runs(rows, seeds, workdir):
+    if "collapsed" not in result:
       config = _config(module, row, seed, smoke)
       result["collapsed"] = collapse_from_logs(directory, config, result["steps"])
-      with open(path, "w") as f:
-        json.dump(_to_json(result), f, indent=1)
+      _rewrite_result(directory, result)
 
 
 def fewshot_members(row: Row, directory: str, smoke: bool) -> dict[str, list[float]]:
@@ -408,16 +408,9 @@ def minutes_left(durations: Sequence[float], queued: int, running_for: Sequence[
 def read_results(workdir: str, rows: Sequence[Row], seeds: Sequence[int]
                  ) -> dict[str, list[dict[str, Any]]]:
   """{row name: [result of each finished seed]} (rows without any finished seed left out)."""
-  out = {}
-  for row in rows:
-    found = []
-    for seed in seeds:
-      path = os.path.join(run_dir(workdir, row, seed), RESULT_FILE)
-      if os.path.exists(path):
-        with open(path) as f:
-          found.append(json.load(f))
-    if found:
-      out[row.name] = found
+  out: dict[str, list[dict[str, Any]]] = {}
+  for row, _, _, result in finished_runs(rows, seeds, workdir):
+    out.setdefault(row.name, []).append(result)
   return out
 
 
