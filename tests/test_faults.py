@@ -20,119 +20,30 @@ network on 64 synthetic 8x8 images, 4 steps of 16 per epoch, 4 CPU devices in al
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
+from process_jobs import STEP_LINE, STEPS_PER_EPOCH, TINY_RUN_FLAGS, Job
 import pytest
 
 # Like tests/test_multihost.py: these tests start processes that use the whole machine.
 pytestmark = pytest.mark.xdist_group("multihost")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS_PER_EPOCH = 4  # 64 synthetic examples / global batch 16
 NUM_DEVICES = 4
-# cifar100_resnet32's smoke run shrunk to the tiny test network on 8x8 images; one log line
-# per step (the tests wait for them); evaluation only at the end.
-CONFIG_FLAGS = (
-    "--config=cifar100_resnet32:mcl_x2,smoke",
-    "--config.model.arch=tiny",
-    "--config.model.num_classes=0",
-    "--config.input.image_size=8",
-    "--config.input.synthetic_train_size=64",
-    "--config.input.global_batch_size=16",
-    "--config.schedule.num_train_steps=0",
-    "--config.log_every_steps=1",
-    "--config.eval_every_epochs=1000",
-)
-RUN_TIMEOUT_S = 300  # a loaded 2-core machine; a run normally takes 10-40 s
 # The bound on noticing a killed peer that the test holds the survivor to. Its socket
 # closes with it, so the survivor's next collective fails at once; the heartbeat timeout
 # (set lower than the default here) bounds the cases where it would not.
 LOST_PEER_BOUND_S = 60
 HEARTBEAT_TIMEOUT_S = 30
-STEP_LINE = re.compile(r"\] \[(\d+)\] train/")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(local_devices: int) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-  # conftest.py gave this process 8 fake devices through XLA_FLAGS; each child gets its own.
-  # The compilation cache conftest.py set up is inherited.
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")]
-  xla_flags.append(f"--xla_force_host_platform_device_count={local_devices}")
-  env.update(XLA_FLAGS=" ".join(xla_flags), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  return env
-
-
-class Job:
-  """One training command as `num_processes` processes (joined by jax.distributed when
-  more than one), each logging to its own file. A context manager: leaving it kills
-  whatever still runs, so a failed assertion leaves no process waiting for a dead peer."""
-
-  def __init__(self, workdir, flags, *, num_processes: int = 1, name: str = "run"):
-    self.workdir = str(workdir)
-    self.logs = [os.path.join(os.path.dirname(self.workdir),
-                              f"{os.path.basename(self.workdir)}_{name}_{i}.log")
-                 for i in range(num_processes)]
-    self.procs = []
-    port = _free_port()
-    for pid in range(num_processes):
-      cmd = [sys.executable, "-m", "mcl_jax.main", *CONFIG_FLAGS, *flags,
-             f"--workdir={self.workdir}"]
-      if num_processes > 1:
-        cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-                f"--process_id={pid}"]
-      with open(self.logs[pid], "w") as log:
-        self.procs.append(subprocess.Popen(
-            cmd, cwd=REPO, env=_env(NUM_DEVICES // num_processes), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    for proc in self.procs:
-      if proc.poll() is None:
-        proc.kill()
-    for proc in self.procs:
-      proc.wait()
-
-  def log(self, pid: int = 0) -> str:
-    with open(self.logs[pid]) as f:
-      return f.read()
-
-  def tails(self) -> str:
-    return "\n".join(f"--- process {i} (exit {p.poll()}):\n" + self.log(i)[-4000:]
-                     for i, p in enumerate(self.procs))
-
-  def wait(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in self.procs):
-      if time.monotonic() > deadline:
-        pytest.fail(f"no exit after {timeout} s:\n{self.tails()}")
-      time.sleep(0.05)
-    return [p.returncode for p in self.procs]
-
-  def wait_until(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-      if any(p.poll() is not None for p in self.procs):
-        pytest.fail(f"the run ended before {what}:\n{self.tails()}")
-      if time.monotonic() > deadline:
-        pytest.fail(f"no {what} after {timeout} s:\n{self.tails()}")
-      time.sleep(0.01)
+def _job(workdir, flags, **kwargs) -> Job:
+  """A run of TINY_RUN_FLAGS and `flags` on NUM_DEVICES devices, its logs beside `workdir`;
+  the compilation cache is conftest.py's."""
+  return Job(workdir, (*TINY_RUN_FLAGS, *flags), num_devices=NUM_DEVICES,
+             logs_beside_workdir=True, **kwargs)
 
 
 def _checkpoint_entries(workdir) -> list[str]:
@@ -159,7 +70,7 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
   flags = (f"--config.schedule.epochs={epochs}", f"--config.checkpoint.every_epochs={every}",
            f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}")
   first_save = every * STEPS_PER_EPOCH
-  with Job(workdir, flags, num_processes=2, name="first") as job:
+  with _job(workdir, flags, num_processes=2, name="first") as job:
     # Kill between saves: the first checkpoint complete and four steps past it (its
     # background finalisation, which ends in a barrier of both processes, long done), the
     # next save still 8 steps away. A kill inside that barrier could hold process 0 in it
@@ -185,8 +96,8 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
           f"{workdir}{os.sep}checkpoints, which a restart resumes from") in error, error
   assert error.endswith("restart all 2 processes with the same command."), error
 
-  with Job(workdir, flags, num_processes=2, name="second") as job:
-    assert job.wait() == [0, 0], job.tails()
+  with _job(workdir, flags, num_processes=2, name="second") as job:
+    assert job.wait(fail_fast=False) == [0, 0], job.tails()
     for pid in (0, 1):
       assert f"Resumed from {workdir}{os.sep}checkpoints at step {first_save}." in job.log(pid)
       assert f"Finished {total - first_save} steps" in job.log(pid)
@@ -223,8 +134,8 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_a_rerun
   epochs = 5  # checkpoints every epoch: 4 and 8 fit, 12 does not
   flags = (f"--config.schedule.epochs={epochs}", "--config.checkpoint.every_epochs=1",
            "--config.checkpoint.keep=2")
-  with Job(workdir, flags, name="first") as job:
-    assert job.wait() == [5], job.tails()
+  with _job(workdir, flags, name="first") as job:
+    assert job.wait(fail_fast=False) == [5], job.tails()
     error = _error_line(job.log())
   # The save of step 12 fails on Orbax's background thread; it surfaces when the save of
   # step 16 waits for it, and is reported with its own step.
@@ -236,8 +147,8 @@ def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_a_rerun
   assert _checkpoint_entries(workdir) == ["4", "8"]  # no temporary or final 12, no 16
 
   subprocess.run(["mount", "-o", "remount,size=8m", str(workdir / "checkpoints")], check=True)
-  with Job(workdir, flags, name="second") as job:
-    assert job.wait() == [0], job.tails()
+  with _job(workdir, flags, name="second") as job:
+    assert job.wait(fail_fast=False) == [0], job.tails()
     log = job.log()
   assert f"Resumed from {workdir}{os.sep}checkpoints at step 8." in log, log[-4000:]
   assert f"Finished {epochs * STEPS_PER_EPOCH - 8} steps" in log

@@ -17,161 +17,54 @@ further. The uninterrupted runs that the checks compare against are made once pe
    uninterrupted run, bit for bit. (This run's workdir is a relative path.)
 """
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from process_jobs import STEP_LINE, STEPS_PER_EPOCH, TINY_RUN_FLAGS, Job
 import pytest
 
 # The module fixture's runs are shared by all three tests: keep them on one xdist worker.
 pytestmark = pytest.mark.xdist_group("multihost")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS_PER_EPOCH = 4  # 64 synthetic examples / global batch 16
 EPOCHS = 3
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 NUM_DEVICES = 4  # 2 per process in the two-process runs, so batches split within hosts too
-# cifar100_resnet32's smoke run shrunk to the tiny test network on 8x8 images.
-# One log line per step (the tests wait for them); eval and checkpoints only at the end
-# unless a test asks for more.
+# process_jobs.TINY_RUN_FLAGS for 3 epochs; checkpoints only at the end unless a test asks
+# for more.
 CONFIG_FLAGS = (
-    "--config=cifar100_resnet32:mcl_x2,smoke",
-    "--config.model.arch=tiny",
-    "--config.model.num_classes=0",
-    "--config.input.image_size=8",
-    "--config.input.synthetic_train_size=64",
-    "--config.input.global_batch_size=16",
+    *TINY_RUN_FLAGS,
     f"--config.schedule.epochs={EPOCHS}",
-    "--config.schedule.num_train_steps=0",
-    "--config.log_every_steps=1",
-    "--config.eval_every_epochs=1000",
     "--config.checkpoint.every_epochs=1000",
 )
-RUN_TIMEOUT_S = 300  # a loaded 2-core machine; a run normally takes 10-40 s
-# clu's metric line (`[7] train/accuracy/member_0=...`), every step with log_every_steps=1.
-STEP_LINE = re.compile(r"\] \[(\d+)\] train/")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _job(workdir, cache_dir, *, extra_flags=(), **kwargs) -> Job:
+  """A run of CONFIG_FLAGS and `extra_flags` on NUM_DEVICES devices, its logs in `workdir`.
 
-
-def _env(local_devices: int, cache_dir: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-  # conftest.py gave this process 8 fake devices through XLA_FLAGS; each child gets its own.
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={local_devices}")
-  env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="3",
-             # As conftest.py does in-process: compiles take seconds, not tens of seconds.
-             # Every run here has it, so compared runs execute the same programs.
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             # One compilation cache for the module's runs: only the first run of each
-             # topology compiles the step; the others load it.
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return env
-
-
-class Job:
-  """One training command: a single process, or `num_processes` joined by jax.distributed.
-
-  A context manager: leaving it kills whatever still runs, so a failed assertion never
-  leaves a process behind (one waiting for a dead peer would never exit).
+  Every run here shares the module's compilation cache `cache_dir`: only the first run of
+  each topology compiles the step; the others load it.
   """
+  return Job(workdir, (*CONFIG_FLAGS, *extra_flags), num_devices=NUM_DEVICES,
+             cache_dir=cache_dir, **kwargs)
 
-  def __init__(self, workdir, cache_dir, *, num_processes: int = 1, extra_flags=(),
-               name: str = "run", relative_workdir: bool = False):
-    self.workdir = str(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
-    self.logs = [os.path.join(self.workdir, f"{name}_process_{i}.log")
-                 for i in range(num_processes)]
-    self.procs = []
-    port = _free_port()
-    # The processes run in the repository; launch/local_two_process.sh's default workdir
-    # is relative to it.
-    workdir_flag = os.path.relpath(self.workdir, REPO) if relative_workdir else self.workdir
-    for pid in range(num_processes):
-      cmd = [sys.executable, "-m", "mcl_jax.main", *CONFIG_FLAGS, *extra_flags,
-             f"--workdir={workdir_flag}"]
-      if num_processes > 1:
-        cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-                f"--process_id={pid}"]
-      with open(self.logs[pid], "w") as log:
-        self.procs.append(subprocess.Popen(
-            cmd, cwd=REPO, env=_env(NUM_DEVICES // num_processes, str(cache_dir)),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
 
-  def __enter__(self):
-    return self
+def preempt_process_1(job: Job) -> None:
+  """SIGTERM to process 1 only (one host of a job preempted), with process 0 held still.
 
-  def __exit__(self, *exc):
-    self.kill()
-
-  def kill(self) -> None:
-    for proc in self.procs:
-      if proc.poll() is None:
-        proc.kill()  # SIGKILL also ends a stopped process
-    for proc in self.procs:
-      proc.wait()
-
-  def log(self, pid: int = 0) -> str:
-    with open(self.logs[pid]) as f:
-      return f.read()
-
-  def tails(self) -> str:
-    return "\n".join(f"--- process {i} (exit {p.poll()}):\n" + self.log(i)[-4000:]
-                     for i, p in enumerate(self.procs))
-
-  def wait(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
-    """Exit codes of all processes; fails at once (killing the rest) if one fails."""
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in self.procs):
-      if any(p.poll() not in (None, 0) for p in self.procs):
-        self.kill()
-        pytest.fail(f"a process failed:\n{self.tails()}")
-      if time.monotonic() > deadline:
-        self.kill()
-        pytest.fail(f"no exit after {timeout} s:\n{self.tails()}")
-      time.sleep(0.05)
-    return [p.returncode for p in self.procs]
-
-  def wait_until(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S,
-                 poll_s: float = 0.01):
-    """Polls `predicate()` until it returns something truthy, which it returns."""
-    deadline = time.monotonic() + timeout
-    while True:
-      result = predicate()
-      if result:
-        return result
-      if any(p.poll() is not None for p in self.procs):
-        pytest.fail(f"the run ended before {what}:\n{self.tails()}")
-      if time.monotonic() > deadline:
-        pytest.fail(f"no {what} after {timeout} s:\n{self.tails()}")
-      time.sleep(poll_s)
-
-  def preempt_process_1(self) -> None:
-    """SIGTERM to process 1 only (one host of a job preempted), with process 0 held still.
-
-    JAX's preemption notifier looks at its SIGTERM flag once a second; this tiny run could
-    finish in that time. Process 0 is stopped meanwhile (SIGSTOP), so no step can complete
-    (each needs both processes) until the notice is out; it then takes effect within a
-    step or two of SIGCONT, wherever the run was.
-    """
-    self.procs[0].send_signal(signal.SIGSTOP)
-    try:
-      self.procs[1].send_signal(signal.SIGTERM)
-      time.sleep(2.0)
-    finally:
-      self.procs[0].send_signal(signal.SIGCONT)
+  JAX's preemption notifier looks at its SIGTERM flag once a second; this tiny run could
+  finish in that time. Process 0 is stopped meanwhile (SIGSTOP), so no step can complete
+  (each needs both processes) until the notice is out; it then takes effect within a
+  step or two of SIGCONT, wherever the run was.
+  """
+  job.procs[0].send_signal(signal.SIGSTOP)
+  try:
+    job.procs[1].send_signal(signal.SIGTERM)
+    time.sleep(2.0)
+  finally:
+    job.procs[0].send_signal(signal.SIGCONT)
 
 
 def _checkpoint_dir(workdir) -> str:
@@ -221,9 +114,9 @@ def uninterrupted(tmp_path_factory, jax_cache):
   """Workdirs of the reference runs, started together: one process with all NUM_DEVICES
   devices, and two processes with half of them each."""
   root = tmp_path_factory.mktemp("uninterrupted")
-  with (Job(root / "one", jax_cache) as one,
-        Job(root / "two", jax_cache, num_processes=2) as two):
-    assert one.wait() == [0] and two.wait() == [0, 0]
+  with (_job(root / "one", jax_cache) as one,
+        _job(root / "two", jax_cache, num_processes=2) as two):
+    assert one.wait(fail_fast=True) == [0] and two.wait(fail_fast=True) == [0, 0]
   return {"one": root / "one", "two": root / "two"}
 
 
@@ -256,11 +149,11 @@ def test_two_processes_train_like_one(uninterrupted):
 def test_sigterm_saves_and_the_restart_equals_an_uninterrupted_run(
     uninterrupted, jax_cache, tmp_path):
   workdir = tmp_path / "preempted"
-  with Job(workdir, jax_cache, num_processes=2, name="first") as job:
+  with _job(workdir, jax_cache, num_processes=2, name="first") as job:
     job.wait_until(lambda: max(_logged_steps(job.log(1)), default=0) >= 2,
                    "two training steps")
-    job.preempt_process_1()  # JAX's preemption service must stop process 0 at that step too
-    assert job.wait() == [0, 0]
+    preempt_process_1(job)  # JAX's preemption service must stop process 0 at that step too
+    assert job.wait(fail_fast=True) == [0, 0]
     logs = [job.log(0), job.log(1)]
   steps = _committed_steps(workdir)
   assert len(steps) == 1 and 2 <= steps[0] < TOTAL_STEPS - 1, steps
@@ -270,17 +163,17 @@ def test_sigterm_saves_and_the_restart_equals_an_uninterrupted_run(
 
   # Preempted again while the restarted run starts (restored, first step compiling): it
   # must stop after its first step, not miss the notice and train on.
-  with Job(workdir, jax_cache, num_processes=2, name="second") as job:
+  with _job(workdir, jax_cache, num_processes=2, name="second") as job:
     job.wait_until(lambda: "Resumed from" in job.log(1), "the restore")
-    job.preempt_process_1()
-    assert job.wait() == [0, 0]
+    preempt_process_1(job)
+    assert job.wait(fail_fast=True) == [0, 0]
     for log in (job.log(0), job.log(1)):
       assert f"at step {saved}." in log
       assert f"Preemption signal: saved step {saved + 1} " in log and "Finished" not in log
   assert max(_committed_steps(workdir)) == saved + 1
 
-  with Job(workdir, jax_cache, num_processes=2, name="third") as job:
-    assert job.wait() == [0, 0]
+  with _job(workdir, jax_cache, num_processes=2, name="third") as job:
+    assert job.wait(fail_fast=True) == [0, 0]
     for log in (job.log(0), job.log(1)):
       assert f"at step {saved + 1}." in log
       assert f"Finished {TOTAL_STEPS - saved - 1} steps" in log
@@ -296,7 +189,7 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(
   # absolute one; checkpointing.py makes it so).
   run_flags = {"extra_flags": ("--config.checkpoint.every_epochs=1",),
                "relative_workdir": True}
-  with Job(workdir, jax_cache, **run_flags, name="first") as job:
+  with _job(workdir, jax_cache, **run_flags, name="first") as job:
     # Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it when complete (tens
     # to hundreds of ms here). Kill while a later save than the first is being written, so
     # that a complete checkpoint exists to resume from.
@@ -314,8 +207,8 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(
   assert complete and max(complete) < killed_step, (complete, left_over)
   resume_step = max(complete)
 
-  with Job(workdir, jax_cache, **run_flags, name="second") as job:
-    assert job.wait() == [0]
+  with _job(workdir, jax_cache, **run_flags, name="second") as job:
+    assert job.wait(fail_fast=True) == [0]
     assert f"at step {resume_step}." in job.log(0)
     assert f"Finished {TOTAL_STEPS - resume_step} steps" in job.log(0)
   assert max(_committed_steps(workdir)) == TOTAL_STEPS
