@@ -159,10 +159,10 @@ class LinclsTask:
     self.consts = setup.device_arrays()
     self.consts["frozen"] = jax.device_put(frozen, replicated)
     self.shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(self._init, 0))
-    self._train_step = sharding_lib.compile_step(functools.partial(
+    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, net=self.net, tx=setup.tx, preprocess=source.train_preprocess),
         self.shardings, mesh)
-    self._eval_step = jax.jit(functools.partial(eval_step, net=self.net,
+    self.compiled_eval_step = jax.jit(functools.partial(eval_step, net=self.net,
                                                 preprocess=source.eval_preprocess))
 
   def _init(self, seed: int) -> LinclsState:
@@ -176,13 +176,13 @@ class LinclsTask:
         self.setup.config.seed)
 
   def train_step(self, state: LinclsState, batch: dict[str, Array]) -> tuple[LinclsState, dict]:
-    return self._train_step(state, batch, self.consts)
+    return self.compiled_train_step(state, batch, self.consts)
 
   def evaluate(self, state: LinclsState) -> dict[str, float]:
     result = {}
     for split in self.setup.source.eval_split_names():
       totals = loop.count_over_split(
-          self.setup, split, lambda batch: self._eval_step(state, batch, self.consts["frozen"]))
+          self.setup, split, lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]))
       prefix = "" if split == "test" else "val_"
       result.update({prefix + k: float(np.asarray(v).reshape(-1)[0])
                      for k, v in metrics_lib.cohort_accuracy(totals).items()})

@@ -163,6 +163,9 @@ class Task(Protocol):
   # Epochs at the start during which the embeddings' cosine is not judged: 0 where healthy
   # runs start below metrics.COLLAPSE_COSINE (supervised), 1 where they start above it.
   collapse_cosine_grace_epochs: float
+  # The jitted step `train_step` runs (sharding.compile_step): what `mcl-plan` lowers and
+  # compiles ahead of time for an accelerator, and tests check is traced once.
+  compiled_train_step: Any
 
   def init_state(self) -> Any: ...
   def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict]: ...

@@ -394,12 +394,12 @@ class MocoTask:
     self.describe = (f"MoCo ({config.ssl.views} views, "
                      f"{'MLP' if config.moco.mlp else 'linear'} head, {bn}) pre-training "
                      f"{config.model.arch} x{config.cohort.num_members}")
-    self._train_step = sharding_lib.compile_step(functools.partial(
+    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
         key_momentum=config.moco.key_momentum, views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
         shuffle_bn_groups=self.bn_groups), self.shardings, mesh)
-    self._embed_step = sharding_lib.compile_embed(
+    self.compiled_embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, encoders=self.encoders,
                           preprocess=source.eval_preprocess), mesh)
 
@@ -409,13 +409,13 @@ class MocoTask:
                         self.setup.mesh, queue_size=config.moco.queue_size)
 
   def train_step(self, state: MocoState, batch: dict[str, Array]) -> tuple[MocoState, dict]:
-    return self._train_step(state, batch, self.consts)
+    return self.compiled_train_step(state, batch, self.consts)
 
   # -- the kNN monitor
   def embed_split(self, state: MocoState, images: np.ndarray, labels: np.ndarray
                   ) -> np.ndarray:
     """Pooled query-backbone features [M, N, F] of a whole split."""
-    return loop.embed_split(self.setup, lambda x: self._embed_step(
+    return loop.embed_split(self.setup, lambda x: self.compiled_embed_step(
         state.params, state.batch_stats, x), images, labels)
 
   def knn_accuracy(self, state: MocoState) -> dict[str, np.ndarray] | None:

@@ -269,12 +269,12 @@ def build(config: Any, topology: str) -> Planned:
   eval_batch = {"image": spec((eval_size, *source.image_shape), np.uint8),
                 "label": spec((eval_size,), np.int32), "mask": spec((eval_size,), np.float32)}
   eval_args, eval_fn = None, None
-  if hasattr(task, "_eval_step"):  # supervised, probe: counts over a padded eval batch
-    eval_fn = task._eval_step  # pylint: disable=protected-access
+  if hasattr(task, "compiled_eval_step"):  # supervised, probe: counts over a padded eval batch
+    eval_fn = task.compiled_eval_step
     eval_args = (state, eval_batch) + ((task.consts["frozen"],) if "frozen" in task.consts
                                        else ())
-  elif hasattr(task, "_embed_step"):  # MoCo, SimCLR: the kNN monitor's features
-    eval_fn = task._embed_step  # pylint: disable=protected-access
+  elif hasattr(task, "compiled_embed_step"):  # MoCo, SimCLR: the kNN monitor's features
+    eval_fn = task.compiled_embed_step
     eval_args = (state.params, state.batch_stats, eval_batch["image"])
   return Planned(config, topology, mesh, task, state, batch, eval_args, eval_fn)
 
@@ -416,7 +416,7 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
   # The task's jitted step (`sharding.compile_step`: its shardings and donation), the very
   # object `train_step` calls; lowered here instead of called.
   train_plan, _ = compile_and_analyse(
-      planned.task._train_step,  # pylint: disable=protected-access
+      planned.task.compiled_train_step,
       (planned.state, planned.batch, planned.task.consts), spec, num_chips=chips,
       batch_size=batch_size)
   result = {
@@ -472,7 +472,7 @@ def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, 
         tried[batch] = False
         return False
       result, _ = compile_and_analyse(
-          planned.task._train_step,  # pylint: disable=protected-access
+          planned.task.compiled_train_step,
           (planned.state, planned.batch, planned.task.consts), spec,
           num_chips=devices // spec.devices_per_chip, batch_size=batch)
       tried[batch] = result["hbm_per_chip"]["fits"]

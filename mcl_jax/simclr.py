@@ -139,11 +139,11 @@ class SimclrTask:
     self.consts.pop("train_label", None)  # no labels in self-supervised training
     self.shardings = train.state_shardings(train.abstract_train_state(
         self.model, setup.tx, source.image_shape, mesh), mesh)
-    self._train_step = sharding_lib.compile_step(functools.partial(
+    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
-    self._embed_step = sharding_lib.compile_embed(
+    self.compiled_embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
 
   def init_state(self) -> train.TrainState:
@@ -153,11 +153,11 @@ class SimclrTask:
 
   def train_step(self, state: train.TrainState, batch: dict[str, Array]
                  ) -> tuple[train.TrainState, dict]:
-    return self._train_step(state, batch, self.consts)
+    return self.compiled_train_step(state, batch, self.consts)
 
   def embed_split(self, state: train.TrainState, images: np.ndarray, labels: np.ndarray
                   ) -> np.ndarray:
-    return loop.embed_split(self.setup, lambda x: self._embed_step(
+    return loop.embed_split(self.setup, lambda x: self.compiled_embed_step(
         state.params, state.batch_stats, x), images, labels)
 
   def evaluate(self, state: train.TrainState) -> dict[str, np.ndarray] | None:

@@ -348,13 +348,13 @@ class SupervisedTask:
                               config.bank.gather_chunk)
     self.shardings = state_shardings(abstract_train_state(
         self.model, setup.tx, source.image_shape, mesh, bank_rows=self.bank_rows), mesh)
-    self._train_step = sharding_lib.compile_step(functools.partial(
+    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
         preprocess=source.train_preprocess, bank_ops=self.bank_ops,
         bank_momentum=config.bank.momentum,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
-    self._eval_step = jax.jit(functools.partial(
+    self.compiled_eval_step = jax.jit(functools.partial(
         eval_step, model=self.model, preprocess=source.eval_preprocess))
 
   def init_state(self) -> TrainState:
@@ -364,12 +364,12 @@ class SupervisedTask:
 
   def train_step(self, state: TrainState, batch: dict[str, jax.Array]
                  ) -> tuple[TrainState, dict]:
-    return self._train_step(state, batch, self.consts)
+    return self.compiled_train_step(state, batch, self.consts)
 
   def evaluate_split(self, state: TrainState, split: str = "test") -> dict[str, np.ndarray]:
     """Top-1/top-5 [M + 1] of every member and the ensemble over one whole split."""
     return metrics_lib.cohort_accuracy(loop.count_over_split(
-        self.setup, split, lambda batch: self._eval_step(state, batch)))
+        self.setup, split, lambda batch: self.compiled_eval_step(state, batch)))
 
   def evaluate(self, state: TrainState) -> dict[str, dict[str, np.ndarray]]:
     return {split: self.evaluate_split(state, split)

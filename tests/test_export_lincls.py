@@ -232,8 +232,8 @@ def test_probe_train_and_eval_steps_compile_once(probed, tmp_path):
   trainer.train_steps(3)
   trainer.evaluate()
   trainer.evaluate()
-  assert trainer.task._train_step._cache_size() == 1
-  assert trainer.task._eval_step._cache_size() == 1
+  assert trainer.task.compiled_train_step._cache_size() == 1
+  assert trainer.task.compiled_eval_step._cache_size() == 1
 
 
 def test_fewshot_command_on_the_export(supervised, tmp_path):

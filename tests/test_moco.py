@@ -280,8 +280,8 @@ def test_train_and_embed_steps_compile_once(tmp_path):
   trainer.train_steps(3)
   trainer.evaluate()
   trainer.evaluate()
-  assert trainer.task._train_step._cache_size() == 1
-  assert trainer.task._embed_step._cache_size() == 1
+  assert trainer.task.compiled_train_step._cache_size() == 1
+  assert trainer.task.compiled_embed_step._cache_size() == 1
 
 
 def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):

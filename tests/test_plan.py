@@ -49,7 +49,7 @@ def shrunk(name: str, **overrides) -> object:
 def compile_train(config):
   planned = plan.build(config, TOPOLOGY)
   result, _ = plan.compile_and_analyse(
-      planned.task._train_step, (planned.state, planned.batch, planned.task.consts),
+      planned.task.compiled_train_step, (planned.state, planned.batch, planned.task.consts),
       plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
   return planned, result
 
@@ -107,7 +107,7 @@ def test_bank_step_keeps_the_bank_split_over_the_chips():
                   input__synthetic_train_size=1000)
   planned = plan.build(config, TOPOLOGY)
   result, compiled = plan.compile_and_analyse(
-      planned.task._train_step, (planned.state, planned.batch, planned.task.consts),
+      planned.task.compiled_train_step, (planned.state, planned.batch, planned.task.consts),
       plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)

@@ -87,7 +87,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
   for x, y in zip(jax.tree.leaves(eight.state.params), jax.tree.leaves(one.state.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
   # One trace per shape: the step compiled once for its two calls.
-  assert eight.task._train_step._cache_size() == 1
+  assert eight.task.compiled_train_step._cache_size() == 1
 
 
 def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):

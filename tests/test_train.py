@@ -130,7 +130,7 @@ def test_state_is_replicated_and_step_compiles_once(tmp_path):
   for leaf in jax.tree.leaves(trainer.state):
     assert leaf.sharding.is_fully_replicated
   trainer.train_steps(3)
-  assert trainer.task._train_step._cache_size() == 1
+  assert trainer.task.compiled_train_step._cache_size() == 1
 
 
 def test_eval_is_exact_with_fixed_logits_and_a_padded_last_batch(tmp_path):
@@ -168,7 +168,7 @@ def test_eval_step_compiles_once_for_a_padded_split(tmp_path):
   run = jobs.build(c, str(tmp_path))
   run.evaluate()
   run.evaluate()
-  assert run.task._eval_step._cache_size() == 1  # the padded last batch keeps the shape
+  assert run.task.compiled_eval_step._cache_size() == 1  # the padded last batch keeps the shape
 
 
 def test_members_see_the_same_batch_but_differ(tmp_path):
