@@ -47,7 +47,7 @@ def main(argv):
 
   import jax
 
-  from mcl_jax import optim, sharding as sharding_lib, train
+  from mcl_jax import optim, sharding as sharding_lib, train_state
 
   path, _, arg = FLAGS.config.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
@@ -56,12 +56,12 @@ def main(argv):
   n = FLAGS.train_examples
   num_classes = config.model.num_classes
   batch = config.input.global_batch_size
-  model = train.build_model(config, num_classes)
+  model = train_state.build_model(config, num_classes)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=n // batch)
   image_shape = (config.input.image_size, config.input.image_size, 3)
   bank_rows = n if config.loss.regime == "bank" else 0
-  state = train.abstract_train_state(model, tx, image_shape, mesh, bank_rows=bank_rows)
-  shardings = train.state_shardings(state, mesh)
+  state = train_state.abstract_train_state(model, tx, image_shape, mesh, bank_rows=bank_rows)
+  shardings = train_state.state_shardings(state, mesh)
 
   print(f"{path}{':' + arg if arg else ''}: M={model.num_members} arch={config.model.arch} "
         f"N={n} d={model.embed_dim} K={config.bank.num_negatives} B={batch} on "

@@ -1,6 +1,6 @@
 r"""Benchmark of the real train step: `python -m mcl_jax.bench`.
 
-Times `mcl_jax.train.train_step` (the function the trainer runs) jitted exactly as the
+Times `mcl_jax.supervised.train_step` (the function the trainer runs) jitted exactly as the
 supervised task jits it (`sharding.compile_step`: state shardings, batch split over the
 `data` mesh axis, consts replicated, the state donated), on a synthetic batch that lives on the device: uint8 images
 (random, never zeros) and labels in class-aware pairs (B/2 classes x 2 samples, docs/SPEC.md 4), so
@@ -32,7 +32,7 @@ Per configuration (arch, members M, strategy, MCL on/off, dtype) it reports:
   loadavg        os.getloadavg() before and after the configuration (shared machines).
 
 The four MCL terms are on (`--mcl=on`, the default weights of mcl_jax/configs/default.py) or off
-(`off`: cross-entropy only, every MCL weight 0, so `train.total_loss` skips them), or both.
+(`off`: cross-entropy only, every MCL weight 0, so `supervised.total_loss` skips them), or both.
 With one member the MCL terms do not exist, so M = 1 runs once (CE only) and once only,
 whatever strategies are asked for: every strategy runs the same single network.
 
@@ -213,17 +213,18 @@ def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
   import jax
   from mcl_jax import optim
   from mcl_jax import sharding as sharding_lib
-  from mcl_jax import train
+  from mcl_jax import supervised
+  from mcl_jax import train_state
   from mcl_jax.data import augment as augment_lib
   config = make_config(s)
-  model = train.build_model(config, s.num_classes)
+  model = train_state.build_model(config, s.num_classes)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
   image_shape = (s.image_size, s.image_size, 3)
   if abstract:
-    state = train.abstract_train_state(model, tx, image_shape, mesh)
+    state = train_state.abstract_train_state(model, tx, image_shape, mesh)
   else:
-    state = train.create_train_state(model, tx, image_shape, jax.random.PRNGKey(seed), mesh)
-  shardings = train.state_shardings(state, mesh)
+    state = train_state.create_train_state(model, tx, image_shape, jax.random.PRNGKey(seed), mesh)
+  shardings = train_state.state_shardings(state, mesh)
   if s.arch in IMAGENET_ARCHS:
     mean, std = augment_lib.IMAGENET_MEAN, augment_lib.IMAGENET_STD
     preprocess = lambda rng, x: augment_lib.normalize(x, mean, std)  # noqa: E731
@@ -231,7 +232,7 @@ def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
     mean, std = augment_lib.CIFAR_MEAN, augment_lib.CIFAR_STD
     preprocess = functools.partial(augment_lib.train_augment, spec=augment_lib.AugmentSpec(),
                                    mean=mean, std=std)
-  step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss,
+  step = functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=config.loss,
                            preprocess=preprocess)
   return sharding_lib.compile_step(step, shardings, mesh), state, {}
 

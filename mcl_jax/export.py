@@ -3,7 +3,7 @@ r"""Export one member of a trained cohort as a plain single network (docs/SPEC.m
   mcl-export --workdir=DIR --member=m --out=DIR2 [--torch] [--step=N]
   (or python -m mcl_jax.export ...)
 
-Reads the newest checkpoint in DIR (or step N) of a supervised (`train.py`) or MoCo
+Reads the newest checkpoint in DIR (or step N) of a supervised (`supervised.py`) or MoCo
 (`moco.py`) run, takes member m alone and writes to DIR2:
 - `variables/`: an Orbax checkpoint of {'params', 'batch_stats'} of
   `models.create(arch, num_classes)`: the shared trunk (if any) merged with member m's

@@ -18,7 +18,7 @@ from mcl_jax import config_lib
 from mcl_jax import loop
 
 # config.trainer -> the module whose build_task(setup) makes its task.
-TASKS = {"supervised": "mcl_jax.train", "moco": "mcl_jax.moco", "simclr": "mcl_jax.simclr",
+TASKS = {"supervised": "mcl_jax.supervised", "moco": "mcl_jax.moco", "simclr": "mcl_jax.simclr",
          "lincls": "mcl_jax.lincls"}
 
 

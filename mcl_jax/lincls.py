@@ -37,7 +37,7 @@ from mcl_jax import loop
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
+from mcl_jax import train_state
 from mcl_jax.errors import ConfigError
 
 Array = jax.Array
@@ -147,7 +147,7 @@ class LinclsTask:
     arch = self.info["arch"]
     self.describe = f"Linear probe of {config.lincls.pretrained} ({arch})"
     self.eval_every_epochs = config.eval_every_epochs
-    self.num_classes = train.num_classes(config, source)
+    self.num_classes = train_state.num_classes(config, source)
     self.net = models.create(arch, self.num_classes)
     names = classifier_names(arch, image_shape)
     template = jax.eval_shape(lambda: self.net.init(

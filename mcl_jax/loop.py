@@ -1,7 +1,7 @@
 """The job loop every trainer shares, and the contract a trainer fulfils to use it.
 
 A trainer is a TASK built by composition (docs/DESIGN.md, "The trainer contract"): the
-supervised (`mcl_jax.train`), MoCo (`mcl_jax.moco`) and linear-probe (`mcl_jax.lincls`)
+supervised (`mcl_jax.supervised`), MoCo (`mcl_jax.moco`) and linear-probe (`mcl_jax.lincls`)
 modules each build one from a `Setup`, and none inherits from another. `fit(run)` drives
 it: resume, train with a progress display, log metrics, evaluate, checkpoint, stop cleanly
 on a preemption notice or a diverged loss.

@@ -236,7 +236,7 @@ def build(config: Any, topology: str) -> Planned:
   from mcl_jax import jobs
   from mcl_jax import loop
   from mcl_jax import sharding as sharding_lib
-  from mcl_jax import train
+  from mcl_jax import train_state
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(list(devices))
   config = config.copy_and_resolve_references()
@@ -248,7 +248,7 @@ def build(config: Any, topology: str) -> Planned:
     setup = loop.prepare(config, "", mesh)
     task = importlib.import_module(jobs.TASKS[config.trainer]).build_task(setup)
     if hasattr(task, "model") and config.trainer in ("supervised", "simclr"):
-      abstract = train.abstract_train_state(task.model, setup.tx, setup.source.image_shape,
+      abstract = train_state.abstract_train_state(task.model, setup.tx, setup.source.image_shape,
                                             mesh, bank_rows=getattr(task, "bank_rows", 0))
     else:  # MoCo, the probe: their init is traceable as it is
       abstract = jax.eval_shape(task.init_state)

@@ -36,7 +36,7 @@ from mcl_jax import losses
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
+from mcl_jax import train_state
 from mcl_jax.data import views as data_views
 
 Array = jax.Array
@@ -76,12 +76,12 @@ def simclr_loss(params: Any, batch_stats: Any, views: Array, image_ids: Array, *
   return total, (metrics, mutated["batch_stats"])
 
 
-def train_step(state: train.TrainState, batch: dict[str, Array], consts: dict[str, Array],
+def train_step(state: train_state.TrainState, batch: dict[str, Array], consts: dict[str, Array],
                *,
                model: models.Cohort, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict,
                views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
-               soft_ramp_steps: float = 0.0) -> tuple[train.TrainState, dict[str, Array]]:
+               soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One step: two views of every image, the in-batch MCL terms, SGD.
 
   batch: `index` [B] of the training set held on device (consts['train_image']), or
@@ -129,15 +129,15 @@ class SimclrTask:
     config, mesh, source = setup.config, setup.mesh, setup.source
     self.spec = views or data_views.VIEW_SPECS[config.ssl.views]
     source.use_two_views(self.spec.crop_scale)
-    self.num_classes = train.num_classes(config, source)  # the (unused) classifier's width
-    self.model = train.build_model(config, self.num_classes)
+    self.num_classes = train_state.num_classes(config, source)  # the (unused) classifier's width
+    self.model = train_state.build_model(config, self.num_classes)
     self.views = data_views.source_views(source, self.spec, self.model.dtype)
     self.describe = (f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
                      f"x{config.cohort.num_members}")
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
-    self.shardings = train.state_shardings(train.abstract_train_state(
+    self.shardings = train_state.state_shardings(train_state.abstract_train_state(
         self.model, setup.tx, source.image_shape, mesh), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
@@ -146,21 +146,21 @@ class SimclrTask:
     self.compiled_embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
 
-  def init_state(self) -> train.TrainState:
+  def init_state(self) -> train_state.TrainState:
     setup = self.setup
-    return train.create_train_state(self.model, setup.tx, setup.source.image_shape,
+    return train_state.create_train_state(self.model, setup.tx, setup.source.image_shape,
                                     jax.random.PRNGKey(setup.config.seed), setup.mesh)
 
-  def train_step(self, state: train.TrainState, batch: dict[str, Array]
-                 ) -> tuple[train.TrainState, dict]:
+  def train_step(self, state: train_state.TrainState, batch: dict[str, Array]
+                 ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def embed_split(self, state: train.TrainState, images: np.ndarray, labels: np.ndarray
+  def embed_split(self, state: train_state.TrainState, images: np.ndarray, labels: np.ndarray
                   ) -> np.ndarray:
     return loop.embed_split(self.setup, lambda x: self.compiled_embed_step(
         state.params, state.batch_stats, x), images, labels)
 
-  def evaluate(self, state: train.TrainState) -> dict[str, np.ndarray] | None:
+  def evaluate(self, state: train_state.TrainState) -> dict[str, np.ndarray] | None:
     return knn.monitor(self.setup.source, lambda im, lb: self.embed_split(state, im, lb))
 
   @staticmethod

@@ -66,7 +66,7 @@ MUTATIONS = (
         ("tests/test_memory_bank.py::test_update_sharded_equals_update",)),
     Mutation(
         "d", "ICL not added to the total loss (computed and logged, no gradient)",
-        "mcl_jax/train.py",
+        "mcl_jax/supervised.py",
         "      total = total + weight * scale * terms[name]\n",
         '      total = total + (name != "icl") * weight * scale * terms[name]\n',
         ("tests/test_fashion_mnist.py::test_a_short_supervised_run_on_real_images_"

@@ -1,7 +1,7 @@
 """model.dtype='bfloat16': bf16 compute; float32 params, optimizer state, BN statistics,
 logits, embeddings and contrastive logits (docs/DESIGN.md, Cohort contract).
 
-One real train step (`train.train_step`) of the tiny architecture in float32 and in
+One real train step (`supervised.train_step`) of the tiny architecture in float32 and in
 bfloat16 from the same initial state.
 """
 import functools
@@ -13,7 +13,8 @@ import pytest
 
 from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
+from mcl_jax import supervised
+from mcl_jax import train_state
 from mcl_jax.data import augment
 from mcl_jax.configs import default
 
@@ -44,12 +45,12 @@ def preprocess(rng, images):
 def one_step(dtype: str):
   """(state before, state after, metrics, model) of one step from the shared initial state."""
   config = tiny_config(dtype)
-  model = train.build_model(config, CLASSES)
+  model = train_state.build_model(config, CLASSES)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=10)
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
   # The initial variables are float32 whatever the compute dtype: same RNG, same values.
-  state = train.create_train_state(model, tx, (SIZE, SIZE, 3), jax.random.PRNGKey(0), mesh)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss,
+  state = train_state.create_train_state(model, tx, (SIZE, SIZE, 3), jax.random.PRNGKey(0), mesh)
+  step = jax.jit(functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=config.loss,
                                    preprocess=preprocess))
   new_state, metrics = step(state, batch(), {})
   return state, new_state, jax.device_get(metrics), model

@@ -5,7 +5,7 @@ tests/data/official_step_trajectory.npz was recorded with the official `models/`
 this repository): from the same starting weights and the same 20 class-aware batches, the
 official step (two ResNet_n members, Sup_MCL_Loss with its projection heads, torch SGD with
 momentum 0.9, Nesterov and coupled weight decay 5e-4, lr 0.01, BN in train mode) and
-`mcl_jax.train.train_step` (the function the trainer jits) must give the same per-step
+`mcl_jax.supervised.train_step` (the function the trainer jits) must give the same per-step
 losses and the same parameters and BN statistics after 20 steps. This checks the whole
 step: backbone, heads, every loss term and its weight, the optimizer, BN's momentum and
 its running-variance rule, not only the loss functions.
@@ -35,7 +35,8 @@ import pytest
 from mcl_jax import convert
 from mcl_jax import models
 from mcl_jax import optim
-from mcl_jax import train
+from mcl_jax import supervised
+from mcl_jax import train_state
 from mcl_jax.configs import default
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +91,7 @@ def cohort_to_official(variables):
 
 @functools.lru_cache(maxsize=None)
 def jax_step(dtype, lr):
-  """(the jitted `train.train_step` of the recorded recipe, its optimizer): built once per
+  """(the jitted `supervised.train_step` of the recorded recipe, its optimizer): built once per
   dtype, so the float32 runs of one test share one compilation."""
   config = default.get_config()
   config.optim.lr = lr  # cosine, per epoch: constant within epoch 0
@@ -98,7 +99,7 @@ def jax_step(dtype, lr):
   loss_cfg = config.loss  # official weights 0.1 / 0.1 / 1 / 1, tau 0.1, T 3
   model = models.Cohort("resnet32", 10, MEMBERS, strategy="unroll", dtype=dtype)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=loss_cfg,
+  step = jax.jit(functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=loss_cfg,
                                    preprocess=lambda rng, x: x))
   return step, tx
 
@@ -109,7 +110,7 @@ def run_jax(recorded, dtype, steps, start=None):
   step, tx = jax_step(dtype, float(recorded["lr"]))
   start = official_state_dict(recorded) if start is None else start
   variables = official_to_cohort(start, dtype)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(variables["params"]),
                            rng=jax.random.PRNGKey(0), bank=None)

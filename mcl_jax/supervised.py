@@ -15,7 +15,6 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,101 +28,7 @@ from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import numerics
 from mcl_jax import sharding as sharding_lib
-from mcl_jax.errors import ConfigError
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # raw uint32 key: checkpoints as a plain array.
-  bank: jax.Array | None = None  # [M, N, d] memory bank (loss.regime == "bank"), row-sharded.
-
-
-# ----------------------------------------------------------------------------- model, state
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Cohort:
-  return models.Cohort(
-      arch=config.model.arch,
-      num_classes=num_classes,
-      num_members=config.cohort.num_members,
-      shared_stages=config.model.shared_stages,
-      embed_dim=config.model.embed_dim,
-      strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
-      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
-      head=config.model.head, head_norm=config.model.head_norm)
-
-
-def _init_variables(model: models.Cohort, tx: optax.GradientTransformation,
-                    image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
-  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-          "opt_state": tx.init(variables["params"])}
-
-
-def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int,
-               rng: jax.Array) -> jax.Array:
-  """The bank drawn for exactly `bank_rows` rows, zero-padded to split over the devices."""
-  bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim)
-  padding = _round_up(bank_rows, num_devices) - bank_rows
-  return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
-
-
-def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
-                         bank_rows: int = 0) -> TrainState:
-  """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
-
-  def init(rng):
-    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
-    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
-                      **_init_variables(model, tx, image_shape, init_rng))
-
-  return jax.eval_shape(init, jax.random.PRNGKey(0))
-
-
-def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], rng: jax.Array,
-                       mesh: jax.sharding.Mesh, *, bank_rows: int = 0) -> TrainState:
-  """The state, created already sharded (params replicated, bank split along its rows).
-
-  bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
-  those rows, then zero-padded to a multiple of the device count so it splits evenly: the
-  same seed gives the same bank on any number of devices, and padding rows are never
-  sampled (indices come from the class table of the real examples).
-  """
-  init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-  # Params are initialised op by op, not under jit: compiling the init of M deep networks
-  # inlines a random-bits kernel per parameter and takes minutes (resnet110: 21 s jitted vs
-  # 0.9 s eager once the ops are cached, per member); they are replicated anyway, so
-  # nothing is gained by creating them sharded.
-  variables = _init_variables(model, tx, image_shape, init_rng)
-  state = TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=None, **variables)
-  replicated = sharding_lib.replicated(mesh)
-  state = jax.tree.map(lambda x: _to_global(np.asarray(x), replicated), state)
-  if bank_rows:
-    # The bank is the one large part: drawn directly in its sharded layout, so no device
-    # ever holds all of it.
-    bank = jax.jit(functools.partial(_init_bank, model, bank_rows, mesh.size),
-                   out_shardings=sharding_lib.bank_sharded(mesh))(bank_rng)
-    state = state.replace(bank=bank)
-  return state
-
-
-def _to_global(value: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
-  """A global array from a host value every process holds identically (multi-host safe)."""
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-  replicated = sharding_lib.replicated(mesh)
-  shardings = jax.tree.map(lambda _: replicated, state)
-  if state.bank is not None:
-    shardings = shardings.replace(bank=sharding_lib.bank_sharded(mesh))
-  return shardings
-
+from mcl_jax import train_state
 
 # ----------------------------------------------------------------------------- losses
 
@@ -170,7 +75,7 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
 # ----------------------------------------------------------------------------- steps
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+def eval_step(state: train_state.TrainState, batch: dict[str, jax.Array], *,
               model: models.Cohort, preprocess: Callable[[jax.Array], jax.Array]) -> dict:
   """Correct-prediction counts of every member and the ensemble (mean of logits).
 
@@ -225,13 +130,14 @@ class BankOps:
     return memory_bank.update_sharded(bank, own_idx, z, momentum, self.mesh)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str, jax.Array],
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
+               consts: dict[str, jax.Array],
                *, model: models.Cohort, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict,
                preprocess: Callable[[jax.Array, jax.Array], jax.Array],
                bank_ops: BankOps | None = None,
                bank_momentum: float = 0.5,
-               soft_ramp_steps: float = 0.0) -> tuple[TrainState, dict]:
+               soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict]:
   """One SGD step of the whole cohort.
 
   batch: either image [B, ...], label [B], index [B] (streamed from the host), or only
@@ -304,17 +210,6 @@ def format_cohort_eval(result: dict[str, dict[str, np.ndarray]]) -> str:
                       for split, acc in result.items())
 
 
-def num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
-  """config.model.num_classes, or the dataset's when 0; fewer than the dataset has is an
-  error (labels beyond the classifier would index outside its logits)."""
-  n = config.model.num_classes or source.num_classes
-  if n < source.num_classes:
-    raise ConfigError(f"config.model.num_classes={n} but {config.input.dataset} has "
-                      f"{source.num_classes} classes (labels up to {source.num_classes - 1}); "
-                      "set it to 0 to take the dataset's.")
-  return n
-
-
 class SupervisedTask:
   """The supervised cohort as a `loop.Task`: in-batch or memory-bank MCL (+ logit KD).
 
@@ -332,8 +227,8 @@ class SupervisedTask:
   def __init__(self, setup: loop.Setup):
     self.setup = setup
     config, mesh, source = setup.config, setup.mesh, setup.source
-    self.num_classes = num_classes(config, source)
-    self.model = build_model(config, self.num_classes)
+    self.num_classes = train_state.num_classes(config, source)
+    self.model = train_state.build_model(config, self.num_classes)
     self.describe = f"Training {config.model.arch} x{config.cohort.num_members}"
     self.eval_every_epochs = config.eval_every_epochs
     self.consts = setup.device_arrays()
@@ -346,7 +241,7 @@ class SupervisedTask:
       self.bank_ops = BankOps(mesh, config.bank.num_positives, config.bank.num_negatives,
                               config.loss.tau, config.loss.kd_temperature,
                               config.bank.gather_chunk)
-    self.shardings = state_shardings(abstract_train_state(
+    self.shardings = train_state.state_shardings(train_state.abstract_train_state(
         self.model, setup.tx, source.image_shape, mesh, bank_rows=self.bank_rows), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
@@ -357,21 +252,22 @@ class SupervisedTask:
     self.compiled_eval_step = jax.jit(functools.partial(
         eval_step, model=self.model, preprocess=source.eval_preprocess))
 
-  def init_state(self) -> TrainState:
-    return create_train_state(self.model, self.setup.tx, self.setup.source.image_shape,
-                              jax.random.PRNGKey(self.setup.config.seed), self.setup.mesh,
-                              bank_rows=self.bank_rows)
+  def init_state(self) -> train_state.TrainState:
+    return train_state.create_train_state(
+        self.model, self.setup.tx, self.setup.source.image_shape,
+        jax.random.PRNGKey(self.setup.config.seed), self.setup.mesh, bank_rows=self.bank_rows)
 
-  def train_step(self, state: TrainState, batch: dict[str, jax.Array]
-                 ) -> tuple[TrainState, dict]:
+  def train_step(self, state: train_state.TrainState, batch: dict[str, jax.Array]
+                 ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def evaluate_split(self, state: TrainState, split: str = "test") -> dict[str, np.ndarray]:
+  def evaluate_split(self, state: train_state.TrainState, split: str = "test"
+                     ) -> dict[str, np.ndarray]:
     """Top-1/top-5 [M + 1] of every member and the ensemble over one whole split."""
     return metrics_lib.cohort_accuracy(loop.count_over_split(
         self.setup, split, lambda batch: self.compiled_eval_step(state, batch)))
 
-  def evaluate(self, state: TrainState) -> dict[str, dict[str, np.ndarray]]:
+  def evaluate(self, state: train_state.TrainState) -> dict[str, dict[str, np.ndarray]]:
     return {split: self.evaluate_split(state, split)
             for split in self.setup.source.eval_split_names()}
 
@@ -384,7 +280,3 @@ class SupervisedTask:
 
 def build_task(setup: loop.Setup) -> SupervisedTask:
   return SupervisedTask(setup)
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple

@@ -10,7 +10,7 @@ from mcl_jax import jobs
 from mcl_jax import losses
 from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
-from mcl_jax import train
+from mcl_jax import supervised
 from mcl_jax.configs import cifar100_common, common, default
 
 
@@ -46,10 +46,10 @@ def test_total_loss_weights_each_term():
   cfg = default.get_config().loss
   cfg.logit_kd_weight = 0.5
   cfg.logit_kd_targets = "last"
-  total, metrics = train.total_loss({"logits": logits, "embeddings": z}, labels, cfg)
+  total, metrics = supervised.total_loss({"logits": logits, "embeddings": z}, labels, cfg)
   terms = losses.batch_mcl(z, labels, tau=cfg.tau, kd_temperature=cfg.kd_temperature)
   kd = losses.logit_kd(logits, temperature=3.0, targets="last")
-  ce = train.cross_entropy(logits, labels).sum()
+  ce = supervised.cross_entropy(logits, labels).sum()
   expected = (ce + 0.1 * terms["vcl"] + 0.1 * terms["icl"] + terms["soft_vcl"]
               + terms["soft_icl"] + 0.5 * kd)
   np.testing.assert_allclose(total, expected, rtol=1e-6)
@@ -60,7 +60,7 @@ def test_baseline_computes_no_mcl_terms():
   cfg = default.get_config().loss
   cfg.vcl_weight = cfg.icl_weight = cfg.soft_vcl_weight = cfg.soft_icl_weight = 0.0
   logits = jnp.zeros((2, 4, 3))
-  total, metrics = train.total_loss(
+  total, metrics = supervised.total_loss(
       {"logits": logits, "embeddings": jnp.full((2, 4, 2), jnp.nan)}, jnp.zeros(4, jnp.int32), cfg)
   assert "vcl" not in metrics and np.isfinite(total)  # NaN embeddings never reached the loss
   np.testing.assert_allclose(total, 2 * np.log(3), rtol=1e-6)

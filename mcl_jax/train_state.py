@@ -1,0 +1,127 @@
+"""The cohort's train state and how it is built: the model from the config, the state
+initialised already sharded (or only its shapes, for planning and restores), and where each
+part of it lives on the mesh. Every regime whose members are `models.Cohort` networks
+(supervised, SimCLR, and the linear probe's frozen encoder) builds its state here.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mcl_jax import memory_bank
+from mcl_jax import models
+from mcl_jax import sharding as sharding_lib
+from mcl_jax.errors import ConfigError
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key: checkpoints as a plain array.
+  bank: jax.Array | None = None  # [M, N, d] memory bank (loss.regime == "bank"), row-sharded.
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Cohort:
+  return models.Cohort(
+      arch=config.model.arch,
+      num_classes=num_classes,
+      num_members=config.cohort.num_members,
+      shared_stages=config.model.shared_stages,
+      embed_dim=config.model.embed_dim,
+      strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
+      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
+      head=config.model.head, head_norm=config.model.head_norm)
+
+
+def _init_variables(model: models.Cohort, tx: optax.GradientTransformation,
+                    image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+          "opt_state": tx.init(variables["params"])}
+
+
+def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int,
+               rng: jax.Array) -> jax.Array:
+  """The bank drawn for exactly `bank_rows` rows, zero-padded to split over the devices."""
+  bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim)
+  padding = round_up(bank_rows, num_devices) - bank_rows
+  return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
+
+
+def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
+                         bank_rows: int = 0) -> TrainState:
+  """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
+
+  def init(rng):
+    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
+                      **_init_variables(model, tx, image_shape, init_rng))
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...], rng: jax.Array,
+                       mesh: jax.sharding.Mesh, *, bank_rows: int = 0) -> TrainState:
+  """The state, created already sharded (params replicated, bank split along its rows).
+
+  bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
+  those rows, then zero-padded to a multiple of the device count so it splits evenly: the
+  same seed gives the same bank on any number of devices, and padding rows are never
+  sampled (indices come from the class table of the real examples).
+  """
+  init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+  # Params are initialised op by op, not under jit: compiling the init of M deep networks
+  # inlines a random-bits kernel per parameter and takes minutes (resnet110: 21 s jitted vs
+  # 0.9 s eager once the ops are cached, per member); they are replicated anyway, so
+  # nothing is gained by creating them sharded.
+  variables = _init_variables(model, tx, image_shape, init_rng)
+  state = TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=None, **variables)
+  replicated = sharding_lib.replicated(mesh)
+  state = jax.tree.map(lambda x: _to_global(np.asarray(x), replicated), state)
+  if bank_rows:
+    # The bank is the one large part: drawn directly in its sharded layout, so no device
+    # ever holds all of it.
+    bank = jax.jit(functools.partial(_init_bank, model, bank_rows, mesh.size),
+                   out_shardings=sharding_lib.bank_sharded(mesh))(bank_rng)
+    state = state.replace(bank=bank)
+  return state
+
+
+def _to_global(value: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """A global array from a host value every process holds identically (multi-host safe)."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+  replicated = sharding_lib.replicated(mesh)
+  shardings = jax.tree.map(lambda _: replicated, state)
+  if state.bank is not None:
+    shardings = shardings.replace(bank=sharding_lib.bank_sharded(mesh))
+  return shardings
+
+
+def num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
+  """config.model.num_classes, or the dataset's when 0; fewer than the dataset has is an
+  error (labels beyond the classifier would index outside its logits)."""
+  n = config.model.num_classes or source.num_classes
+  if n < source.num_classes:
+    raise ConfigError(f"config.model.num_classes={n} but {config.input.dataset} has "
+                      f"{source.num_classes} classes (labels up to {source.num_classes - 1}); "
+                      "set it to 0 to take the dataset's.")
+  return n
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
