@@ -17,9 +17,6 @@ import ml_collections
 
 from mcl_jax.errors import ConfigError  # noqa: F401 (re-exported: config_lib.ConfigError)
 
-TRAINERS = ("supervised", "moco", "simclr", "lincls")
-REGIMES = ("batch", "bank", "moco", "simclr")
-SELF_SUPERVISED = ("moco", "simclr")  # trainers whose regime is their own name
 DTYPES = ("float32", "bfloat16")
 KD_TARGETS = ("all", "last")
 SCHEDULES = ("cosine", "step")
@@ -305,7 +302,8 @@ def mcl_terms_on(config: ml_collections.ConfigDict) -> bool:
   weights = [loss.icl_weight, loss.soft_vcl_weight, loss.soft_icl_weight, loss.logit_kd_weight]
   # Self-supervised, VCL of one network is MoCo's InfoNCE or SimCLR's NT-Xent, so only the
   # other terms need peers (a single-network baseline keeps vcl_weight = 1).
-  if config.trainer not in SELF_SUPERVISED:
+  from mcl_jax import regimes
+  if not regimes.self_supervised(config.trainer):
     weights.append(loss.vcl_weight)
   return any(w != 0 for w in weights)
 
@@ -358,10 +356,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
-  from mcl_jax import models  # Imported here: the registry pulls in Flax.
+  from mcl_jax import models  # Imported here: the registries pull in Flax.
+  from mcl_jax import regimes
   from mcl_jax.data import sources, views
-  _choice(config.trainer, "trainer", TRAINERS)
-  _choice(config.loss.regime, "loss.regime", REGIMES)
+  _choice(config.trainer, "trainer", regimes.names())
+  _choice(config.loss.regime, "loss.regime", regimes.loss_regimes())
   _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
   _choice(config.model.head, "model.head", models.HEADS)
@@ -390,14 +389,13 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_loss(config: ml_collections.ConfigDict) -> None:
+  from mcl_jax import regimes
   loss = config.loss
-  if loss.co2_weight and config.trainer != "moco":
+  if loss.co2_weight and not regimes.get(config.trainer).supports_co2:
+    co2 = [r.name for r in regimes.all_regimes() if r.supports_co2]
     raise ConfigError(f"config.loss.co2_weight={loss.co2_weight}: CO2 regularises MoCo's "
-                      "queue similarities; use it with the moco trainer or set it to 0.")
-  if config.model.head == "none" and config.trainer == "supervised" and any(
-      loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")):
-    raise ConfigError("config.model.head='none' leaves the contrastive terms no embeddings; "
-                      "use 'mlp' or 'linear', or set the MCL weights to 0.")
+                      f"queue similarities; use it with the {' or '.join(co2)} trainer or set "
+                      "it to 0.")
 
 
 def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
@@ -407,21 +405,16 @@ def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> 
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by the {num_devices} "
         f"devices; use a multiple of {num_devices}.")
+  from mcl_jax import regimes
   per_class = config.input.samples_per_class
-  if config.trainer == "supervised" and config.loss.regime == "batch" and mcl_terms_on(config):
-    if per_class < 2:
-      raise ConfigError(
-          f"config.input.samples_per_class={per_class}: in-batch MCL needs class-aware "
-          "batches with at least 2 samples per class so every row has a positive.")
   if per_class > 0 and batch % per_class:
     raise ConfigError(
         f"config.input.global_batch_size={batch} is not divisible by "
         f"config.input.samples_per_class={per_class}.")
-  if per_class and (config.trainer != "supervised"
-                    or config.input.dataset in sources.STREAMING):
-    where = (f"{config.input.dataset} streams plain shuffles"
-             if config.trainer == "supervised" else f"the {config.trainer} trainer uses "
-             "plain shuffled batches")
+  class_aware = regimes.get(config.trainer).class_aware_batches
+  if per_class and (not class_aware or config.input.dataset in sources.STREAMING):
+    where = (f"{config.input.dataset} streams plain shuffles" if class_aware else
+             f"the {config.trainer} trainer uses plain shuffled batches")
     raise ConfigError(f"config.input.samples_per_class={per_class}: {where}; set it to 0.")
   classes = tuple(config.input.classes)
   if classes and (len(set(classes)) != len(classes) or len(classes) < 2):
@@ -436,42 +429,11 @@ def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> 
 
 
 def _check_trainer(config: ml_collections.ConfigDict) -> None:
-  """The trainer and the loss regime must match, and each trainer's own fields be sound."""
-  from mcl_jax.data import sources
-  trainer, regime = config.trainer, config.loss.regime
-  own = trainer if trainer in SELF_SUPERVISED else None
-  if regime != (own or regime) or (own is None and regime in SELF_SUPERVISED):
-    expected = f"'{own}'" if own else "'batch' or 'bank'"
-    raise ConfigError(f"config.trainer={trainer!r} does not train config.loss.regime="
-                      f"{regime!r}; use loss.regime {expected} with this trainer.")
-  batch = config.input.global_batch_size
-  moco, ssl = config.moco, config.ssl
-  if trainer == "moco":
-    if moco.queue_size < 1 or moco.queue_size % batch:
-      raise ConfigError(
-          f"config.moco.queue_size={moco.queue_size} is not a positive multiple of the "
-          f"global batch {batch}; the FIFO queue takes whole batches.")
-    if not 0.0 <= moco.key_momentum <= 1.0:
-      raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
-    group = moco.bn_group_size
-    # A group of one image has no variance to normalise by; a group size at least the
-    # global batch is one group (global BN); otherwise the groups must tile the batch.
-    if moco.shuffle_bn and (group < 0 or group == 1 or (0 < group < batch and batch % group)):
-      raise ConfigError(
-          f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
-          f"and divide the global batch {batch}, or be at least the batch (one group).")
-  if trainer in SELF_SUPERVISED:
-    if ssl.knn_every_epochs < 0:
-      raise ConfigError(
-          f"config.ssl.knn_every_epochs={ssl.knn_every_epochs} must be >= 0 (0: off).")
-    if ssl.knn_every_epochs and config.input.dataset in sources.STREAMING:
-      raise ConfigError(
-          f"config.ssl.knn_every_epochs={ssl.knn_every_epochs} needs an in-memory dataset "
-          f"(the kNN monitor embeds the whole un-augmented training split); set it to 0 for "
-          f"{config.input.dataset} and judge the run with the linear probe.")
-    if trainer == "simclr" and config.model.head == "none":
-      raise ConfigError("config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or "
-                        "'linear'.")
-  if trainer == "lincls" and not config.lincls.pretrained:
-    raise ConfigError("config.lincls.pretrained is empty; pass the export directory, e.g. "
-                      "--config.lincls.pretrained=DIR.")
+  """The trainer must train the loss regime, and pass its own checks (`Regime.check`)."""
+  from mcl_jax import regimes
+  regime = regimes.get(config.trainer)
+  if config.loss.regime not in regime.loss_regimes:
+    expected = " or ".join(f"'{r}'" for r in regime.loss_regimes)
+    raise ConfigError(f"config.trainer={config.trainer!r} does not train config.loss.regime="
+                      f"{config.loss.regime!r}; use loss.regime {expected} with this trainer.")
+  regime.check(config)

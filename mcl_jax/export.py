@@ -37,7 +37,6 @@ FORMAT = "mcl_jax.export/1"
 INFO_FILE = "export.json"
 VARIABLES_DIR = "variables"
 TORCH_FILE = "model.safetensors"
-EXPORTABLE_TRAINERS = ("supervised", "moco", "simclr")
 
 
 def _cpu() -> jax.sharding.Sharding:
@@ -83,17 +82,19 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
 
 
 def _member_info(meta: dict, workdir: str) -> dict:
+  from mcl_jax import regimes
+  exportable = [r.name for r in regimes.all_regimes() if r.exportable]
   # The trainer first: a linear probe's meta lacks the cohort keys, and "not a cohort run"
   # is the sentence that helps there.
-  if "trainer" in meta and meta["trainer"] not in EXPORTABLE_TRAINERS:
-    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads supervised, MoCo "
-                     "or SimCLR runs (a linear probe's backbone is its config.lincls.pretrained "
-                     "export).")
+  if "trainer" in meta and meta["trainer"] not in exportable:
+    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads the cohort runs "
+                     f"of the {', '.join(exportable)} trainers (a linear probe's backbone is "
+                     "its config.lincls.pretrained export).")
   missing = [k for k in ("arch", "num_members", "shared_stages", "num_classes", "trainer",
                          "image_shape", "mean", "std") if k not in meta]
   if missing:
     raise ValueError(f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
-                     "written by mcl_jax's supervised, MoCo or SimCLR trainer.")
+                     f"written by one of mcl_jax's {', '.join(exportable)} trainers.")
   return meta
 
 
@@ -145,7 +146,7 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
           "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
           "step": step, "trainer": meta["trainer"], "member": member,
           "num_members": num_members, "shared_stages": int(meta["shared_stages"]),
-          "moco_mlp": _moco_mlp(meta), "embed_dim": meta.get("embed_dim"),
+          "moco_mlp": meta.get("moco_mlp"), "embed_dim": meta.get("embed_dim"),
           "dataset": _dataset(meta),
       },
       "files": {"variables": VARIABLES_DIR, "torch": torch_file},
@@ -164,24 +165,9 @@ def _dataset(meta: dict) -> str | None:
     return None
 
 
-def _moco_mlp(meta: dict) -> bool | None:
-  """Whether a MoCo run had the MLP head (checkpoints before `moco.mlp`: version 2)."""
-  if meta["trainer"] != "moco":
-    return None
-  return bool(meta.get("moco_mlp", meta.get("moco_version") == 2))
-
-
 def _classifier_note(meta: dict) -> str:
-  if meta["trainer"] == "simclr":
-    return ("untrained: SimCLR trains the backbone and the projection head only; replace fc "
-            "for a linear probe")
-  if meta["trainer"] != "moco":
-    return "the member's trained classifier"
-  if _moco_mlp(meta):
-    return ("MoCo MLP projection, first layer: fc maps the pooled features F -> F (the MLP's "
-            "second layer is not exported); replace fc for a linear probe")
-  return ("MoCo projection: fc maps the pooled features to the (unnormalised) "
-          f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe")
+  from mcl_jax import regimes
+  return regimes.get(meta["trainer"]).export_note(meta)
 
 
 def _template(arch: str, num_classes: int, image_shape: tuple[int, ...]) -> dict[str, Any]:

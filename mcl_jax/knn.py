@@ -219,3 +219,18 @@ def format_monitor(result: dict) -> str:
   """'kNN top-1 % (per member): top1: 80.1 81.2  |  top1_k20: ...'."""
   return "kNN top-1 % (per member): " + "  |  ".join(
       f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items())
+
+
+def check_monitor_config(config) -> None:
+  """`config.ssl.knn_every_epochs` must be >= 0, and the monitor needs an in-memory dataset
+  (it embeds the whole un-augmented training split): the self-supervised regimes' check."""
+  from mcl_jax.data import sources
+  from mcl_jax.errors import ConfigError
+  every = config.ssl.knn_every_epochs
+  if every < 0:
+    raise ConfigError(f"config.ssl.knn_every_epochs={every} must be >= 0 (0: off).")
+  if every and config.input.dataset in sources.STREAMING:
+    raise ConfigError(
+        f"config.ssl.knn_every_epochs={every} needs an in-memory dataset (the kNN monitor "
+        f"embeds the whole un-augmented training split); set it to 0 for "
+        f"{config.input.dataset} and judge the run with the linear probe.")

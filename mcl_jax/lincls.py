@@ -36,6 +36,7 @@ from mcl_jax import export
 from mcl_jax import loop
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
+from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
 from mcl_jax.errors import ConfigError
@@ -158,7 +159,7 @@ class LinclsTask:
     replicated = sharding_lib.replicated(mesh)
     self.consts = setup.device_arrays()
     self.consts["frozen"] = jax.device_put(frozen, replicated)
-    self.shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(self._init, 0))
+    self.shardings = jax.tree.map(lambda _: replicated, self.abstract_state())
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, net=self.net, tx=setup.tx, preprocess=source.train_preprocess),
         self.shardings, mesh)
@@ -170,6 +171,9 @@ class LinclsTask:
     head = init_classifier(head_rng, self._head_template)
     return LinclsState(step=jnp.zeros((), jnp.int32), params=head,
                        opt_state=self.setup.tx.init(head), rng=state_rng)
+
+  def abstract_state(self) -> LinclsState:
+    return jax.eval_shape(self._init, 0)
 
   def init_state(self) -> LinclsState:
     return jax.jit(self._init, static_argnums=0, out_shardings=self.shardings)(
@@ -206,9 +210,22 @@ class LinclsTask:
 
   def meta(self) -> dict[str, Any]:
     config = self.setup.config
-    return {"trainer": "lincls", "arch": self.info["arch"], "num_classes": self.num_classes,
+    return {"trainer": REGIME.name, "arch": self.info["arch"], "num_classes": self.num_classes,
             "pretrained": config.lincls.pretrained, "export": self.info,
             "config": config.to_json_best_effort()}
+
+
+def check_config(config) -> None:
+  """The probe needs the export it probes."""
+  if not config.lincls.pretrained:
+    raise ConfigError("config.lincls.pretrained is empty; pass the export directory, e.g. "
+                      "--config.lincls.pretrained=DIR.")
+
+
+# The probe trains one classifier on a frozen exported member: nothing of it is a cohort to
+# export, and its loss has no contrastive candidates.
+REGIME = regimes.Regime(name="lincls", module=__name__, loss_regimes=("batch",),
+                        exportable=False, check=check_config)
 
 
 def build_task(setup: loop.Setup) -> LinclsTask:

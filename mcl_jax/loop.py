@@ -10,6 +10,7 @@ on a preemption notice or a diverged loss.
           data-source protocol of `mcl_jax.data.pipeline`), steps per epoch, total steps,
           the optimiser and its LR schedule (`prepare`).
   Task    describe, eval_every_epochs; init_state() -> the state, already sharded;
+          abstract_state() -> its shapes and dtypes (nothing allocated: plans, restores);
           train_step(state, global_batch) -> (state, metrics); evaluate(state) -> a
           result or None; eval_scalars(result) -> {name: float}; format_eval(result) ->
           str; meta() -> what export needs to rebuild a member.
@@ -167,6 +168,7 @@ class Task(Protocol):
   # compiles ahead of time for an accelerator, and tests check is traced once.
   compiled_train_step: Any
 
+  def abstract_state(self) -> Any: ...  # shapes and dtypes of init_state's, nothing allocated
   def init_state(self) -> Any: ...
   def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict]: ...
   def evaluate(self, state: Any) -> Any: ...

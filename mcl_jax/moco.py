@@ -53,6 +53,7 @@ from mcl_jax import losses
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import numerics
+from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax.data import views as data_views
 from mcl_jax.errors import ConfigError
@@ -382,7 +383,7 @@ class MocoTask:
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
     self.shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh),
-                                  jax.eval_shape(self.init_state))
+                                  self.abstract_state())
     self.bn_groups = num_bn_groups(config, mesh.size)
     if self.bn_groups and config.input.global_batch_size // self.bn_groups < 2:
       raise ConfigError(
@@ -402,6 +403,9 @@ class MocoTask:
     self.compiled_embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, encoders=self.encoders,
                           preprocess=source.eval_preprocess), mesh)
+
+  def abstract_state(self) -> MocoState:
+    return jax.eval_shape(self.init_state)
 
   def init_state(self) -> MocoState:
     config = self.setup.config
@@ -437,6 +441,46 @@ class MocoTask:
     return loop.export_meta(self.setup, num_classes=self.encoders.cohort.num_classes,
                             moco_mlp=bool(self.setup.config.moco.mlp),
                             views=dataclasses.asdict(self.spec))
+
+
+# ----------------------------------------------------------------------------- the regime
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """MoCo's own config checks (config_lib.validate runs them)."""
+  batch, moco = config.input.global_batch_size, config.moco
+  if moco.queue_size < 1 or moco.queue_size % batch:
+    raise ConfigError(
+        f"config.moco.queue_size={moco.queue_size} is not a positive multiple of the "
+        f"global batch {batch}; the FIFO queue takes whole batches.")
+  if not 0.0 <= moco.key_momentum <= 1.0:
+    raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
+  group = moco.bn_group_size
+  # A group of one image has no variance to normalise by; a group size at least the
+  # global batch is one group (global BN); otherwise the groups must tile the batch.
+  if moco.shuffle_bn and (group < 0 or group == 1 or (0 < group < batch and batch % group)):
+    raise ConfigError(
+        f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
+        f"and divide the global batch {batch}, or be at least the batch (one group).")
+  knn.check_monitor_config(config)
+
+
+def export_note(meta: dict[str, Any]) -> str:
+  """What an exported member's `fc` is: MoCo's projection (or the MLP's first layer)."""
+  # Checkpoints from before `moco.mlp` recorded `moco_version` (2: the MLP head).
+  if meta.get("moco_mlp", meta.get("moco_version") == 2):
+    return ("MoCo MLP projection, first layer: fc maps the pooled features F -> F (the MLP's "
+            "second layer is not exported); replace fc for a linear probe")
+  return ("MoCo projection: fc maps the pooled features to the (unnormalised) "
+          f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe")
+
+
+REGIME = regimes.Regime(
+    name="moco", module=__name__, loss_regimes=("moco",), self_supervised=True,
+    two_views=True, supports_co2=True, eval_metric="knn_top1", check=check_config,
+    # The positive key and the K keys of the member's queue.
+    contrastive_candidates=lambda config: 1 + config.moco.queue_size,
+    export_note=export_note)
 
 
 def build_task(setup: loop.Setup, views: data_views.ViewSpec | None = None) -> MocoTask:

@@ -7,7 +7,7 @@ r"""`mcl-plan`: compile a config's real train step for a TPU slice, from a CPU h
 XLA's TPU compiler (libtpu, `pip install "jax[tpu]==0.10.2"`) runs on any CPU host:
 `jax.experimental.topologies` gives compile-only TPU devices, and a program lowered for a
 mesh over them compiles into what the slice would run. The plan compiles the step exactly
-as `fit` would: the regime's own task (`jobs.TASKS[config.trainer]`) is built from a
+as `fit` would: the regime's own task (`regimes.get(config.trainer)`) is built from a
 `loop.Setup` by `loop.prepare`, so the step function, its shardings and its donation are
 the task's (`sharding.compile_step`), not a copy. Nothing is read or allocated: the data
 source knows only shapes (a zero-page in-memory training set, or a streaming ImageNet
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
@@ -233,25 +232,21 @@ def build(config: Any, topology: str) -> Planned:
   """
   import jax
   from mcl_jax import config_lib
-  from mcl_jax import jobs
+  from mcl_jax import regimes
   from mcl_jax import loop
   from mcl_jax import sharding as sharding_lib
-  from mcl_jax import train_state
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(list(devices))
   config = config.copy_and_resolve_references()
-  if config.trainer == "lincls" and not config.lincls.pretrained:
-    # The probe's export is replaced by config.model.arch's abstract variables.
+  if not config.lincls.pretrained:
+    # A probe's export is replaced by config.model.arch's abstract variables (other regimes
+    # do not read the field).
     config.lincls.pretrained = "<shape-only export of config.model.arch>"
   config_lib.validate(config, num_devices=mesh.size)
   with _shape_only_world(config):
     setup = loop.prepare(config, "", mesh)
-    task = importlib.import_module(jobs.TASKS[config.trainer]).build_task(setup)
-    if hasattr(task, "model") and config.trainer in ("supervised", "simclr"):
-      abstract = train_state.abstract_train_state(task.model, setup.tx, setup.source.image_shape,
-                                            mesh, bank_rows=getattr(task, "bank_rows", 0))
-    else:  # MoCo, the probe: their init is traceable as it is
-      abstract = jax.eval_shape(task.init_state)
+    task = regimes.get(config.trainer).build_task(setup)
+    abstract = task.abstract_state()
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        abstract, task.shardings)
   source, batch_size = setup.source, setup.global_batch

@@ -275,9 +275,11 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
   from mcl_jax import checkpointing, config_lib, jobs
   from mcl_jax import export as export_lib
   _, _, meta = export_lib.read_checkpoint(workdir)
-  if meta.get("trainer") not in ("supervised", "moco", "simclr"):
+  from mcl_jax import regimes
+  cohorts = [r.name for r in regimes.all_regimes() if r.exportable]
+  if meta.get("trainer") not in cohorts:
     raise ValueError(f"{workdir} is a {meta.get('trainer')!r} run; mcl-plot draws the members "
-                     "of a supervised, MoCo or SimCLR run.")
+                     f"of a cohort run ({', '.join(cohorts)}).")
   config = config_lib.config_from_json(meta["config"])
   run = jobs.build(config, workdir)
   run.restore(checkpointing.Checkpointer(workdir))
@@ -293,7 +295,7 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
     if sum(len(x) for x in labels) >= examples:
       break
   images, labels = np.concatenate(images)[:examples], np.concatenate(labels)[:examples]
-  if config.trainer in ("moco", "simclr"):
+  if regimes.self_supervised(config.trainer):
     return {"features": run.task.embed_split(run.state, images, labels), "labels": labels}
   model, state = run.task.model, run.state
   apply = jax.jit(lambda x: model.apply({"params": state.params,

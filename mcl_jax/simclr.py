@@ -35,9 +35,11 @@ from mcl_jax import loop
 from mcl_jax import losses
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
+from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
 from mcl_jax.data import views as data_views
+from mcl_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -137,14 +139,18 @@ class SimclrTask:
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
-    self.shardings = train_state.state_shardings(train_state.abstract_train_state(
-        self.model, setup.tx, source.image_shape, mesh), mesh)
+    self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
     self.compiled_embed_step = sharding_lib.compile_embed(
         functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
+
+  def abstract_state(self) -> train_state.TrainState:
+    setup = self.setup
+    return train_state.abstract_train_state(self.model, setup.tx, setup.source.image_shape,
+                                            setup.mesh)
 
   def init_state(self) -> train_state.TrainState:
     setup = self.setup
@@ -172,6 +178,23 @@ class SimclrTask:
   def meta(self) -> dict[str, Any]:
     return loop.export_meta(self.setup, num_classes=self.num_classes,
                             views=dataclasses.asdict(self.spec))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """SimCLR's own config checks (config_lib.validate runs them)."""
+  if config.model.head == "none":
+    raise ConfigError("config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or "
+                      "'linear'.")
+  knn.check_monitor_config(config)
+
+
+REGIME = regimes.Regime(
+    name="simclr", module=__name__, loss_regimes=("simclr",), self_supervised=True,
+    two_views=True, eval_metric="knn_top1", check=check_config,
+    # A view's candidates: the 2B - 1 other views of the global batch.
+    contrastive_candidates=lambda config: 2 * config.input.global_batch_size - 1,
+    export_note=lambda meta: ("untrained: SimCLR trains the backbone and the projection head "
+                              "only; replace fc for a linear probe"))
 
 
 def build_task(setup: loop.Setup, views: data_views.ViewSpec | None = None) -> SimclrTask:

@@ -21,14 +21,17 @@ import ml_collections
 import numpy as np
 import optax
 
+from mcl_jax import config_lib
 from mcl_jax import loop
 from mcl_jax import losses
 from mcl_jax import memory_bank
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import models
 from mcl_jax import numerics
+from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
+from mcl_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------- losses
 
@@ -241,8 +244,7 @@ class SupervisedTask:
       self.bank_ops = BankOps(mesh, config.bank.num_positives, config.bank.num_negatives,
                               config.loss.tau, config.loss.kd_temperature,
                               config.bank.gather_chunk)
-    self.shardings = train_state.state_shardings(train_state.abstract_train_state(
-        self.model, setup.tx, source.image_shape, mesh, bank_rows=self.bank_rows), mesh)
+    self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
         preprocess=source.train_preprocess, bank_ops=self.bank_ops,
@@ -251,6 +253,11 @@ class SupervisedTask:
         self.shardings, mesh)
     self.compiled_eval_step = jax.jit(functools.partial(
         eval_step, model=self.model, preprocess=source.eval_preprocess))
+
+  def abstract_state(self) -> train_state.TrainState:
+    return train_state.abstract_train_state(self.model, self.setup.tx,
+                                            self.setup.source.image_shape, self.setup.mesh,
+                                            bank_rows=self.bank_rows)
 
   def init_state(self) -> train_state.TrainState:
     return train_state.create_train_state(
@@ -276,6 +283,38 @@ class SupervisedTask:
 
   def meta(self) -> dict[str, Any]:
     return loop.export_meta(self.setup, num_classes=self.num_classes)
+
+
+# ----------------------------------------------------------------------------- the regime
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The supervised regime's own config checks (config_lib.validate runs them)."""
+  loss = config.loss
+  if config.model.head == "none" and any(
+      loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")):
+    raise ConfigError("config.model.head='none' leaves the contrastive terms no embeddings; "
+                      "use 'mlp' or 'linear', or set the MCL weights to 0.")
+  per_class = config.input.samples_per_class
+  if loss.regime == "batch" and config_lib.mcl_terms_on(config) and per_class < 2:
+    raise ConfigError(
+        f"config.input.samples_per_class={per_class}: in-batch MCL needs class-aware "
+        "batches with at least 2 samples per class so every row has a positive.")
+
+
+def contrastive_candidates(config: ml_collections.ConfigDict) -> int:
+  """A member's own VCL ranks its positive among the B - 1 other examples of the batch, or
+  among the P + K rows it samples from the bank."""
+  if config.loss.regime == "bank":
+    return config.bank.num_positives + config.bank.num_negatives
+  return config.input.global_batch_size - 1
+
+
+REGIME = regimes.Regime(
+    name="supervised", module=__name__, loss_regimes=("batch", "bank"),
+    class_aware_batches=True, check=check_config,
+    contrastive_candidates=contrastive_candidates,
+    export_note=lambda meta: "the member's trained classifier")
 
 
 def build_task(setup: loop.Setup) -> SupervisedTask:
