@@ -3,9 +3,9 @@ r"""`make demo`: MCL x2 against two independently trained networks on real image
   python -m mcl_jax.demo [--workdir=workdirs/demo] [--seeds=0,1]
 
 On Fashion-MNIST when it is installed (`apt-get install dataset-fashion-mnist`): the
-`demo_baseline` and `demo_mcl_x2` rows of mcl_jax/configs/fashion_mnist.py (the suite's recipe,
+`demo_baseline` and `demo_mcl_x2` rows of mcl_jax/suites/fashion_mnist.py (the suite's recipe,
 shortened to 4 epochs so two seeds of both fit in about ten minutes on two cores, two
-trainings at a time); otherwise on scikit-learn's handwritten digits (mcl_jax/configs/digits.py),
+trainings at a time); otherwise on scikit-learn's handwritten digits (mcl_jax/configs/digits.py, rows in mcl_jax/suites/digits.py),
 saying so. Both go through the reproduction runner (`mcl_jax.reproduce`), so a second
 `make demo` only prints the table, and the table is the runner's: every member, the
 members' mean +- std over the seeds, the best member, the ensemble. The full-length
@@ -41,23 +41,24 @@ def suite() -> str:
 
 def main(argv):
   del argv
-  from mcl_jax import loop, reproduce
+  from mcl_jax import loop, reproduce_report, reproduce_schedule, suites
   loop.quiet_library_logs()
   name = suite()
   if name == "digits":
     print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); the demo "
           "runs on scikit-learn's 8x8 digits instead, where both sit near 99% and MCL shows "
           "no gain (docs/RESULTS.md).", flush=True)
-  _, rows, tables = reproduce.load_suite(name)
-  chosen = reproduce.select_rows(rows, ROWS)
+  _, rows, tables = suites.load_suite(name)
+  chosen = suites.select_rows(rows, ROWS)
   seeds = [int(s) for s in FLAGS.seeds]
   workdir = os.path.join(FLAGS.workdir, name)
   try:
-    reproduce.run_all(name, chosen, seeds, workdir, workers=FLAGS.workers, smoke=FLAGS.smoke)
+    reproduce_schedule.run_all(name, chosen, seeds, workdir, workers=FLAGS.workers,
+                               smoke=FLAGS.smoke)
   except RuntimeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  text = reproduce.write_report(name, chosen, tables, seeds, workdir)
+  text = reproduce_report.write_report(name, chosen, tables, seeds, workdir)
   print("\n" + text)
   print(f"Runs, logs, results.md and results.png: {workdir}")
 

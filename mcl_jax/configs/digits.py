@@ -34,12 +34,3 @@ def get_config(arg=None):
   c.eval_every_epochs = 5
   c = cifar100_common.set_variant(c, variant)
   return common.smoke(c) if is_smoke else c
-
-
-# `python -m mcl_jax.reproduce --suite=digits` and the demo's fallback (mcl_jax/demo.py).
-TABLES = {"demo": "scikit-learn's digits: two independent networks vs MCL x2"}
-ROWS = [
-    {"name": "demo_baseline", "variant": "baseline", "table": "demo",
-     "label": "baseline (2 independent)"},
-    {"name": "demo_mcl_x2", "variant": "mcl_x2", "table": "demo", "label": "MCL x2"},
-]

@@ -4,6 +4,9 @@ r"""MCL on Fashion-MNIST: the paper's comparisons at a scale a 2-core CPU trains
   mcl-reproduce --suite=fashion_mnist --seeds=0,1,2 --workdir=runs/fm   # the tables
   (python -m mcl_jax.main / python -m mcl_jax.reproduce without an installed package)
 
+The reproduction suite's rows (these variants with overrides, grouped into tables) are in
+mcl_jax/suites/fashion_mnist.py.
+
 Data: `apt-get install dataset-fashion-mnist` (or TFDS `fashion_mnist`; mcl_jax/data/
 fashion_mnist.py). 5,000 training images are held out as a validation split (500 per
 class, the same for every run), every choice is made on it, and the 10,000 test images
@@ -162,103 +165,3 @@ def get_config(arg=None):
     c = supervised(c, variant)
   return common.smoke(c, arch="tiny") if is_smoke else c
 
-
-# Few-shot evaluation (mcl_jax/fewshot.py) holds classes out of the pre-training.
-TRAIN_CLASSES = (0, 1, 2, 3, 4)  # T-shirt/top, Trouser, Pullover, Dress, Coat
-HELD_OUT_CLASSES = (5, 6, 7, 8, 9)  # Sandal, Shirt, Sneaker, Bag, Ankle boot
-
-# The reproduction suite (`python -m mcl_jax.reproduce --suite=fashion_mnist`): each row is
-# a variant trained over seeds; `table` groups rows into the tables of docs/RESULTS.md.
-TABLES = {
-    "main": "Table 3 at small scale: two independent networks vs MCL x2",
-    "collapse": "The collapse (docs/RESULTS.md): MCL x2 with the official constant soft-term "
-                "weights, no ramp",
-    "demo": "make demo: the main comparison shortened to 4 epochs",
-    "ablation": "Table 6 at small scale: loss terms of MCL x4 (shared trunk) switched on alone "
-                "and in the paper's combinations",
-    "cohort": "Table 7 at small scale: cohort size M (shared trunk for M > 2)",
-    "logit": "Table 1 at small scale: MCL x4 + logit KD to the ensemble (last member)",
-    "ssl": "Table 5 at small scale and beyond it: self-supervised on classes 0-4 (MoCo v2 "
-           "alone vs + MCL x2, + CO2; the in-batch SimCLR regime alone vs + MCL x2), judged "
-           "by a linear probe and kNN on classes 0-4 and few-shot episodes on the held-out "
-           "classes 5-9",
-    "causes": "What causes the collapse: MCL x2 without the ramp for 600 steps (1 seed), one "
-              "change per row; see the embedding-cosine curves in docs/RESULTS.md",
-    "why": "Why no gain? Hypotheses of docs/RESULTS.md, judged on the validation split: many "
-           "classes per batch (40 rotation classes, 32 classes x 2 per batch as CIFAR-100), "
-           "a longer run, stronger contrastive weights",
-}
-ROWS = [
-    {"name": "baseline", "variant": "baseline", "table": "main",
-     "label": "baseline (2 independent)"},
-    {"name": "mcl_x2", "variant": "mcl_x2", "table": "main", "label": "MCL x2"},
-    {"name": "mcl_x2_official", "variant": "mcl_x2", "table": "collapse",
-     "overrides": {"loss.soft_warmup_epochs": 0.0},
-     "label": "MCL x2, constant soft weights (official)"},
-    {"name": "x4_none", "variant": "x4_", "table": "ablation",
-     "label": "none (4 independent branches)"},
-] + [
-    {"name": f"x4_{terms}", "variant": f"x4_{terms}", "table": "ablation", "label": terms}
-    for terms in ("vcl", "icl", "soft_vcl", "soft_icl", "vcl+soft_vcl", "icl+soft_icl",
-                  "vcl+icl")
-] + [
-    {"name": "x4_all", "variant": "mcl_x4", "table": "ablation", "label": "all four (MCL x4)"},
-    {"name": "m2", "variant": "mcl_x2", "table": "cohort", "label": "M = 2"},
-    {"name": "m3", "variant": "m3", "table": "cohort", "label": "M = 3"},
-    {"name": "m4", "variant": "m4", "table": "cohort", "label": "M = 4"},
-    {"name": "m5", "variant": "m5", "table": "cohort", "label": "M = 5"},
-    {"name": "mcl_x4", "variant": "mcl_x4", "table": "logit", "label": "MCL x4"},
-    {"name": "mcl_x4_logit", "variant": "mcl_x4_logit", "table": "logit",
-     "label": "MCL x4 + logit KD"},
-] + [
-    {"name": f"held_{variant}", "variant": variant, "table": "ssl", "label": label,
-     "overrides": {"input.classes": TRAIN_CLASSES}, "fewshot": HELD_OUT_CLASSES}
-    for variant, label in (("mocov2", "MoCo v2 (1 network)"),
-                           ("mocov2_mcl_x2", "MoCo v2 + MCL x2"),
-                           ("mocov2_mcl_x2_co2", "MoCo v2 + MCL x2 + CO2"),
-                           ("simclr", "SimCLR (1 network)"),
-                           ("simclr_mcl_x2", "SimCLR + MCL x2"))
-] + [
-    {"name": "held_mocov2_mcl_x2_half_lr", "variant": "mocov2_mcl_x2", "table": "ssl",
-     "label": "MoCo v2 + MCL x2, lr 0.03 (half: ICL doubles each member's gradient)",
-     "overrides": {"input.classes": TRAIN_CLASSES, "optim.lr": 0.03},
-     "fewshot": HELD_OUT_CLASSES},
-    # ICL drives the MoCo + MCL collapse here (results/fashion_mnist/moco_causes); at the
-    # supervised recipe's ICL weight (0.1) the members did not collapse in 3 epochs.
-    {"name": "held_mocov2_mcl_x2_icl01", "variant": "mocov2_mcl_x2", "table": "ssl",
-     "label": "MoCo v2 + MCL x2, ICL weight 0.1",
-     "overrides": {"input.classes": TRAIN_CLASSES, "loss.icl_weight": 0.1},
-     "fewshot": HELD_OUT_CLASSES},
-] + [
-    {"name": f"cause_{name}", "variant": "mcl_x2", "table": "causes", "label": label,
-     "overrides": {"loss.soft_warmup_epochs": 0.0, "schedule.num_train_steps": 600, **extra}}
-    for name, label, extra in (
-        ("official", "official recipe (constant soft weights)", {}),
-        ("lr_warmup", "+ 1 epoch of linear LR warm-up", {"schedule.warmup_epochs": 1.0}),
-        ("head_bn", "+ BatchNorm on the head's input", {"model.head_norm": "batchnorm"}),
-        ("no_wd", "+ no weight decay", {"optim.weight_decay": 0.0}),
-        ("no_soft", "soft terms off (VCL + ICL only)",
-         {"loss.soft_vcl_weight": 0.0, "loss.soft_icl_weight": 0.0}),
-        ("soft_only", "soft terms only (VCL, ICL off)",
-         {"loss.vcl_weight": 0.0, "loss.icl_weight": 0.0}),
-        ("ramp", "soft terms ramped in over epoch 1 (the remedy)",
-         {"loss.soft_warmup_epochs": 1.0}))
-] + [
-    {"name": f"rot40_{variant}", "variant": variant, "table": "why",
-     "label": f"{label}, 40 rotation classes, 32 x 2 per batch",
-     "overrides": {"input.rotation_classes": True, "input.samples_per_class": 2}}
-    for variant, label in (("baseline", "baseline"), ("mcl_x2", "MCL x2"))
-] + [
-    {"name": f"long_{variant}", "variant": variant, "table": "why",
-     "label": f"{label}, 32 epochs", "overrides": {"schedule.epochs": 32}}
-    for variant, label in (("baseline", "baseline"), ("mcl_x2", "MCL x2"))
-] + [
-    {"name": "mcl_x2_w1", "variant": "mcl_x2", "table": "why",
-     "label": "MCL x2, VCL and ICL weight 1 (10x)",
-     "overrides": {"loss.vcl_weight": 1.0, "loss.icl_weight": 1.0}},
-] + [
-    {"name": "demo_baseline", "variant": "baseline", "table": "demo",
-     "overrides": {"schedule.epochs": 4}, "label": "baseline (2 independent)"},
-    {"name": "demo_mcl_x2", "variant": "mcl_x2", "table": "demo",
-     "overrides": {"schedule.epochs": 4}, "label": "MCL x2"},
-]
