@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean-venv
+.PHONY: venv demo test test-all lint bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(STAMP)
 # Slow tests too (full-length runs that the default suite skips).
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests --runslow
+
+# Lint (ruff check), formatting (ruff format --check; `ruff format` applies it) and types
+# (mypy over the package). Their settings are in pyproject.toml.
+LINT_PATHS := mcl_jax tests benchmarks launch
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy mcl_jax
 
 bench: $(STAMP)
 	$(PY) -m mcl_jax.bench --arch=resnet32 --members=1,2,4 --strategies=vmap,unroll,map --batch=128

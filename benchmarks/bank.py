@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
@@ -41,7 +42,9 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from mcl_jax import losses, memory_bank, sharding
+  from mcl_jax import losses
+  from mcl_jax import memory_bank
+  from mcl_jax import sharding
 
   mesh = sharding.make_mesh(jax.devices()[:FLAGS.devices])
   m, n, d, b, k = FLAGS.members, FLAGS.rows, FLAGS.dim, FLAGS.batch, FLAGS.negatives

@@ -40,45 +40,56 @@ def _median_time(fn, repeats: int) -> float:
 def conv_breakdown(batch: int, repeats: int = 5) -> list[dict]:
   """ms of fwd / d-input / d-weight of a 3x3 conv in JAX (NHWC) and PyTorch (NCHW and
   channels_last) for each CONV_SHAPES entry."""
+  return [_conv_row(batch, *shape, repeats=repeats) for shape in CONV_SHAPES]
+
+
+def _conv_row(batch: int, size: int, cin: int, cout: int, stride: int, *, repeats: int
+              ) -> dict:
+  """One CONV_SHAPES entry of `conv_breakdown`."""
   import jax
   import jax.numpy as jnp
+  x = jnp.asarray(np.random.randn(batch, size, size, cin), jnp.float32)
+  w = jnp.asarray(np.random.randn(3, 3, cin, cout), jnp.float32)
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  fwd = jax.jit(conv)
+  dx = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0))
+  dw = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1))
+  row = {"shape": f"{batch}x{size}x{size}x{cin}->{cout}"}
+  for name, f in (("fwd", fwd), ("dx", dx), ("dw", dw)):
+    row[f"jax_{name}"] = 1e3 * _median_time(lambda f=f: f(x, w).block_until_ready(), repeats)
+  for layout in ("nchw", "channels_last"):
+    row.update(_torch_conv_times(batch, size, cin, cout, stride, layout, repeats=repeats))
+  return row
+
+
+def _torch_conv_times(batch: int, size: int, cin: int, cout: int, stride: int, layout: str,
+                      *, repeats: int) -> dict:
   import torch
   import torch.nn.functional as F
-  rows = []
-  for size, cin, cout, stride in CONV_SHAPES:
-    x = jnp.asarray(np.random.randn(batch, size, size, cin), jnp.float32)
-    w = jnp.asarray(np.random.randn(3, 3, cin, cout), jnp.float32)
-    conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-        x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    fwd = jax.jit(conv)
-    dx = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0))
-    dw = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=1))
-    row = {"shape": f"{batch}x{size}x{size}x{cin}->{cout}"}
-    for name, f in (("fwd", fwd), ("dx", dx), ("dw", dw)):
-      row[f"jax_{name}"] = 1e3 * _median_time(lambda f=f: f(x, w).block_until_ready(), repeats)
-    for layout in ("nchw", "channels_last"):
-      xt = torch.randn(batch, cin, size, size)
-      if layout == "channels_last":
-        xt = xt.to(memory_format=torch.channels_last)
-      xt.requires_grad_(True)
-      wt = torch.randn(cout, cin, 3, 3, requires_grad=True)
+  xt = torch.randn(batch, cin, size, size)
+  if layout == "channels_last":
+    xt = xt.to(memory_format=torch.channels_last)
+  xt.requires_grad_(True)
+  wt = torch.randn(cout, cin, 3, 3, requires_grad=True)
 
-      def fwd_t():
-        with torch.no_grad():
-          F.conv2d(xt, wt, stride=stride, padding=1)
+  def fwd_t():
+    with torch.no_grad():
+      F.conv2d(xt, wt, stride=stride, padding=1)
 
-      def dx_t():
-        y = F.conv2d(xt, wt.detach(), stride=stride, padding=1)
-        torch.autograd.grad(y.sum(), xt)
+  def dx_t():
+    y = F.conv2d(xt, wt.detach(), stride=stride, padding=1)
+    torch.autograd.grad(y.sum(), xt)
 
-      def dw_t():
-        y = F.conv2d(xt.detach(), wt, stride=stride, padding=1)
-        torch.autograd.grad(y.sum(), wt)
+  def dw_t():
+    y = F.conv2d(xt.detach(), wt, stride=stride, padding=1)
+    torch.autograd.grad(y.sum(), wt)
 
-      for name, f in (("fwd", fwd_t), ("dx", dx_t), ("dw", dw_t)):
-        row[f"torch_{layout}_{name}"] = 1e3 * _median_time(f, repeats)
-    rows.append(row)
-  return rows
+  return {f"torch_{layout}_{name}": 1e3 * _median_time(f, repeats)
+          for name, f in (("fwd", fwd_t), ("dx", dx_t), ("dw", dw_t))}
 
 
 def main(argv=None) -> None:
@@ -93,6 +104,7 @@ def main(argv=None) -> None:
 
   import jax
   import torch
+
   from mcl_jax import bench
   from mcl_jax import sharding as sharding_lib
   import torch_step

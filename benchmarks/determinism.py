@@ -12,8 +12,8 @@ docs/RELIABILITY.md quotes the output (benchmarks/results/determinism_cpu.txt).
 """
 from __future__ import annotations
 
-
-from absl import app, flags
+from absl import app
+from absl import flags
 
 import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
@@ -27,8 +27,11 @@ FLAGS = flags.FLAGS
 
 def run(num_devices: int):
   import jax
-  from mcl_jax import jobs, sharding
-  from mcl_jax.configs import cifar100_common, common
+
+  from mcl_jax import jobs
+  from mcl_jax import sharding
+  from mcl_jax.configs import cifar100_common
+  from mcl_jax.configs import common
   c = common.smoke(cifar100_common.set_variant(cifar100_common.base(FLAGS.arch), "mcl_x2"))
   c.input.image_size = FLAGS.image_size
   c.input.synthetic_train_size = 64 * FLAGS.steps

@@ -40,6 +40,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   import jax
+
   from mcl_jax import jobs
   from mcl_jax.configs import cifar100_common
   c = cifar100_common.set_variant(cifar100_common.base(args.arch),

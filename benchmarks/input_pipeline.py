@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcl_jax.data import _tf, imagenet  # noqa: E402
+from mcl_jax.data import _tf  # noqa: E402
+from mcl_jax.data import imagenet  # noqa: E402
 
 
 def write_images(root: str, num_images: int, num_classes: int, seed: int = 0) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 import _common  # benchmarks/_common.py (this folder is on sys.path when run as a script)
 
@@ -47,7 +48,9 @@ def main(argv):
 
   import jax
 
-  from mcl_jax import optim, sharding as sharding_lib, train_state
+  from mcl_jax import optim
+  from mcl_jax import sharding as sharding_lib
+  from mcl_jax import train_state
 
   path, _, arg = FLAGS.config.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]

@@ -132,7 +132,7 @@ def make_step(cohort: Cohort, *, lr: float = 0.1, mcl: bool = True):
   def step(x, y):
     opt.zero_grad(set_to_none=True)
     logits, z = cohort(x)
-    loss = sum(F.cross_entropy(l, y) for l in logits)
+    loss = sum(F.cross_entropy(logit, y) for logit in logits)
     if mcl:
       vcl, icl, soft_vcl, soft_icl = mcl_terms(z, y)
       loss = loss + 0.1 * vcl + 0.1 * icl + soft_vcl + soft_icl

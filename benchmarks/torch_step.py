@@ -37,8 +37,8 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
     sys.path.insert(0, os.path.abspath(official))
     torch.Tensor.cuda = (lambda self, *a, **k: self.to(device)) if device != "cuda" else \
         torch.Tensor.cuda
-    import models  # the official models/
     from losses.cifar_sup_mcl_loss import Sup_MCL_Loss
+    import models  # the official models/
     net = models.resnet32(num_classes=100, number_net=members)
     args = types.SimpleNamespace(number_net=members, feat_dim=128, kd_T=3.0, tau=0.1,
                                  rep_dim=[64] * members)
@@ -47,7 +47,7 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
 
     def forward(x, y):
       logits, embeddings = net(x)
-      loss = sum(F.cross_entropy(l, y) for l in logits)
+      loss = sum(F.cross_entropy(logit, y) for logit in logits)
       vcl, soft_vcl, icl, soft_icl = criterion(list(embeddings), y)
       return loss + 0.1 * vcl + soft_vcl + 0.1 * icl + soft_icl
   else:
@@ -58,7 +58,7 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
 
     def forward(x, y):
       logits, z = cohort(x)
-      loss = sum(F.cross_entropy(l, y) for l in logits)
+      loss = sum(F.cross_entropy(logit, y) for logit in logits)
       vcl, icl, soft_vcl, soft_icl = torch_mcl.mcl_terms(z, y)
       return loss + 0.1 * vcl + 0.1 * icl + soft_vcl + soft_icl
   if channels_last:

@@ -1,11 +1,16 @@
 r"""Benchmark of the real train step: `python -m mcl_jax.bench`.
 
-Times `mcl_jax.supervised.train_step` (the function the trainer runs) jitted exactly as the
-supervised task jits it (`sharding.compile_step`: state shardings, batch split over the
-`data` mesh axis, consts replicated, the state donated), on a synthetic batch that lives on the device: uint8 images
-(random, never zeros) and labels in class-aware pairs (B/2 classes x 2 samples, docs/SPEC.md 4), so
-every row of the in-batch contrastive loss has a positive. No dataset, and no TensorFlow:
-nothing on this module's import path imports it (tests/test_bench.py checks).
+Times the supervised task's own compiled step (`supervised.SupervisedTask`, built from a
+config by `loop.prepare` and `supervised.build_task` as `mcl-train` builds it: the step,
+its state shardings, the donated state, the source's on-device gather and augmentation)
+on the task's own batches. The config is mcl_jax/configs/default.py with the measured
+setting's fields on the synthetic in-memory dataset: one batch of random uint8 images,
+class-aware (2 samples per class, docs/SPEC.md 4; more per class when the batch has more
+pairs than there are classes), so every row of the in-batch contrastive loss has a
+positive. Every architecture gets the in-memory path's preprocessing (gather by index, crop
+and flip, normalise, all on device; a streamed ImageNet batch arrives cropped on the host).
+No dataset on disk, and no TensorFlow: nothing on this module's import path imports it
+(tests/test_bench.py checks).
 
   python -m mcl_jax.bench --arch=resnet32 --members=1,2,4 --strategies=vmap,unroll,map \
       --batch=128 --mcl=both --json_out=bench.jsonl
@@ -42,20 +47,27 @@ The summary after the table gives the two ratios the README states:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import dataclasses
-import functools
 import gc
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from absl import app
 from absl import flags
 import numpy as np
+
+if TYPE_CHECKING:  # Imported where used: the CLI's flags and `--help` need no JAX.
+  from jax.sharding import Mesh
+  import ml_collections
+
+  from mcl_jax import supervised
 
 FLAGS = flags.FLAGS
 
@@ -103,9 +115,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),  # v6e
 )
 
-# ImageNet backbones get the streaming path's preprocessing (images arrive cropped and
-# flipped from the host: normalise only); the others the in-memory CIFAR path's on-device
-# crop + flip + normalise, both as the data sources do.
+# ImageNet backbones: 1000 classes by default (the others: CIFAR-100's 100).
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 RECORD_KEYS = (
@@ -144,7 +154,8 @@ def peak_tflops(device_kind: str, platform: str, dtype: str) -> tuple[float | No
     if key.lower() in device_kind.lower():
       basis = dtype
       if dtype == "float32" and platform == "gpu":
-        precise = jax.config.jax_default_matmul_precision in ("highest", "float32")
+        precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+        precise = precision in ("highest", "float32")
         basis = "float32" if precise else "tf32"
       return peaks[basis], f"{key} {basis}"
   return None, f"unknown device {device_kind!r}: pass --peak_tflops"
@@ -172,15 +183,34 @@ def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: 
   return out
 
 
-def make_config(s: Setting):
-  """mcl_jax/configs/default.py with the setting's fields; the in-batch (CIFAR) loss regime."""
+def samples_per_class(batch: int, num_classes: int) -> int:
+  """m of the class-aware batches: 2 (docs/SPEC.md 4), or the smallest divisor of the batch
+  that needs no more than `num_classes` classes per batch."""
+  m = 2
+  while batch % m or batch // m > num_classes:
+    m += 1
+  return m
+
+
+def make_config(s: Setting, seed: int = 0) -> ml_collections.ConfigDict:
+  """mcl_jax/configs/default.py with the setting's fields, on a synthetic in-memory dataset
+  of one class-aware batch (`samples_per_class`); the in-batch (CIFAR) loss regime."""
   from mcl_jax.configs import default
   c = default.get_config()
+  c.seed = seed
   c.model.arch, c.model.num_classes = s.arch, s.num_classes
   c.model.strategy, c.model.dtype = s.strategy, s.dtype
   c.model.shared_stages = s.shared_stages
   c.cohort.num_members = s.members
+  per_class = samples_per_class(s.batch, s.num_classes)
+  c.input.dataset = "synthetic"
   c.input.global_batch_size, c.input.image_size = s.batch, s.image_size
+  c.input.samples_per_class = per_class
+  # One batch per epoch, every class `per_class` times: the class-aware sampler draws the
+  # same B images in a new order, with new augmentations, every step.
+  c.input.synthetic_train_size = s.batch
+  c.input.synthetic_num_classes = s.batch // per_class
+  c.input.synthetic_eval_size = 1  # never evaluated
   c.loss.regime = "batch"
   if not s.mcl:
     c.loss.vcl_weight = c.loss.icl_weight = 0.0
@@ -188,53 +218,38 @@ def make_config(s: Setting):
   return c
 
 
-def synthetic_batches(s: Setting, mesh, count: int = 2) -> list[dict[str, Any]]:
-  """`count` device batches: random uint8 images, labels in class-aware pairs, indices."""
-  import jax
-  from mcl_jax import sharding as sharding_lib
+# Nothing is written there: `loop.Setup` carries a workdir, and the config check wants one
+# that could be written.
+WORKDIR = os.path.join(tempfile.gettempdir(), "mcl_bench")
+
+
+def build(s: Setting, mesh: Mesh, seed: int = 0, *, abstract: bool = False
+          ) -> tuple[supervised.SupervisedTask, Any]:
+  """(the supervised task, its state) for the setting, built as `mcl_jax.jobs.build` builds
+  a job: the config validated, `loop.prepare`, the regime's `build_task`, `init_state()`.
+
+  abstract: the state as shapes only (`task.abstract_state()`: enough to lower the step);
+  only the task's constants (the one-batch training set) are put on the devices.
+  """
+  from mcl_jax import config_lib
+  from mcl_jax import loop
+  from mcl_jax import supervised
   if s.batch % 2 or s.batch % mesh.size:
     raise ValueError(f"--batch={s.batch} must be even (class pairs) and divisible by the "
                      f"{mesh.size} devices.")
-  rng = np.random.default_rng(0)
-  labels = ((np.arange(s.batch) // 2) % s.num_classes).astype(np.int32)
-  out = []
-  for _ in range(count):
-    host = {"image": rng.integers(0, 256, (s.batch, s.image_size, s.image_size, 3), np.uint8),
-            "label": labels, "index": np.arange(s.batch, dtype=np.int32)}
-    out.append(jax.device_put(host, sharding_lib.batch_sharded(mesh)))
-  return out
+  config = make_config(s, seed)
+  config_lib.validate(config, num_devices=mesh.size, workdir=WORKDIR)
+  task = supervised.build_task(loop.prepare(config, WORKDIR, mesh))
+  return task, task.abstract_state() if abstract else task.init_state()
 
 
-def build(s: Setting, mesh, seed: int = 0, *, abstract: bool = False):
-  """(jitted step, state, consts) wired as the supervised task wires them.
-
-  abstract: the state as shapes only (enough to lower the step; allocates nothing).
-  """
-  import jax
-  from mcl_jax import optim
+def task_batches(task: supervised.SupervisedTask, count: int = 2) -> list[dict[str, Any]]:
+  """The task's first `count` global training batches, from its own source, on the devices
+  (in memory: the examples' indices; the step gathers and augments the images)."""
   from mcl_jax import sharding as sharding_lib
-  from mcl_jax import supervised
-  from mcl_jax import train_state
-  from mcl_jax.data import augment as augment_lib
-  config = make_config(s)
-  model = train_state.build_model(config, s.num_classes)
-  tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
-  image_shape = (s.image_size, s.image_size, 3)
-  if abstract:
-    state = train_state.abstract_train_state(model, tx, image_shape, mesh)
-  else:
-    state = train_state.create_train_state(model, tx, image_shape, jax.random.PRNGKey(seed), mesh)
-  shardings = train_state.state_shardings(state, mesh)
-  if s.arch in IMAGENET_ARCHS:
-    mean, std = augment_lib.IMAGENET_MEAN, augment_lib.IMAGENET_STD
-    preprocess = lambda rng, x: augment_lib.normalize(x, mean, std)  # noqa: E731
-  else:
-    mean, std = augment_lib.CIFAR_MEAN, augment_lib.CIFAR_STD
-    preprocess = functools.partial(augment_lib.train_augment, spec=augment_lib.AugmentSpec(),
-                                   mean=mean, std=std)
-  step = functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=config.loss,
-                           preprocess=preprocess)
-  return sharding_lib.compile_step(step, shardings, mesh), state, {}
+  setup = task.setup
+  return [sharding_lib.global_batch(local, setup.mesh)
+          for _, local in itertools.islice(setup.batches(0), count)]
 
 
 def _flops(cost: Any) -> float | None:
@@ -245,11 +260,12 @@ def _flops(cost: Any) -> float | None:
   return float(cost["flops"])
 
 
-def model_flops(s: Setting, mesh, batch: dict[str, Any]) -> float | None:
+def model_flops(s: Setting, mesh: Mesh) -> float | None:
   """FLOPs of one step, counted on the `unroll` program before XLA's optimisations."""
-  jitted, state, consts = build(dataclasses.replace(s, strategy="unroll"), mesh, abstract=True)
+  task, state = build(dataclasses.replace(s, strategy="unroll"), mesh, abstract=True)
+  batch = task.setup.source.abstract_train_batch(s.batch)
   try:
-    return _flops(jitted.lower(state, batch, consts).cost_analysis())
+    return _flops(task.compiled_train_step.lower(state, batch, task.consts).cost_analysis())
   except Exception:  # noqa: BLE001 -- a backend without HLO cost analysis: no MFU.
     return None
 
@@ -276,16 +292,17 @@ def _device_peak_bytes() -> int | None:
   return max(peaks) if peaks else None
 
 
-def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh,
+def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh: Mesh,
             peak: float | None = None, seed: int = 0) -> dict[str, Any]:
   """Compiles and times one setting; returns its record (RECORD_KEYS)."""
   import jax
   load_before = os.getloadavg()
-  batches = synthetic_batches(s, mesh)
-  flops = model_flops(s, mesh, batches[0])
-  jitted, state, consts = build(s, mesh, seed)
+  flops = model_flops(s, mesh)
+  task, state = build(s, mesh, seed)
+  batches, consts = task_batches(task), task.consts
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, batches[0], consts).compile()
+  # The task's jitted step compiled ahead of time: the executable `task.train_step` runs.
+  compiled = task.compiled_train_step.lower(state, batches[0], consts).compile()
   compile_s = time.perf_counter() - t0
   xla_flops = _flops(compiled.cost_analysis())
   metrics = None
@@ -322,7 +339,7 @@ def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh,
       "device_peak_bytes": _device_peak_bytes(), "compiled_bytes": _compiled_bytes(compiled),
       "loss": loss, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
       "jax_version": jax.__version__}
-  del state, metrics, compiled, jitted, batches
+  del state, metrics, compiled, task, batches, consts
   gc.collect()
   return record
 
@@ -352,7 +369,8 @@ def format_row(r: dict[str, Any]) -> str:
 
 TABLE_HEADER = (f"{'arch':<9} {'M':>2} {'strategy':<14} {'mcl':<4} {'dtype':<8} {'B':>4} "
                 f"{'img':>4} {'compile_s':>8} {'median_ms':>9} {'p10_ms':>8} {'p90_ms':>8} "
-                f"{'cpu_ms':>8} {'mem-img/s':>9} {'GFLOP':>9} {'MFU':>6} {'dev_peak':>9} {'compiled':>9}")
+                f"{'cpu_ms':>8} {'mem-img/s':>9} {'GFLOP':>9} {'MFU':>6} {'dev_peak':>9} "
+                f"{'compiled':>9}")
 
 
 def _ratio_text(num: dict[str, Any], den: dict[str, Any], factor: int = 1) -> str:
@@ -417,6 +435,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
   import jax
+
   from mcl_jax import sharding as sharding_lib
   members = [int(m) for m in FLAGS.members]
   if any(m < 1 for m in members):

@@ -22,13 +22,14 @@ newest complete checkpoint, which a rerun resumes from (tests/test_faults.py).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import errno
 import json
 import os
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 import jax
@@ -64,15 +65,16 @@ def disk_full_reason(error: BaseException) -> str | None:
   raised from is one; None otherwise. TensorStore, which writes the arrays, reports it as a
   ValueError whose text carries the OS's message and `os_error_code='28'`."""
   seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      return _DISK_FULL_ERRNOS[error.errno]
-    text = str(error)
+  current: BaseException | None = error
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+      return _DISK_FULL_ERRNOS[current.errno]
+    text = str(current)
     for code, reason in _DISK_FULL_ERRNOS.items():
       if os.strerror(code) in text or f"os_error_code='{code}'" in text:
         return reason
-    error = error.__cause__ or error.__context__
+    current = current.__cause__ or current.__context__
   return None
 
 

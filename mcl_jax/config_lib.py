@@ -359,8 +359,14 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   from mcl_jax import models  # Imported here: the registries pull in Flax.
   from mcl_jax import regimes
   from mcl_jax.data import sources, views
-  _choice(config.trainer, "trainer", regimes.names())
-  _choice(config.loss.regime, "loss.regime", regimes.loss_regimes())
+  try:
+    regime = regimes.get(config.trainer)
+  except ValueError as e:
+    raise ConfigError(f"config.trainer={config.trainer!r}: {e}") from None
+  if config.loss.regime not in regime.loss_regimes:
+    expected = " or ".join(f"'{r}'" for r in regime.loss_regimes)
+    raise ConfigError(f"config.trainer={config.trainer!r} does not train config.loss.regime="
+                      f"{config.loss.regime!r}; use loss.regime {expected} with this trainer.")
   _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
   _choice(config.model.head, "model.head", models.HEADS)
@@ -429,11 +435,6 @@ def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> 
 
 
 def _check_trainer(config: ml_collections.ConfigDict) -> None:
-  """The trainer must train the loss regime, and pass its own checks (`Regime.check`)."""
+  """The regime's own checks (`Regime.check`)."""
   from mcl_jax import regimes
-  regime = regimes.get(config.trainer)
-  if config.loss.regime not in regime.loss_regimes:
-    expected = " or ".join(f"'{r}'" for r in regime.loss_regimes)
-    raise ConfigError(f"config.trainer={config.trainer!r} does not train config.loss.regime="
-                      f"{config.loss.regime!r}; use loss.regime {expected} with this trainer.")
-  regime.check(config)
+  regimes.get(config.trainer).check(config)

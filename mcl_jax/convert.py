@@ -18,13 +18,14 @@ WRN, `linear` for ShuffleNetV2). Official cohort checkpoints of independent netw
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
-from typing import Any, Mapping
+from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from mcl_jax import models
 
@@ -72,9 +73,15 @@ def _torch_keys(flat: Mapping[tuple[str, ...], Any]) -> dict[str, tuple[str, ...
   return keys
 
 
+def variable_shapes(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{(collection, *module_path, leaf): shape} of the Flax variables of
+  `models.create(arch, num_classes)`, the layout `from_torch` returns and `to_torch` takes
+  (flattened with `flax.traverse_util`; jax.eval_shape, no real init)."""
+  return dict(_variable_shapes(arch, num_classes))  # a copy: the cached one stays intact
+
+
 @functools.lru_cache(maxsize=32)
-def _template(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Flattened variable shapes of `create(arch, num_classes)` (eval_shape, no real init)."""
+def _variable_shapes(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   net = models.create(arch, num_classes)
   shapes = jax.eval_shape(
       lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
@@ -84,7 +91,7 @@ def _template(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, .
 
 def _infer_num_classes(arch: str, flax_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> int:
   """num_classes from the classifier: the variables whose shapes depend on it."""
-  one, two = _template(arch, 1), _template(arch, 2)
+  one, two = variable_shapes(arch, 1), variable_shapes(arch, 2)
   for path in one:
     if one[path] != two[path] and path in flax_shapes:
       axis = next(i for i, (a, b) in enumerate(zip(one[path], two[path])) if a != b)
@@ -98,7 +105,7 @@ def _checked_template(arch: str, flat: Mapping[tuple[str, ...], np.ndarray],
   shapes = {k: tuple(v.shape) for k, v in flat.items()}
   if num_classes is None:
     num_classes = _infer_num_classes(arch, shapes)
-  template = _template(arch, num_classes)
+  template = variable_shapes(arch, num_classes)
   missing, unexpected = set(template) - set(shapes), set(shapes) - set(template)
   tkeys = _torch_keys(template)
   by_path = {p: k for k, p in tkeys.items()}
@@ -131,13 +138,13 @@ def from_torch(arch: str, state_dict: Mapping[str, Any], *, prefix: str = "",
     raise ValueError(f"No tensor in the state dict starts with prefix {prefix!r}.")
   if num_classes is None:
     # The classifier is the variable whose shape depends on num_classes (probe 1 vs 2).
-    probe = _template(arch, 1)
+    probe = variable_shapes(arch, 1)
     shapes = {}
     for key, path in _torch_keys(probe).items():
       if key in sd:
         shapes[path] = _torch_to_flax_array(path[-1], np.asarray(sd[key])).shape
     num_classes = _infer_num_classes(arch, shapes)
-  known = _torch_keys(_template(arch, num_classes))
+  known = _torch_keys(variable_shapes(arch, num_classes))
   unexpected = [k for k in sd if k not in known and not k.endswith(_IGNORED_SUFFIXES)]
   if unexpected:
     raise ValueError(f"The state dict has {len(unexpected)} keys that {arch} does not: "

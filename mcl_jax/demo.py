@@ -5,11 +5,12 @@ r"""`make demo`: MCL x2 against two independently trained networks on real image
 On Fashion-MNIST when it is installed (`apt-get install dataset-fashion-mnist`): the
 `demo_baseline` and `demo_mcl_x2` rows of mcl_jax/suites/fashion_mnist.py (the suite's recipe,
 shortened to 4 epochs so two seeds of both fit in about ten minutes on two cores, two
-trainings at a time); otherwise on scikit-learn's handwritten digits (mcl_jax/configs/digits.py, rows in mcl_jax/suites/digits.py),
-saying so. Both go through the reproduction runner (`mcl_jax.reproduce`), so a second
-`make demo` only prints the table, and the table is the runner's: every member, the
-members' mean +- std over the seeds, the best member, the ensemble. The full-length
-comparison and what it shows are in docs/RESULTS.md.
+trainings at a time); otherwise on scikit-learn's handwritten digits
+(mcl_jax/configs/digits.py, rows in mcl_jax/suites/digits.py), saying so. Both go through
+the reproduction runner (`mcl_jax.reproduce`), so a second `make demo` only prints the
+table, and the table is the runner's: every member, the members' mean +- std over the
+seeds, the best member, the ensemble. The full-length comparison and what it shows are in
+docs/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def suite() -> str:
 
 def main(argv):
   del argv
-  from mcl_jax import loop, reproduce_report, reproduce_schedule, suites
+  from mcl_jax import loop
+  from mcl_jax import reproduce_report
+  from mcl_jax import reproduce_schedule
+  from mcl_jax import suites
   loop.quiet_library_logs()
   name = suite()
   if name == "digits":
@@ -59,6 +63,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   text = reproduce_report.write_report(name, chosen, tables, seeds, workdir)
+  if text is None:
+    print(f"error: no finished run to report in {workdir}.", file=sys.stderr)
+    sys.exit(1)
   print("\n" + text)
   print(f"Runs, logs, results.md and results.png: {workdir}")
 

@@ -3,8 +3,8 @@ r"""Export one member of a trained cohort as a plain single network (docs/SPEC.m
   mcl-export --workdir=DIR --member=m --out=DIR2 [--torch] [--step=N]
   (or python -m mcl_jax.export ...)
 
-Reads the newest checkpoint in DIR (or step N) of a supervised (`supervised.py`) or MoCo
-(`moco.py`) run, takes member m alone and writes to DIR2:
+Reads the newest checkpoint in DIR (or step N) of a cohort run (a regime whose `REGIME`
+is exportable: supervised, MoCo, SimCLR), takes member m alone and writes to DIR2:
 - `variables/`: an Orbax checkpoint of {'params', 'batch_stats'} of
   `models.create(arch, num_classes)`: the shared trunk (if any) merged with member m's
   branch and classifier (`models.extract_member`). No projection head; for MoCo the QUERY
@@ -14,22 +14,23 @@ Reads the newest checkpoint in DIR (or step N) of a supervised (`supervised.py`)
 - `model.safetensors` with `--torch`: the same weights under torchvision / official-code
   names (`mcl_jax.convert.to_torch`), loadable with `model.load_state_dict`.
 
-For a MoCo member the classifier is MoCo's projection: v1's `fc` outputs the 128-d
-embedding, v2's `fc` is the MLP's first layer (F -> F). A linear probe (`lincls.py`)
-replaces it. `load_exported(DIR2)` gives (module, variables, info) back.
+What the exported `fc` is depends on the regime (`Regime.export_note`, written into
+export.json): the trained classifier (supervised), MoCo's projection (v1: the 128-d
+embedding; v2: the MLP's first layer, F -> F), or untrained (SimCLR). A linear probe
+(`lincls.py`) replaces it. `load_exported(DIR2)` gives (module, variables, info) back.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcl_jax import errors
 from mcl_jax import checkpointing
 from mcl_jax import models
 
@@ -37,6 +38,7 @@ FORMAT = "mcl_jax.export/1"
 INFO_FILE = "export.json"
 VARIABLES_DIR = "variables"
 TORCH_FILE = "model.safetensors"
+FEATURE_BATCH = 1000  # images per forward pass of `features`
 
 
 def _cpu() -> jax.sharding.Sharding:
@@ -86,7 +88,7 @@ def _member_info(meta: dict, workdir: str) -> dict:
   exportable = [r.name for r in regimes.all_regimes() if r.exportable]
   # The trainer first: a linear probe's meta lacks the cohort keys, and "not a cohort run"
   # is the sentence that helps there.
-  if "trainer" in meta and meta["trainer"] not in exportable:
+  if "trainer" in meta and not regimes.get(meta["trainer"]).exportable:
     raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads the cohort runs "
                      f"of the {', '.join(exportable)} trainers (a linear probe's backbone is "
                      "its config.lincls.pretrained export).")
@@ -234,17 +236,14 @@ def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str
   validation_size, train_subset) as in `config.input`. Splits: 'train' (un-augmented),
   'validation' (when input_fields hold one out) and 'test'.
   """
-  from mcl_jax.data import sources
+  from mcl_jax.data import protocol, sources
   module, variables, info = load_exported(export_dir)
   name = dataset or info["source"].get("dataset")
   if not name:
     raise ValueError(f"{export_dir} does not record its dataset; pass --dataset.")
   source = sources.make_source({"dataset": name, "image_size": info["preprocessing"]["image_size"],
                                 **input_fields})
-  if not hasattr(source, "eval_splits"):
-    raise ValueError(f"features of {name} need a dataset held in memory ("
-                     f"{', '.join(sources.IN_MEMORY)}); {name} streams.")
-  available = dict(source.eval_splits(), train=(source.train_images, source.train_labels))
+  available = (protocol.TRAIN_SPLIT,) + source.eval_split_names()
   missing = [s for s in splits if s not in available]
   if missing:
     raise ValueError(f"split {missing[0]!r} is not in {name} as given (it has "
@@ -253,10 +252,12 @@ def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str
   apply = jax.jit(lambda x: module.apply(variables, x, False)[1])
   out = {}
   for split in splits:
-    images, labels = available[split]
-    chunks = [np.asarray(apply(source.eval_preprocess(images[i:i + 1000])))
-              for i in range(0, len(labels), 1000)]
-    out[split] = (np.concatenate(chunks), np.asarray(labels))
+    chunks, labels = [], []
+    for batch in source.eval_batches(split, FEATURE_BATCH, process_index=0, process_count=1):
+      keep = batch["mask"] > 0
+      chunks.append(np.asarray(apply(source.eval_preprocess(batch["image"])))[keep])
+      labels.append(batch["label"][keep])
+    out[split] = (np.concatenate(chunks), np.concatenate(labels))
   return out
 
 
@@ -278,19 +279,16 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   flags_ = flags.FLAGS
   if len(argv) > 1:
-    _fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
+    errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   try:
     info = export_member(flags_.workdir, flags_.member, flags_.out, torch=flags_.torch,
                          step=flags_.step)
   except (FileNotFoundError, ValueError, RuntimeError) as e:
-    _fail(str(e))
+    errors.exit_with(str(e))
   print(f"Exported member {info['source']['member']} ({info['arch']}, "
         f"{info['num_params']:,} params, step {info['source']['step']}) to {flags_.out}.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _define_flags() -> None:

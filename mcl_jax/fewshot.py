@@ -17,9 +17,9 @@ and returned per classifier and shot count: the mean accuracy over the episodes 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import sys
-from typing import Sequence
 
 import numpy as np
 
@@ -107,6 +107,7 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
+
   from mcl_jax import export
   export.define_export_flags()
   flags.DEFINE_list("classes", ["5", "6", "7", "8", "9"], "Held-out class ids to test on.")

@@ -190,23 +190,20 @@ def knn_accuracy(
 MONITOR_KS = (20, DEFAULT_K)  # the self-supervised trainers' kNN monitor (InstDisc: 200)
 
 
-def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict | None:
+def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict:
   """kNN top-1 [M] of each member's frozen features against the training split.
 
-  `source`: an in-memory data source; `embed_split(images, labels) -> [M, N, F]`.
+  `source`: a data source (`data.protocol.Source`); `embed_split(split) -> (features
+  [M, N, F], labels [N])` of one whole split of it, un-augmented (`loop.embed_split`).
   Returns {'top1': k = 200 on the test split, 'top1_k20': k = 20, ...} and the same keys
-  with a `val_` prefix for a held-out validation split; None for streaming sources (their
-  training split cannot be replayed un-augmented).
+  with a `val_` prefix for a held-out validation split.
   """
   import numpy as np
-  replay = source.train_images_for_replay()
-  if replay is None:
-    return None
-  train_images, train_labels = replay
-  train_f = embed_split(train_images, train_labels)
+  from mcl_jax.data import protocol
+  train_f, train_labels = embed_split(protocol.TRAIN_SPLIT)
   result = {}
-  for split, (images, labels) in source.eval_splits().items():
-    eval_f = embed_split(images, labels)
+  for split in source.eval_split_names():
+    eval_f, labels = embed_split(split)
     for k in ks:
       key = ("" if split == "test" else "val_") + ("top1" if k == DEFAULT_K else f"top1_k{k}")
       result[key] = np.asarray([float(knn_accuracy(
@@ -221,16 +218,45 @@ def format_monitor(result: dict) -> str:
       f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items())
 
 
+def monitor_scalars(result: dict) -> dict[str, float]:
+  """`{split}/knn_{top1|top1_k20}/{member_m|best_member|members_mean}` for TensorBoard, e.g.
+  `test/knn_top1/member_0`, `validation/knn_top1_k20/best_member` (`monitor`'s keys with
+  a `val_` prefix are the validation split's)."""
+  import numpy as np
+  from mcl_jax import metrics
+  scalars = {}
+  for name, values in result.items():
+    split, metric = (("validation", name[len("val_"):]) if name.startswith("val_")
+                     else ("test", name))
+    members = np.asarray(values, np.float64).reshape(-1)
+    scalars.update(metrics.member_scalars(members, f"{split}/knn_{metric}"))
+  return scalars
+
+
+class Monitor:
+  """The kNN monitor as the evaluation of a self-supervised task (MoCo, SimCLR).
+
+  `embed_step(params, batch_stats, images) -> [M, B, F]`: the task's compiled feature
+  step (BN in eval mode). `evaluate(state)` embeds the source's training split
+  (un-augmented) and its eval splits and returns `monitor`'s accuracies.
+  """
+
+  def __init__(self, setup, embed_step):
+    self.setup, self.embed_step = setup, embed_step
+
+  def embed_split(self, state, split: str):
+    """(features [M, N, F], labels [N]) of one whole split of the source."""
+    from mcl_jax import loop
+    return loop.embed_split(
+        self.setup, lambda x: self.embed_step(state.params, state.batch_stats, x), split)
+
+  def evaluate(self, state) -> dict:
+    return monitor(self.setup.source, lambda split: self.embed_split(state, split))
+
+
 def check_monitor_config(config) -> None:
-  """`config.ssl.knn_every_epochs` must be >= 0, and the monitor needs an in-memory dataset
-  (it embeds the whole un-augmented training split): the self-supervised regimes' check."""
-  from mcl_jax.data import sources
+  """`config.ssl.knn_every_epochs` must be >= 0: the self-supervised regimes' check."""
   from mcl_jax.errors import ConfigError
   every = config.ssl.knn_every_epochs
   if every < 0:
     raise ConfigError(f"config.ssl.knn_every_epochs={every} must be >= 0 (0: off).")
-  if every and config.input.dataset in sources.STREAMING:
-    raise ConfigError(
-        f"config.ssl.knn_every_epochs={every} needs an in-memory dataset (the kNN monitor "
-        f"embeds the whole un-augmented training split); set it to 0 for "
-        f"{config.input.dataset} and judge the run with the linear probe.")

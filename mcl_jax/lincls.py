@@ -39,6 +39,7 @@ from mcl_jax import models
 from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
+from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
 
 Array = jax.Array
@@ -87,11 +88,11 @@ def _logits(net: Any, head: Any, frozen: dict[str, Any], images: Array) -> Array
 
 def train_step(state: LinclsState, batch: dict[str, Array], consts: dict[str, Any], *,
                net: Any, tx: optax.GradientTransformation,
+               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
                preprocess: Callable[[Array, Array], Array]) -> tuple[LinclsState, dict]:
-  """One SGD step of the classifier on the frozen backbone's features."""
-  if "image" not in batch:  # In-memory dataset: the batch is its example indices.
-    batch = {"image": consts["train_image"][batch["index"]],
-             "label": consts["train_label"][batch["index"]]}
+  """One SGD step of the classifier on the frozen backbone's features; `materialize`: the
+  source's (data.protocol.Source), turning the host's batch into images and labels."""
+  batch = materialize(consts, batch)
   rng, aug_rng = jax.random.split(state.rng)
   images = preprocess(aug_rng, batch["image"])
   labels = batch["label"]
@@ -161,7 +162,8 @@ class LinclsTask:
     self.consts["frozen"] = jax.device_put(frozen, replicated)
     self.shardings = jax.tree.map(lambda _: replicated, self.abstract_state())
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, net=self.net, tx=setup.tx, preprocess=source.train_preprocess),
+        train_step, net=self.net, tx=setup.tx, materialize=source.materialize,
+        preprocess=source.train_preprocess),
         self.shardings, mesh)
     self.compiled_eval_step = jax.jit(functools.partial(eval_step, net=self.net,
                                                 preprocess=source.eval_preprocess))
@@ -179,6 +181,9 @@ class LinclsTask:
     return jax.jit(self._init, static_argnums=0, out_shardings=self.shardings)(
         self.setup.config.seed)
 
+  def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
+    return (state, batch, self.consts["frozen"])
+
   def train_step(self, state: LinclsState, batch: dict[str, Array]) -> tuple[LinclsState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
@@ -186,7 +191,8 @@ class LinclsTask:
     result = {}
     for split in self.setup.source.eval_split_names():
       totals = loop.count_over_split(
-          self.setup, split, lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]))
+          self.setup, split,
+          lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]))
       prefix = "" if split == "test" else "val_"
       result.update({prefix + k: float(np.asarray(v).reshape(-1)[0])
                      for k, v in metrics_lib.cohort_accuracy(totals).items()})
@@ -194,7 +200,10 @@ class LinclsTask:
 
   @staticmethod
   def eval_scalars(result: dict[str, float]) -> dict[str, float]:
-    return {f"eval/{k}": v for k, v in result.items()}
+    """`{split}/{top1|top5}/member_0` (one network, the cohort's naming)."""
+    return {f"{'validation' if k.startswith('val_') else 'test'}/"
+            f"{k[len('val_'):] if k.startswith('val_') else k}/member_0": v
+            for k, v in result.items()}
 
   @staticmethod
   def format_eval(r: dict[str, float]) -> str:

@@ -18,9 +18,10 @@ dataset is built as `config.input` would build it (`--classes`, `--validation_si
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +43,13 @@ def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.n
   def standardise(x):
     return (x - mean) / std
 
-  best, per_c = None, []
+  fits, per_c = [], []
   for c in cs:
     clf = LogisticRegression(C=float(c), max_iter=5000).fit(standardise(train[0]), train[1])
-    val_top1 = float(clf.score(standardise(validation[0]), validation[1]))
-    per_c.append(val_top1)
-    if best is None or val_top1 > best[1]:  # ties keep the stronger regularisation
-      best = (c, val_top1, clf)
-  c, val_top1, clf = best
+    per_c.append(float(clf.score(standardise(validation[0]), validation[1])))
+    fits.append((c, per_c[-1], clf))
+  # The first best on validation: ties keep the stronger regularisation (smaller C first).
+  c, val_top1, clf = max(fits, key=lambda fit: fit[1])
   return {"top1": float(clf.score(standardise(test[0]), test[1])), "val_top1": val_top1,
           "c": float(c), "val_top1_per_c": per_c}
 
@@ -92,6 +92,7 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
+
   from mcl_jax import export
   export.define_export_flags()
   flags.DEFINE_integer("validation_size", 5000,

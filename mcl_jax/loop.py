@@ -1,13 +1,13 @@
 """The job loop every trainer shares, and the contract a trainer fulfils to use it.
 
-A trainer is a TASK built by composition (docs/DESIGN.md, "The trainer contract"): the
-supervised (`mcl_jax.supervised`), MoCo (`mcl_jax.moco`) and linear-probe (`mcl_jax.lincls`)
-modules each build one from a `Setup`, and none inherits from another. `fit(run)` drives
+A trainer is a TASK built by composition (docs/DESIGN.md, "The regime registry and the
+task contract"): each regime module (`mcl_jax.regimes`: supervised, MoCo, SimCLR, the
+linear probe) builds one from a `Setup`, and none inherits from another. `fit(run)` drives
 it: resume, train with a progress display, log metrics, evaluate, checkpoint, stop cleanly
 on a preemption notice or a diverged loss.
 
-  Setup   what every regime needs first: config, workdir, mesh, the data source (with the
-          data-source protocol of `mcl_jax.data.pipeline`), steps per epoch, total steps,
+  Setup   what every regime needs first: config, workdir, mesh, the data source (a
+          `mcl_jax.data.protocol.Source`), steps per epoch, total steps,
           the optimiser and its LR schedule (`prepare`).
   Task    describe, eval_every_epochs; init_state() -> the state, already sharded;
           abstract_state() -> its shapes and dtypes (nothing allocated: plans, restores);
@@ -42,6 +42,7 @@ from mcl_jax import checkpointing
 from mcl_jax import metrics as metrics_lib
 from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
+from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
 
 
@@ -55,7 +56,7 @@ class Setup:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
-  source: Any  # a data source (mcl_jax.data.pipeline's protocol)
+  source: data_protocol.Source
   steps_per_epoch: int
   total_steps: int
   tx: optax.GradientTransformation
@@ -94,8 +95,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
             mesh: jax.sharding.Mesh | None = None) -> Setup:
   """The data source, the step counts and the optimiser of a (validated) config."""
   from mcl_jax import data  # TensorFlow stays unimported for in-memory data.
+  from mcl_jax import regimes
+  from mcl_jax.data import views
   mesh = mesh or sharding_lib.make_mesh()
-  source = data.make_source(config.input)
+  two_views = regimes.get(config.trainer).two_views
+  source = data.make_source(
+      config.input,
+      two_view_crop_scale=views.VIEW_SPECS[config.ssl.views].crop_scale if two_views else None)
   num_train, batch = source.num_train, config.input.global_batch_size
   steps_per_epoch = num_train // batch
   if steps_per_epoch < 1:
@@ -126,18 +132,26 @@ def count_over_split(setup: Setup, split: str,
   return totals
 
 
-def embed_split(setup: Setup, embed_batch: Callable[[jax.Array], jax.Array],
-                images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """`embed_batch(global images) -> [M, b, F]` over a whole split: [M, N, F] in order, the
-  padding of the last batch dropped (the kNN monitor's features)."""
-  from mcl_jax.data import pipeline
-  batch_size = setup.eval_batch_size()
-  chunks = []
-  for batch in pipeline.eval_batches(images, labels, batch_size):
-    local = batch["image"][sharding_lib.process_slice(batch_size)]
-    features = embed_batch(sharding_lib.global_batch(local, setup.mesh))
-    chunks.append(np.asarray(features)[:, batch["mask"] > 0])
-  return np.concatenate(chunks, axis=1)
+def embed_split(setup: Setup, embed_batch: Callable[[jax.Array], jax.Array], split: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """`embed_batch(global images) -> [M, b, F]` over one whole split of the source (an eval
+  split, or data.protocol.TRAIN_SPLIT un-augmented): (features [M, N, F], labels [N]) in
+  order, the padding of the last batch dropped (the kNN monitor's features)."""
+  chunks, labels = [], []
+  for local in setup.source.eval_batches(split, setup.eval_batch_size()):
+    features = embed_batch(sharding_lib.global_batch(local["image"], setup.mesh))
+    keep = _all_processes(local["mask"]) > 0
+    chunks.append(np.asarray(features)[:, keep])
+    labels.append(_all_processes(local["label"])[keep])
+  return np.concatenate(chunks, axis=1), np.concatenate(labels)
+
+
+def _all_processes(local: np.ndarray) -> np.ndarray:
+  """A batch entry of every process, in process order: the global batch's rows."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def export_meta(setup: Setup, *, num_classes: int, **extra: Any) -> dict[str, Any]:
@@ -167,10 +181,15 @@ class Task(Protocol):
   # The jitted step `train_step` runs (sharding.compile_step): what `mcl-plan` lowers and
   # compiles ahead of time for an accelerator, and tests check is traced once.
   compiled_train_step: Any
+  # The jitted evaluation step (supervised, probe: correct-prediction counts over an eval
+  # batch; MoCo, SimCLR: the kNN monitor's features), and `eval_step_inputs(state, batch)`
+  # the arguments it takes for an eval batch: what `mcl-plan` compiles next to the step.
+  compiled_eval_step: Any
 
   def abstract_state(self) -> Any: ...  # shapes and dtypes of init_state's, nothing allocated
   def init_state(self) -> Any: ...
   def train_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict]: ...
+  def eval_step_inputs(self, state: Any, batch: dict[str, jax.Array]) -> tuple: ...
   def evaluate(self, state: Any) -> Any: ...
   def eval_scalars(self, result: Any) -> dict[str, float]: ...
   def format_eval(self, result: Any) -> str: ...

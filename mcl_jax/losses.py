@@ -35,6 +35,15 @@ def mcl_weights(loss_cfg) -> dict[str, float]:
   return {term: float(loss_cfg[f"{term}_weight"]) for term in MCL_TERMS}
 
 
+def weighted_mcl(terms: LossDict, loss_cfg, soft_scale: Array | float = 1.0,
+                 start: Array | float = 0.0) -> Array:
+  """start + sum over the four MCL terms of weight x term, the soft terms' weights times
+  `soft_scale` (`soft_term_ramp`): docs/SPEC.md 2.5, the sum every regime trains."""
+  weights = mcl_weights(loss_cfg)
+  return jnp.asarray(sum((weights[name] * (soft_scale if name in SOFT_TERMS else 1.0) *
+                          terms[name] for name in MCL_TERMS), start))
+
+
 def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
   """The factor on the soft terms' weights: min(1, (step + 1) / ramp_steps), 1 without ramp.
 

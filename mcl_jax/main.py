@@ -4,8 +4,9 @@ r"""Entry point: `mcl-train --config=<experiment>[:ARG] --workdir=DIR` (or
 Flags only: the trainers are libraries (`mcl_jax.jobs.run`). `--config` names one of the
 package's configs (`fashion_mnist:mcl_x2`, `cifar100_resnet32.py:mcl_x4`) or a config file
 of your own; its fields can be overridden on the command line (`--config.optim.lr=0.05`),
-and `:ARG` is passed to the config's `get_config` ('variant[,smoke]'). Multi-process runs (TPU pods, SLURM, explicit coordinator flags)
-initialise `jax.distributed` before any device is touched.
+and `:ARG` is passed to the config's `get_config` ('variant[,smoke]'). Multi-process runs
+(TPU pods, SLURM, explicit coordinator flags) initialise `jax.distributed` before any device
+is touched.
 
 Bad input (an unknown field or architecture, an impossible batch split, a workdir that
 cannot be written) ends with one sentence on stderr and exit status 2, not a traceback.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -56,7 +58,7 @@ def _define_flags() -> None:
 # own, so long compiles or slow steps do not delay them, and 60 s still leaves a loaded
 # host's scheduler hiccups far behind. (A peer that dies with its sockets, as a killed
 # process does, is usually noticed sooner: the next collective fails at once; see
-# `_lost_process_sentence`.)
+# `lost_process_sentence`.)
 HEARTBEAT_TIMEOUT_S = 60
 # How long a process waits at start-up for all the others to join (a pod's hosts may start
 # minutes apart), and how long the coordinator waits at the end for all to finish: JAX's
@@ -90,10 +92,11 @@ def _exit_now(message: str, status: int) -> None:
   os._exit(status)
 
 
-def _lost_process_sentence(error: Exception, workdir: str) -> str | None:
+def lost_process_sentence(error: Exception, workdir: str) -> str | None:
   """One sentence naming the lost process(es) when `error` (raised by a collective or the
   coordination service of a multi-process run) says a peer is gone; None otherwise."""
   import jax
+
   from mcl_jax import checkpointing
   text = str(error)
   count, me = jax.process_count(), jax.process_index()
@@ -127,7 +130,7 @@ def _processes_not_alive(count: int) -> list[int]:
     return []
   if client is None:
     return []
-  answer: dict[str, object] = {}
+  answer: dict[str, Any] = {}
 
   def ask():
     try:
@@ -165,7 +168,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**_distributed_timeouts())
 
 
-def _distributed_timeouts() -> dict[str, int]:
+def _distributed_timeouts() -> dict[str, Any]:
   if FLAGS.heartbeat_timeout_s < 1:
     fail(f"--heartbeat_timeout_s={FLAGS.heartbeat_timeout_s} must be at least 1.")
   return {"initialization_timeout": INITIALIZATION_TIMEOUT_S,
@@ -198,7 +201,7 @@ def main(argv):
   except checkpointing.DiskFullError as e:
     _exit_now(str(e), EXIT_DISK_FULL)
   except jax.errors.JaxRuntimeError as e:
-    sentence = _lost_process_sentence(e, FLAGS.workdir)
+    sentence = lost_process_sentence(e, FLAGS.workdir)
     if sentence is None:
       raise
     _exit_now(sentence, EXIT_LOST_PROCESS)

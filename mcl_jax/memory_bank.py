@@ -21,8 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
 
 Array = jax.Array
 DATA_AXIS = "data"

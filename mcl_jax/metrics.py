@@ -10,9 +10,8 @@ reports each member, the best member, the members' mean and the ensemble (mean o
 """
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +110,9 @@ def cohort_health(embeddings: jax.Array, *, own_loss: jax.Array | None = None,
   `contrastive_vs_chance`. `loop.CollapseWatch` reads them from the logged metrics."""
   health = embedding_health(embeddings, head_hidden)
   if own_loss is not None:
+    if num_candidates is None:
+      raise ValueError("cohort_health: own_loss needs num_candidates (its chance value is "
+                       "log(num_candidates)).")
     health["contrastive_vs_chance"] = contrastive_vs_chance(own_loss, num_candidates)
   return health
 
@@ -140,6 +142,19 @@ def cohort_accuracy(counts: dict[str, Any]) -> dict[str, np.ndarray]:
   return {"top1": np.asarray(counts["top1"]) / total, "top5": np.asarray(counts["top5"]) / total}
 
 
+def member_scalars(members: np.ndarray, prefix: str, summaries: bool | None = None
+                   ) -> dict[str, float]:
+  """`{prefix}/member_m` for each member's value, and `{prefix}/best_member`,
+  `{prefix}/members_mean` (by default when there are several members): the one naming
+  scheme of every evaluation (`{split}/{metric}/...`)."""
+  members = np.asarray(members, np.float64).reshape(-1)
+  out = {f"{prefix}/member_{m}": float(v) for m, v in enumerate(members)}
+  if members.size > 1 if summaries is None else summaries:
+    out[f"{prefix}/best_member"] = float(members.max())
+    out[f"{prefix}/members_mean"] = float(members.mean())
+  return out
+
+
 def accuracy_scalars(accuracy: dict[str, np.ndarray], prefix: str = "") -> dict[str, float]:
   """Named scalars of a cohort accuracy [M + 1] (last = ensemble), e.g. for TensorBoard:
   `top1/member_0`, ..., `top1/best_member`, `top1/members_mean`, `top1/ensemble`."""
@@ -147,11 +162,8 @@ def accuracy_scalars(accuracy: dict[str, np.ndarray], prefix: str = "") -> dict[
   for name, values in accuracy.items():
     values = np.asarray(values, np.float64).reshape(-1)
     members = values[:-1] if values.size > 1 else values
-    for m, v in enumerate(members):
-      out[f"{prefix}{name}/member_{m}"] = float(v)
+    out.update(member_scalars(members, f"{prefix}{name}", summaries=values.size > 1))
     if values.size > 1:
-      out[f"{prefix}{name}/best_member"] = float(members.max())
-      out[f"{prefix}{name}/members_mean"] = float(members.mean())
       out[f"{prefix}{name}/ensemble"] = float(values[-1])
   return out
 

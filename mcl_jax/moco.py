@@ -55,7 +55,9 @@ from mcl_jax import models
 from mcl_jax import numerics
 from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
+from mcl_jax import train_state
 from mcl_jax.data import views as data_views
+from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
 from mcl_jax.models import layers
 
@@ -197,7 +199,7 @@ def build_encoders(config: ml_collections.ConfigDict,
       arch=config.model.arch, num_classes=num_classes,
       num_members=config.cohort.num_members, shared_stages=config.model.shared_stages,
       embed_dim=dim, strategy=config.model.strategy, head="none",
-      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
+      dtype=train_state.compute_dtype(config))
   return MocoEncoders(cohort, image_shape, dim=dim, mlp=mlp)
 
 
@@ -223,7 +225,7 @@ def create_state(encoders: MocoEncoders, tx: optax.GradientTransformation, rng: 
 
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return train_state.initialise(init, rng, shardings)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -278,9 +280,7 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
       encoders, {"params": params, "batch_stats": batch_stats}, images, bn_groups)
   terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau,
                           kd_temperature=loss_cfg.kd_temperature)
-  weights = losses.mcl_weights(loss_cfg)
-  total = sum(weights[name] * (soft_scale if name in losses.SOFT_TERMS else 1.0) * terms[name]
-              for name in losses.MCL_TERMS)
+  total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
   metrics = dict(terms)
   if loss_cfg.co2_weight:
     metrics["co2"] = losses.co2(q, keys, queues, temperature=loss_cfg.co2_temperature,
@@ -305,27 +305,26 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
 def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Array], *,
                encoders: MocoEncoders, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict, key_momentum: float,
-               views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
+               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
+               views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
                soft_ramp_steps: float = 0.0, shuffle_bn_groups: int = 0
                ) -> tuple[MocoState, dict[str, Array]]:
   """One MoCo-MCL step of the whole cohort (order: module docstring).
 
-  batch: either `index` [B] of the training set held on device (consts['train_image']),
-  or host-made crops `image`, `image2` [B, S, S, C] (streaming sources).
+  batch: what the source's train_batches yielded; `materialize(consts, batch)` and
+  `views(rng, batch)` (the source's, data.protocol.Source) make the query and key views
+  from it on device.
   shuffle_bn_groups: 0 (the default), BN over the global batch in both encoders; G > 0,
   shuffle-BN with G groups (`num_bn_groups`; module docstring), its permutation drawn from
   the state's rng.
   """
-  if "image" in batch:
-    images, images2 = batch["image"], batch.get("image2")
-  else:
-    images, images2 = consts["train_image"][batch["index"]], None
+  batch = materialize(consts, batch)
   shuffle_rng = None
   if shuffle_bn_groups:
     rng, view_rng, shuffle_rng = jax.random.split(state.rng, 3)
   else:
     rng, view_rng = jax.random.split(state.rng)
-  x_q, x_k = views(view_rng, images, images2)
+  x_q, x_k = views(view_rng, batch)
   key_params = momentum_update(state.key_params, state.params, key_momentum)
   keys, key_stats = compute_keys(
       encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k,
@@ -360,8 +359,8 @@ class MocoTask:
   """MoCo-MCL pre-training as a `loop.Task`: the state, the step, the kNN monitor, meta.
 
   `views` replaces the recipe named by `config.ssl.views` (tests pass an identity recipe);
-  the loss, head and tau stay the config's. evaluate(state) -> `knn_accuracy`, or None for
-  streaming sources (judged by the linear probe instead).
+  the loss, head and tau stay the config's. evaluate(state) -> the kNN monitor's accuracies
+  (`knn.Monitor`).
   """
   # What loop.CollapseWatch's warning recommends (docs/MOCO.md, "Collapse").
   collapse_remedy = ("MoCo + MCL collapsed this way on Fashion-MNIST through its ICL term: "
@@ -376,9 +375,8 @@ class MocoTask:
     self.setup = setup
     config, mesh, source = setup.config, setup.mesh, setup.source
     self.spec = views or data_views.VIEW_SPECS[config.ssl.views]
-    source.use_two_views(self.spec.crop_scale)  # streaming: two host crops per image
     self.encoders = build_encoders(config, source.image_shape)
-    self.views = data_views.source_views(source, self.spec, self.encoders.cohort.dtype)
+    self.views = source.two_views(self.spec, self.encoders.cohort.dtype)
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
@@ -397,12 +395,14 @@ class MocoTask:
                      f"{config.model.arch} x{config.cohort.num_members}")
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
-        key_momentum=config.moco.key_momentum, views=self.views,
+        key_momentum=config.moco.key_momentum,
+        materialize=functools.partial(source.materialize, labels=False), views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
         shuffle_bn_groups=self.bn_groups), self.shardings, mesh)
-    self.compiled_embed_step = sharding_lib.compile_embed(
+    self.compiled_eval_step = sharding_lib.compile_embed(
         functools.partial(embed_step, encoders=self.encoders,
                           preprocess=source.eval_preprocess), mesh)
+    self.monitor = knn.Monitor(setup, self.compiled_eval_step)
 
   def abstract_state(self) -> MocoState:
     return jax.eval_shape(self.init_state)
@@ -412,27 +412,18 @@ class MocoTask:
     return create_state(self.encoders, self.setup.tx, jax.random.PRNGKey(config.seed),
                         self.setup.mesh, queue_size=config.moco.queue_size)
 
+  def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
+    """The kNN monitor's feature step takes the query backbones' variables and images."""
+    return (state.params, state.batch_stats, batch["image"])
+
   def train_step(self, state: MocoState, batch: dict[str, Array]) -> tuple[MocoState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  # -- the kNN monitor
-  def embed_split(self, state: MocoState, images: np.ndarray, labels: np.ndarray
-                  ) -> np.ndarray:
-    """Pooled query-backbone features [M, N, F] of a whole split."""
-    return loop.embed_split(self.setup, lambda x: self.compiled_embed_step(
-        state.params, state.batch_stats, x), images, labels)
+  def evaluate(self, state: MocoState) -> dict[str, np.ndarray]:
+    """`knn.monitor` of the members' backbone features (knn.Monitor)."""
+    return self.monitor.evaluate(state)
 
-  def knn_accuracy(self, state: MocoState) -> dict[str, np.ndarray] | None:
-    """`knn.monitor` of the query backbones' features (None for streaming sources)."""
-    return knn.monitor(self.setup.source, lambda im, lb: self.embed_split(state, im, lb))
-
-  def evaluate(self, state: MocoState) -> dict[str, np.ndarray] | None:
-    return self.knn_accuracy(state)
-
-  @staticmethod
-  def eval_scalars(result: dict[str, np.ndarray]) -> dict[str, float]:
-    return loop.flatten_metrics(result, "knn/")
-
+  eval_scalars = staticmethod(knn.monitor_scalars)
   format_eval = staticmethod(knn.format_monitor)
 
   def meta(self) -> dict[str, Any]:

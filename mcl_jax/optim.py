@@ -8,7 +8,7 @@ epochs; the schedule turns them into steps with the run's steps per epoch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

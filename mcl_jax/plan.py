@@ -33,12 +33,12 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Iterator
 
 import numpy as np
 
+from mcl_jax import errors
 from mcl_jax.errors import ConfigError
 
 
@@ -252,25 +252,11 @@ def build(config: Any, topology: str) -> Planned:
   source, batch_size = setup.source, setup.global_batch
   split = sharding_lib.batch_sharded(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
-  image = spec((batch_size, *source.image_shape), np.uint8)
-  if hasattr(source, "train_images"):  # in memory: the step gathers its batch by index
-    batch = {"index": spec((batch_size,), np.int32)}
-  else:  # streamed: host-decoded crops
-    batch = {"image": image, "label": spec((batch_size,), np.int32),
-             "index": spec((batch_size,), np.int32)}
-    if getattr(source, "two_view_crop_scale", None) is not None:
-      batch["image2"] = image
+  batch = {k: spec(v.shape, v.dtype) for k, v in source.abstract_train_batch(batch_size).items()}
   eval_size = setup.eval_batch_size()
   eval_batch = {"image": spec((eval_size, *source.image_shape), np.uint8),
                 "label": spec((eval_size,), np.int32), "mask": spec((eval_size,), np.float32)}
-  eval_args, eval_fn = None, None
-  if hasattr(task, "compiled_eval_step"):  # supervised, probe: counts over a padded eval batch
-    eval_fn = task.compiled_eval_step
-    eval_args = (state, eval_batch) + ((task.consts["frozen"],) if "frozen" in task.consts
-                                       else ())
-  elif hasattr(task, "compiled_embed_step"):  # MoCo, SimCLR: the kNN monitor's features
-    eval_fn = task.compiled_embed_step
-    eval_args = (state.params, state.batch_stats, eval_batch["image"])
+  eval_fn, eval_args = task.compiled_eval_step, task.eval_step_inputs(state, eval_batch)
   return Planned(config, topology, mesh, task, state, batch, eval_args, eval_fn)
 
 
@@ -559,9 +545,6 @@ def _define_flags() -> None:
   flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -569,12 +552,12 @@ def main(argv: list[str]) -> None:
   from mcl_jax import config_lib
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    _fail(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
+    errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   try:
     if FLAGS.all:
       configs = [(name, load_config(name)) for name in config_lib.experiment_names()]
     elif FLAGS.config is None:
-      _fail("pass --config=NAME[:ARG] (or --all).")
+      errors.exit_with("pass --config=NAME[:ARG] (or --all).")
     else:
       configs = [(None, FLAGS.config)]
     chip_spec(FLAGS.topology)
@@ -599,7 +582,7 @@ def main(argv: list[str]) -> None:
         with open(FLAGS.json_out, "a") as f:
           f.write(json.dumps(result) + "\n")
   except ConfigError as e:
-    _fail(str(e))
+    errors.exit_with(str(e))
 
 
 def run_cli() -> None:

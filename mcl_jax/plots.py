@@ -196,7 +196,8 @@ CURVE_PANELS = (
     ("losses", ("train/loss", "train/vcl", "train/icl", "train/soft_vcl", "train/soft_icl",
                 "train/logit_kd", "train/ce/")),
     ("training accuracy and evaluation", ("train/accuracy/", "train/instance_accuracy/",
-                                          "eval/top1/", "val/top1/", "knn/")),
+                                          "test/top1/", "validation/top1/",
+                                          "test/knn_top1/", "validation/knn_top1/")),
     ("embedding health (mean pairwise cosine, dead head units)",
      ("train/embed_cosine/", "train/head_dead_units/")),
     ("learning rate", ("train/learning_rate",)),
@@ -277,7 +278,7 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
   _, _, meta = export_lib.read_checkpoint(workdir)
   from mcl_jax import regimes
   cohorts = [r.name for r in regimes.all_regimes() if r.exportable]
-  if meta.get("trainer") not in cohorts:
+  if "trainer" not in meta or not regimes.get(meta["trainer"]).exportable:
     raise ValueError(f"{workdir} is a {meta.get('trainer')!r} run; mcl-plot draws the members "
                      f"of a cohort run ({', '.join(cohorts)}).")
   config = config_lib.config_from_json(meta["config"])
@@ -296,7 +297,8 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
       break
   images, labels = np.concatenate(images)[:examples], np.concatenate(labels)[:examples]
   if regimes.self_supervised(config.trainer):
-    return {"features": run.task.embed_split(run.state, images, labels), "labels": labels}
+    features, _ = run.task.monitor.embed_split(run.state, split)
+    return {"features": features[:, :examples], "labels": labels}
   model, state = run.task.model, run.state
   apply = jax.jit(lambda x: model.apply({"params": state.params,
                                          "batch_stats": state.batch_stats}, x, train=False))

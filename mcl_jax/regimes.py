@@ -5,7 +5,8 @@ A regime is one module (`mcl_jax.supervised`, `mcl_jax.moco`, `mcl_jax.simclr`,
 `build_task(setup)`. The job runner, config validation, export, plots, the planner and the
 reproduction runner ask this registry (`get(config.trainer)`, `names()`) instead of
 spelling a regime's name, so adding a regime is writing its module, adding it to
-`MODULES`, and its test (docs/DESIGN.md, "How to add a regime").
+`MODULES`, and its test (docs/DESIGN.md, "How to add a regime"); a regime kept outside the
+package is named by its module path (`get`).
 
 `config.trainer` names the regime. `config.loss.regime` chooses among the contrastive
 candidate sets a regime's step trains (`Regime.loss_regimes`): the supervised step takes
@@ -83,16 +84,28 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Regime:
-  """The regime `config.trainer == name` trains; ValueError for an unknown name."""
+  """The regime `config.trainer == name` trains; ValueError for an unknown name.
+
+  A name that is not one of `names()` but a dotted module path (`my_project.my_regime`)
+  is a regime outside the package: that module is imported and its REGIME returned, so a
+  project adds its own regime without editing this one (its REGIME.name must be the path).
+  """
   for regime in all_regimes():
     if regime.name == name:
       return regime
-  raise ValueError(f"Unknown regime {name!r}; the registered ones are {', '.join(names())}.")
-
-
-def loss_regimes() -> tuple[str, ...]:
-  """The values `config.loss.regime` may take, over every regime."""
-  return tuple(dict.fromkeys(lr for r in all_regimes() for lr in r.loss_regimes))
+  if "." in name:
+    try:
+      module = importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"Unknown regime {name!r}: it is not one of {', '.join(names())}, "
+                       f"and importing it as a module failed ({e}).") from None
+    regime = getattr(module, "REGIME", None)
+    if not isinstance(regime, Regime) or regime.name != name:
+      raise ValueError(f"Module {name} declares no REGIME = regimes.Regime(name={name!r}, "
+                       "...); a regime module must.")
+    return regime
+  raise ValueError(f"Unknown regime {name!r}; the registered ones are {', '.join(names())} "
+                   "(or give the dotted path of a module that declares REGIME).")
 
 
 def self_supervised(name: str) -> bool:

@@ -24,7 +24,6 @@ of a tiny network). The scheduler starts each child as this command with `--run_
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 from absl import app
@@ -32,6 +31,7 @@ from absl import flags
 
 # `load_suite`, `select_rows`, `run_all` and `write_report` are also this module's names
 # for the callers that drive the runner as a library (mcl_jax/demo.py).
+from mcl_jax import errors
 from mcl_jax.reproduce_eval import train_one
 from mcl_jax.reproduce_report import write_report
 from mcl_jax.reproduce_schedule import run_all
@@ -64,7 +64,7 @@ def main(argv: Sequence[str]) -> None:
   from mcl_jax import loop
   loop.quiet_library_logs()
   if not FLAGS.workdir:
-    _fail("--workdir is required: the folder for the runs and the results.")
+    errors.exit_with("--workdir is required: the folder for the runs and the results.")
   try:
     config_module, rows, tables = load_suite(FLAGS.suite)
     seeds = [int(s) for s in FLAGS.seeds]
@@ -79,16 +79,13 @@ def main(argv: Sequence[str]) -> None:
               smoke=FLAGS.smoke)
     text = write_report(FLAGS.suite, chosen, tables, seeds, FLAGS.workdir)
   except (ValueError, RuntimeError, FileNotFoundError) as e:
-    _fail(str(e))
+    errors.exit_with(str(e))
   if text is None:
-    _fail(f"No finished run in {FLAGS.workdir} yet.")
+    errors.exit_with(f"No finished run in {FLAGS.workdir} yet.")
   print("\n" + text)
   print(f"Wrote {os.path.join(FLAGS.workdir, 'results.md')} and results.png.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def run_cli() -> None:

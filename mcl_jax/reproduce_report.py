@@ -57,7 +57,7 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
       return None
     top1 = 100 * np.asarray([r["eval"][split]["top1"] for r in results])  # [seeds, M + 1]
     members = top1[:, :-1]
-    return {"kind": "supervised", "members": members, "mean": members.mean(1),
+    return {"kind": "classifier", "members": members, "mean": members.mean(1),
             "best": members.max(1), "ensemble": top1[:, -1]}
   prefix = "" if split == "test" else "val_"
   if prefix + "top1" not in results[0]["probe"]:
@@ -65,7 +65,7 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test"
   knn200 = 100 * np.asarray([r["knn"][prefix + "top1"] for r in results])
   knn20 = 100 * np.asarray([r["knn"][prefix + "top1_k20"] for r in results])
   probe = 100 * np.asarray([r["probe"][prefix + "top1"] for r in results])
-  summary = {"kind": "ssl", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
+  summary = {"kind": "probed", "members": probe, "mean": probe.mean(1), "best": probe.max(1),
              "knn200": knn200.mean(1), "knn20": knn20.mean(1)}
   if all("logreg_probe" in r for r in results):
     logreg = 100 * np.asarray([r["logreg_probe"][prefix + "top1"] for r in results])
@@ -105,10 +105,10 @@ def _collapse_cell(results: Sequence[dict[str, Any]]) -> str:
 
 
 # Figures compared seed by seed between two rows of a table: (row_summary key, name).
-PAIRED_FIGURES = {"supervised": (("mean", "members' mean"), ("best", "best member"),
+PAIRED_FIGURES = {"classifier": (("mean", "members' mean"), ("best", "best member"),
                                  ("ensemble", "ensemble")),
-                  "ssl": (("logreg", "LR probe members' mean"), ("mean", "probe members' mean"),
-                          ("knn20", "kNN k=20 members' mean"))}
+                  "probed": (("logreg", "LR probe members' mean"),
+                             ("mean", "probe members' mean"), ("knn20", "kNN k=20 members' mean"))}
 
 
 def paired_difference(values: Sequence[float]) -> tuple[float, float, float]:
@@ -218,7 +218,7 @@ def plot(rows: Sequence[Row], tables: dict[str, str], results: dict[str, list[di
   for i, (_, title, table_rows) in enumerate(panels):
     ax = fig.add_subplot(len(panels), 1, i + 1)
     summaries = [row_summary(results[r.name]) for r in table_rows]
-    if summaries[0]["kind"] == "ssl":
+    if summaries[0]["kind"] == "probed":
       series = [("SGD probe, members' mean", "mean"), ("SGD probe, best member", "best"),
                 ("kNN k=200, members' mean", "knn200")]
       if all("logreg" in s for s in summaries):

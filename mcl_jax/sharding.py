@@ -7,11 +7,14 @@ process's local share, so the same code runs on one CPU and on a TPU pod.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -49,7 +52,8 @@ def process_slice(global_size: int) -> slice:
   return slice(start, start + per_process)
 
 
-def compile_step(step_fn: Callable[..., Any], state_shardings: Any, mesh: Mesh) -> Callable:
+def compile_step(step_fn: Callable[..., Any], state_shardings: Any, mesh: Mesh
+                 ) -> jax.stages.Wrapped:
   """jit of `step_fn(state, batch, consts) -> (state, metrics)` with its shardings.
 
   The state keeps `state_shardings` and is donated (updated in place), the batch is split
@@ -61,7 +65,7 @@ def compile_step(step_fn: Callable[..., Any], state_shardings: Any, mesh: Mesh) 
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def compile_embed(embed_fn: Callable[..., Any], mesh: Mesh) -> Callable:
+def compile_embed(embed_fn: Callable[..., Any], mesh: Mesh) -> jax.stages.Wrapped:
   """jit of `embed_fn(params, batch_stats, images)` for the kNN monitor: the variables
   replicated, the images split over `data`, the features gathered (replicated)."""
   return jax.jit(embed_fn,

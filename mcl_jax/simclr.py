@@ -39,6 +39,7 @@ from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
 from mcl_jax.data import views as data_views
+from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
 
 Array = jax.Array
@@ -61,9 +62,7 @@ def simclr_loss(params: Any, batch_stats: Any, views: Array, image_ids: Array, *
   z = out["embeddings"]
   terms = losses.batch_mcl(z, image_ids, tau=loss_cfg.tau,
                            kd_temperature=loss_cfg.kd_temperature)
-  weights = losses.mcl_weights(loss_cfg)
-  total = sum(weights[name] * (soft_scale if name in losses.SOFT_TERMS else 1.0) * terms[name]
-              for name in losses.MCL_TERMS)
+  total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
   metrics = {**terms, "loss": total}
   # Per member: how often the other view is the nearest of the 2B - 1 (instance accuracy).
   zs = jax.lax.stop_gradient(z)
@@ -82,19 +81,17 @@ def train_step(state: train_state.TrainState, batch: dict[str, Array], consts: d
                *,
                model: models.Cohort, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict,
-               views: Callable[[Array, Array, Array | None], tuple[Array, Array]],
+               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
+               views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
                soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One step: two views of every image, the in-batch MCL terms, SGD.
 
-  batch: `index` [B] of the training set held on device (consts['train_image']), or
-  host-made crops `image`, `image2` (streaming sources).
+  batch: what the source's train_batches yielded; `materialize(consts, batch)` and
+  `views(rng, batch)` (the source's, data.protocol.Source) make the two views on device.
   """
-  if "image" in batch:
-    images, images2 = batch["image"], batch.get("image2")
-  else:
-    images, images2 = consts["train_image"][batch["index"]], None
+  batch = materialize(consts, batch)
   rng, view_rng = jax.random.split(state.rng)
-  x, ids = interleave(*views(view_rng, images, images2))
+  x, ids = interleave(*views(view_rng, batch))
   grad_fn = jax.grad(functools.partial(
       simclr_loss, model=model, loss_cfg=loss_cfg,
       soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps)), has_aux=True)
@@ -130,10 +127,9 @@ class SimclrTask:
     self.setup = setup
     config, mesh, source = setup.config, setup.mesh, setup.source
     self.spec = views or data_views.VIEW_SPECS[config.ssl.views]
-    source.use_two_views(self.spec.crop_scale)
     self.num_classes = train_state.num_classes(config, source)  # the (unused) classifier's width
     self.model = train_state.build_model(config, self.num_classes)
-    self.views = data_views.source_views(source, self.spec, self.model.dtype)
+    self.views = source.two_views(self.spec, self.model.dtype)
     self.describe = (f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
                      f"x{config.cohort.num_members}")
     self.eval_every_epochs = config.ssl.knn_every_epochs
@@ -141,11 +137,13 @@ class SimclrTask:
     self.consts.pop("train_label", None)  # no labels in self-supervised training
     self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss, views=self.views,
+        train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
+        materialize=functools.partial(source.materialize, labels=False), views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
-    self.compiled_embed_step = sharding_lib.compile_embed(
+    self.compiled_eval_step = sharding_lib.compile_embed(
         functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
+    self.monitor = knn.Monitor(setup, self.compiled_eval_step)
 
   def abstract_state(self) -> train_state.TrainState:
     setup = self.setup
@@ -157,22 +155,19 @@ class SimclrTask:
     return train_state.create_train_state(self.model, setup.tx, setup.source.image_shape,
                                     jax.random.PRNGKey(setup.config.seed), setup.mesh)
 
+  def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
+    """The kNN monitor's feature step takes the query backbones' variables and images."""
+    return (state.params, state.batch_stats, batch["image"])
+
   def train_step(self, state: train_state.TrainState, batch: dict[str, Array]
                  ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def embed_split(self, state: train_state.TrainState, images: np.ndarray, labels: np.ndarray
-                  ) -> np.ndarray:
-    return loop.embed_split(self.setup, lambda x: self.compiled_embed_step(
-        state.params, state.batch_stats, x), images, labels)
+  def evaluate(self, state: train_state.TrainState) -> dict[str, np.ndarray]:
+    """`knn.monitor` of the members' backbone features (knn.Monitor)."""
+    return self.monitor.evaluate(state)
 
-  def evaluate(self, state: train_state.TrainState) -> dict[str, np.ndarray] | None:
-    return knn.monitor(self.setup.source, lambda im, lb: self.embed_split(state, im, lb))
-
-  @staticmethod
-  def eval_scalars(result: dict[str, np.ndarray]) -> dict[str, float]:
-    return loop.flatten_metrics(result, "knn/")
-
+  eval_scalars = staticmethod(knn.monitor_scalars)
   format_eval = staticmethod(knn.format_monitor)
 
   def meta(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mcl_jax import numerics
 from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
+from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------- losses
@@ -62,10 +63,8 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
     if terms is None:
       terms = losses.batch_mcl(outputs["embeddings"], labels, tau=loss_cfg.tau,
                                kd_temperature=loss_cfg.kd_temperature)
-    for name, weight in weights.items():
-      metrics[name] = terms[name]
-      scale = soft_scale if name in losses.SOFT_TERMS else 1.0
-      total = total + weight * scale * terms[name]
+    metrics.update({name: terms[name] for name in losses.MCL_TERMS})
+    total = losses.weighted_mcl(terms, loss_cfg, soft_scale, start=total)
   if loss_cfg.logit_kd_weight != 0:
     kd = losses.logit_kd(logits, temperature=loss_cfg.kd_temperature,
                          targets=loss_cfg.logit_kd_targets)
@@ -137,20 +136,19 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
                consts: dict[str, jax.Array],
                *, model: models.Cohort, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.ConfigDict,
+               materialize: Callable[..., dict[str, jax.Array]] = data_protocol.as_given,
                preprocess: Callable[[jax.Array, jax.Array], jax.Array],
                bank_ops: BankOps | None = None,
                bank_momentum: float = 0.5,
                soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict]:
   """One SGD step of the whole cohort.
 
-  batch: either image [B, ...], label [B], index [B] (streamed from the host), or only
-  index [B], gathered here from the training set kept on device (consts['train_image'],
-  consts['train_label']). consts also carries the bank's class table.
+  batch: what the source's train_batches yielded; `materialize(consts, batch)` (the
+  source's, data.protocol.Source) turns it into image [B, ...], label [B], index [B] here,
+  on device. consts: the source's device arrays, and the bank's class table.
   soft_ramp_steps: steps over which the soft terms' weights ramp in (losses.soft_term_ramp).
   """
-  if "image" not in batch:  # In-memory dataset: the batch is its example indices.
-    batch = {"image": consts["train_image"][batch["index"]],
-             "label": consts["train_label"][batch["index"]], "index": batch["index"]}
+  batch = materialize(consts, batch)
   rng, aug_rng, sample_rng = jax.random.split(state.rng, 3)
   images = preprocess(aug_rng, batch["image"])
   labels, own_idx = batch["label"], batch["index"]
@@ -199,12 +197,11 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
 
 
 def cohort_eval_scalars(result: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
-  """`eval/top1/member_0`, ..., `eval/top1/best_member`, `eval/top1/ensemble` for the test
-  split and `val/...` for the validation split."""
+  """`{split}/{metric}/{member_m|best_member|members_mean|ensemble}`: e.g.
+  `test/top1/member_0`, `test/top1/best_member`, `validation/top5/ensemble`."""
   scalars = {}
   for split, accuracy in result.items():
-    prefix = "eval/" if split == "test" else "val/"
-    scalars.update(metrics_lib.accuracy_scalars(accuracy, prefix))
+    scalars.update(metrics_lib.accuracy_scalars(accuracy, f"{split}/"))
   return scalars
 
 
@@ -247,7 +244,8 @@ class SupervisedTask:
     self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
     self.compiled_train_step = sharding_lib.compile_step(functools.partial(
         train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
-        preprocess=source.train_preprocess, bank_ops=self.bank_ops,
+        materialize=source.materialize, preprocess=source.train_preprocess,
+        bank_ops=self.bank_ops,
         bank_momentum=config.bank.momentum,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
         self.shardings, mesh)
@@ -263,6 +261,9 @@ class SupervisedTask:
     return train_state.create_train_state(
         self.model, self.setup.tx, self.setup.source.image_shape,
         jax.random.PRNGKey(self.setup.config.seed), self.setup.mesh, bank_rows=self.bank_rows)
+
+  def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
+    return (state, batch)
 
   def train_step(self, state: train_state.TrainState, batch: dict[str, jax.Array]
                  ) -> tuple[train_state.TrainState, dict]:

@@ -5,14 +5,12 @@ part of it lives on the mesh. Every regime whose members are `models.Cohort` net
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from mcl_jax import memory_bank
@@ -30,6 +28,11 @@ class TrainState(flax.struct.PyTreeNode):
   bank: jax.Array | None = None  # [M, N, d] memory bank (loss.regime == "bank"), row-sharded.
 
 
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """The activations' dtype `config.model.dtype` names (parameters stay float32)."""
+  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Cohort:
   return models.Cohort(
       arch=config.model.arch,
@@ -38,12 +41,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.C
       shared_stages=config.model.shared_stages,
       embed_dim=config.model.embed_dim,
       strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
-      dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
+      dtype=compute_dtype(config),
       head=config.model.head, head_norm=config.model.head_norm)
 
 
-def _init_variables(model: models.Cohort, tx: optax.GradientTransformation,
-                    image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+def init_variables(model: models.Cohort, tx: optax.GradientTransformation,
+                   image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+  """Params, BN statistics and optimiser state of a freshly initialised cohort."""
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
           "opt_state": tx.init(variables["params"])}
@@ -66,9 +70,26 @@ def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
     init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
     bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
     return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
-                      **_init_variables(model, tx, image_shape, init_rng))
+                      **init_variables(model, tx, image_shape, init_rng))
 
   return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+# The state is initialised by one jitted function with output shardings (every regime the
+# same way). It runs once, so XLA's backend optimisations buy nothing there, and with them
+# compiling the init of M deep networks (a random-bits kernel per parameter) took longer
+# than running it op by op; without them it is the faster of the two (docs/PERFORMANCE.md,
+# "Initialisation"), and the values agree to one float32 ulp.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                         "xla_llvm_disable_expensive_passes": True}
+
+
+def initialise(init: Callable[[jax.Array], Any], rng: jax.Array, shardings: Any) -> Any:
+  """`init(rng)` compiled once (INIT_COMPILER_OPTIONS) and run with `shardings` as its
+  output shardings: the state is created where it lives, no device ever holding more."""
+  compiled = jax.jit(init, out_shardings=shardings).lower(rng).compile(
+      compiler_options=INIT_COMPILER_OPTIONS)
+  return compiled(rng)
 
 
 def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
@@ -81,27 +102,15 @@ def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
   same seed gives the same bank on any number of devices, and padding rows are never
   sampled (indices come from the class table of the real examples).
   """
-  init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-  # Params are initialised op by op, not under jit: compiling the init of M deep networks
-  # inlines a random-bits kernel per parameter and takes minutes (resnet110: 21 s jitted vs
-  # 0.9 s eager once the ops are cached, per member); they are replicated anyway, so
-  # nothing is gained by creating them sharded.
-  variables = _init_variables(model, tx, image_shape, init_rng)
-  state = TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=None, **variables)
-  replicated = sharding_lib.replicated(mesh)
-  state = jax.tree.map(lambda x: _to_global(np.asarray(x), replicated), state)
-  if bank_rows:
-    # The bank is the one large part: drawn directly in its sharded layout, so no device
-    # ever holds all of it.
-    bank = jax.jit(functools.partial(_init_bank, model, bank_rows, mesh.size),
-                   out_shardings=sharding_lib.bank_sharded(mesh))(bank_rng)
-    state = state.replace(bank=bank)
-  return state
 
+  def init(rng):
+    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
+                      **init_variables(model, tx, image_shape, init_rng))
 
-def _to_global(value: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
-  """A global array from a host value every process holds identically (multi-host safe)."""
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  shardings = state_shardings(jax.eval_shape(init, rng), mesh)
+  return initialise(init, rng, shardings)
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:

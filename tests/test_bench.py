@@ -1,4 +1,5 @@
 """The benchmark CLI (mcl_jax.bench): end to end on tiny settings, and its bookkeeping."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,35 @@ def test_cli_end_to_end_without_tensorflow(tmp_path):
     assert r["loss"] == r["loss"]  # not NaN
 
 
+def test_the_step_is_the_supervised_tasks_own():
+  """bench builds the task `mcl-train` would build (config validated, loop.prepare,
+  supervised.build_task) and feeds it the batches of the task's own source."""
+  import jax
+
+  from mcl_jax import sharding
+  from mcl_jax import supervised
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  s = bench.Setting("tiny", 2, "unroll", True, "float32", 16, 8, 10)
+  task, state = bench.build(s, mesh, abstract=True)
+  assert isinstance(task, supervised.SupervisedTask)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+  config = task.setup.config
+  assert (config.input.dataset, config.cohort.num_members, config.model.arch) == (
+      "synthetic", 2, "tiny")
+  assert task.num_classes == 10 and config.input.samples_per_class == 2
+  batches = bench.task_batches(task)
+  assert len(batches) == 2 and set(batches[0]) == {"index"}  # gathered on device
+  assert batches[0]["index"].shape == (16,)
+  off = bench.make_config(dataclasses.replace(s, mcl=False))
+  assert not any(off.loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl"))
+
+
+def test_class_aware_batches_fit_the_classes():
+  assert bench.samples_per_class(128, 100) == 2  # 64 classes of 2
+  assert bench.samples_per_class(256, 100) == 4  # 128 pairs > 100 classes: 64 of 4
+  assert bench.samples_per_class(16, 10) == 2
+
+
 def test_settings_deduplicate():
   todo = bench.settings("resnet32", [1, 2], ["vmap", "auto", "unroll", "map"], "both",
                         "float32", 128, 32, 100, 0, "cpu")
@@ -73,7 +103,8 @@ def test_peak_lookup_prefers_the_most_specific_device_name():
   pcie = bench.peak_tflops("NVIDIA H100 PCIe", "gpu", "bfloat16")
   assert pcie[1] == "H100 PCIe bfloat16" and pcie[0] < h100[0]
   lite = bench.peak_tflops("TPU v5 lite", "tpu", "bfloat16")
-  assert lite[1] == "TPU v5 lite bfloat16" and lite[0] < bench.peak_tflops("TPU v5", "tpu", "bfloat16")[0]
+  v5p = bench.peak_tflops("TPU v5", "tpu", "bfloat16")
+  assert lite[1] == "TPU v5 lite bfloat16" and lite[0] < v5p[0]
   assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "gpu", "float32")[0] < h100[0]  # tf32
 
 

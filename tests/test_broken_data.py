@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from mcl_jax import jobs
-from mcl_jax.configs import cifar100_common, common
+from mcl_jax.configs import cifar100_common
+from mcl_jax.configs import common
 from mcl_jax.data import fashion_mnist
 from mcl_jax.data import imagenet
 from mcl_jax.errors import ConfigError

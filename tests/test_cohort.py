@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from mcl_jax import models
-from mcl_jax.models import Cohort, cohort_from_members, extract_member
+from mcl_jax.models import Cohort
+from mcl_jax.models import cohort_from_members
+from mcl_jax.models import extract_member
 
 M = 3
 X = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
@@ -30,7 +32,7 @@ def _assert_trees_close(a, b, **tol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **(tol or TOL)), a, b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variables(shared_stages):
   """(init variables, variables after one train-mode pass): stats non-trivial, eval != train."""
   cohort = _cohort(shared_stages)
@@ -48,7 +50,7 @@ def _scalar(out):
           + jnp.sum(out["features"]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(strategy, shared_stages):
   """Outputs, gradients and batch stats of one strategy, train and eval, in one program."""
   cohort = _cohort(shared_stages, strategy)
@@ -74,7 +76,7 @@ def _run(strategy, shared_stages):
   return jax.jit(run)(_variables(shared_stages)[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _members_alone(shared_stages):
   """Each member as a plain single network (extract_member), train and eval."""
   net = models.create("tiny", 5)

@@ -6,7 +6,10 @@ import sys
 import pytest
 
 from mcl_jax import config_lib
-from mcl_jax.configs import cifar100_ablation, cifar100_cohort_size, cifar100_resnet32, default
+from mcl_jax.configs import cifar100_ablation
+from mcl_jax.configs import cifar100_cohort_size
+from mcl_jax.configs import cifar100_resnet32
+from mcl_jax.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

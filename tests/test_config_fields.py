@@ -20,7 +20,10 @@ import pytest
 from test_config import run_cli
 
 from mcl_jax import config_lib
-from mcl_jax.configs import default, fashion_mnist, lincls_r18, moco_digits
+from mcl_jax.configs import default
+from mcl_jax.configs import fashion_mnist
+from mcl_jax.configs import lincls_r18
+from mcl_jax.configs import moco_digits
 
 
 def _fashion() -> ml_collections.ConfigDict:

@@ -11,7 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from mcl_jax import config_lib, jobs
+from mcl_jax import config_lib
+from mcl_jax import jobs
+
 NEEDS_AN_EXPORTED_MEMBER = ("lincls_r18",)
 # A smoke run costs 30-75 s on this CPU, almost all of it compiling the cohort's train step
 # (measured: resnet56 x2 50 s, resnet18 x4 with the bank 73 s, resnet34 x4 19 GB of memory),

@@ -3,19 +3,20 @@
 The torch networks below are written here, with the official key names (the official MCL
 single-network classes for CIFAR, torchvision's for ImageNet); no torchvision needed.
 """
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from mcl_jax import convert, models
+from mcl_jax import convert
+from mcl_jax import models
 
 
 def _random_variables(arch, num_classes, seed=0):
   """Random float32 numpy variables shaped like create(arch) (no init, no compile)."""
   rng = np.random.default_rng(seed)
-  shapes = convert._template(arch, num_classes)
+  shapes = convert.variable_shapes(arch, num_classes)
   flat = {p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()}
   return traverse_util.unflatten_dict(flat)
 

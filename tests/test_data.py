@@ -10,7 +10,8 @@ import pytest
 
 from mcl_jax import data
 from mcl_jax.config_lib import ConfigError
-from mcl_jax.data import augment, sampler
+from mcl_jax.data import augment
+from mcl_jax.data import sampler
 
 CIFAR_LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 500))
 
@@ -190,6 +191,25 @@ def test_synthetic_source_has_the_requested_shapes():
   assert ds.train_images.shape == (40, 8, 8, 3) and ds.train_images.dtype == np.uint8
   assert ds.eval_labels.shape == (12,) and ds.num_classes == 4
   np.testing.assert_array_equal(np.bincount(ds.train_labels), [10, 10, 10, 10])
+
+
+def test_the_in_memory_source_fulfils_the_protocol_and_materialises_on_device():
+  ds = data.make_source({"dataset": "synthetic", "image_size": 8, "synthetic_train_size": 40,
+                         "synthetic_eval_size": 12, "synthetic_num_classes": 4})
+  assert isinstance(ds, data.protocol.Source)
+  consts = {k: jnp.asarray(v) for k, v in ds.device_arrays().items()}
+  index = np.array([3, 0, 39], np.int32)
+  batch = jax.jit(ds.materialize)(consts, {"index": index})
+  np.testing.assert_array_equal(batch["image"], ds.train_images[index])
+  np.testing.assert_array_equal(batch["label"], ds.train_labels[index])
+  assert "label" not in ds.materialize(consts, {"index": index}, labels=False)
+  assert ds.abstract_train_batch(16) == {"index": jax.ShapeDtypeStruct((16,), np.int32)}
+  replay = list(ds.eval_batches("train", 16, process_index=0, process_count=1))
+  keep = np.concatenate([b["mask"] for b in replay]) > 0
+  np.testing.assert_array_equal(np.concatenate([b["image"] for b in replay])[keep],
+                                ds.train_images)
+  with pytest.raises(ConfigError, match="Unknown input field"):
+    data.make_source({"dataset": "synthetic", "imagesize": 8})
 
 
 def test_unknown_dataset_name_lists_the_valid_ones():

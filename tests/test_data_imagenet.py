@@ -6,6 +6,7 @@ import pytest
 
 from mcl_jax import data
 from mcl_jax.data import imagenet
+from mcl_jax.data import protocol
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
@@ -53,6 +54,24 @@ def test_folder_source_lists_classes_and_labels_without_decoding(folder):
   assert source.image_shape == (32, 32, 3) and source.steps_per_epoch(4) == 3
 
 
+def test_folder_source_fulfils_the_protocol_and_replays_its_training_split(folder):
+  """The kNN monitor and export.features read the training split un-augmented through
+  eval_batches('train') on a streaming source too: every training image once, in index
+  order, the eval transform's pixels (the same as a fixed centre crop, twice)."""
+  source = imagenet.ImageFolderSource(folder, image_size=32)
+  assert isinstance(source, protocol.Source)
+  batches = list(source.eval_batches("train", 5, process_index=0, process_count=1))
+  keep = np.concatenate([b["mask"] for b in batches]) > 0
+  index = np.concatenate([b["index"] for b in batches])[keep]
+  labels = np.concatenate([b["label"] for b in batches])[keep]
+  np.testing.assert_array_equal(index, np.arange(12))
+  np.testing.assert_array_equal(labels, source.train_labels)
+  again = list(source.eval_batches("train", 5, process_index=0, process_count=1))
+  np.testing.assert_array_equal(batches[0]["image"], again[0]["image"])
+  with pytest.raises(ValueError, match="not 'validation'"):
+    list(source.eval_batches("validation", 5, process_index=0, process_count=1))
+
+
 def test_folder_train_epoch_shapes_labels_and_dense_indices(folder):
   source = imagenet.ImageFolderSource(folder, image_size=32)
   batches = _epoch(source)
@@ -95,7 +114,8 @@ def test_folder_resume_mid_epoch_replays_the_remaining_batches(folder):
 
 def test_folder_eval_is_padded_and_masked_on_every_process(folder):
   source = imagenet.ImageFolderSource(folder, image_size=32, output_dtype="float32")
-  shares = [list(source.eval_batches("test", 4, process_index=p, process_count=2)) for p in range(2)]
+  shares = [list(source.eval_batches("test", 4, process_index=p, process_count=2))
+            for p in range(2)]
   assert len(shares[0]) == len(shares[1]) == 2  # ceil(5 / 4) global batches
   masks = np.concatenate([b["mask"] for share in shares for b in share])
   assert masks.sum() == 5

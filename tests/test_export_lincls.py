@@ -22,7 +22,10 @@ from mcl_jax import convert
 from mcl_jax import export
 from mcl_jax import jobs
 from mcl_jax import models
-from mcl_jax.configs import cifar100_common, common, lincls_r18, moco_r18_x2
+from mcl_jax.configs import cifar100_common
+from mcl_jax.configs import common
+from mcl_jax.configs import lincls_r18
+from mcl_jax.configs import moco_r18_x2
 
 # The module-scoped runs are made once: every test of this file goes to the same worker.
 pytestmark = pytest.mark.xdist_group("export_lincls")

@@ -13,10 +13,10 @@ import struct
 import numpy as np
 import pytest
 
-from mcl_jax import jobs
 from mcl_jax import data
-from mcl_jax.data import fashion_mnist
+from mcl_jax import jobs
 from mcl_jax.configs import fashion_mnist as fm_config
+from mcl_jax.data import fashion_mnist
 
 HAVE_DEBIAN_COPY = fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR)
 needs_real_data = pytest.mark.skipif(

@@ -25,7 +25,10 @@ import signal
 import subprocess
 import time
 
-from process_jobs import STEP_LINE, STEPS_PER_EPOCH, TINY_RUN_FLAGS, Job
+from process_jobs import STEP_LINE
+from process_jobs import STEPS_PER_EPOCH
+from process_jobs import TINY_RUN_FLAGS
+from process_jobs import Job
 import pytest
 
 # Like tests/test_multihost.py: these tests start processes that use the whole machine.
@@ -209,13 +212,13 @@ def test_the_lost_process_is_named_from_the_error_and_other_errors_are_left_alon
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   heartbeat = jax.errors.JaxRuntimeError(
       "UNAVAILABLE: Task 2 heartbeat timeout. This indicates that the remote task has failed")
-  sentence = main._lost_process_sentence(heartbeat, str(tmp_path))
+  sentence = main.lost_process_sentence(heartbeat, str(tmp_path))
   assert sentence == (
       "process 2 of this 4-process run was lost (UNAVAILABLE: Task 2 heartbeat timeout. This "
       "indicates that the remote task has failed), so process 0 stopped; no checkpoint has "
       "been saved yet, so a restart begins afresh; restart all 4 processes with the same "
       "command.")
   out_of_memory = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
-  assert main._lost_process_sentence(out_of_memory, str(tmp_path)) is None
+  assert main.lost_process_sentence(out_of_memory, str(tmp_path)) is None
   monkeypatch.setattr(jax, "process_count", lambda: 1)
-  assert main._lost_process_sentence(heartbeat, str(tmp_path)) is None
+  assert main.lost_process_sentence(heartbeat, str(tmp_path)) is None

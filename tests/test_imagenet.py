@@ -3,11 +3,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
-from mcl_jax import jobs
 from mcl_jax import checkpointing
+from mcl_jax import jobs
 from mcl_jax import memory_bank
 from mcl_jax import sharding as sharding_lib
 from mcl_jax.configs import imagenet_r18_x3

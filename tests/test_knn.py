@@ -119,7 +119,9 @@ def test_bad_shapes_raise():
 def test_sharded_inputs_match_unsharded():
   # During MoCo training the features arrive split over the `data` axis of all devices.
   import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   n_dev = len(jax.devices())
   rng = np.random.default_rng(4)

@@ -5,9 +5,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mcl_jax import memory_bank
 
@@ -173,36 +175,40 @@ def test_gather_rows_equals_take(scatter):
 
 def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
   for mesh in meshes():
-    rng, bank = sharded_inputs(mesh)
-    idx = rng.integers(0, 64, (8, 9))  # with repeats
-    idx[0, :3] = [0, 63, 63]  # first and last rows of the bank
-    z = jnp.asarray(unit(rng, 2, 8, 4), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(2, 2, 8, 9)), jnp.float32)
+    check_gather_similarities(mesh)
 
-    def sharded(z, chunk_size=0):
-      sims = memory_bank.gather_similarities(bank, idx, z, mesh, chunk_size=chunk_size)
-      return jnp.sum(weights * sims), sims
 
-    def unsharded(z):
-      sims = jnp.einsum("aikd,bid->abik", np.asarray(bank)[:, idx], z,
-                        precision=jax.lax.Precision.HIGHEST)
-      return jnp.sum(weights * sims), sims
+def check_gather_similarities(mesh):
+  rng, bank = sharded_inputs(mesh)
+  idx = rng.integers(0, 64, (8, 9))  # with repeats
+  idx[0, :3] = [0, 63, 63]  # first and last rows of the bank
+  z = jnp.asarray(unit(rng, 2, 8, 4), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(2, 2, 8, 9)), jnp.float32)
 
-    (_, got), got_grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(z)
-    (_, want), want_grad = jax.jit(jax.value_and_grad(unsharded, has_aux=True))(z)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
-    assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "data")), 4)
-    # In chunks of 4 candidates (9 = 4 + 4 + 1, the last chunk padded): the same values.
-    (_, chunked), chunked_grad = jax.jit(jax.value_and_grad(
-        lambda z: sharded(z, chunk_size=4), has_aux=True))(z)
-    np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(chunked_grad, got_grad, rtol=1e-6, atol=1e-6)
-    if mesh.size == 8:
-      # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the bank;
-      # the all-gather is that of the small embeddings z.
-      compiled = jax.jit(lambda z: memory_bank.gather_similarities(bank, idx, z, mesh))
-      assert collectives(compiled.lower(z).compile()) <= {"reduce-scatter", "all-gather"}
+  def sharded(z, chunk_size=0):
+    sims = memory_bank.gather_similarities(bank, idx, z, mesh, chunk_size=chunk_size)
+    return jnp.sum(weights * sims), sims
+
+  def unsharded(z):
+    sims = jnp.einsum("aikd,bid->abik", np.asarray(bank)[:, idx], z,
+                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(weights * sims), sims
+
+  (_, got), got_grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(z)
+  (_, want), want_grad = jax.jit(jax.value_and_grad(unsharded, has_aux=True))(z)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+  assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "data")), 4)
+  # In chunks of 4 candidates (9 = 4 + 4 + 1, the last chunk padded): the same values.
+  (_, chunked), chunked_grad = jax.jit(jax.value_and_grad(
+      lambda z: sharded(z, chunk_size=4), has_aux=True))(z)
+  np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(chunked_grad, got_grad, rtol=1e-6, atol=1e-6)
+  if mesh.size == 8:
+    # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the bank;
+    # the all-gather is that of the small embeddings z.
+    compiled = jax.jit(lambda z: memory_bank.gather_similarities(bank, idx, z, mesh))
+    assert collectives(compiled.lower(z).compile()) <= {"reduce-scatter", "all-gather"}
 
 
 def test_update_sharded_equals_update():

@@ -15,8 +15,8 @@ from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import supervised
 from mcl_jax import train_state
-from mcl_jax.data import augment
 from mcl_jax.configs import default
+from mcl_jax.data import augment
 
 BATCH, SIZE, CLASSES, MEMBERS = 16, 8, 10, 2
 
@@ -41,7 +41,7 @@ def preprocess(rng, images):
   return augment.normalize(images, augment.CIFAR_MEAN, augment.CIFAR_STD)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def one_step(dtype: str):
   """(state before, state after, metrics, model) of one step from the shared initial state."""
   config = tiny_config(dtype)
@@ -94,7 +94,7 @@ def test_bf16_step_keeps_state_float32():
     assert not bad, f"state.{part} not float32 after a bf16 step: {bad[:5]}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_outputs():
   """The bf16 cohort's outputs in train and in eval mode, {True: ..., False: ...}."""
   state, _, _, model = one_step("bfloat16")
@@ -123,7 +123,7 @@ def test_bf16_outputs(train_mode):
 
 def test_contrastive_logits_float32_from_bf16_embeddings_path():
   """batch_mcl on the float32 embeddings of a bf16 cohort: every term float32 (its
-  similarities are float32 einsums at HIGHEST precision, losses._similarity)."""
+  similarities are float32 einsums at HIGHEST precision inside mcl_jax.losses)."""
   from mcl_jax import losses
   out = bf16_outputs()[False]
   jaxpr = jax.make_jaxpr(functools.partial(losses.batch_mcl, tau=0.1, kd_temperature=3.0))(

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax import jobs
 from mcl_jax import checkpointing
+from mcl_jax import jobs
 from mcl_jax import losses
 from mcl_jax import moco
 from mcl_jax import optim
@@ -144,7 +144,7 @@ def test_views_replace_the_official_recipe(tmp_path):
   trainer = jobs.build(tiny_config(), str(tmp_path), views=identity)
   assert trainer.task.spec == identity and trainer.task.meta()["views"]["flip"] is False
   images = jnp.asarray(trainer.setup.source.train_images[:4])
-  q, k = jax.jit(trainer.task.views)(jax.random.PRNGKey(0), images, None)
+  q, k = jax.jit(trainer.task.views)(jax.random.PRNGKey(0), {"image": images})
   expected = (images / 255.0 - 0.5) / 0.289  # the synthetic set's mean / std
   np.testing.assert_allclose(q, expected, atol=1e-5)
   np.testing.assert_allclose(k, expected, atol=1e-5)
@@ -179,7 +179,8 @@ def test_single_network_mocov2_step():
   two = functools.partial(views.two_views, spec=views.MOCO_V2, mean=(0.5,) * 3,
                           std=(0.25,) * 3, size=8)
   step = jax.jit(functools.partial(moco.train_step, encoders=enc, tx=tx, loss_cfg=c.loss,
-                                   key_momentum=0.99, views=two))
+                                   key_momentum=0.99,
+                                   views=lambda rng, b: two(rng, b["image"], None)))
   images = np.random.default_rng(0).integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
   batch = sharding_lib.global_batch({"image": images}, mesh)
   state, metrics = step(state, batch, {})
@@ -247,7 +248,8 @@ def test_two_views_differ_per_view_and_per_example():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TF/tfds internals
 def test_streaming_sources_yield_two_crops_per_image(tmp_path):
-  from mcl_jax.data import _tf, imagenet
+  from mcl_jax.data import _tf
+  from mcl_jax.data import imagenet
   tf = _tf.tf()
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
@@ -257,10 +259,10 @@ def test_streaming_sources_yield_two_crops_per_image(tmp_path):
         pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
         tf.io.write_file(str(tmp_path / split / name / f"{i}.jpg"), tf.io.encode_jpeg(pixels))
   with pytest.raises(ValueError, match="uint8"):
-    imagenet.ImageFolderSource(str(tmp_path), image_size=16,
-                               output_dtype="float32").use_two_views((0.2, 1.0))
-  source = imagenet.ImageFolderSource(str(tmp_path), image_size=16)
-  source.use_two_views((0.2, 1.0))
+    imagenet.ImageFolderSource(str(tmp_path), image_size=16, output_dtype="float32",
+                               two_view_crop_scale=(0.2, 1.0))
+  source = imagenet.ImageFolderSource(str(tmp_path), image_size=16,
+                                      two_view_crop_scale=(0.2, 1.0))
   first = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
                                     process_count=1))
   again = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
@@ -281,7 +283,7 @@ def test_train_and_embed_steps_compile_once(tmp_path):
   trainer.evaluate()
   trainer.evaluate()
   assert trainer.task.compiled_train_step._cache_size() == 1
-  assert trainer.task.compiled_embed_step._cache_size() == 1
+  assert trainer.task.compiled_eval_step._cache_size() == 1
 
 
 def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):

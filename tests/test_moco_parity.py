@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 
 from mcl_jax import convert
-from mcl_jax import models
 from mcl_jax import moco
+from mcl_jax import models
 from mcl_jax import optim
 from mcl_jax.configs import default
 
@@ -121,7 +121,8 @@ def run_jax(recorded) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
       key_batch_stats=key["batch_stats"], queues=queues, queue_ptr=jnp.zeros((), jnp.int32))
   step = jax.jit(functools.partial(
       moco.train_step, encoders=encoders, tx=tx, loss_cfg=loss_cfg,
-      key_momentum=float(recorded["key_momentum"]), views=lambda rng, x1, x2: (x1, x2)))
+      key_momentum=float(recorded["key_momentum"]),
+      views=lambda rng, batch: (batch["image"], batch["image2"])))
   losses = []
   for view1, view2 in zip(recorded["view1"], recorded["view2"]):
     batch = {"image": jnp.asarray(np.repeat(view1[..., None], 3, axis=-1), dtype),

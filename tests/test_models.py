@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from mcl_jax import models
-from mcl_jax.models import Cohort, count_cohort_params, count_params
+from mcl_jax.models import Cohort
+from mcl_jax.models import count_cohort_params
+from mcl_jax.models import count_params
 
 # docs/SPEC.md 1: arch -> (classes, official shared stages for M > 2, one net, M=3, M=4).
 SPEC_COUNTS = {

@@ -1,4 +1,5 @@
-"""ShuffleNetV2 and HCGNet backbones: docs/SPEC.md 1 parameter counts, the stage contract, PyTorch parity.
+"""ShuffleNetV2 and HCGNet backbones: docs/SPEC.md 1 parameter counts, the stage contract,
+PyTorch parity.
 
 Counts use jax.eval_shape (no real init of the big nets). Forward checks run the full
 ShuffleNetV2s and a small HCGNet (the same code with few, narrow layers: a full HCGNet has
@@ -7,9 +8,9 @@ full HCGNets run with --runslow.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 import functools
 import math
-from collections import OrderedDict
 
 import flax
 import jax
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcl_jax.models import hcgnet, shufflenetv2
+from mcl_jax.models import hcgnet
+from mcl_jax.models import shufflenetv2
 
 ARCHS = {**shufflenetv2.ARCHS, **hcgnet.ARCHS}
 
@@ -42,7 +44,7 @@ def make(arch: str, **kwargs):
   return small_hcgnet(**kwargs) if arch == "small_hcgnet" else ARCHS[arch](100, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shapes(arch: str, stage_slice=(0, None), x_shape=X_SHAPE, dtype=jnp.float32):
   """(variables, output) of make(arch, ...) as ShapeDtypeStructs: nothing is computed."""
   module = make(arch, stage_slice=stage_slice, dtype=dtype)

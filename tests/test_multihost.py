@@ -23,7 +23,10 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from process_jobs import STEP_LINE, STEPS_PER_EPOCH, TINY_RUN_FLAGS, Job
+from process_jobs import STEP_LINE
+from process_jobs import STEPS_PER_EPOCH
+from process_jobs import TINY_RUN_FLAGS
+from process_jobs import Job
 import pytest
 
 # The module fixture's runs are shared by all three tests: keep them on one xdist worker.

@@ -83,7 +83,8 @@ def test_plot_command_on_a_run_and_comparing_runs(tmp_path):
   """mcl-plot on a finished tiny MCL x2 run: curves, the t-SNE of both members and the
   agreement table; --compare overlays a tag of two runs; an unknown tag is one line."""
   from mcl_jax import jobs
-  from mcl_jax.configs import cifar100_common, common
+  from mcl_jax.configs import cifar100_common
+  from mcl_jax.configs import common
   c = common.smoke(cifar100_common.set_variant(cifar100_common.base("tiny"), "mcl_x2"))
   c.model.num_classes = 0
   c.input.image_size = 8

@@ -17,8 +17,10 @@ from mcl_jax import config_lib
 from mcl_jax import jobs
 from mcl_jax import loop
 from mcl_jax import sharding as sharding_lib
-from mcl_jax.configs import cifar100_common, common
-from mcl_jax.errors import ConfigError, DatasetNotFoundError
+from mcl_jax.configs import cifar100_common
+from mcl_jax.configs import common
+from mcl_jax.errors import ConfigError
+from mcl_jax.errors import DatasetNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("reliability")

@@ -89,7 +89,7 @@ def cohort_to_official(variables):
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jax_step(dtype, lr):
   """(the jitted `supervised.train_step` of the recorded recipe, its optimizer): built once per
   dtype, so the float32 runs of one test share one compilation."""

@@ -11,7 +11,9 @@ from mcl_jax import losses
 from mcl_jax import optim
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import supervised
-from mcl_jax.configs import cifar100_common, common, default
+from mcl_jax.configs import cifar100_common
+from mcl_jax.configs import common
+from mcl_jax.configs import default
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:

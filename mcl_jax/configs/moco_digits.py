@@ -4,18 +4,10 @@ r"""MoCo v2 + MCL x2 on scikit-learn's 8x8 handwritten digits: self-supervised M
 
 Trains without labels; the kNN monitor (mcl_jax/knn.py: k = 200, cosine, exp(s / 0.07)
 votes, InstDisc) classifies the 360 test digits by their nearest training digits in each
-member's pooled backbone features every 5 epochs and at the end. The untrained networks
-of the same config for comparison (a MocoTrainer at step 0, BN in eval mode):
-
-  python -c "from mcl_jax import config_lib, moco; config_lib.ensure_configs_importable(); \
-from mcl_jax.configs import moco_digits; \
-print(moco.MocoTrainer(moco_digits.get_config(), '/tmp/moco_digits_init').knn_accuracy())"
-
-Measured (2 CPU cores, one device): 90 s; kNN top-1 82.50 / 83.61 (members 0 / 1) after
-20 epochs, 65.28 / 66.11 untrained, 89.72 / 88.61 with the MCL terms off, 94.44 on the raw
-64 pixels: digits show that the pipeline learns, not MCL's benefit (README). The views are
-`moco.DIGITS_VIEWS` (`ssl.views = 'digits'`): with the official MoCo v2 views the keys of
-8x8 digits collapse to one direction and kNN ends below the untrained networks.
+member's pooled backbone features every 5 epochs and at the end. Digits show that the
+pipeline learns, not MCL's benefit (docs/RESULTS.md). The views are the 'digits' recipe of
+`mcl_jax.data.views` (`ssl.views = 'digits'`): the official MoCo v2 views crop 8x8
+digits into shapes their keys cannot tell apart.
 
 Recipe: two resnet32 (as `digits.py`) on the digits' native 8x8, MoCo v2 (MLP head, tau
 0.2, cosine LR), the four MCL terms with weight 1 (docs/SPEC.md 2.3), shuffled batches of 64 (no

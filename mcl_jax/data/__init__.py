@@ -1,22 +1,23 @@
 """Data: sources (digits, Fashion-MNIST, CIFAR, synthetic, ImageNet / image folder), samplers,
-augmentation and MoCo's two views.
+augmentation and the self-supervised regimes' two views.
 
 Importing this package imports neither TensorFlow nor scikit-learn: each source imports
 what it needs when it is built (TensorFlow with GPUs hidden, see `_tf.py`).
 
 Entry points:
-  make_source(config.input) -> a source with the protocol of `pipeline` (module docstring):
-      train_batches, eval_split_names, eval_batches, device_arrays, train_preprocess,
-      eval_preprocess, train_images_for_replay
+  make_source(config.input, two_view_crop_scale=None) -> a `protocol.Source`: the
+      data-source protocol every source implements (train_batches, eval_split_names,
+      eval_batches, device_arrays, abstract_train_batch, materialize, train_preprocess,
+      eval_preprocess, two_views)
   sampler.class_aware_epoch / sampler.shuffled_epoch -> [steps, global_batch] indices
-  augment (on-device crop, flip, normalise) and views (MoCo's two augmented views)
+  augment (on-device crop, flip, normalise) and views (the two augmented views)
 """
-from mcl_jax.data import augment, sampler
+from mcl_jax.data import augment, protocol, sampler
 from mcl_jax.data.pipeline import (Dataset, eval_batches, eval_indices, local_batch_indices,
                                    synthetic)
 from mcl_jax.data.sources import DATASETS, IN_MEMORY, STREAMING, make_source
 from mcl_jax.errors import DatasetNotFoundError
 
-__all__ = ["augment", "sampler", "DatasetNotFoundError", "DATASETS", "IN_MEMORY", "STREAMING",
+__all__ = ["augment", "protocol", "sampler", "DatasetNotFoundError", "DATASETS", "IN_MEMORY", "STREAMING",
            "Dataset", "eval_batches", "eval_indices", "local_batch_indices", "make_source",
            "synthetic"]

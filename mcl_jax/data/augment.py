@@ -11,8 +11,9 @@ the same functions, and `normalize` always sees [0, 1] pixels with mean/std in [
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +76,8 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
               dtype: Any = jnp.float32) -> jax.Array:
   """(pixels in [0, 1] - mean) / std per channel; uint8 input is scaled by 1/255 first."""
   images = to_float(images, jnp.float32)
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-  return ((images - mean) / std).astype(dtype)
+  return ((images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+          ).astype(dtype)
 
 
 def train_augment(rng: jax.Array, images: jax.Array, spec: AugmentSpec, *,

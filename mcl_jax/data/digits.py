@@ -26,7 +26,8 @@ def load_digits(image_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarra
   if image_size < 8 or image_size % 8:
     raise ConfigError(f"config.input.image_size={image_size} must be a positive multiple "
                       "of 8 for digits (the 8x8 digits are upsampled by repeating pixels).")
-  from sklearn import datasets, model_selection  # sklearn is slow to import; only here.
+  from sklearn import datasets  # sklearn is slow to import; only here.
+  from sklearn import model_selection  # sklearn is slow to import; only here.
   raw = datasets.load_digits()
   images = (raw.images.astype(np.float32) / 16.0)[..., None]  # [1797, 8, 8, 1] in [0, 1]
   labels = raw.target.astype(np.int32)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from typing import TypeGuard
 import zlib
 
-import numpy as np
 from absl import logging
+import numpy as np
 
-from mcl_jax.errors import ConfigError, DatasetNotFoundError
+from mcl_jax.errors import ConfigError
+from mcl_jax.errors import DatasetNotFoundError
 
 NUM_CLASSES = 10
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
@@ -59,8 +61,11 @@ def _find(data_dir: str, stem: str) -> str | None:
   return None
 
 
-def has_idx_files(data_dir: str | None) -> bool:
-  return bool(data_dir) and all(_find(data_dir, stem) for stem in FILES.values())
+def has_idx_files(data_dir: str | None) -> TypeGuard[str]:
+  """Whether `data_dir` holds the four IDX files (gzipped or not)."""
+  if not data_dir:
+    return False
+  return all(_find(data_dir, stem) for stem in FILES.values())
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -139,15 +144,16 @@ def load_tfds(data_dir: str | None, *, download: bool
                       "(without network this fails after TFDS' retries, minutes).",
                       f" in {data_dir}" if data_dir else "", builder.data_dir)
     builder.download_and_prepare()
-  out = []
+  splits = {}
   for split in ("train", "test"):
     ds = builder.as_dataset(split=split, shuffle_files=False).batch(10_000)
     images, labels = [], []
     for ex in ds.as_numpy_iterator():
       images.append(ex["image"])
       labels.append(ex["label"])
-    out += [np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)]
-  return tuple(out)
+    splits[split] = (np.concatenate(images).astype(np.uint8),
+                     np.concatenate(labels).astype(np.int32))
+  return (*splits["train"], *splits["test"])
 
 
 def load(data_dir: str | None = None, *, download: bool = True

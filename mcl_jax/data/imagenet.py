@@ -57,6 +57,7 @@ from absl import logging
 from mcl_jax.data import _tf
 from mcl_jax.data import augment as augment_lib
 from mcl_jax.data import pipeline
+from mcl_jax.data import protocol
 from mcl_jax.data import sampler
 from mcl_jax.errors import ConfigError, DatasetNotFoundError
 
@@ -238,13 +239,29 @@ class _StreamingSource(abc.ABC):
   def num_train(self) -> int:
     """Training examples (bank rows): the tfds split size, or the files found."""
 
-  # -- the data-source protocol: only a test split, nothing resident on the device, images
-  # arrive cropped and flipped (normalised on device), nothing to replay for the kNN monitor.
+  # -- the data-source protocol (mcl_jax.data.protocol.Source): a test split (and the
+  # training split un-augmented), nothing resident on the device, images arriving cropped
+  # and flipped (normalised on device).
   def eval_split_names(self) -> tuple[str, ...]:
     return ("test",)
 
   def device_arrays(self) -> dict[str, np.ndarray]:
     return {}
+
+  def abstract_train_batch(self, global_batch_size: int) -> dict[str, Any]:
+    import jax
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct((global_batch_size, *shape), dtype)
+    image = spec(self.image_shape, np.uint8 if self.output_dtype == "uint8" else np.float32)
+    batch = {"image": image, "label": spec((), np.int32), "index": spec((), np.int32)}
+    if self.two_view_crop_scale is not None:
+      batch["image2"] = image
+    return batch
+
+  def materialize(self, consts: dict[str, Any], batch: dict[str, Any], *,
+                  labels: bool = True) -> dict[str, Any]:
+    """The host's decoded crops as they came (the labels left out with labels=False)."""
+    del consts
+    return {k: v for k, v in batch.items() if labels or k != "label"}
 
   def train_preprocess(self, rng: Any, images: Any, dtype: Any = None) -> Any:
     del rng  # the host's crops and flips are the augmentation
@@ -254,8 +271,16 @@ class _StreamingSource(abc.ABC):
     import jax.numpy as jnp
     return augment_lib.normalize(images, self.mean, self.std, dtype or jnp.float32)
 
-  def train_images_for_replay(self) -> None:
-    return None
+  def two_views(self, spec: Any, dtype: Any) -> Any:
+    """The host made both crops (`two_view_crop_scale`); colour, blur and flip on device."""
+    from mcl_jax.data import views
+    if self.two_view_crop_scale is None:
+      raise ValueError(f"{self.name} was built for one view per image; build it with "
+                       "two_view_crop_scale for a two-view regime.")
+    size = self.image_size
+    return lambda rng, batch: views.two_views(rng, batch["image"], batch["image2"], spec,
+                                             mean=self.mean, std=self.std, size=size,
+                                             dtype=dtype)
 
   @staticmethod
   def _check_order(samples_per_class: int) -> None:
@@ -265,28 +290,28 @@ class _StreamingSource(abc.ABC):
 
   @staticmethod
   def _check_split(split: str) -> None:
-    if split != "test":
-      raise ValueError(f"Streaming sources evaluate on their validation set as 'test', "
-                       f"not {split!r}.")
+    if split not in ("test", protocol.TRAIN_SPLIT):
+      raise ValueError(f"Streaming sources evaluate on their validation set as 'test' (and "
+                       f"replay the training set as 'train'), not {split!r}.")
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Whole global batches per epoch (remainder dropped, the same on every process)."""
     return sampler.steps_per_epoch(self.num_train, global_batch_size)
 
-  # None: one supervised crop per example; (lo, hi): MoCo's two crops (`use_two_views`).
+  # None: one supervised crop per example; (lo, hi): two crops per image, each with a
+  # RandomResizedCrop scale in (lo, hi) (the self-supervised regimes' views).
   two_view_crop_scale: tuple[float, float] | None = None
 
-  def use_two_views(self, crop_scale: tuple[float, float]) -> None:
-    """Train examples become two crops of the image ("image", "image2"), uint8, unflipped.
-
-    Seeding is unchanged (epoch seed, example index): batches stay a pure function of
-    (seed, epoch), so resume stays exact.
-    """
+  def _set_views(self, two_view_crop_scale: tuple[float, float] | None) -> None:
+    """Constructor part: training examples become two crops of the image ("image",
+    "image2"), uint8, unflipped, when `two_view_crop_scale` is given. Seeding is unchanged
+    (epoch seed, example index): batches stay a pure function of (seed, epoch)."""
+    if two_view_crop_scale is None:
+      return
     if self.output_dtype != "uint8":
-      from mcl_jax.errors import ConfigError
-      raise ConfigError("MoCo's two views need uint8 output (the device normalises after "
-                        f"colour augmentation), not {self.output_dtype}.")
-    self.two_view_crop_scale = tuple(crop_scale)
+      raise ConfigError("Two views per image need uint8 output (the device normalises "
+                        f"after colour augmentation), not {self.output_dtype}.")
+    self.two_view_crop_scale = tuple(two_view_crop_scale)
 
   def _train_map(self, epoch_seed: int):
     tf = _tf.tf()
@@ -423,7 +448,8 @@ class ImageFolderSource(_StreamingSource):
   """
 
   def __init__(self, root: str, *, image_size: int = 224, output_dtype: str = "uint8",
-               train_dir: str = "train", eval_dir: str = "val"):
+               train_dir: str = "train", eval_dir: str = "val",
+               two_view_crop_scale: tuple[float, float] | None = None):
     if output_dtype not in ("uint8", "float32"):
       raise ValueError(f"output_dtype={output_dtype!r} must be 'uint8' or 'float32'.")
     train_root = os.path.join(root, train_dir)
@@ -434,6 +460,8 @@ class ImageFolderSource(_StreamingSource):
             f"Image folder {path} does not exist; the image_folder dataset needs "
             f"{train_root}/<class>/*.jpg and {eval_root}/<class>/*.jpg.")
     self.root, self.image_size, self.output_dtype = root, int(image_size), output_dtype
+    self.name = "image_folder"
+    self._set_views(two_view_crop_scale)
     self.class_names = sorted(
         e.name for e in os.scandir(train_root) if e.is_dir() and not e.name.startswith("."))
     unknown = sorted(
@@ -509,12 +537,16 @@ class ImageFolderSource(_StreamingSource):
   def eval_batches(self, split: str, global_batch_size: int, *,
                    process_index: int | None = None, process_count: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of padded eval batches covering the whole val split once."""
+    """This process's share of padded eval batches covering the whole val split (or the
+    training split, 'train', with the eval transform) once."""
     self._check_split(split)
     tf = _tf.tf()
     p, count = pipeline.process(process_index, process_count)
     _local_batch(global_batch_size, count)  # the batch must split evenly over processes
-    indices, mask = pipeline.eval_indices(self.num_eval, global_batch_size)
+    train = split == protocol.TRAIN_SPLIT
+    files, labels = ((self.train_files, self._train_labels) if train else
+                     (self.eval_files, self.eval_labels))
+    indices, mask = pipeline.eval_indices(len(files), global_batch_size)
     indices = pipeline.local_batch_indices(indices, p, count)  # [steps, local]
     mask = pipeline.local_batch_indices(mask, p, count)
     eval_map = self._eval_map()
@@ -522,10 +554,10 @@ class ImageFolderSource(_StreamingSource):
     def decode(path, *rest):
       return eval_map(tf.io.read_file(path), *rest)
 
-    ds = _step_batches((self.eval_files[indices].astype(str), self.eval_labels[indices],
-                        indices, mask), decode)
+    ds = _step_batches((files[indices].astype(str), labels[indices], indices, mask), decode)
     batches = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf)).as_numpy_iterator()
-    return _complete_batches(batches, indices, self.eval_files, what="validation images",
+    return _complete_batches(batches, indices, files,
+                             what="training images" if train else "validation images",
                              fill="were left out of this evaluation")
 
 
@@ -542,11 +574,13 @@ class TfdsImageNetSource(_StreamingSource):
   def __init__(self, data_dir: str | None = None, *, image_size: int = 224,
                output_dtype: str = "uint8", train_split: str = "train",
                eval_split: str = "validation", shuffle_buffer: int = 16_384,
-               label_cache: str | None = None, name: str = "imagenet2012"):
+               label_cache: str | None = None, name: str = "imagenet2012",
+               two_view_crop_scale: tuple[float, float] | None = None):
     if output_dtype not in ("uint8", "float32"):
       raise ValueError(f"output_dtype={output_dtype!r} must be 'uint8' or 'float32'.")
     tfds = _tf.tfds()
     self.name, self.image_size, self.output_dtype = name, int(image_size), output_dtype
+    self._set_views(two_view_crop_scale)
     self.train_split, self.eval_split = train_split, eval_split
     self.shuffle_buffer = shuffle_buffer
     self.builder = tfds.builder(name, data_dir=data_dir or None)
@@ -692,13 +726,15 @@ class TfdsImageNetSource(_StreamingSource):
     tfds, tf = _tf.tfds(), _tf.tf()
     p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
+    tfds_split = self.train_split if split == protocol.TRAIN_SPLIT else self.eval_split
     # even_splits gives every process floor(N / P) or one more example.
-    num_batches = -(-(-(-self.num_eval // count)) // local)
-    split = tfds.split_for_jax_process(self.eval_split, process_index=p, process_count=count)
+    num_batches = -(-(-(-self._num_examples(tfds_split) // count)) // local)
+    process_split = tfds.split_for_jax_process(tfds_split, process_index=p, process_count=count)
     ds = self.builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+        split=process_split, shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(add_tfds_id=True))
-    offsets = self._shard_offsets(self.eval_split)
+    offsets = self._shard_offsets(tfds_split)
     ds = ds.map(lambda ex: (ex["image"], ex["label"],
                             self._dense_index(ex["tfds_id"], offsets), 1.0))
     ds = ds.map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE)

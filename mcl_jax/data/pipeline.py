@@ -1,23 +1,12 @@
 """The in-memory data source and the batch plumbing every source shares.
 
 `Dataset` holds a dataset whole in host memory (digits, Fashion-MNIST, CIFAR, synthetic)
-and implements the data-source protocol that the streaming ImageNet sources
-(`mcl_jax.data.imagenet`) implement too, so a trainer never asks which kind it has:
-
-  train_batches(epoch, *, seed, global_batch_size, samples_per_class=0, start_step=0)
-      this process's share of every training batch of `epoch` from `start_step` on; an
-      in-memory batch is {'index'} only (the training set lives on every device, see
-      `device_arrays`, and the step gathers and augments the images on device), a streamed
-      one {'image', 'label', 'index'} (decoded, cropped and flipped on the host)
-  eval_split_names() / eval_batches(split, global_batch_size)
-      the splits to report ('test', and 'validation' when one is held out) and this
-      process's share of padded batches {'image', 'label', 'index', 'mask'} covering one
-  device_arrays()          arrays the step reads on device ({} for streaming sources)
-  train_preprocess(rng, images, dtype) / eval_preprocess(images, dtype)
-      the on-device part of the augmentation and the normalisation
-  train_images_for_replay()  the un-augmented training split for the kNN monitor, or None
-  use_two_views(crop_scale)  MoCo: batches of two crops per image where the host crops
-  name, num_classes, image_shape, mean, std, num_train, train_labels
+and implements the data-source protocol (`mcl_jax.data.protocol.Source`) that the
+streaming ImageNet sources (`mcl_jax.data.imagenet`) implement too, so a trainer never
+asks which kind it has. In memory, the training set lives on every device
+(`device_arrays`): a training batch from the host is only its example indices, and the
+source's `materialize`, inside the compiled step, gathers the images and labels there, so
+the host never touches pixels.
 
 Batch orders are pure functions of (seed, epoch) (`sampler`), so a resumed run sees the
 batches an uninterrupted one would have seen. Evaluation is exact on any device count:
@@ -31,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mcl_jax.data import augment as augment_lib
+from mcl_jax.data import protocol
 from mcl_jax.data import sampler
 from mcl_jax.errors import ConfigError
 
@@ -69,7 +59,7 @@ class Dataset:
       splits["validation"] = (self.val_images, self.val_labels)
     return splits
 
-  # -- the data-source protocol (module docstring)
+  # -- the data-source protocol (mcl_jax.data.protocol.Source)
   def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
                     samples_per_class: int = 0, start_step: int = 0,
                     process_index: int | None = None, process_count: int | None = None
@@ -92,9 +82,16 @@ class Dataset:
   def eval_batches(self, split: str, global_batch_size: int, *,
                    process_index: int | None = None, process_count: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of padded batches covering `split` once, in order."""
+    """This process's share of padded batches covering `split` once, in order (an eval
+    split, or protocol.TRAIN_SPLIT: the training images un-augmented)."""
     p, count = process(process_index, process_count)
-    images, labels = self.eval_splits()[split]
+    splits = dict(self.eval_splits())
+    splits[protocol.TRAIN_SPLIT] = (self.train_images, self.train_labels)
+    if split not in splits:
+      raise ValueError(f"{self.name} has no {split!r} split; it has "
+                       f"{', '.join(sorted(splits))} (a 'validation' split needs "
+                       "config.input.validation_size).")
+    images, labels = splits[split]
     rows = local_batch_indices(np.arange(global_batch_size), p, count)  # batch axis 0
     for batch in eval_batches(images, labels, global_batch_size):
       yield {k: v[rows] for k, v in batch.items()}
@@ -102,6 +99,19 @@ class Dataset:
   def device_arrays(self) -> dict[str, np.ndarray]:
     """The training set, kept whole on every device: steps gather their batch by index."""
     return {"train_image": self.train_images, "train_label": self.train_labels.astype(np.int32)}
+
+  def abstract_train_batch(self, global_batch_size: int) -> dict[str, Any]:
+    import jax
+    return {"index": jax.ShapeDtypeStruct((global_batch_size,), np.int32)}
+
+  def materialize(self, consts: dict[str, Any], batch: dict[str, Any], *,
+                  labels: bool = True) -> dict[str, Any]:
+    """The batch's images (and labels) gathered by index from the resident training set."""
+    index = batch["index"]
+    out = {"image": consts["train_image"][index], "index": index}
+    if labels:
+      out["label"] = consts["train_label"][index]
+    return out
 
   def train_preprocess(self, rng: Any, images: Any, dtype: Any = None) -> Any:
     """Crop with zero padding, flip (the dataset's `augment`), normalise; on device."""
@@ -113,13 +123,12 @@ class Dataset:
     import jax.numpy as jnp
     return augment_lib.normalize(images, self.mean, self.std, dtype or jnp.float32)
 
-  def train_images_for_replay(self) -> tuple[np.ndarray, np.ndarray]:
-    return self.train_images, self.train_labels
-
-  def use_two_views(self, crop_scale: tuple[float, float]) -> None:
-    """MoCo's two views: in-memory images are cropped on device (`data.views`), so this
-    source has nothing to change (streaming sources crop twice on the host)."""
-    del crop_scale
+  def two_views(self, spec: Any, dtype: Any) -> protocol.Views:
+    """Both views cropped on device from each resident image (`views.two_views`)."""
+    from mcl_jax.data import views
+    size = self.image_shape[0]
+    return lambda rng, batch: views.two_views(rng, batch["image"], None, spec, mean=self.mean,
+                                             std=self.std, size=size, dtype=dtype)
 
   @property
   def image_shape(self) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ with `ssl.views`: the official 'v1' (InstDisc's) and 'v2' (`--aug-plus`), and mi
 for small images, 'digits' and 'fashion_mnist'. `two_views(key, images, images2, spec,
 ...)` makes the query and key views of a batch: in-memory sources pass only `images` and
 both views are cropped here; streaming sources pass two host-made crops (`images2`) and
-this adds colour, blur and flip. Every random choice of a view comes from one draw of
+this adds colour, blur and flip (each source binds it to its kind: `Source.two_views`). Every random choice of a view comes from one draw of
 uniforms per example (`NUM_UNIFORMS`), which keeps the compiled program small.
 
 The operations follow torchvision's: RandomResizedCrop (10 attempts, then the whole image
@@ -61,10 +61,9 @@ MOCO_V2 = ViewSpec(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_first=Fa
 # nothing to grey images), flips (clothes are left-right symmetric), no blur at this size.
 FASHION_MNIST_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.4, 1.0), blur_p=0.0)
 # scikit-learn's 8x8 digits (mcl_jax/configs/moco_digits.py): v2's colour jitter, but crops of at
-# least 80% of the area, no blur and no flip. Measured there (resnet32 MCL x2, 20 epochs):
-# with the v2 recipe's scale-0.2 crops and 2-pixel blur, which leave a stroke fragment of
-# an 8x8 digit, the InfoNCE loss stays at chance (log(K + 1)) and the members' kNN below
-# that of the untrained networks; a mirrored digit is not a digit of the same class.
+# least 80% of the area, no blur and no flip: v2's scale-0.2 crops and 2-pixel blur leave
+# a stroke fragment of an 8x8 digit, and a mirrored digit is not a digit of the same class
+# (what the v2 recipe did to digits: docs/RESULTS.md, "Earlier: MoCo on digits").
 DIGITS_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.8, 1.0), blur_p=0.0, flip=False)
 # config.ssl.views -> the recipe.
 VIEW_SPECS = {"v1": MOCO_V1, "v2": MOCO_V2, "digits": DIGITS_VIEWS,
@@ -268,10 +267,3 @@ def two_views(key: Array, images: Array, images2: Array | None, spec: ViewSpec, 
   x = jax.vmap(functools.partial(augment_view, spec=spec, size=size, crop=crop))(u, sources)
   x = augment_lib.normalize(x, mean, std, dtype).reshape(batch, 2, *x.shape[1:])
   return x[:, 0], x[:, 1]
-
-
-def source_views(source: Any, spec: ViewSpec, dtype: Any = jnp.float32):
-  """`two_views` bound to a data source's normalisation and image size: the
-  `views(rng, images, images2)` a self-supervised train step takes."""
-  return functools.partial(two_views, spec=spec, mean=source.mean, std=source.std,
-                           size=source.image_shape[0], dtype=dtype)

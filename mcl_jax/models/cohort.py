@@ -1,4 +1,5 @@
-"""The Cohort: M networks of one architecture over stacked variables (docs/SPEC.md 1, docs/DESIGN.md).
+"""The Cohort: M networks of one architecture over stacked variables (docs/SPEC.md 1,
+docs/DESIGN.md).
 
 Layout of the variables (every leaf under `members` has a leading axis M):
 
@@ -27,17 +28,18 @@ RuntimeWarning, which would leave BatchNorm in training mode during evaluation.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax.models import registry
 from mcl_jax import numerics
 from mcl_jax.models import layers
+from mcl_jax.models import registry
 
 Array = jax.Array
 
@@ -180,8 +182,8 @@ class Cohort(nn.Module):
   def _apply_stacked(self, member: _Member, h: Array, train: bool,
                      strategy: str) -> dict[str, Array]:
     """unroll / map: run the unbound `member` on each slice of the stacked variables."""
-    variables = {"params": self.get_variable("params", "members")}
-    stats = self.get_variable("batch_stats", "members")
+    variables: dict[str, Any] = {"params": self.get_variable("params", "members")}
+    stats: Any = self.get_variable("batch_stats", "members")
     if stats is not None:
       variables["batch_stats"] = stats
     update = train and stats is not None

@@ -7,7 +7,8 @@ names (backbone contract), so a member is the plain union trunk | branch[m].
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

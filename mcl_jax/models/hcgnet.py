@@ -27,7 +27,8 @@ Layout is NHWC; param paths joined with '.' are the official state-dict keys of 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax

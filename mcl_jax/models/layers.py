@@ -7,8 +7,9 @@ on an even input by (0, 1), PyTorch by (1, 1), which shifts every output pixel.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

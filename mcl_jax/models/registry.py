@@ -5,11 +5,17 @@ merges them. The Cohort and member export build networks through `create`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
-from mcl_jax.models import hcgnet, resnet_cifar, resnet_imagenet, shufflenetv2, tiny, wrn
+from mcl_jax.models import hcgnet
+from mcl_jax.models import resnet_cifar
+from mcl_jax.models import resnet_imagenet
+from mcl_jax.models import shufflenetv2
+from mcl_jax.models import tiny
+from mcl_jax.models import wrn
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
 for _module in (resnet_cifar, wrn, shufflenetv2, hcgnet, resnet_imagenet, tiny):

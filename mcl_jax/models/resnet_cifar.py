@@ -13,7 +13,8 @@ The official M > 2 cohort (`ResNet_b`) shares conv1/bn1/layer1: stages [0, 2).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax

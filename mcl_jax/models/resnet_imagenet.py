@@ -12,14 +12,17 @@ The official M > 2 cohort shares conv1/bn1/layer1/layer2: stages [0, 3).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mcl_jax.models import layers
-from mcl_jax.models.resnet_cifar import BasicBlock, Bottleneck, block_group
+from mcl_jax.models.resnet_cifar import BasicBlock
+from mcl_jax.models.resnet_cifar import Bottleneck
+from mcl_jax.models.resnet_cifar import block_group
 
 Array = jax.Array
 

@@ -2,8 +2,8 @@
 
 The CIFAR variant differs from the ImageNet network: a 3x3 stride-1 stem with 24 channels,
 no max-pool, and every stage opening with a stride-2 down-sampling block, so a 32x32 input
-reaches the head at 4x4. Widths (docs/SPEC.md 1): 0.5x (48, 96, 192, 1024), 1x (116, 232, 464, 1024),
-blocks (3, 7, 3) after each stage's down-sampling block.
+reaches the head at 4x4. Widths (docs/SPEC.md 1): 0.5x (48, 96, 192, 1024),
+1x (116, 232, 464, 1024), blocks (3, 7, 3) after each stage's down-sampling block.
 
 Stages (the backbone contract of docs/DESIGN.md):
   0  stem        conv1, bn1, ReLU
@@ -20,8 +20,9 @@ one-to-one (conv OIHW <-> HWIO) and outputs match PyTorch.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax

@@ -12,7 +12,8 @@ bank regime) at about half the compile time of resnet18.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from mcl_jax.models.resnet_cifar import ResNetCifar
 from mcl_jax.models.resnet_imagenet import ResNetImageNet

@@ -82,7 +82,8 @@ OUT = os.path.join(HERE, "official_moco_trajectory.npz")
 def views() -> tuple[np.ndarray, np.ndarray]:
   """Two fixed views [STEPS, BATCH, 14, 14] of STEPS x BATCH Fashion-MNIST training images."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-  from mcl_jax.data import fashion_mnist, pipeline
+  from mcl_jax.data import fashion_mnist
+  from mcl_jax.data import pipeline
   x_train, _, _, _ = fashion_mnist.load()
   images = pipeline.resize_grey(x_train[:2000], IMAGE)[..., 0]  # [N, 14, 14] in [0, 1]
   mean, std = images.mean(), images.std()
@@ -151,8 +152,8 @@ def run(official: str, view1: np.ndarray, view2: np.ndarray, perturb: float = 0.
   sys.path.insert(0, os.path.abspath(official))
   # The official code moves its permutation and labels with `.cuda()`; on a CPU: a no-op.
   torch.Tensor.cuda = lambda self, *a, **k: self
-  import models  # the official models/
   from moco import builder_mcl
+  import models  # the official models/
   if not dist.is_initialized():  # world size 1: shuffle-BN is BN over the whole batch
     store = os.path.join(tempfile.mkdtemp(), "gloo")
     dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)

@@ -56,7 +56,9 @@ OUT = os.path.join(HERE, "official_step_trajectory.npz")
 def batches():
   """20 class-aware batches of real Fashion-MNIST images (mcl_jax's own loader and sampler)."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-  from mcl_jax.data import fashion_mnist, pipeline, sampler
+  from mcl_jax.data import fashion_mnist
+  from mcl_jax.data import pipeline
+  from mcl_jax.data import sampler
   x_train, y_train, _, _ = fashion_mnist.load()
   images = pipeline.resize_grey(x_train[:2000], 14)[..., 0]  # [N, 14, 14] in [0, 1]
   labels = y_train[:2000]
@@ -101,8 +103,8 @@ def run(official: str, images: np.ndarray, labels: np.ndarray, dtype, init=None,
   sys.path.insert(0, os.path.abspath(official))
   # The official loss builds its masks with `.cuda()`; on a CPU that must be a no-op.
   torch.Tensor.cuda = lambda self, *a, **k: self
-  import models  # the official models/
   from losses.cifar_sup_mcl_loss import Sup_MCL_Loss
+  import models  # the official models/
   torch.manual_seed(0)
   net = models.resnet32(num_classes=10, number_net=2)
   args = types.SimpleNamespace(number_net=2, feat_dim=128, kd_T=3.0, tau=0.1, rep_dim=[64, 64])
@@ -128,7 +130,7 @@ def run(official: str, images: np.ndarray, labels: np.ndarray, dtype, init=None,
     y = torch.from_numpy(y).long()
     optimizer.zero_grad()
     logits, embeddings = net(x)
-    loss_ce = [ce(l, y) for l in logits]
+    loss_ce = [ce(logit, y) for logit in logits]
     vcl, soft_vcl, icl, soft_icl = criterion(list(embeddings), y)
     loss = (loss_ce[0] + loss_ce[1] + WEIGHTS["vcl"] * vcl + WEIGHTS["soft_vcl"] * soft_vcl
             + WEIGHTS["icl"] * icl + WEIGHTS["soft_icl"] * soft_icl)
