@@ -25,13 +25,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcl_jax.data import _tf  # noqa: E402
 from mcl_jax.data import imagenet  # noqa: E402
+from mcl_jax.data import tf_lazy  # noqa: E402
 
 
 def write_images(root: str, num_images: int, num_classes: int, seed: int = 0) -> int:
   """JPEGs under root/train/<class>/ and a few under root/val/<class>/; returns bytes written."""
-  tf = _tf.tf()
+  tf = tf_lazy.tf()
   rng = np.random.default_rng(seed)
   total = 0
   for split, count in (("train", num_images), ("val", num_classes)):

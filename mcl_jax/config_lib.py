@@ -6,12 +6,13 @@ device work, so a typo or an impossible combination costs seconds, not a pod all
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import glob
 import math
 import numbers
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 
@@ -358,7 +359,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def _check_choices(config: ml_collections.ConfigDict) -> None:
   from mcl_jax import models  # Imported here: the registries pull in Flax.
   from mcl_jax import regimes
-  from mcl_jax.data import sources, views
+  from mcl_jax.data import sources
+  from mcl_jax.data import views
   try:
     regime = regimes.get(config.trainer)
   except ValueError as e:

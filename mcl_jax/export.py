@@ -21,17 +21,18 @@ embedding; v2: the MLP's first layer, F -> F), or untrained (SimCLR). A linear p
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import datetime
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcl_jax import errors
 from mcl_jax import checkpointing
+from mcl_jax import errors
 from mcl_jax import models
 
 FORMAT = "mcl_jax.export/1"
@@ -152,7 +153,7 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
           "dataset": _dataset(meta),
       },
       "files": {"variables": VARIABLES_DIR, "torch": torch_file},
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   with open(os.path.join(out, INFO_FILE), "w") as f:
     json.dump(info, f, indent=2)
@@ -236,7 +237,8 @@ def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str
   validation_size, train_subset) as in `config.input`. Splits: 'train' (un-augmented),
   'validation' (when input_fields hold one out) and 'test'.
   """
-  from mcl_jax.data import protocol, sources
+  from mcl_jax.data import protocol
+  from mcl_jax.data import sources
   module, variables, info = load_exported(export_dir)
   name = dataset or info["source"].get("dataset")
   if not name:

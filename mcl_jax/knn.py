@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 # InstDisc's kNN temperature and neighbour count.
 DEFAULT_K = 200
@@ -199,6 +199,7 @@ def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict:
   with a `val_` prefix for a held-out validation split.
   """
   import numpy as np
+
   from mcl_jax.data import protocol
   train_f, train_labels = embed_split(protocol.TRAIN_SPLIT)
   result = {}
@@ -223,6 +224,7 @@ def monitor_scalars(result: dict) -> dict[str, float]:
   `test/knn_top1/member_0`, `validation/knn_top1_k20/best_member` (`monitor`'s keys with
   a `val_` prefix are the validation split's)."""
   import numpy as np
+
   from mcl_jax import metrics
   scalars = {}
   for name, values in result.items():

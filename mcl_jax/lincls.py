@@ -22,8 +22,9 @@ the classifier is differentiated, so XLA runs the backbone forward only.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import flax

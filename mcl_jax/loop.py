@@ -23,6 +23,7 @@ stops the run (`DivergedError`) without ever writing a checkpoint that holds it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import logging as py_logging
 import os
@@ -30,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from absl import logging
 import jax
@@ -244,9 +245,11 @@ def fit(run: Run) -> dict[str, Any]:
   "steps": the step reached, "preempted": bool, "collapsed": None or the first collapse
   {'step', 'member', 'signal', 'value'} (`CollapseWatch`)}.
   """
-  from clu import metric_writers, periodic_actions
-  from mcl_jax.data import _tf
-  _tf.tf()  # clu's TensorBoard writer runs on TensorFlow: hide the GPUs from it first.
+  from clu import metric_writers
+  from clu import periodic_actions
+
+  from mcl_jax.data import tf_lazy
+  tf_lazy.tf()  # clu's TensorBoard writer runs on TensorFlow: hide the GPUs from it first.
   task, setup = run.task, run.setup
   config, workdir = setup.config, setup.workdir
   if "://" not in workdir:  # validated writable; created only now that training starts

@@ -36,9 +36,10 @@ SGD step of the query encoders, then the enqueue.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -56,8 +57,8 @@ from mcl_jax import numerics
 from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
-from mcl_jax.data import views as data_views
 from mcl_jax.data import protocol as data_protocol
+from mcl_jax.data import views as data_views
 from mcl_jax.errors import ConfigError
 from mcl_jax.models import layers
 

@@ -26,6 +26,7 @@ a program it never ran, not measurements.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import dataclasses
 import functools
@@ -34,7 +35,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def chip_spec(topology: str) -> ChipSpec:
   return CHIPS[generation]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def topology_devices(topology: str) -> tuple[Any, ...]:
   """The compile-only devices of a TPU slice (one per chip on v4/v5p: megacore)."""
   spec = chip_spec(topology)
@@ -186,6 +187,7 @@ def _shape_only_world(config: Any) -> Iterator[None]:
   """While a task is built: sources know only shapes, device puts make ShapeDtypeStructs,
   and a probe's export is the architecture's abstract variables (no files read)."""
   import jax
+
   from mcl_jax import data
   from mcl_jax import export
   real = (jax.device_put, data.make_source, export.load_exported)
@@ -231,9 +233,10 @@ def build(config: Any, topology: str) -> Planned:
   run there (e.g. a batch that does not split over the chips).
   """
   import jax
+
   from mcl_jax import config_lib
-  from mcl_jax import regimes
   from mcl_jax import loop
+  from mcl_jax import regimes
   from mcl_jax import sharding as sharding_lib
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(list(devices))
@@ -519,6 +522,7 @@ def format_plan(result: dict[str, Any]) -> str:
 def load_config(value: str) -> Any:
   """A package config by `NAME[:ARG]` (or a config file), as `--config` names it."""
   import importlib.util
+
   from mcl_jax import config_lib
   path, _, arg = config_lib.resolve_config_path(value).partition(":")
   if not os.path.isfile(path):
@@ -549,6 +553,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   from absl import flags
+
   from mcl_jax import config_lib
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -588,6 +593,7 @@ def main(argv: list[str]) -> None:
 def run_cli() -> None:
   """The `mcl-plan` command."""
   from absl import app
+
   from mcl_jax import main as main_lib
   _define_flags()
   app.run(main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access

@@ -23,8 +23,9 @@ canvas, so importing this module or calling it never changes `pyplot`'s backend.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -273,8 +274,11 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
   runs only)}. The run is rebuilt from the config its checkpoint stored.
   """
   import jax
-  from mcl_jax import checkpointing, config_lib, jobs
+
+  from mcl_jax import checkpointing
+  from mcl_jax import config_lib
   from mcl_jax import export as export_lib
+  from mcl_jax import jobs
   _, _, meta = export_lib.read_checkpoint(workdir)
   from mcl_jax import regimes
   cohorts = [r.name for r in regimes.all_regimes() if r.exportable]
@@ -309,7 +313,9 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
 
 def main(argv: Sequence[str]) -> None:
   import sys
+
   from absl import flags
+
   from mcl_jax import loop
   del argv
   flags_ = flags.FLAGS

@@ -16,9 +16,10 @@ two near-copies. Regimes with one candidate set leave it at their only value.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 # The regime modules, in the order `names()` lists them. Each defines REGIME and
 # build_task(setup, **options) -> a `loop.Task`.

@@ -23,8 +23,8 @@ of a tiny network). The scheduler starts each child as this command with `--run_
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Sequence
 
 from absl import app
 from absl import flags

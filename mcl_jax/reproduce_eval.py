@@ -72,7 +72,8 @@ def probe_members(config_module: Any, row: Row, seed: int, directory: str, smoke
 
   Returns {'top1': [M], 'val_top1': [M], ...}: each member's probe accuracy.
   """
-  from mcl_jax import export, jobs
+  from mcl_jax import export
+  from mcl_jax import jobs
   _, _, meta = export.read_checkpoint(directory)
   probes: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):
@@ -89,7 +90,8 @@ def probe_members(config_module: Any, row: Row, seed: int, directory: str, smoke
 def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
   """The logistic-regression probe (mcl_jax.logreg_probe) of each exported member on the
   run's own labelled images: {'top1': [M], 'val_top1': [M], 'c': [M]}."""
-  from mcl_jax import export, logreg_probe
+  from mcl_jax import export
+  from mcl_jax import logreg_probe
   _, _, meta = export.read_checkpoint(directory)
   out: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):
@@ -105,7 +107,8 @@ def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
 def fewshot_members(row: Row, directory: str, smoke: bool) -> dict[str, list[float]]:
   """Few-shot accuracy (mcl_jax.fewshot) of each exported member on the row's held-out
   classes: {'<classifier>_<K>shot': [M] mean accuracies} (the exports of probe_members)."""
-  from mcl_jax import export, fewshot
+  from mcl_jax import export
+  from mcl_jax import fewshot
   _, _, meta = export.read_checkpoint(directory)
   out: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):

@@ -14,9 +14,10 @@ read as the method's. `plot` draws one panel per table, with the seeds' error ba
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import textwrap
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

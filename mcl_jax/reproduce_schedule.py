@@ -13,11 +13,12 @@ interrupted one resumes from its newest checkpoint (`jobs.run`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from mcl_jax import reproduce_eval
 from mcl_jax import suites

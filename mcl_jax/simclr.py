@@ -20,9 +20,10 @@ device, and BatchNorm normalises over the global batch of views (SimCLR's global
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,8 @@ from mcl_jax import models
 from mcl_jax import regimes
 from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
-from mcl_jax.data import views as data_views
 from mcl_jax.data import protocol as data_protocol
+from mcl_jax.data import views as data_views
 from mcl_jax.errors import ConfigError
 
 Array = jax.Array

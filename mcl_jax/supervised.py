@@ -11,9 +11,10 @@ touches pixels; streamed batches (ImageNet) arrive decoded and cropped.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,8 @@ part of it lives on the mesh. Every regime whose members are `models.Cohort` net
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax

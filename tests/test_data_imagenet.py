@@ -18,8 +18,8 @@ VAL_SIZES = {"ant": 2, "bee": 2, "cat": 1}
 
 
 def _tf():
-  from mcl_jax.data import _tf
-  return _tf.tf()
+  from mcl_jax.data import tf_lazy
+  return tf_lazy.tf()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_folder_eval_is_padded_and_masked_on_every_process(folder):
 
 def test_random_resized_crop_window_follows_torchvision():
   tf = _tf()
-  window = tf.function(lambda h, w, s: imagenet._random_resized_crop_window(tf, h, w, s))
+  window = tf.function(lambda h, w, s: imagenet.random_resized_crop_window(tf, h, w, s))
   areas = []
   for i in range(40):
     top, left, h, w = (int(v) for v in window(375, 500, tf.constant([0, i], tf.int64)))

@@ -248,9 +248,9 @@ def test_two_views_differ_per_view_and_per_example():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TF/tfds internals
 def test_streaming_sources_yield_two_crops_per_image(tmp_path):
-  from mcl_jax.data import _tf
   from mcl_jax.data import imagenet
-  tf = _tf.tf()
+  from mcl_jax.data import tf_lazy
+  tf = tf_lazy.tf()
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
     for name in ("ant", "bee"):

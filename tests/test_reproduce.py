@@ -72,7 +72,7 @@ def test_rows_with_a_collapsed_run_count_them_and_carry_no_plain_number():
   del results["mcl"][1]["collapsed"]  # a run from before the record: counted as unread
   text = reproduce_report.format_tables(rows, {"ssl": "SSL"}, results)
   assert "| moco | 2 | 0 | 70.00 | 70.00 +- 0.00 |" in text
-  line = next(l for l in text.splitlines() if l.startswith("| mcl |"))
+  line = next(x for x in text.splitlines() if x.startswith("| mcl |"))
   cells = [c.strip() for c in line.strip("|").split("|")]
   assert cells[:3] == ["mcl", "2", "1 (+1 unread)"]
   assert all(c.endswith(reproduce_report.COLLAPSE_MARK.strip()) for c in cells[3:-1]), cells
@@ -91,8 +91,9 @@ def test_rows_sharing_seeds_get_the_paired_difference_and_its_interval():
              "mcl": [fake_result("mcl", s, [0.81 + s / 100] * 3) for s in range(4)],
              "lone": [fake_result("lone", 5, [0.9] * 3)]}  # no seed in common: no line
   text = reproduce_report.format_tables(rows, {"main": "Main"}, results)
-  paired = [l for l in text.splitlines() if "paired by seed" in l]
-  assert len(paired) == 1 and paired[0].startswith("- mcl - base, paired by seed (3 seeds: 0, 1, 2)")
+  paired = [x for x in text.splitlines() if "paired by seed" in x]
+  assert len(paired) == 1
+  assert paired[0].startswith("- mcl - base, paired by seed (3 seeds: 0, 1, 2)")
   assert "members' mean +2.00 [-0.48, +4.48]" in paired[0]
 
 

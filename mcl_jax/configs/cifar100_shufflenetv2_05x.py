@@ -4,7 +4,8 @@ Launch (one variant per run; final-epoch top-1 is what to compare):
   mcl-train --config=cifar100_shufflenetv2_05x:baseline --workdir=WORKDIR   # published top-1 67.39%
   mcl-train --config=cifar100_shufflenetv2_05x:mcl_x2 --workdir=WORKDIR   # published top-1 69.55%
   mcl-train --config=cifar100_shufflenetv2_05x:mcl_x4 --workdir=WORKDIR   # published top-1 70.92%
-  mcl-train --config=cifar100_shufflenetv2_05x:mcl_x4_logit --workdir=WORKDIR   # no published number
+  # no published number:
+  mcl-train --config=cifar100_shufflenetv2_05x:mcl_x4_logit --workdir=WORKDIR
 Smoke run on a CPU: --config=cifar100_shufflenetv2_05x:mcl_x2,smoke
 Variants are described in mcl_jax/configs/cifar100_common.py.
 """

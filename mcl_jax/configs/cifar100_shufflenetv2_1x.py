@@ -4,7 +4,8 @@ Launch (one variant per run; final-epoch top-1 is what to compare):
   mcl-train --config=cifar100_shufflenetv2_1x:baseline --workdir=WORKDIR   # published top-1 70.93%
   mcl-train --config=cifar100_shufflenetv2_1x:mcl_x2 --workdir=WORKDIR   # published top-1 73.26%
   mcl-train --config=cifar100_shufflenetv2_1x:mcl_x4 --workdir=WORKDIR   # published top-1 75.18%
-  mcl-train --config=cifar100_shufflenetv2_1x:mcl_x4_logit --workdir=WORKDIR   # published top-1 77.02%
+  # published top-1 77.02%:
+  mcl-train --config=cifar100_shufflenetv2_1x:mcl_x4_logit --workdir=WORKDIR
 Smoke run on a CPU: --config=cifar100_shufflenetv2_1x:mcl_x2,smoke
 Variants are described in mcl_jax/configs/cifar100_common.py.
 """

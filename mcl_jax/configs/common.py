@@ -9,7 +9,7 @@ step; a test runs every config that way (tests/test_config_smoke.py).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 

@@ -4,7 +4,8 @@
   mcl-train --config=digits:baseline --workdir=/tmp/digits_base
   make demo      # both, then a side-by-side table (python -m mcl_jax.demo)
 
-1,437 training / 360 test images of 10 classes, 8x8 grey levels shown at 16x16. The digits have only 10
+1,437 training / 360 test images of 10 classes, 8x8 grey levels shown at 16x16. The digits
+have only 10
 classes, so class-aware batches hold 8 classes x 8 samples (the paper's CIFAR batches hold
 64 classes x 2); the loss is the same. Append ',smoke' for a few steps only.
 """

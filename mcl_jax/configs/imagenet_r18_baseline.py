@@ -1,4 +1,5 @@
-"""ImageNet, ResNet-18 baseline: two independent networks (every MCL weight 0). Published top-1: 69.76% (paper Tables 2 and 4).
+"""ImageNet, ResNet-18 baseline: two independent networks (every MCL weight 0).
+Published top-1: 69.76% (paper Tables 2 and 4).
 
   mcl-train --config=imagenet_r18_baseline \
       --config.input.data_dir=DATA_DIR --workdir=gs://BUCKET/imagenet_r18_baseline

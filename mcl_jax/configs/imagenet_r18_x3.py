@@ -1,4 +1,5 @@
-"""ImageNet, ResNet-18, MCL x3 + Logit (shared stem + layer1 + layer2). Published top-1: 70.82% (paper Tables 2 and 4).
+"""ImageNet, ResNet-18, MCL x3 + Logit (shared stem + layer1 + layer2).
+Published top-1: 70.82% (paper Tables 2 and 4).
 
   mcl-train --config=imagenet_r18_x3 \
       --config.input.data_dir=DATA_DIR --workdir=gs://BUCKET/imagenet_r18_x3

@@ -1,4 +1,5 @@
-"""ImageNet, ResNet-34, MCL x4 (shared stem + layer1 + layer2). Published top-1: 74.34% (paper Tables 2 and 4).
+"""ImageNet, ResNet-34, MCL x4 (shared stem + layer1 + layer2).
+Published top-1: 74.34% (paper Tables 2 and 4).
 
   mcl-train --config=imagenet_r34_x4 \
       --config.input.data_dir=DATA_DIR --workdir=gs://BUCKET/imagenet_r34_x4

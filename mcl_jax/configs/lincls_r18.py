@@ -1,4 +1,5 @@
-r"""Linear probe of an exported ResNet-18 member on ImageNet (docs/SPEC.md 4; official main_lincls.py).
+r"""Linear probe of an exported ResNet-18 member on ImageNet (docs/SPEC.md 4; official
+main_lincls.py).
 
   python -m mcl_jax.export --workdir=runs/moco_r18_x2 --member=0 --out=runs/moco_r18_x2/member0
   mcl-train --config=lincls_r18 --workdir=runs/moco_r18_x2_lincls \

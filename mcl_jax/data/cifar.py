@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mcl_jax.data import _tf
+from mcl_jax.data import tf_lazy
 from mcl_jax.errors import DatasetNotFoundError
 
 NAMES = ("cifar10", "cifar100")
@@ -33,7 +33,7 @@ def load_cifar(name: str, data_dir: str | None = None, *, download: bool = True
   """
   if name not in NAMES:
     raise ValueError(f"load_cifar(name={name!r}): choose one of {', '.join(NAMES)}.")
-  tfds = _tf.tfds()
+  tfds = tf_lazy.tfds()
   builder = tfds.builder(name, data_dir=data_dir or None)
   where = data_dir or "tfds' default data_dir (~/tensorflow_datasets)"
   if download:

@@ -134,8 +134,8 @@ def load_idx(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 def load_tfds(data_dir: str | None, *, download: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The same arrays from TFDS `fashion_mnist` (TensorFlow imported here)."""
-  from mcl_jax.data import _tf
-  tfds = _tf.tfds()
+  from mcl_jax.data import tf_lazy
+  tfds = tf_lazy.tfds()
   builder = tfds.builder("fashion_mnist", data_dir=data_dir or None)
   if download:
     if not builder.is_prepared():

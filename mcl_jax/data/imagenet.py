@@ -47,19 +47,21 @@ in `label_cache` (default: `train_labels.npy` beside the tfds data, when writabl
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator, Sequence
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 from absl import logging
+import numpy as np
 
-from mcl_jax.data import _tf
 from mcl_jax.data import augment as augment_lib
 from mcl_jax.data import pipeline
 from mcl_jax.data import protocol
 from mcl_jax.data import sampler
-from mcl_jax.errors import ConfigError, DatasetNotFoundError
+from mcl_jax.data import tf_lazy
+from mcl_jax.errors import ConfigError
+from mcl_jax.errors import DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CROP_SCALE = (0.08, 1.0)
@@ -85,7 +87,7 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 # Per-example transforms (TensorFlow graph functions).
 
 
-def _random_resized_crop_window(tf, height, width, seed, scale=CROP_SCALE, ratio=CROP_RATIO,
+def random_resized_crop_window(tf, height, width, seed, scale=CROP_SCALE, ratio=CROP_RATIO,
                                 attempts: int = 10):
   """torchvision RandomResizedCrop.get_params: (top, left, h, w) as int32 scalars.
 
@@ -158,10 +160,10 @@ def train_transform(image_bytes, seed, *, image_size: int, output_dtype: str = "
                     mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
                     std: Sequence[float] = augment_lib.IMAGENET_STD):
   """Encoded image + stateless seed [2] -> random-resized crop, flipped, [S, S, 3]."""
-  tf = _tf.tf()
+  tf = tf_lazy.tf()
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   image = _decode_window(
-      tf, image_bytes, lambda h, w: _random_resized_crop_window(tf, h, w, crop_seed))
+      tf, image_bytes, lambda h, w: random_resized_crop_window(tf, h, w, crop_seed))
   image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
   image = tf.cond(tf.random.stateless_uniform([], flip_seed) < 0.5,
                   lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -175,10 +177,10 @@ def two_view_transform(image_bytes, seed, *, image_size: int,
   MoCo's views: crops at `crop_scale`, not flipped (the device flips and colour-augments
   each view after decoding).
   """
-  tf = _tf.tf()
+  tf = tf_lazy.tf()
 
   def view(view_seed):
-    image = _decode_window(tf, image_bytes, lambda h, w: _random_resized_crop_window(
+    image = _decode_window(tf, image_bytes, lambda h, w: random_resized_crop_window(
         tf, h, w, view_seed, scale=crop_scale))
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return _finish(tf, image, "uint8", None, None)
@@ -191,7 +193,7 @@ def eval_transform(image_bytes, *, image_size: int, output_dtype: str = "uint8",
                    mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
                    std: Sequence[float] = augment_lib.IMAGENET_STD):
   """torchvision Resize(round(S * 256/224)) + CenterCrop(S) of an encoded image."""
-  tf = _tf.tf()
+  tf = tf_lazy.tf()
   resize = int(round(image_size * EVAL_RESIZE_RATIO))
   image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
@@ -314,7 +316,7 @@ class _StreamingSource(abc.ABC):
     self.two_view_crop_scale = tuple(two_view_crop_scale)
 
   def _train_map(self, epoch_seed: int):
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     kwargs = dict(image_size=self.image_size, output_dtype=self.output_dtype,
                   mean=self.mean, std=self.std)
     crop_scale = self.two_view_crop_scale
@@ -331,7 +333,7 @@ class _StreamingSource(abc.ABC):
     return fn
 
   def _eval_map(self):
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     kwargs = dict(image_size=self.image_size, output_dtype=self.output_dtype,
                   mean=self.mean, std=self.std)
 
@@ -388,7 +390,7 @@ def _step_batches(columns: tuple[np.ndarray, ...], decode):
   the next and every process yields as many as the others. `_complete_batches` fills the
   dropped rows back in.
   """
-  tf = _tf.tf()
+  tf = tf_lazy.tf()
   local = columns[0].shape[1]
 
   def one_step(*step):
@@ -516,7 +518,7 @@ class ImageFolderSource(_StreamingSource):
                     ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
     self._check_order(samples_per_class)
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     p, count = pipeline.process(process_index, process_count)
     _local_batch(global_batch_size, count)  # the batch must split evenly over processes
     order = sampler.shuffled_epoch(self.num_train, epoch=epoch, seed=seed,
@@ -540,7 +542,7 @@ class ImageFolderSource(_StreamingSource):
     """This process's share of padded eval batches covering the whole val split (or the
     training split, 'train', with the eval transform) once."""
     self._check_split(split)
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     p, count = pipeline.process(process_index, process_count)
     _local_batch(global_batch_size, count)  # the batch must split evenly over processes
     train = split == protocol.TRAIN_SPLIT
@@ -578,7 +580,7 @@ class TfdsImageNetSource(_StreamingSource):
                two_view_crop_scale: tuple[float, float] | None = None):
     if output_dtype not in ("uint8", "float32"):
       raise ValueError(f"output_dtype={output_dtype!r} must be 'uint8' or 'float32'.")
-    tfds = _tf.tfds()
+    tfds = tf_lazy.tfds()
     self.name, self.image_size, self.output_dtype = name, int(image_size), output_dtype
     self._set_views(two_view_crop_scale)
     self.train_split, self.eval_split = train_split, eval_split
@@ -630,7 +632,7 @@ class TfdsImageNetSource(_StreamingSource):
 
   def _dense_index(self, tfds_id, offsets: np.ndarray):
     """'…-00007-of-01024__123' -> offsets[7] + 123 (int64)."""
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     shard = tf.strings.to_number(
         tf.strings.regex_replace(tfds_id, r"^.*-(\d+)-of-\d+__\d+$", r"\1"), tf.int64)
     within = tf.strings.to_number(
@@ -643,7 +645,7 @@ class TfdsImageNetSource(_StreamingSource):
     The image bytes are parsed but never decoded (`SkipDecoding`, as the training
     pipeline reads them, so mock data yields the same labels in both).
     """
-    tfds, tf = _tf.tfds(), _tf.tf()
+    tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
     ds = self.builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(add_tfds_id=True))
@@ -672,7 +674,7 @@ class TfdsImageNetSource(_StreamingSource):
     return self.train_labels
 
   def _cached_train_labels(self) -> np.ndarray:
-    tf = _tf.tf()
+    tf = tf_lazy.tf()
     path = self._label_cache
     if path is None:
       path = os.path.join(self.builder.data_dir, f"{self.train_split}_labels.npy")
@@ -697,7 +699,7 @@ class TfdsImageNetSource(_StreamingSource):
                     ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
     self._check_order(samples_per_class)
-    tfds, tf = _tf.tfds(), _tf.tf()
+    tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
     p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     steps = self.steps_per_epoch(global_batch_size) - start_step
@@ -723,12 +725,13 @@ class TfdsImageNetSource(_StreamingSource):
                    ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of the eval split in batches padded (mask 0) to equal counts."""
     self._check_split(split)
-    tfds, tf = _tf.tfds(), _tf.tf()
+    tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
     p, count = pipeline.process(process_index, process_count)
     local = _local_batch(global_batch_size, count)
     tfds_split = self.train_split if split == protocol.TRAIN_SPLIT else self.eval_split
     # even_splits gives every process floor(N / P) or one more example.
-    num_batches = -(-(-(-self._num_examples(tfds_split) // count)) // local)
+    per_process = math.ceil(self._num_examples(tfds_split) / count)
+    num_batches = math.ceil(per_process / local)
     process_split = tfds.split_for_jax_process(tfds_split, process_index=p, process_count=count)
     ds = self.builder.as_dataset(
         split=process_split, shuffle_files=False,

@@ -14,8 +14,9 @@ the last batch is padded and the padding carries mask 0.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ source is built (`make_source(..., two_view_crop_scale=...)`), never changed aft
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 

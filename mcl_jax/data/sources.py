@@ -14,9 +14,13 @@ import ml_collections
 
 from mcl_jax.data import augment as augment_lib
 from mcl_jax.data import protocol
-from mcl_jax.data.pipeline import (Dataset, hold_out_validation, keep_classes,
-                                   per_channel_mean_std, resize_grey, rotation_classes,
-                                   synthetic)
+from mcl_jax.data.pipeline import Dataset
+from mcl_jax.data.pipeline import hold_out_validation
+from mcl_jax.data.pipeline import keep_classes
+from mcl_jax.data.pipeline import per_channel_mean_std
+from mcl_jax.data.pipeline import resize_grey
+from mcl_jax.data.pipeline import rotation_classes
+from mcl_jax.data.pipeline import synthetic
 from mcl_jax.errors import ConfigError
 
 IN_MEMORY = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic")

@@ -5,7 +5,8 @@ with `ssl.views`: the official 'v1' (InstDisc's) and 'v2' (`--aug-plus`), and mi
 for small images, 'digits' and 'fashion_mnist'. `two_views(key, images, images2, spec,
 ...)` makes the query and key views of a batch: in-memory sources pass only `images` and
 both views are cropped here; streaming sources pass two host-made crops (`images2`) and
-this adds colour, blur and flip (each source binds it to its kind: `Source.two_views`). Every random choice of a view comes from one draw of
+this adds colour, blur and flip (each source binds it to its kind: `Source.two_views`).
+Every random choice of a view comes from one draw of
 uniforms per example (`NUM_UNIFORMS`), which keeps the compiled program small.
 
 The operations follow torchvision's: RandomResizedCrop (10 attempts, then the whole image

@@ -12,11 +12,12 @@ when its `RESULT_FILE` exists (written by `reproduce_eval.train_one`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import importlib
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 RESULT_FILE = "result.json"
 
