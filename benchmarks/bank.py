@@ -12,6 +12,7 @@ memory per device (memory_analysis) of the jitted sample + similarities + gradie
 update, and the median wall time of that program. docs/IMAGENET.md quotes the output
 (benchmarks/results/bank_cpu.txt).
 """
+
 from __future__ import annotations
 
 import time
@@ -46,7 +47,7 @@ def main(argv):
   from mcl_jax import memory_bank
   from mcl_jax import sharding
 
-  mesh = sharding.make_mesh(jax.devices()[:FLAGS.devices])
+  mesh = sharding.make_mesh(jax.devices()[: FLAGS.devices])
   m, n, d, b, k = FLAGS.members, FLAGS.rows, FLAGS.dim, FLAGS.batch, FLAGS.negatives
   padded = -(-n // mesh.size) * mesh.size
   rng = np.random.default_rng(0)
@@ -54,33 +55,37 @@ def main(argv):
   table = memory_bank.class_index_table(labels_all, FLAGS.classes)
   replicated = sharding.replicated(mesh)
   table = {key: jax.device_put(v, replicated) for key, v in table.items()}
-  bank = jax.jit(lambda key: jnp.pad(memory_bank.init(key, m, n, d),
-                                     ((0, 0), (0, padded - n), (0, 0))),
-                 out_shardings=memory_bank.bank_sharding(mesh))(jax.random.PRNGKey(0))
+  bank = jax.jit(
+    lambda key: jnp.pad(memory_bank.init(key, m, n, d), ((0, 0), (0, padded - n), (0, 0))),
+    out_shardings=memory_bank.bank_sharding(mesh),
+  )(jax.random.PRNGKey(0))
   own = jnp.asarray(rng.permutation(n)[:b], jnp.int32)
   labels = jnp.asarray(labels_all[np.asarray(own)], jnp.int32)
   z = jnp.asarray(rng.normal(size=(m, b, d)), jnp.float32)
   z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-  print(f"# M={m} N={n} d={d} B={b} 1+P+K={2 + k} on {mesh.size} CPU devices; bank "
-        f"{m * padded * d * 4 / 2**30:.2f} GiB, {m * padded * d * 4 / mesh.size / 2**20:.0f} "
-        f"MiB per device; jax {jax.__version__}", flush=True)
+  print(
+    f"# M={m} N={n} d={d} B={b} 1+P+K={2 + k} on {mesh.size} CPU devices; bank "
+    f"{m * padded * d * 4 / 2**30:.2f} GiB, {m * padded * d * 4 / mesh.size / 2**20:.0f} "
+    f"MiB per device; jax {jax.__version__}",
+    flush=True,
+  )
 
   def step(bank, z, key, chunk):
-    pos, neg = memory_bank.sample_indices(key, labels, own, table, num_positives=1,
-                                          num_negatives=k)
+    pos, neg = memory_bank.sample_indices(key, labels, own, table, num_positives=1, num_negatives=k)
     idx = jnp.concatenate([pos, neg], axis=1)
 
     def loss(z):
       sims = memory_bank.gather_similarities(bank, idx, z, mesh, chunk_size=chunk)
-      terms = losses.bank_mcl_from_similarities(sims, num_positives=1, tau=0.07,
-                                                kd_temperature=3.0)
+      terms = losses.bank_mcl_from_similarities(sims, num_positives=1, tau=0.07, kd_temperature=3.0)
       return sum(terms.values())
 
     value, grad = jax.value_and_grad(loss)(z)
     return memory_bank.update_sharded(bank, own, z, 0.5, mesh), value, grad
 
-  print("| gather_chunk | transient rows per device (formula) | XLA temp per device | "
-        "ms per call (median) |\n|---|---|---|---|")
+  print(
+    "| gather_chunk | transient rows per device (formula) | XLA temp per device | "
+    "ms per call (median) |\n|---|---|---|---|"
+  )
   for chunk in (int(c) for c in FLAGS.chunks):
     fn = jax.jit(functools.partial(step, chunk=chunk))
     compiled = fn.lower(bank, z, jax.random.PRNGKey(1)).compile()
@@ -93,8 +98,11 @@ def main(argv):
       t = time.perf_counter()
       jax.block_until_ready(compiled(bank, z, jax.random.PRNGKey(2 + i)))
       times.append(time.perf_counter() - t)
-    print(f"| {chunk or 'all'} | {rows / 2**20:.0f} MiB | {temp / 2**20:.0f} MiB | "
-          f"{1e3 * np.median(times):.0f} |", flush=True)
+    print(
+      f"| {chunk or 'all'} | {rows / 2**20:.0f} MiB | {temp / 2**20:.0f} MiB | "
+      f"{1e3 * np.median(times):.0f} |",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ oneDNN custom calls and fusions, XNNPACK fusions and graph fusion, YNNPACK fusio
 and nine shifted matmuls, each checked against XLA's own gradient. docs/PERFORMANCE.md,
 "The CPU gap", cites the output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,25 @@ import sys
 import numpy as np
 
 SETTINGS = (
-    ("default", ""),
-    ("onednn custom call", "--xla_cpu_experimental_onednn_custom_call=true"),
-    ("onednn fusion dot,eltwise,reduce",
-     "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce"),
-    ("xnn fusion dot,eltwise,reduce", "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
-    ("xnn graph fusion greedy",
-     "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
-    ("ynn fusion individual_convolution",
-     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"),
-    ("ynn fusion individual_convolution,dot,eltwise",
-     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot,eltwise"),
+  ("default", ""),
+  ("onednn custom call", "--xla_cpu_experimental_onednn_custom_call=true"),
+  (
+    "onednn fusion dot,eltwise,reduce",
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+  ),
+  ("xnn fusion dot,eltwise,reduce", "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"),
+  (
+    "xnn graph fusion greedy",
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+  ),
+  (
+    "ynn fusion individual_convolution",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+  ),
+  (
+    "ynn fusion individual_convolution,dot,eltwise",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot,eltwise",
+  ),
 )
 
 CHILD = r"""
@@ -59,8 +68,13 @@ print(json.dumps(out))
 
 def run_setting(flags: str, shape: tuple[int, int, int, int]) -> dict | str:
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, shape)], env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", CHILD, *map(str, shape)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if proc.returncode:
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return f"rejected or failed: {last[:160]}"
@@ -105,15 +119,18 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=128)
   args = parser.parse_args()
   shape = (args.batch, 32, 16, 16)
-  print(f"# 3x3 conv {args.batch}x32x32x16 -> 16, ms (median of 5) per round; "
-        f"load {os.getloadavg()}", flush=True)
+  print(
+    f"# 3x3 conv {args.batch}x32x32x16 -> 16, ms (median of 5) per round; load {os.getloadavg()}",
+    flush=True,
+  )
   results: dict[str, list] = {name: [] for name, _ in SETTINGS}
   for r in range(args.rounds):
     for name, flags in SETTINGS:
       result = run_setting(flags, shape)
       results[name].append(result)
-      shown = result if isinstance(result, str) else "  ".join(
-          f"{k} {v:7.1f}" for k, v in result.items())
+      shown = (
+        result if isinstance(result, str) else "  ".join(f"{k} {v:7.1f}" for k, v in result.items())
+      )
       print(f"round {r} {name:48s} {shown}", flush=True)
   print("\n| setting | fwd ms | d-input ms | d-weight ms |\n|---|---|---|---|")
   for name, runs in results.items():
@@ -123,11 +140,14 @@ def main() -> None:
       continue
     cells = [f"{np.median([g[k] for g in good]):.1f}" for k in ("fwd", "dx", "dw")]
     print(f"| {name} | " + " | ".join(cells) + " |")
-  print("\nThe weight gradient written other ways, ms (median of 5), default flags:\n"
-        "| conv | XLA's gradient | im2col + matmul | 9 shifted matmuls |\n|---|---|---|---|",
-        flush=True)
-  subprocess.run([sys.executable, "-c", FORMULATIONS], check=True,
-                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  print(
+    "\nThe weight gradient written other ways, ms (median of 5), default flags:\n"
+    "| conv | XLA's gradient | im2col + matmul | 9 shifted matmuls |\n|---|---|---|---|",
+    flush=True,
+  )
+  subprocess.run(
+    [sys.executable, "-c", FORMULATIONS], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+  )
   print(f"# load after {os.getloadavg()}")
 
 

@@ -10,6 +10,7 @@ Then times the three convolutions of one layer of each resnet32 stage in both fr
 (forward, gradient with respect to the input, gradient with respect to the weights):
 the measured breakdown in docs/PERFORMANCE.md, "The CPU gap", comes from here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,17 +44,18 @@ def conv_breakdown(batch: int, repeats: int = 5) -> list[dict]:
   return [_conv_row(batch, *shape, repeats=repeats) for shape in CONV_SHAPES]
 
 
-def _conv_row(batch: int, size: int, cin: int, cout: int, stride: int, *, repeats: int
-              ) -> dict:
+def _conv_row(batch: int, size: int, cin: int, cout: int, stride: int, *, repeats: int) -> dict:
   """One CONV_SHAPES entry of `conv_breakdown`."""
   import jax
   import jax.numpy as jnp
+
   x = jnp.asarray(np.random.randn(batch, size, size, cin), jnp.float32)
   w = jnp.asarray(np.random.randn(3, 3, cin, cout), jnp.float32)
 
   def conv(x, w):
     return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
   fwd = jax.jit(conv)
   dx = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=0))
@@ -66,10 +68,12 @@ def _conv_row(batch: int, size: int, cin: int, cout: int, stride: int, *, repeat
   return row
 
 
-def _torch_conv_times(batch: int, size: int, cin: int, cout: int, stride: int, layout: str,
-                      *, repeats: int) -> dict:
+def _torch_conv_times(
+  batch: int, size: int, cin: int, cout: int, stride: int, layout: str, *, repeats: int
+) -> dict:
   import torch
   import torch.nn.functional as F
+
   xt = torch.randn(batch, cin, size, size)
   if layout == "channels_last":
     xt = xt.to(memory_format=torch.channels_last)
@@ -88,8 +92,10 @@ def _torch_conv_times(batch: int, size: int, cin: int, cout: int, stride: int, l
     y = F.conv2d(xt.detach(), wt, stride=stride, padding=1)
     torch.autograd.grad(y.sum(), wt)
 
-  return {f"torch_{layout}_{name}": 1e3 * _median_time(f, repeats)
-          for name, f in (("fwd", fwd_t), ("dx", dx_t), ("dw", dw_t))}
+  return {
+    f"torch_{layout}_{name}": 1e3 * _median_time(f, repeats)
+    for name, f in (("fwd", fwd_t), ("dx", dx_t), ("dw", dw_t))
+  }
 
 
 def main(argv=None) -> None:
@@ -110,31 +116,54 @@ def main(argv=None) -> None:
   import torch_step
 
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
-  setting = bench.Setting("resnet32", args.members, "unroll", True, "float32", args.batch,
-                          args.image_size, 100)
-  print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), jax {jax.__version__}", flush=True)
+  setting = bench.Setting(
+    "resnet32", args.members, "unroll", True, "float32", args.batch, args.image_size, 100
+  )
+  print(
+    f"# {os.cpu_count()} CPUs, load {os.getloadavg()}; torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads), jax {jax.__version__}",
+    flush=True,
+  )
   jax_times, torch_times = [], []
   for r in range(args.rounds):
-    t = torch_step.measure(args.members, args.batch, args.image_size, official=None,
-                           amp=False, channels_last=False, steps=args.steps, warmup=1)
+    t = torch_step.measure(
+      args.members,
+      args.batch,
+      args.image_size,
+      official=None,
+      amp=False,
+      channels_last=False,
+      steps=args.steps,
+      warmup=1,
+    )
     torch_times.append(t["step_s_median"])
     j = bench.measure(setting, auto=True, steps=args.steps, warmup=1, mesh=mesh)
     jax_times.append(j["step_s_median"])
-    print(f"round {r}: PyTorch {1e3 * torch_times[-1]:.0f} ms/step, JAX {1e3 * jax_times[-1]:.0f} "
-          f"ms/step (compile {j['compile_s']:.1f} s)", flush=True)
+    print(
+      f"round {r}: PyTorch {1e3 * torch_times[-1]:.0f} ms/step, JAX {1e3 * jax_times[-1]:.0f} "
+      f"ms/step (compile {j['compile_s']:.1f} s)",
+      flush=True,
+    )
   ratio = np.median(jax_times) / np.median(torch_times)
-  print(f"resnet32 x{args.members} MCL, B={args.batch}, {args.image_size}px, float32: JAX "
-        f"{1e3 * np.median(jax_times):.0f} ms / PyTorch {1e3 * np.median(torch_times):.0f} "
-        f"ms per step = {ratio:.2f}x", flush=True)
+  print(
+    f"resnet32 x{args.members} MCL, B={args.batch}, {args.image_size}px, float32: JAX "
+    f"{1e3 * np.median(jax_times):.0f} ms / PyTorch {1e3 * np.median(torch_times):.0f} "
+    f"ms per step = {ratio:.2f}x",
+    flush=True,
+  )
   if args.skip_breakdown:
     return
-  print("\n3x3 convolution, ms (median of 5): JAX NHWC | PyTorch NCHW | PyTorch "
-        "channels_last")
+  print("\n3x3 convolution, ms (median of 5): JAX NHWC | PyTorch NCHW | PyTorch channels_last")
   for row in conv_breakdown(args.batch):
-    print(f"{row['shape']:<20} " + "  ".join(
+    print(
+      f"{row['shape']:<20} "
+      + "  ".join(
         f"{op}: {row[f'jax_{op}']:.1f} | {row[f'torch_nchw_{op}']:.1f} | "
-        f"{row[f'torch_channels_last_{op}']:.1f}" for op in ("fwd", "dx", "dw")), flush=True)
+        f"{row[f'torch_channels_last_{op}']:.1f}"
+        for op in ("fwd", "dx", "dw")
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

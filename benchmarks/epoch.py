@@ -11,6 +11,7 @@ on-device crop + flip + normalise, the official shared trunk for M > 2, the four
 SGD. The time covers `--steps` steps after the first (compile) step, with the host's
 per-step work (index batches, global arrays) included, ended by a block on the state.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--arch", default="resnet32")
   parser.add_argument("--members", type=int, default=4)
-  parser.add_argument("--shared_stages", type=int, default=-1,
-                      help="-1: the config's (official: stem + first stage for M > 2)")
+  parser.add_argument(
+    "--shared_stages",
+    type=int,
+    default=-1,
+    help="-1: the config's (official: stem + first stage for M > 2)",
+  )
   parser.add_argument("--steps", type=int, default=390)
   parser.add_argument("--train_examples", type=int, default=50000)
   parser.add_argument("--batch", type=int, default=128)
@@ -43,8 +48,10 @@ def main(argv=None) -> None:
 
   from mcl_jax import jobs
   from mcl_jax.configs import cifar100_common
-  c = cifar100_common.set_variant(cifar100_common.base(args.arch),
-                                  "mcl_x4" if args.members > 2 else "mcl_x2")
+
+  c = cifar100_common.set_variant(
+    cifar100_common.base(args.arch), "mcl_x4" if args.members > 2 else "mcl_x2"
+  )
   c.cohort.num_members = args.members
   if args.shared_stages >= 0:
     c.model.shared_stages = args.shared_stages
@@ -71,16 +78,30 @@ def main(argv=None) -> None:
   jax.block_until_ready(run.state)
   seconds = time.perf_counter() - t0
   device = jax.devices()[0]
-  record = {"framework": "jax", "what": "epoch", "arch": args.arch, "members": args.members,
-            "shared_stages": int(c.model.shared_stages), "batch": args.batch,
-            "steps": done, "dtype": args.dtype, "strategy": args.strategy,
-            "seconds": seconds, "seconds_per_390_steps": seconds * 390 / max(done, 1),
-            "first_step_s": compile_s, "backend": device.platform,
-            "device_kind": device.device_kind, "num_devices": jax.device_count(),
-            "jax_version": jax.__version__}
-  print(f"epoch: {args.arch} x{args.members} B={args.batch} {args.dtype}: {done} steps in "
-        f"{seconds:.2f} s ({record['seconds_per_390_steps']:.2f} s per 390-step epoch; "
-        f"first step with compile {compile_s:.1f} s) on {device.device_kind}", flush=True)
+  record = {
+    "framework": "jax",
+    "what": "epoch",
+    "arch": args.arch,
+    "members": args.members,
+    "shared_stages": int(c.model.shared_stages),
+    "batch": args.batch,
+    "steps": done,
+    "dtype": args.dtype,
+    "strategy": args.strategy,
+    "seconds": seconds,
+    "seconds_per_390_steps": seconds * 390 / max(done, 1),
+    "first_step_s": compile_s,
+    "backend": device.platform,
+    "device_kind": device.device_kind,
+    "num_devices": jax.device_count(),
+    "jax_version": jax.__version__,
+  }
+  print(
+    f"epoch: {args.arch} x{args.members} B={args.batch} {args.dtype}: {done} steps in "
+    f"{seconds:.2f} s ({record['seconds_per_390_steps']:.2f} s per 390-step epoch; "
+    f"first step with compile {compile_s:.1f} s) on {device.device_kind}",
+    flush=True,
+  )
   _common.append_json_line(args.json_out, record)
 
 

@@ -4,6 +4,7 @@ process, and how far apart the two initial states are (docs/PERFORMANCE.md).
 
   .venv/bin/python benchmarks/init_time.py [--config=cifar100_resnet32:mcl_x4]
 """
+
 import importlib
 import sys
 import time
@@ -25,8 +26,11 @@ def main(name: str) -> None:
   shape = (config.input.image_size, config.input.image_size, 3)
 
   def init(rng):
-    return train_state.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), rng=rng,
-                                  **train_state.init_variables(model, tx, shape, rng))
+    return train_state.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      rng=rng,
+      **train_state.init_variables(model, tx, shape, rng),
+    )
 
   rng = jax.random.PRNGKey(0)
   start = time.time()
@@ -36,12 +40,16 @@ def main(name: str) -> None:
   shardings = train_state.state_shardings(jax.eval_shape(init, rng), mesh)
   jitted = jax.device_get(train_state.initialise(init, rng, shardings))
   jitted_s = time.time() - start
-  diffs = [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-           for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted))]
-  print(f"{name}: eager (first call) {eager_s:.1f} s, jitted without backend optimisations "
-        f"{jitted_s:.1f} s (compile included), ratio {eager_s / jitted_s:.1f}x; max "
-        f"|difference| {max(diffs):.2g}, {sum(d == 0 for d in diffs)}/{len(diffs)} leaves "
-        "identical")
+  diffs = [
+    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted))
+  ]
+  print(
+    f"{name}: eager (first call) {eager_s:.1f} s, jitted without backend optimisations "
+    f"{jitted_s:.1f} s (compile included), ratio {eager_s / jitted_s:.1f}x; max "
+    f"|difference| {max(diffs):.2g}, {sum(d == 0 for d in diffs)}/{len(diffs)} leaves "
+    "identical"
+  )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ and images per CPU-second (process CPU time; the per-core figure that survives a
 machine).
 The first batch (graph building, thread start-up) is not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ def write_images(root: str, num_images: int, num_classes: int, seed: int = 0) ->
       coarse = rng.uniform(0, 255, (1, 12, 16, 3)).astype(np.float32)
       image = tf.image.resize(coarse, [375, 500], method="bicubic")[0]
       image += rng.normal(0, 8, (375, 500, 3)).astype(np.float32)
-      encoded = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8),
-                                  quality=90)
+      encoded = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), quality=90)
       tf.io.write_file(os.path.join(root, split, name, f"{i:06d}.jpg"), encoded)
       total += int(tf.strings.length(encoded))
   return total
@@ -69,15 +69,19 @@ def main(argv=None) -> dict[str, float]:
     if not os.path.isdir(os.path.join(root, "train")):
       t0 = time.perf_counter()
       size = write_images(root, args.num_images, args.num_classes)
-      print(f"wrote {args.num_images} JPEGs 500x375 ({size / args.num_images / 1024:.0f} KiB "
-            f"each) to {root} in {time.perf_counter() - t0:.1f} s")
-    source = imagenet.ImageFolderSource(root, image_size=args.image_size,
-                                        output_dtype=args.output_dtype)
+      print(
+        f"wrote {args.num_images} JPEGs 500x375 ({size / args.num_images / 1024:.0f} KiB "
+        f"each) to {root} in {time.perf_counter() - t0:.1f} s"
+      )
+    source = imagenet.ImageFolderSource(
+      root, image_size=args.image_size, output_dtype=args.output_dtype
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     images, elapsed, cpu = 0, 0.0, 0.0
     for epoch in range(args.epochs):
-      it = source.train_batches(epoch, seed=0, global_batch_size=args.batch,
-                                process_index=0, process_count=1)
+      it = source.train_batches(
+        epoch, seed=0, global_batch_size=args.batch, process_index=0, process_count=1
+      )
       next(it)  # warm-up batch, not timed
       start, cpu_start = time.perf_counter(), _cpu_seconds()
       for batch in it:
@@ -85,14 +89,22 @@ def main(argv=None) -> dict[str, float]:
       elapsed += time.perf_counter() - start
       cpu += _cpu_seconds() - cpu_start
     rate = images / elapsed
-    print(f"train pipeline: {images} images in {elapsed:.2f} s = {rate:.0f} images/s on "
-          f"{cores} host cores = {rate / cores:.0f} images/s per core "
-          f"(image_size {args.image_size}, batch {args.batch}, {args.output_dtype})")
+    print(
+      f"train pipeline: {images} images in {elapsed:.2f} s = {rate:.0f} images/s on "
+      f"{cores} host cores = {rate / cores:.0f} images/s per core "
+      f"(image_size {args.image_size}, batch {args.batch}, {args.output_dtype})"
+    )
     # On a shared machine wall time undercounts; CPU time says what one core can do.
-    print(f"CPU time: {cpu:.2f} core-s = {images / cpu:.0f} images per core-second "
-          f"(load average {os.getloadavg()[0]:.1f})")
-    return {"images_per_s": rate, "cores": cores, "images_per_s_per_core": rate / cores,
-            "images_per_cpu_second": images / cpu}
+    print(
+      f"CPU time: {cpu:.2f} core-s = {images / cpu:.0f} images per core-second "
+      f"(load average {os.getloadavg()[0]:.1f})"
+    )
+    return {
+      "images_per_s": rate,
+      "cores": cores,
+      "images_per_s_per_core": rate / cores,
+      "images_per_cpu_second": images / cpu,
+    }
   finally:
     if not args.root:
       shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ and the per-step working set of the sampled rows and of their similarities (see
 memory_bank.gather_similarities), which are not state but are the largest bank-related
 buffers of a step.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,7 @@ def main(argv):
   path, _, arg = FLAGS.config.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   config = importlib.import_module(f"mcl_jax.configs.{name}").get_config(arg or None)
-  mesh = sharding_lib.make_mesh(jax.devices()[:FLAGS.devices])
+  mesh = sharding_lib.make_mesh(jax.devices()[: FLAGS.devices])
   n = FLAGS.train_examples
   num_classes = config.model.num_classes
   batch = config.input.global_batch_size
@@ -66,13 +67,17 @@ def main(argv):
   state = train_state.abstract_train_state(model, tx, image_shape, mesh, bank_rows=bank_rows)
   shardings = train_state.state_shardings(state, mesh)
 
-  print(f"{path}{':' + arg if arg else ''}: M={model.num_members} arch={config.model.arch} "
-        f"N={n} d={model.embed_dim} K={config.bank.num_negatives} B={batch} on "
-        f"{mesh.size} devices")
-  rows = [("params", state.params, shardings.params),
-          ("batch_stats", state.batch_stats, shardings.batch_stats),
-          ("opt_state", state.opt_state, shardings.opt_state),
-          ("bank", state.bank, shardings.bank)]
+  print(
+    f"{path}{':' + arg if arg else ''}: M={model.num_members} arch={config.model.arch} "
+    f"N={n} d={model.embed_dim} K={config.bank.num_negatives} B={batch} on "
+    f"{mesh.size} devices"
+  )
+  rows = [
+    ("params", state.params, shardings.params),
+    ("batch_stats", state.batch_stats, shardings.batch_stats),
+    ("opt_state", state.opt_state, shardings.opt_state),
+    ("bank", state.bank, shardings.bank),
+  ]
   total_global = total_device = 0
   print(f"{'part':<12} {'global MiB':>12} {'per device MiB':>15}  placement")
   for name, tree, tree_shardings in rows:
@@ -91,12 +96,17 @@ def main(argv):
     m = model.num_members
     rows = m * batch * candidates * model.embed_dim * 4
     sims = m * m * batch * candidates * 4
-    print(f"per step, rows of the global batch's samples [M, B, 1+P+K, d] f32 taken from "
-          f"each device's shard (zeros where not held): {rows / MiB:.1f} MiB per device, "
-          "transient (rematerialised for the backward pass)")
-    print(f"per step, similarities [M, M, B, 1+P+K] f32 reduce-scattered over devices: "
-          f"{sims / MiB:.1f} MiB per device before, {sims / mesh.size / MiB:.1f} MiB after "
-          f"(moving the rows instead would be {rows / MiB:.1f} MiB)")
+    print(
+      f"per step, rows of the global batch's samples [M, B, 1+P+K, d] f32 taken from "
+      f"each device's shard (zeros where not held): {rows / MiB:.1f} MiB per device, "
+      "transient (rematerialised for the backward pass)"
+    )
+    print(
+      f"per step, similarities [M, M, B, 1+P+K] f32 reduce-scattered over devices: "
+      f"{sims / MiB:.1f} MiB per device before, {sims / mesh.size / MiB:.1f} MiB after "
+      f"(moving the rows instead would be {rows / MiB:.1f} MiB)"
+    )
+
 
 if __name__ == "__main__":
   app.run(main)

@@ -9,6 +9,7 @@ Nesterov, weight decay 5e-4) over the networks and the heads. It is used only by
 `benchmarks/cpu_vs_torch.py`; the loss values are checked against the JAX loss in
 tests/test_benchmarks_cpu.py so a timing never compares two different computations.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, inplanes: int, planes: int, stride: int = 1):
     super().__init__()
     self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
@@ -26,8 +26,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.downsample = None
     if stride != 1 or inplanes != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                      nn.BatchNorm2d(planes))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -68,8 +69,9 @@ class Head(nn.Module):
 
   def __init__(self, dim_in: int = 64, dim_out: int = 128):
     super().__init__()
-    self.proj_head = nn.Sequential(nn.Linear(dim_in, dim_out), nn.ReLU(inplace=True),
-                                   nn.Linear(dim_out, dim_out))
+    self.proj_head = nn.Sequential(
+      nn.Linear(dim_in, dim_out), nn.ReLU(inplace=True), nn.Linear(dim_out, dim_out)
+    )
 
   def forward(self, x):
     x = self.proj_head(x)
@@ -77,8 +79,9 @@ class Head(nn.Module):
 
 
 def _kl(student, teacher, T):
-  return F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher / T, 1),
-                  reduction="batchmean") * T ** 2
+  return (
+    F.kl_div(F.log_softmax(student / T, 1), F.softmax(teacher / T, 1), reduction="batchmean") * T**2
+  )
 
 
 def _supcon(logits, pos_mask, diag_mask):
@@ -94,8 +97,9 @@ def mcl_terms(z, labels, tau: float = 0.1, kd_temperature: float = 3.0):
   m = len(z)
   intra = [z[a] @ z[a].T / tau for a in range(m)]
   vcl = sum(_supcon(s, pos, diag) for s in intra)
-  soft_vcl = sum(_kl(intra[a], intra[b].detach(), kd_temperature)
-                 for a in range(m) for b in range(m) if a != b)
+  soft_vcl = sum(
+    _kl(intra[a], intra[b].detach(), kd_temperature) for a in range(m) for b in range(m) if a != b
+  )
   icl = soft_icl = 0.0
   for a in range(m):
     for b in range(m):
@@ -109,11 +113,11 @@ def mcl_terms(z, labels, tau: float = 0.1, kd_temperature: float = 3.0):
 class Cohort(nn.Module):
   """M independent networks and their heads (the official M = 2 layout, any M)."""
 
-  def __init__(self, members: int = 2, blocks=(5, 5, 5), num_classes: int = 100,
-               in_channels: int = 3):
+  def __init__(
+    self, members: int = 2, blocks=(5, 5, 5), num_classes: int = 100, in_channels: int = 3
+  ):
     super().__init__()
-    self.nets = nn.ModuleList(CifarResNet(blocks, num_classes, in_channels)
-                              for _ in range(members))
+    self.nets = nn.ModuleList(CifarResNet(blocks, num_classes, in_channels) for _ in range(members))
     self.heads = nn.ModuleList(Head(64, 128) for _ in range(members))
 
   def forward(self, x):
@@ -126,8 +130,7 @@ class Cohort(nn.Module):
 def make_step(cohort: Cohort, *, lr: float = 0.1, mcl: bool = True):
   """One training step as main_cifar.py: CE of every member + 0.1 VCL + 0.1 ICL + SoftVCL +
   SoftICL, SGD(0.9, Nesterov, wd 5e-4) over networks and heads. Returns step(x, y) -> loss."""
-  opt = torch.optim.SGD(cohort.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                        nesterov=True)
+  opt = torch.optim.SGD(cohort.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
   def step(x, y):
     opt.zero_grad(set_to_none=True)

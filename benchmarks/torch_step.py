@@ -14,6 +14,7 @@ shared-trunk `ResNet_b` otherwise), `Sup_MCL_Loss` with its heads, CE of every m
 fast. One JSON line per setting (`--json_out`), the same keys as `mcl_jax.bench` where
 they mean the same thing (framework='torch').
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,19 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
   """(module with parameters, forward(x, y) -> loss)."""
   import torch
   import torch.nn.functional as F
+
   if official:
     sys.path.insert(0, os.path.abspath(official))
-    torch.Tensor.cuda = (lambda self, *a, **k: self.to(device)) if device != "cuda" else \
-        torch.Tensor.cuda
+    torch.Tensor.cuda = (
+      (lambda self, *a, **k: self.to(device)) if device != "cuda" else torch.Tensor.cuda
+    )
     from losses.cifar_sup_mcl_loss import Sup_MCL_Loss
     import models  # the official models/
+
     net = models.resnet32(num_classes=100, number_net=members)
-    args = types.SimpleNamespace(number_net=members, feat_dim=128, kd_T=3.0, tau=0.1,
-                                 rep_dim=[64] * members)
+    args = types.SimpleNamespace(
+      number_net=members, feat_dim=128, kd_T=3.0, tau=0.1, rep_dim=[64] * members
+    )
     criterion = Sup_MCL_Loss(args)
     module = torch.nn.ModuleDict({"net": net, "embed": criterion.embed_list}).to(device)
 
@@ -53,6 +58,7 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
   else:
     sys.path.insert(0, HERE)
     import torch_mcl
+
     cohort = torch_mcl.Cohort(members, (5, 5, 5), 100).to(device)
     module = cohort
 
@@ -61,19 +67,29 @@ def build(members: int, official: str | None, device: str, channels_last: bool):
       loss = sum(F.cross_entropy(logit, y) for logit in logits)
       vcl, icl, soft_vcl, soft_icl = torch_mcl.mcl_terms(z, y)
       return loss + 0.1 * vcl + 0.1 * icl + soft_vcl + soft_icl
+
   if channels_last:
     module = module.to(memory_format=torch.channels_last)
   return module, forward
 
 
-def measure(members: int, batch: int, image_size: int, *, official: str | None,
-            amp: bool, channels_last: bool, steps: int, warmup: int) -> dict:
+def measure(
+  members: int,
+  batch: int,
+  image_size: int,
+  *,
+  official: str | None,
+  amp: bool,
+  channels_last: bool,
+  steps: int,
+  warmup: int,
+) -> dict:
   import torch
+
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   module, forward = build(members, official, device, channels_last)
-  opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
-                        nesterov=True)
+  opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
   scaler = torch.amp.GradScaler("cuda") if amp and device == "cuda" else None
   amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
   x = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -105,16 +121,26 @@ def measure(members: int, batch: int, image_size: int, *, official: str | None,
     sync()
     times.append(time.perf_counter() - t)
   median = float(np.median(times))
-  return {"framework": "torch", "code": "official" if official else "port", "arch": "resnet32",
-          "members": members, "batch": batch, "image_size": image_size,
-          "dtype": ("float16" if device == "cuda" else "bfloat16") if amp else "float32",
-          "channels_last": channels_last, "device": device,
-          "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-          "torch_threads": torch.get_num_threads(), "step_s_median": median,
-          "step_s_p10": float(np.percentile(times, 10)),
-          "step_s_p90": float(np.percentile(times, 90)), "steps": steps,
-          "member_images_per_s": members * batch / median, "loss": float(loss),
-          "torch_version": torch.__version__}
+  return {
+    "framework": "torch",
+    "code": "official" if official else "port",
+    "arch": "resnet32",
+    "members": members,
+    "batch": batch,
+    "image_size": image_size,
+    "dtype": ("float16" if device == "cuda" else "bfloat16") if amp else "float32",
+    "channels_last": channels_last,
+    "device": device,
+    "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    "torch_threads": torch.get_num_threads(),
+    "step_s_median": median,
+    "step_s_p10": float(np.percentile(times, 10)),
+    "step_s_p90": float(np.percentile(times, 90)),
+    "steps": steps,
+    "member_images_per_s": members * batch / median,
+    "loss": float(loss),
+    "torch_version": torch.__version__,
+  }
 
 
 def main(argv=None) -> None:
@@ -133,12 +159,23 @@ def main(argv=None) -> None:
   if args.official and not official:
     print(f"# {args.official} not found: timing the port (benchmarks/torch_mcl.py)")
   for m in (int(v) for v in args.members.split(",")):
-    record = measure(m, args.batch, args.image_size, official=official, amp=args.amp,
-                     channels_last=args.channels_last, steps=args.steps, warmup=args.warmup)
-    print(f"torch {record['code']:<8} M={m} B={args.batch} {args.image_size}px "
-          f"{record['dtype']:<8} channels_last={args.channels_last} "
-          f"{1e3 * record['step_s_median']:.1f} ms/step "
-          f"{record['member_images_per_s']:.0f} member-img/s", flush=True)
+    record = measure(
+      m,
+      args.batch,
+      args.image_size,
+      official=official,
+      amp=args.amp,
+      channels_last=args.channels_last,
+      steps=args.steps,
+      warmup=args.warmup,
+    )
+    print(
+      f"torch {record['code']:<8} M={m} B={args.batch} {args.image_size}px "
+      f"{record['dtype']:<8} channels_last={args.channels_last} "
+      f"{1e3 * record['step_s_median']:.1f} ms/step "
+      f"{record['member_images_per_s']:.0f} member-img/s",
+      flush=True,
+    )
     _common.append_json_line(args.json_out, record)
 
 

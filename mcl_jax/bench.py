@@ -45,6 +45,7 @@ The summary after the table gives the two ratios the README states:
   cohort overhead = step(M, auto strategy, CE only) / (M * step(1))     target <= 1.0
   MCL overhead    = step(M, strategy, MCL on) / step(M, strategy, CE only)   target <= 1.05
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -76,25 +77,42 @@ def _define_flags() -> None:
   """The command's flags, defined when it runs (importing this module defines none)."""
   flags.DEFINE_string("arch", "resnet32", "Backbone (a docs/SPEC.md name, or 'tiny' for tests).")
   flags.DEFINE_list("members", ["1", "2", "4"], "Cohort sizes M to measure.")
-  flags.DEFINE_list("strategies", ["vmap", "unroll", "map"],
-                    "Cohort strategies: vmap, unroll, map, auto (auto: what "
-                    "mcl_jax.models.resolve_strategy picks on this backend).")
+  flags.DEFINE_list(
+    "strategies",
+    ["vmap", "unroll", "map"],
+    "Cohort strategies: vmap, unroll, map, auto (auto: what "
+    "mcl_jax.models.resolve_strategy picks on this backend).",
+  )
   flags.DEFINE_integer("batch", 128, "Global batch size B (every member sees the same B images).")
   flags.DEFINE_integer("image_size", 32, "Square input size.")
-  flags.DEFINE_integer("num_classes", 0, "0: 100 for CIFAR archs, 1000 for ImageNet ResNets, "
-                       "10 for tiny.")
+  flags.DEFINE_integer(
+    "num_classes", 0, "0: 100 for CIFAR archs, 1000 for ImageNet ResNets, 10 for tiny."
+  )
   flags.DEFINE_integer("shared_stages", 0, "model.shared_stages (0: fully independent members).")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                    "Compute dtype (params, optimizer state, BN stats stay float32).")
-  flags.DEFINE_enum("mcl", "on", ["on", "off", "both"],
-                    "The four MCL terms on, off (cross-entropy only), or both.")
+  flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype (params, optimizer state, BN stats stay float32).",
+  )
+  flags.DEFINE_enum(
+    "mcl", "on", ["on", "off", "both"], "The four MCL terms on, off (cross-entropy only), or both."
+  )
   flags.DEFINE_integer("steps", 10, "Timed steps per configuration.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: "
-                     "PEAK_TFLOPS by device kind and dtype; none on CPU).")
+  flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "Peak TFLOP/s of one device for MFU (default: "
+    "PEAK_TFLOPS by device kind and dtype; none on CPU).",
+  )
   flags.DEFINE_string("json_out", None, "Append one JSON line per configuration to this file.")
-  flags.DEFINE_bool("isolate", False, "Run every configuration in a fresh process (a clean "
-                    "device_peak_bytes per configuration; costs a start-up per configuration).")
+  flags.DEFINE_bool(
+    "isolate",
+    False,
+    "Run every configuration in a fresh process (a clean "
+    "device_peak_bytes per configuration; costs a start-up per configuration).",
+  )
   flags.DEFINE_integer("seed", 0, "Seed of params and synthetic data.")
 
 
@@ -105,31 +123,60 @@ def _define_flags() -> None:
 # jax_default_matmul_precision='highest' it is the plain FP32 rate. On TPUs float32 at the
 # default precision is one bf16 pass, so the bf16 rate.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.0}),
-    ("H100", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # SXM
-    ("H200", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
-    ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
-    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),  # v5e
-    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
-    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),  # v6e
+  ("H100 PCIe", {"bfloat16": 756.0, "tf32": 378.0, "float32": 51.0}),
+  ("H100", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),  # SXM
+  ("H200", {"bfloat16": 989.0, "tf32": 495.0, "float32": 67.0}),
+  ("A100", {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}),
+  ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+  ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),  # v5e
+  ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
+  ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),  # v6e
 )
 
 # ImageNet backbones: 1000 classes by default (the others: CIFAR-100's 100).
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 RECORD_KEYS = (
-    "arch", "members", "strategy", "auto", "mcl", "dtype", "batch", "image_size",
-    "num_classes", "shared_stages", "backend", "device_kind", "num_devices", "compile_s",
-    "step_s_median", "step_s_p10", "step_s_p90", "cpu_s_median", "steps", "warmup",
-    "member_images_per_s", "model_flops", "xla_flops", "achieved_tflops", "peak_tflops",
-    "peak_basis", "mfu", "device_peak_bytes", "compiled_bytes", "loss", "loadavg_before",
-    "loadavg_after", "jax_version")
+  "arch",
+  "members",
+  "strategy",
+  "auto",
+  "mcl",
+  "dtype",
+  "batch",
+  "image_size",
+  "num_classes",
+  "shared_stages",
+  "backend",
+  "device_kind",
+  "num_devices",
+  "compile_s",
+  "step_s_median",
+  "step_s_p10",
+  "step_s_p90",
+  "cpu_s_median",
+  "steps",
+  "warmup",
+  "member_images_per_s",
+  "model_flops",
+  "xla_flops",
+  "achieved_tflops",
+  "peak_tflops",
+  "peak_basis",
+  "mfu",
+  "device_peak_bytes",
+  "compiled_bytes",
+  "loss",
+  "loadavg_before",
+  "loadavg_after",
+  "jax_version",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One measured configuration."""
+
   arch: str
   members: int
   strategy: str  # concrete: vmap | unroll | map
@@ -150,6 +197,7 @@ def default_num_classes(arch: str) -> int:
 def peak_tflops(device_kind: str, platform: str, dtype: str) -> tuple[float | None, str]:
   """(peak TFLOP/s of one device, what it is) for the step's dtype; (None, why) if unknown."""
   import jax
+
   for key, peaks in PEAK_TFLOPS:
     if key.lower() in device_kind.lower():
       basis = dtype
@@ -161,11 +209,21 @@ def peak_tflops(device_kind: str, platform: str, dtype: str) -> tuple[float | No
   return None, f"unknown device {device_kind!r}: pass --peak_tflops"
 
 
-def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: str,
-             dtype: str, batch: int, image_size: int, num_classes: int,
-             shared_stages: int, backend: str) -> list[tuple[Setting, bool]]:
+def settings(
+  arch: str,
+  members: Iterable[int],
+  strategies: Sequence[str],
+  mcl: str,
+  dtype: str,
+  batch: int,
+  image_size: int,
+  num_classes: int,
+  shared_stages: int,
+  backend: str,
+) -> list[tuple[Setting, bool]]:
   """(setting, picked by auto) for every requested combination, duplicates removed."""
   from mcl_jax import models
+
   auto = models.resolve_strategy("auto", backend)
   concrete = []
   for s in strategies:
@@ -176,10 +234,14 @@ def settings(arch: str, members: Iterable[int], strategies: Sequence[str], mcl: 
   single = auto if auto in concrete else concrete[0]  # M = 1: every strategy is one network.
   out = []
   for m in members:
-    for strategy in ([single] if m == 1 else concrete):
-      for on in ([False] if m == 1 else mcl_values):
-        out.append((Setting(arch, m, strategy, on, dtype, batch, image_size, num_classes,
-                            shared_stages), m == 1 or strategy == auto))
+    for strategy in [single] if m == 1 else concrete:
+      for on in [False] if m == 1 else mcl_values:
+        out.append(
+          (
+            Setting(arch, m, strategy, on, dtype, batch, image_size, num_classes, shared_stages),
+            m == 1 or strategy == auto,
+          )
+        )
   return out
 
 
@@ -196,6 +258,7 @@ def make_config(s: Setting, seed: int = 0) -> ml_collections.ConfigDict:
   """mcl_jax/configs/default.py with the setting's fields, on a synthetic in-memory dataset
   of one class-aware batch (`samples_per_class`); the in-batch (CIFAR) loss regime."""
   from mcl_jax.configs import default
+
   c = default.get_config()
   c.seed = seed
   c.model.arch, c.model.num_classes = s.arch, s.num_classes
@@ -223,8 +286,9 @@ def make_config(s: Setting, seed: int = 0) -> ml_collections.ConfigDict:
 WORKDIR = os.path.join(tempfile.gettempdir(), "mcl_bench")
 
 
-def build(s: Setting, mesh: Mesh, seed: int = 0, *, abstract: bool = False
-          ) -> tuple[supervised.SupervisedTask, Any]:
+def build(
+  s: Setting, mesh: Mesh, seed: int = 0, *, abstract: bool = False
+) -> tuple[supervised.SupervisedTask, Any]:
   """(the supervised task, its state) for the setting, built as `mcl_jax.jobs.build` builds
   a job: the config validated, `loop.prepare`, the regime's `build_task`, `init_state()`.
 
@@ -234,9 +298,11 @@ def build(s: Setting, mesh: Mesh, seed: int = 0, *, abstract: bool = False
   from mcl_jax import config_lib
   from mcl_jax import loop
   from mcl_jax import supervised
+
   if s.batch % 2 or s.batch % mesh.size:
-    raise ValueError(f"--batch={s.batch} must be even (class pairs) and divisible by the "
-                     f"{mesh.size} devices.")
+    raise ValueError(
+      f"--batch={s.batch} must be even (class pairs) and divisible by the {mesh.size} devices."
+    )
   config = make_config(s, seed)
   config_lib.validate(config, num_devices=mesh.size, workdir=WORKDIR)
   task = supervised.build_task(loop.prepare(config, WORKDIR, mesh))
@@ -247,9 +313,12 @@ def task_batches(task: supervised.SupervisedTask, count: int = 2) -> list[dict[s
   """The task's first `count` global training batches, from its own source, on the devices
   (in memory: the examples' indices; the step gathers and augments the images)."""
   from mcl_jax import sharding as sharding_lib
+
   setup = task.setup
-  return [sharding_lib.global_batch(local, setup.mesh)
-          for _, local in itertools.islice(setup.batches(0), count)]
+  return [
+    sharding_lib.global_batch(local, setup.mesh)
+    for _, local in itertools.islice(setup.batches(0), count)
+  ]
 
 
 def _flops(cost: Any) -> float | None:
@@ -273,14 +342,19 @@ def model_flops(s: Setting, mesh: Mesh) -> float | None:
 def _compiled_bytes(compiled: Any) -> int | None:
   try:
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+    )
   except Exception:  # noqa: BLE001 -- not every backend reports it.
     return None
 
 
 def _device_peak_bytes() -> int | None:
   import jax
+
   peaks = []
   for d in jax.local_devices():
     try:
@@ -292,10 +366,19 @@ def _device_peak_bytes() -> int | None:
   return max(peaks) if peaks else None
 
 
-def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh: Mesh,
-            peak: float | None = None, seed: int = 0) -> dict[str, Any]:
+def measure(
+  s: Setting,
+  *,
+  auto: bool,
+  steps: int,
+  warmup: int,
+  mesh: Mesh,
+  peak: float | None = None,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Compiles and times one setting; returns its record (RECORD_KEYS)."""
   import jax
+
   load_before = os.getloadavg()
   flops = model_flops(s, mesh)
   task, state = build(s, mesh, seed)
@@ -326,19 +409,32 @@ def measure(s: Setting, *, auto: bool, steps: int, warmup: int, mesh: Mesh,
   median = float(np.median(times))
   achieved = flops / median / 1e12 if flops else None
   record = {
-      **dataclasses.asdict(s), "auto": auto, "backend": platform,
-      "device_kind": device.device_kind, "num_devices": mesh.size,
-      "compile_s": compile_s, "step_s_median": median,
-      "step_s_p10": float(np.percentile(times, 10)),
-      "step_s_p90": float(np.percentile(times, 90)),
-      "cpu_s_median": float(np.median(cpu_times)), "steps": steps, "warmup": warmup,
-      "member_images_per_s": s.members * s.batch / median,
-      "model_flops": flops, "xla_flops": xla_flops, "achieved_tflops": achieved,
-      "peak_tflops": peak, "peak_basis": basis,
-      "mfu": achieved / (peak * mesh.size) if achieved and peak else None,
-      "device_peak_bytes": _device_peak_bytes(), "compiled_bytes": _compiled_bytes(compiled),
-      "loss": loss, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-      "jax_version": jax.__version__}
+    **dataclasses.asdict(s),
+    "auto": auto,
+    "backend": platform,
+    "device_kind": device.device_kind,
+    "num_devices": mesh.size,
+    "compile_s": compile_s,
+    "step_s_median": median,
+    "step_s_p10": float(np.percentile(times, 10)),
+    "step_s_p90": float(np.percentile(times, 90)),
+    "cpu_s_median": float(np.median(cpu_times)),
+    "steps": steps,
+    "warmup": warmup,
+    "member_images_per_s": s.members * s.batch / median,
+    "model_flops": flops,
+    "xla_flops": xla_flops,
+    "achieved_tflops": achieved,
+    "peak_tflops": peak,
+    "peak_basis": basis,
+    "mfu": achieved / (peak * mesh.size) if achieved and peak else None,
+    "device_peak_bytes": _device_peak_bytes(),
+    "compiled_bytes": _compiled_bytes(compiled),
+    "loss": loss,
+    "loadavg_before": load_before,
+    "loadavg_after": os.getloadavg(),
+    "jax_version": jax.__version__,
+  }
   del state, metrics, compiled, task, batches, consts
   gc.collect()
   return record
@@ -360,17 +456,21 @@ def format_row(r: dict[str, Any]) -> str:
   mcl = "on" if r["mcl"] else "off"
   gflop = "-" if r["model_flops"] is None else f"{r['model_flops'] / 1e9:.1f}"
   mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-  return (f"{r['arch']:<9} {r['members']:>2} {strategy:<14} {mcl:<4} {r['dtype']:<8} "
-          f"{r['batch']:>4} {r['image_size']:>4} {r['compile_s']:>8.1f} "
-          f"{_ms(r['step_s_median']):>9} {_ms(r['step_s_p10']):>8} {_ms(r['step_s_p90']):>8} "
-          f"{_ms(r.get('cpu_s_median')):>8} {r['member_images_per_s']:>9.1f} {gflop:>9} {mfu:>6} "
-          f"{_bytes(r['device_peak_bytes']):>9} {_bytes(r['compiled_bytes']):>9}")
+  return (
+    f"{r['arch']:<9} {r['members']:>2} {strategy:<14} {mcl:<4} {r['dtype']:<8} "
+    f"{r['batch']:>4} {r['image_size']:>4} {r['compile_s']:>8.1f} "
+    f"{_ms(r['step_s_median']):>9} {_ms(r['step_s_p10']):>8} {_ms(r['step_s_p90']):>8} "
+    f"{_ms(r.get('cpu_s_median')):>8} {r['member_images_per_s']:>9.1f} {gflop:>9} {mfu:>6} "
+    f"{_bytes(r['device_peak_bytes']):>9} {_bytes(r['compiled_bytes']):>9}"
+  )
 
 
-TABLE_HEADER = (f"{'arch':<9} {'M':>2} {'strategy':<14} {'mcl':<4} {'dtype':<8} {'B':>4} "
-                f"{'img':>4} {'compile_s':>8} {'median_ms':>9} {'p10_ms':>8} {'p90_ms':>8} "
-                f"{'cpu_ms':>8} {'mem-img/s':>9} {'GFLOP':>9} {'MFU':>6} {'dev_peak':>9} "
-                f"{'compiled':>9}")
+TABLE_HEADER = (
+  f"{'arch':<9} {'M':>2} {'strategy':<14} {'mcl':<4} {'dtype':<8} {'B':>4} "
+  f"{'img':>4} {'compile_s':>8} {'median_ms':>9} {'p10_ms':>8} {'p90_ms':>8} "
+  f"{'cpu_ms':>8} {'mem-img/s':>9} {'GFLOP':>9} {'MFU':>6} {'dev_peak':>9} "
+  f"{'compiled':>9}"
+)
 
 
 def _ratio_text(num: dict[str, Any], den: dict[str, Any], factor: int = 1) -> str:
@@ -392,20 +492,32 @@ def ratios(records: Sequence[dict[str, Any]]) -> list[str]:
   for r in records:
     if r["members"] == 1 or not r["auto"] or key(r) not in singles:
       continue
-    ce_only_measured = any(not o["mcl"] and o["members"] == r["members"] and o["auto"]
-                           and key(o) == key(r) for o in records)
+    ce_only_measured = any(
+      not o["mcl"] and o["members"] == r["members"] and o["auto"] and key(o) == key(r)
+      for o in records
+    )
     if r["mcl"] and ce_only_measured:
       continue
     what = "MCL on" if r["mcl"] else "CE only"
-    lines.append(f"cohort overhead {r['arch']} M={r['members']} {r['strategy']} ({what}): "
-                 f"{_ratio_text(r, singles[key(r)], r['members'])}  (target <= 1.0)")
+    lines.append(
+      f"cohort overhead {r['arch']} M={r['members']} {r['strategy']} ({what}): "
+      f"{_ratio_text(r, singles[key(r)], r['members'])}  (target <= 1.0)"
+    )
   for r in records:
     if r["members"] > 1 and r["mcl"]:
-      base = [o for o in records if not o["mcl"] and o["members"] == r["members"]
-              and o["strategy"] == r["strategy"] and key(o) == key(r)]
+      base = [
+        o
+        for o in records
+        if not o["mcl"]
+        and o["members"] == r["members"]
+        and o["strategy"] == r["strategy"]
+        and key(o) == key(r)
+      ]
       if base:
-        lines.append(f"MCL overhead {r['arch']} M={r['members']} {r['strategy']}: "
-                     f"{_ratio_text(r, base[0])}  (target <= 1.05)")
+        lines.append(
+          f"MCL overhead {r['arch']} M={r['members']} {r['strategy']}: "
+          f"{_ratio_text(r, base[0])}  (target <= 1.05)"
+        )
   return lines
 
 
@@ -416,12 +528,25 @@ def _run_isolated(s: Setting, auto: bool) -> dict[str, Any]:
   """One setting in a fresh process (same flags, that setting only)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "record.jsonl")
-    cmd = [sys.executable, "-m", "mcl_jax.bench", f"--arch={s.arch}", f"--members={s.members}",
-           f"--strategies={s.strategy}", f"--batch={s.batch}", f"--image_size={s.image_size}",
-           f"--num_classes={s.num_classes}", f"--shared_stages={s.shared_stages}",
-           f"--dtype={s.dtype}", f"--mcl={'on' if s.mcl else 'off'}",
-           f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--seed={FLAGS.seed}",
-           f"--json_out={out}", "--noisolate"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "mcl_jax.bench",
+      f"--arch={s.arch}",
+      f"--members={s.members}",
+      f"--strategies={s.strategy}",
+      f"--batch={s.batch}",
+      f"--image_size={s.image_size}",
+      f"--num_classes={s.num_classes}",
+      f"--shared_stages={s.shared_stages}",
+      f"--dtype={s.dtype}",
+      f"--mcl={'on' if s.mcl else 'off'}",
+      f"--steps={FLAGS.steps}",
+      f"--warmup={FLAGS.warmup}",
+      f"--seed={FLAGS.seed}",
+      f"--json_out={out}",
+      "--noisolate",
+    ]
     if FLAGS.peak_tflops is not None:
       cmd.append(f"--peak_tflops={FLAGS.peak_tflops}")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -437,23 +562,44 @@ def main(argv: Sequence[str]) -> None:
   import jax
 
   from mcl_jax import sharding as sharding_lib
+
   members = [int(m) for m in FLAGS.members]
   if any(m < 1 for m in members):
     raise app.UsageError("--members must be positive integers, e.g. 1,2,4.")
   num_classes = FLAGS.num_classes or default_num_classes(FLAGS.arch)
-  todo = settings(FLAGS.arch, members, FLAGS.strategies, FLAGS.mcl, FLAGS.dtype, FLAGS.batch,
-                  FLAGS.image_size, num_classes, FLAGS.shared_stages, jax.default_backend())
+  todo = settings(
+    FLAGS.arch,
+    members,
+    FLAGS.strategies,
+    FLAGS.mcl,
+    FLAGS.dtype,
+    FLAGS.batch,
+    FLAGS.image_size,
+    num_classes,
+    FLAGS.shared_stages,
+    jax.default_backend(),
+  )
   mesh = sharding_lib.make_mesh()
-  print(f"# jax {jax.__version__}, {jax.default_backend()}: {mesh.size} x "
-        f"{jax.devices()[0].device_kind}; load average {os.getloadavg()}", flush=True)
+  print(
+    f"# jax {jax.__version__}, {jax.default_backend()}: {mesh.size} x "
+    f"{jax.devices()[0].device_kind}; load average {os.getloadavg()}",
+    flush=True,
+  )
   print(TABLE_HEADER, flush=True)
   records = []
   for s, auto in todo:
     if FLAGS.isolate:
       record = _run_isolated(s, auto)
     else:
-      record = measure(s, auto=auto, steps=FLAGS.steps, warmup=FLAGS.warmup, mesh=mesh,
-                       peak=FLAGS.peak_tflops, seed=FLAGS.seed)
+      record = measure(
+        s,
+        auto=auto,
+        steps=FLAGS.steps,
+        warmup=FLAGS.warmup,
+        mesh=mesh,
+        peak=FLAGS.peak_tflops,
+        seed=FLAGS.seed,
+      )
     records.append(record)
     print(format_row(record), flush=True)
     if FLAGS.json_out:

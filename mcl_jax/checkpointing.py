@@ -20,6 +20,7 @@ surfaces when the next save or the end of the run waits for it) removes what it 
 written of its step and raises `DiskFullError`, one sentence naming that step and the
 newest complete checkpoint, which a rerun resumes from (tests/test_faults.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -84,6 +85,7 @@ def newest_complete_step(directory: str) -> int | None:
   process, creating one would wait for it). On object stores, where Orbax does not
   rename, a step counts only with its commit marker."""
   from etils import epath
+
   path = epath.Path(directory)
   try:
     names = [p.name for p in path.iterdir()]
@@ -98,27 +100,34 @@ def newest_complete_step(directory: str) -> int | None:
 class Checkpointer:
   """Keep-N async checkpoints of a train state; `restore_latest` resumes where a run stopped."""
 
-  def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, workdir: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+  ):
     self._saving_step: int | None = None  # the step of the save last started
     self._failed = False  # a save ran out of space (already reported)
     self._closed = False
     # cleanup_tmp_directories: without it a half-written step directory stays until that
     # same step is saved again, which never happens if the save schedule changed.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only, read_only=read_only)
+      max_to_keep=keep,
+      create=not read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
+    )
     self.directory = checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None, *,
-           force: bool = True) -> None:
+  def save(
+    self, step: int, state: Any, meta: dict[str, Any] | None = None, *, force: bool = True
+  ) -> None:
     """Starts writing checkpoint `step` in the background.
 
     Raises DiskFullError when this save, or the previous one (whose background write
@@ -129,10 +138,12 @@ class Checkpointer:
     self._saving_step = int(step)
     with self._disk_full_as_error():
       self._manager.save(
-          int(step),
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-          force=force)
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+        ),
+        force=force,
+      )
 
   @contextlib.contextmanager
   def _disk_full_as_error(self) -> Iterator[None]:
@@ -151,13 +162,16 @@ class Checkpointer:
       self._close_manager()  # Orbax's threads stop first: none may write into what goes next
       self._discard(step)
       newest = newest_complete_step(self.directory)
-      where = ("there is no complete checkpoint yet, so a rerun starts afresh"
-               if newest is None else
-               f"the newest complete checkpoint is step {newest}, which a rerun resumes from")
+      where = (
+        "there is no complete checkpoint yet, so a rerun starts afresh"
+        if newest is None
+        else f"the newest complete checkpoint is step {newest}, which a rerun resumes from"
+      )
       raise DiskFullError(
-          f"{reason} while saving the checkpoint of step {step} in {self.directory}; its "
-          f"partial files are removed and {where}; free some space and rerun the same "
-          "command.") from e
+        f"{reason} while saving the checkpoint of step {step} in {self.directory}; its "
+        f"partial files are removed and {where}; free some space and rerun the same "
+        "command."
+      ) from e
 
   def _discard(self, step: int) -> None:
     """Removes step `step`'s directories, temporary or final (process 0 only: the
@@ -170,18 +184,21 @@ class Checkpointer:
     if jax.process_index() != 0:
       return
     from etils import epath
+
     deadline = time.monotonic() + _DISCARD_WAIT_S
     for thread in threading.enumerate():
-      if thread is not threading.current_thread() and type(thread).__module__.startswith(
-          "orbax."):
+      if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
         try:  # Orbax's threads re-raise their own failure when joined
           thread.join(max(0.0, deadline - time.monotonic()))
         except Exception as e:  # noqa: BLE001 -- another write of the same failed save
           logging.info("A writer of the failed save: %s", first_line(e))
     directory = epath.Path(self.directory)
     try:
-      doomed = [p for p in directory.iterdir()
-                if p.name == str(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
+      doomed = [
+        p
+        for p in directory.iterdir()
+        if p.name == str(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp")
+      ]
     except OSError:
       return
     for path in doomed:
@@ -207,12 +224,14 @@ class Checkpointer:
   def meta(self, step: int) -> dict[str, Any]:
     """The JSON meta item of checkpoint `step` alone (no state is read)."""
     from etils import epath
+
     path = epath.Path(self.directory) / str(int(step)) / "meta" / "metadata"
     try:  # The file Orbax's JSON handler writes; read directly, the state left alone.
       return dict(json.loads(path.read_text()) or {})
     except (OSError, ValueError):
       restored = self._manager.restore(
-          int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      )
       return dict(restored["meta"] or {})
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -227,36 +246,44 @@ class Checkpointer:
     target = jax.tree.map(_as_abstract, abstract_state)
     stored = self._manager.item_metadata(int(step))["state"]
     stored = getattr(stored, "tree", stored)
-    stored_shapes = {_key(p): tuple(m.shape) for p, m in
-                     jax.tree_util.tree_flatten_with_path(stored)[0] if hasattr(m, "shape")}
+    stored_shapes = {
+      _key(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+      if hasattr(m, "shape")
+    }
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
     missing = [_key(p) for p, _ in paths if _key(p) not in stored_shapes]
     if missing or len(stored_shapes) != len(paths):
       raise StateMismatchError(
-          f"the checkpoint holds {len(stored_shapes)} arrays, this state {len(paths)}"
-          + (f" ({missing[0]} is not in the checkpoint)" if missing else ""))
+        f"the checkpoint holds {len(stored_shapes)} arrays, this state {len(paths)}"
+        + (f" ({missing[0]} is not in the checkpoint)" if missing else "")
+      )
     resized, leaves = {}, []
     for path, leaf in paths:
       key = _key(path)
       shape = stored_shapes[key]
       if shape != tuple(leaf.shape):
         if len(shape) != len(leaf.shape) or sum(a != b for a, b in zip(shape, leaf.shape)) != 1:
-          raise StateMismatchError(f"{key} is {shape} in the checkpoint and {tuple(leaf.shape)} "
-                                   "in this state")
+          raise StateMismatchError(
+            f"{key} is {shape} in the checkpoint and {tuple(leaf.shape)} in this state"
+          )
         resized[key] = leaf
         leaf = np.zeros(shape, leaf.dtype)  # read this leaf on the host
       leaves.append(leaf)
     restored = self._manager.restore(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, leaves)),
-            meta=ocp.args.JsonRestore()))
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, leaves)),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     state = restored["state"]
     if resized:
       flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-      state = jax.tree.unflatten(treedef, [
-          _fit(np.asarray(x), resized[_key(p)]) if _key(p) in resized else x
-          for p, x in flat])
+      state = jax.tree.unflatten(
+        treedef,
+        [_fit(np.asarray(x), resized[_key(p)]) if _key(p) in resized else x for p, x in flat],
+      )
     return state, dict(restored["meta"] or {})
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -274,10 +301,16 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many kinds
         if i + 1 == len(steps):
           raise RuntimeError(
-              f"No checkpoint in {self.directory} could be read (step {step}: "
-              f"{type(e).__name__}); move the folder away to start afresh.") from e
-        logging.warning("The checkpoint of step %d in %s could not be read (%s); resuming "
-                        "from the one before it.", step, self.directory, first_line(e))
+            f"No checkpoint in {self.directory} could be read (step {step}: "
+            f"{type(e).__name__}); move the folder away to start afresh."
+          ) from e
+        logging.warning(
+          "The checkpoint of step %d in %s could not be read (%s); resuming "
+          "from the one before it.",
+          step,
+          self.directory,
+          first_line(e),
+        )
     return None
 
   def wait(self) -> None:
@@ -333,8 +366,10 @@ def _fit(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
   for axis, (have, want) in enumerate(zip(value.shape, target.shape)):
     if have > want:
       if np.any(np.take(value, np.arange(want, have), axis=axis)):
-        raise ValueError(f"A checkpoint leaf of shape {value.shape} cannot be cropped to "
-                         f"{target.shape}: the rows it would drop are not padding.")
+        raise ValueError(
+          f"A checkpoint leaf of shape {value.shape} cannot be cropped to "
+          f"{target.shape}: the rows it would drop are not padding."
+        )
       value = np.take(value, np.arange(want), axis=axis)
     elif have < want:
       widths = [(0, 0)] * value.ndim

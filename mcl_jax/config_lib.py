@@ -4,6 +4,7 @@ A config is an ml_collections.ConfigDict built by `configs/<experiment>.py:get_c
 on top of `mcl_jax/configs/default.py`, which declares every field. `validate` runs before any
 device work, so a typo or an impossible combination costs seconds, not a pod allocation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,8 +30,9 @@ NOT_EXPERIMENTS = ("__init__", "default", "common")
 def experiment_names() -> list[str]:
   """The experiment configs in mcl_jax/configs/ (module names, sorted): every file but the
   shared pieces (`default`, `common`, `*_common`)."""
-  names = [os.path.basename(path)[:-3]
-           for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))]
+  names = [
+    os.path.basename(path)[:-3] for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+  ]
   return [n for n in names if n not in NOT_EXPERIMENTS and not n.endswith("_common")]
 
 
@@ -53,6 +55,7 @@ def resolve_config_path(value: str) -> str:
 
 def default_config() -> ml_collections.ConfigDict:
   from mcl_jax.configs import default
+
   return default.get_config()
 
 
@@ -78,10 +81,25 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 # Fields whose change alters the train state's shapes or what its values mean: a run
 # resumed with another value would fail in Orbax, or silently mix two experiments.
 STATE_FIELDS = (
-    "trainer", "model.arch", "model.num_classes", "model.shared_stages", "model.embed_dim",
-    "model.head", "model.head_norm", "cohort.num_members", "loss.regime", "input.dataset",
-    "input.image_size", "input.classes", "input.rotation_classes", "input.train_subset",
-    "input.validation_size", "moco.queue_size", "moco.mlp", "lincls.pretrained")
+  "trainer",
+  "model.arch",
+  "model.num_classes",
+  "model.shared_stages",
+  "model.embed_dim",
+  "model.head",
+  "model.head_norm",
+  "cohort.num_members",
+  "loss.regime",
+  "input.dataset",
+  "input.image_size",
+  "input.classes",
+  "input.rotation_classes",
+  "input.train_subset",
+  "input.validation_size",
+  "moco.queue_size",
+  "moco.mlp",
+  "lincls.pretrained",
+)
 
 
 def _comparable(value: Any) -> Any:
@@ -89,8 +107,9 @@ def _comparable(value: Any) -> Any:
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def changed_state_fields(stored_config_json: str | None, config: ml_collections.ConfigDict
-                         ) -> list[tuple[str, Any, Any]]:
+def changed_state_fields(
+  stored_config_json: str | None, config: ml_collections.ConfigDict
+) -> list[tuple[str, Any, Any]]:
   """(field, stored value, new value) of every STATE_FIELDS entry that differs between the
   config a checkpoint was written with and `config`; [] when nothing is stored."""
   if not stored_config_json:
@@ -138,6 +157,7 @@ class Bounds:
   field without `high` may go up to INT32_MAX. `note` (in parentheses) says what a special
   value means or why the bound is there; it ends the error sentence.
   """
+
   low: float
   high: float | None = None
   low_open: bool = False
@@ -152,8 +172,10 @@ class Bounds:
     if not (too_low or too_high):
       return None
     if self.high is not None:
-      phrase = (f"must be in {'(' if self.low_open else '['}{self.low}, "
-                f"{self.high}{')' if self.high_open else ']'}")
+      phrase = (
+        f"must be in {'(' if self.low_open else '['}{self.low}, "
+        f"{self.high}{')' if self.high_open else ']'}"
+      )
     elif too_high:
       phrase = f"must be at most {high} (JAX counts in 32-bit integers)"
     elif (self.low == 0 and self.low_open) or (is_int and self.low == 1):
@@ -174,54 +196,64 @@ _TERM_WEIGHT = Bounds(0, note="(0: the term is off)")
 # need no range, strings with a fixed set of values are checked in `_check_choices`, and
 # bounds that depend on other fields are checked in the `_check_*` functions below.
 FIELD_BOUNDS: dict[str, Bounds] = {
-    "seed": Bounds(0, 2**32 - 1, note="(numpy's SeedSequence takes no negative seed, and a "
-                   "JAX PRNG key keeps 32 bits)"),
-    "model.num_classes": Bounds(0, note="(0: from the dataset)"),
-    "model.shared_stages": Bounds(0, note="(0: nothing shared)"),  # and < the arch's stages
-    "model.embed_dim": Bounds(1),
-    "cohort.num_members": Bounds(1),
-    **dict.fromkeys(("loss.vcl_weight", "loss.icl_weight", "loss.soft_vcl_weight",
-                     "loss.soft_icl_weight", "loss.logit_kd_weight", "loss.co2_weight"),
-                    _TERM_WEIGHT),
-    "loss.tau": _TEMPERATURE,
-    "loss.kd_temperature": _TEMPERATURE,
-    "loss.co2_temperature": _TEMPERATURE,
-    "loss.soft_warmup_epochs": Bounds(0, note="(0: constant weights)"),
-    "bank.num_positives": Bounds(1),
-    "bank.num_negatives": Bounds(1),
-    "bank.momentum": Bounds(0, 1),
-    "bank.gather_chunk": Bounds(0, note="(0: all candidates at once)"),
-    "moco.queue_size": Bounds(1),
-    "moco.key_momentum": Bounds(0, 1),
-    "moco.bn_group_size": Bounds(0, note="(0: one group per device)"),
-    "ssl.knn_every_epochs": Bounds(0, note="(0: off)"),
-    "input.validation_size": Bounds(0, note="(0: none)"),
-    "input.train_subset": Bounds(0, note="(0: the whole training split)"),
-    "input.classes": Bounds(0, note="(class ids)"),
-    "input.global_batch_size": Bounds(1),
-    "input.samples_per_class": Bounds(0, note="(0: plain shuffled batches)"),
-    "input.image_size": Bounds(1),
-    "input.eval_batch_size": Bounds(1),
-    "input.synthetic_train_size": Bounds(1),
-    "input.synthetic_eval_size": Bounds(1),
-    "input.synthetic_num_classes": Bounds(2, note="(a classifier needs two classes)"),
-    "optim.lr": _POSITIVE,
-    "optim.momentum": Bounds(0, 1, high_open=True),
-    "optim.weight_decay": Bounds(0),
-    "schedule.epochs": Bounds(1),
-    "schedule.boundaries": Bounds(0, note="(epochs)"),
-    "schedule.decay_factor": _POSITIVE,
-    "schedule.warmup_epochs": Bounds(0, note="(0: off)"),
-    "schedule.num_train_steps": Bounds(0, note="(0: schedule.epochs)"),
-    "checkpoint.every_epochs": Bounds(1, note="(the end of the run is always saved)"),
-    "checkpoint.keep": Bounds(1),
-    "log_every_steps": Bounds(1),
-    "eval_every_epochs": Bounds(0, note="(0: only at the end)"),
+  "seed": Bounds(
+    0,
+    2**32 - 1,
+    note="(numpy's SeedSequence takes no negative seed, and a JAX PRNG key keeps 32 bits)",
+  ),
+  "model.num_classes": Bounds(0, note="(0: from the dataset)"),
+  "model.shared_stages": Bounds(0, note="(0: nothing shared)"),  # and < the arch's stages
+  "model.embed_dim": Bounds(1),
+  "cohort.num_members": Bounds(1),
+  **dict.fromkeys(
+    (
+      "loss.vcl_weight",
+      "loss.icl_weight",
+      "loss.soft_vcl_weight",
+      "loss.soft_icl_weight",
+      "loss.logit_kd_weight",
+      "loss.co2_weight",
+    ),
+    _TERM_WEIGHT,
+  ),
+  "loss.tau": _TEMPERATURE,
+  "loss.kd_temperature": _TEMPERATURE,
+  "loss.co2_temperature": _TEMPERATURE,
+  "loss.soft_warmup_epochs": Bounds(0, note="(0: constant weights)"),
+  "bank.num_positives": Bounds(1),
+  "bank.num_negatives": Bounds(1),
+  "bank.momentum": Bounds(0, 1),
+  "bank.gather_chunk": Bounds(0, note="(0: all candidates at once)"),
+  "moco.queue_size": Bounds(1),
+  "moco.key_momentum": Bounds(0, 1),
+  "moco.bn_group_size": Bounds(0, note="(0: one group per device)"),
+  "ssl.knn_every_epochs": Bounds(0, note="(0: off)"),
+  "input.validation_size": Bounds(0, note="(0: none)"),
+  "input.train_subset": Bounds(0, note="(0: the whole training split)"),
+  "input.classes": Bounds(0, note="(class ids)"),
+  "input.global_batch_size": Bounds(1),
+  "input.samples_per_class": Bounds(0, note="(0: plain shuffled batches)"),
+  "input.image_size": Bounds(1),
+  "input.eval_batch_size": Bounds(1),
+  "input.synthetic_train_size": Bounds(1),
+  "input.synthetic_eval_size": Bounds(1),
+  "input.synthetic_num_classes": Bounds(2, note="(a classifier needs two classes)"),
+  "optim.lr": _POSITIVE,
+  "optim.momentum": Bounds(0, 1, high_open=True),
+  "optim.weight_decay": Bounds(0),
+  "schedule.epochs": Bounds(1),
+  "schedule.boundaries": Bounds(0, note="(epochs)"),
+  "schedule.decay_factor": _POSITIVE,
+  "schedule.warmup_epochs": Bounds(0, note="(0: off)"),
+  "schedule.num_train_steps": Bounds(0, note="(0: schedule.epochs)"),
+  "checkpoint.every_epochs": Bounds(1, note="(the end of the run is always saved)"),
+  "checkpoint.keep": Bounds(1),
+  "log_every_steps": Bounds(1),
+  "eval_every_epochs": Bounds(0, note="(0: only at the end)"),
 }
 
 
-def config_leaves(config: ml_collections.ConfigDict, prefix: str = ""
-                  ) -> Iterator[tuple[str, Any]]:
+def config_leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """(dotted name, value) of every field that is not itself a ConfigDict, depth first."""
   for key in config.keys():
     value = config[key]
@@ -236,8 +268,12 @@ def _is_int(value: Any) -> bool:
 
 
 # What a field of each default's type must hold: (one value, several values).
-_TYPE_NAMES = {bool: ("True or False", "True/False values"), int: ("an integer", "integers"),
-               float: ("a finite number", "finite numbers"), str: ("a string", "strings")}
+_TYPE_NAMES = {
+  bool: ("True or False", "True/False values"),
+  int: ("an integer", "integers"),
+  float: ("a finite number", "finite numbers"),
+  str: ("a string", "strings"),
+}
 
 
 def _has_type_of(value: Any, default: Any) -> bool:
@@ -253,8 +289,7 @@ def _has_type_of(value: Any, default: Any) -> bool:
   if isinstance(default, int):
     return _is_int(value)
   if isinstance(default, float):
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
   if isinstance(default, str):
     return isinstance(value, str)
   if isinstance(default, tuple):
@@ -304,6 +339,7 @@ def mcl_terms_on(config: ml_collections.ConfigDict) -> bool:
   # Self-supervised, VCL of one network is MoCo's InfoNCE or SimCLR's NT-Xent, so only the
   # other terms need peers (a single-network baseline keeps vcl_weight = 1).
   from mcl_jax import regimes
+
   if not regimes.self_supervised(config.trainer):
     weights.append(loss.vcl_weight)
   return any(w != 0 for w in weights)
@@ -321,19 +357,24 @@ def check_workdir(workdir: str) -> None:
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory; choose a directory "
-                      "for checkpoints and logs.")
+    raise ConfigError(
+      f"--workdir={workdir} is a file, not a directory; choose a directory "
+      "for checkpoints and logs."
+    )
   parent = path
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
     reason = "is not a directory" if not os.path.isdir(parent) else "is not writable"
-    raise ConfigError(f"--workdir={workdir} is not writable ({parent} {reason}); choose a "
-                      "directory you can write to.")
+    raise ConfigError(
+      f"--workdir={workdir} is not writable ({parent} {reason}); choose a "
+      "directory you can write to."
+    )
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             workdir: str | None = None) -> None:
+def validate(
+  config: ml_collections.ConfigDict, *, num_devices: int | None = None, workdir: str | None = None
+) -> None:
   """Raises ConfigError naming the first bad field; returns None when the config can run.
 
   Every check that needs only the config (and the device count and workdir) lives here and
@@ -361,14 +402,17 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   from mcl_jax import regimes
   from mcl_jax.data import sources
   from mcl_jax.data import views
+
   try:
     regime = regimes.get(config.trainer)
   except ValueError as e:
     raise ConfigError(f"config.trainer={config.trainer!r}: {e}") from None
   if config.loss.regime not in regime.loss_regimes:
     expected = " or ".join(f"'{r}'" for r in regime.loss_regimes)
-    raise ConfigError(f"config.trainer={config.trainer!r} does not train config.loss.regime="
-                      f"{config.loss.regime!r}; use loss.regime {expected} with this trainer.")
+    raise ConfigError(
+      f"config.trainer={config.trainer!r} does not train config.loss.regime="
+      f"{config.loss.regime!r}; use loss.regime {expected} with this trainer."
+    )
   _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
   _choice(config.model.head, "model.head", models.HEADS)
@@ -378,65 +422,88 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   _choice(config.input.dataset, "input.dataset", sources.DATASETS)
   _choice(config.ssl.views, "ssl.views", tuple(views.VIEW_SPECS))
   if config.model.arch not in models.ARCHS:
-    raise ConfigError(f"Unknown architecture config.model.arch={config.model.arch!r}; "
-                      f"choose one of {', '.join(sorted(models.ARCHS))}.")
+    raise ConfigError(
+      f"Unknown architecture config.model.arch={config.model.arch!r}; "
+      f"choose one of {', '.join(sorted(models.ARCHS))}."
+    )
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
   from mcl_jax import models
+
   members = config.cohort.num_members
   if members < 2 and mcl_terms_on(config):
     raise ConfigError(
-        f"config.cohort.num_members={members} but MCL needs a cohort of at least 2; set "
-        "num_members >= 2 or every loss weight (vcl/icl/soft_vcl/soft_icl/logit_kd) to 0.")
+      f"config.cohort.num_members={members} but MCL needs a cohort of at least 2; set "
+      "num_members >= 2 or every loss weight (vcl/icl/soft_vcl/soft_icl/logit_kd) to 0."
+    )
   arch, shared = config.model.arch, config.model.shared_stages
   stages = models.create(arch, max(1, config.model.num_classes)).num_stages
   if shared >= stages:
-    raise ConfigError(f"config.model.shared_stages={shared} must be less than {arch}'s "
-                      f"{stages} stages (stem included), so each member keeps its own.")
+    raise ConfigError(
+      f"config.model.shared_stages={shared} must be less than {arch}'s "
+      f"{stages} stages (stem included), so each member keeps its own."
+    )
 
 
 def _check_loss(config: ml_collections.ConfigDict) -> None:
   from mcl_jax import regimes
+
   loss = config.loss
   if loss.co2_weight and not regimes.get(config.trainer).supports_co2:
     co2 = [r.name for r in regimes.all_regimes() if r.supports_co2]
-    raise ConfigError(f"config.loss.co2_weight={loss.co2_weight}: CO2 regularises MoCo's "
-                      f"queue similarities; use it with the {' or '.join(co2)} trainer or set "
-                      "it to 0.")
+    raise ConfigError(
+      f"config.loss.co2_weight={loss.co2_weight}: CO2 regularises MoCo's "
+      f"queue similarities; use it with the {' or '.join(co2)} trainer or set "
+      "it to 0."
+    )
 
 
 def _check_input(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
   from mcl_jax.data import sources
+
   batch = config.input.global_batch_size
   if num_devices is not None and batch % num_devices:
     raise ConfigError(
-        f"config.input.global_batch_size={batch} is not divisible by the {num_devices} "
-        f"devices; use a multiple of {num_devices}.")
+      f"config.input.global_batch_size={batch} is not divisible by the {num_devices} "
+      f"devices; use a multiple of {num_devices}."
+    )
   from mcl_jax import regimes
+
   per_class = config.input.samples_per_class
   if per_class > 0 and batch % per_class:
     raise ConfigError(
-        f"config.input.global_batch_size={batch} is not divisible by "
-        f"config.input.samples_per_class={per_class}.")
+      f"config.input.global_batch_size={batch} is not divisible by "
+      f"config.input.samples_per_class={per_class}."
+    )
   class_aware = regimes.get(config.trainer).class_aware_batches
   if per_class and (not class_aware or config.input.dataset in sources.STREAMING):
-    where = (f"{config.input.dataset} streams plain shuffles" if class_aware else
-             f"the {config.trainer} trainer uses plain shuffled batches")
+    where = (
+      f"{config.input.dataset} streams plain shuffles"
+      if class_aware
+      else f"the {config.trainer} trainer uses plain shuffled batches"
+    )
     raise ConfigError(f"config.input.samples_per_class={per_class}: {where}; set it to 0.")
   classes = tuple(config.input.classes)
   if classes and (len(set(classes)) != len(classes) or len(classes) < 2):
-    raise ConfigError(f"config.input.classes={classes} must name at least 2 distinct "
-                      "non-negative class ids (or be empty: every class).")
+    raise ConfigError(
+      f"config.input.classes={classes} must name at least 2 distinct "
+      "non-negative class ids (or be empty: every class)."
+    )
   if classes and config.input.dataset in sources.STREAMING:
-    raise ConfigError(f"config.input.classes selects classes of in-memory datasets; "
-                      f"{config.input.dataset} streams every class.")
+    raise ConfigError(
+      f"config.input.classes selects classes of in-memory datasets; "
+      f"{config.input.dataset} streams every class."
+    )
   if config.input.rotation_classes and config.input.dataset in sources.STREAMING:
-    raise ConfigError("config.input.rotation_classes builds a task from in-memory datasets; "
-                      f"{config.input.dataset} is streamed.")
+    raise ConfigError(
+      "config.input.rotation_classes builds a task from in-memory datasets; "
+      f"{config.input.dataset} is streamed."
+    )
 
 
 def _check_trainer(config: ml_collections.ConfigDict) -> None:
   """The regime's own checks (`Regime.check`)."""
   from mcl_jax import regimes
+
   regimes.get(config.trainer).check(config)

@@ -16,6 +16,7 @@ single-network classes' for the CIFAR models (`classifier` for the CIFAR ResNets
 WRN, `linear` for ShuffleNetV2). Official cohort checkpoints of independent networks
 (`ResNet_n`: `module_list.<m>.`) load one member at a time with `prefix`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,11 +32,11 @@ from mcl_jax import models
 
 # (collection, Flax leaf name) -> PyTorch suffix.
 _SUFFIX = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "bias"): "bias",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
 }
 _COLLECTIONS = ("params", "batch_stats")
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -83,8 +84,7 @@ def variable_shapes(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[
 @functools.lru_cache(maxsize=32)
 def _variable_shapes(arch: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
   net = models.create(arch, num_classes)
-  shapes = jax.eval_shape(
-      lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
+  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
   flat = traverse_util.flatten_dict({c: shapes[c] for c in _COLLECTIONS if c in shapes})
   return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -99,8 +99,9 @@ def _infer_num_classes(arch: str, flax_shapes: Mapping[tuple[str, ...], tuple[in
   raise ValueError(f"Cannot find the classifier of {arch} among the given weights.")
 
 
-def _checked_template(arch: str, flat: Mapping[tuple[str, ...], np.ndarray],
-                      num_classes: int | None, what: str) -> None:
+def _checked_template(
+  arch: str, flat: Mapping[tuple[str, ...], np.ndarray], num_classes: int | None, what: str
+) -> None:
   """Raises ValueError unless `flat` has exactly the variables and shapes of `arch`."""
   shapes = {k: tuple(v.shape) for k, v in flat.items()}
   if num_classes is None:
@@ -110,21 +111,25 @@ def _checked_template(arch: str, flat: Mapping[tuple[str, ...], np.ndarray],
   tkeys = _torch_keys(template)
   by_path = {p: k for k, p in tkeys.items()}
   if missing:
-    raise ValueError(f"{what} for {arch} lacks {len(missing)} tensors: "
-                     f"{_few(by_path[p] for p in missing)}.")
+    raise ValueError(
+      f"{what} for {arch} lacks {len(missing)} tensors: {_few(by_path[p] for p in missing)}."
+    )
   if unexpected:
     names = (".".join(p[1:-1]) + "." + _SUFFIX.get((p[0], p[-1]), p[-1]) for p in unexpected)
-    raise ValueError(f"{what} has {len(unexpected)} tensors that {arch} does not: "
-                     f"{_few(names)}.")
-  wrong = [f"{by_path[p]} {shapes[p]} != {template[p]}" for p in template
-           if shapes[p] != template[p]]
+    raise ValueError(f"{what} has {len(unexpected)} tensors that {arch} does not: {_few(names)}.")
+  wrong = [
+    f"{by_path[p]} {shapes[p]} != {template[p]}" for p in template if shapes[p] != template[p]
+  ]
   if wrong:
-    raise ValueError(f"{what} has {len(wrong)} tensors of the wrong shape for {arch} "
-                     f"(Flax layout, got != expected): {_few(wrong, 3)}.")
+    raise ValueError(
+      f"{what} has {len(wrong)} tensors of the wrong shape for {arch} "
+      f"(Flax layout, got != expected): {_few(wrong, 3)}."
+    )
 
 
-def from_torch(arch: str, state_dict: Mapping[str, Any], *, prefix: str = "",
-               num_classes: int | None = None) -> dict[str, Any]:
+def from_torch(
+  arch: str, state_dict: Mapping[str, Any], *, prefix: str = "", num_classes: int | None = None
+) -> dict[str, Any]:
   """Flax variables {'params', 'batch_stats'} of `create(arch, num_classes)` from a state dict.
 
   Values are numpy arrays (or anything np.asarray takes); the result holds float32 numpy
@@ -133,7 +138,7 @@ def from_torch(arch: str, state_dict: Mapping[str, Any], *, prefix: str = "",
   `num_classes` defaults to the classifier's width. Unknown, missing or mis-shaped
   tensors raise ValueError naming a few.
   """
-  sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
   if not sd:
     raise ValueError(f"No tensor in the state dict starts with prefix {prefix!r}.")
   if num_classes is None:
@@ -147,13 +152,15 @@ def from_torch(arch: str, state_dict: Mapping[str, Any], *, prefix: str = "",
   known = _torch_keys(variable_shapes(arch, num_classes))
   unexpected = [k for k in sd if k not in known and not k.endswith(_IGNORED_SUFFIXES)]
   if unexpected:
-    raise ValueError(f"The state dict has {len(unexpected)} keys that {arch} does not: "
-                     f"{_few(unexpected)}.")
+    raise ValueError(
+      f"The state dict has {len(unexpected)} keys that {arch} does not: {_few(unexpected)}."
+    )
   flat = {}
   for key, path in known.items():
     if key in sd:
       flat[path] = np.ascontiguousarray(
-          _torch_to_flax_array(path[-1], np.asarray(sd[key], dtype=np.float32)))
+        _torch_to_flax_array(path[-1], np.asarray(sd[key], dtype=np.float32))
+      )
   _checked_template(arch, flat, num_classes, "The state dict")
   return traverse_util.unflatten_dict(flat)
 
@@ -165,20 +172,24 @@ def to_torch(arch: str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   exactly those of `create(arch, num_classes)` for some num_classes.
   """
   flat = traverse_util.flatten_dict(
-      {c: jax.device_get(variables[c]) for c in _COLLECTIONS if c in variables})
+    {c: jax.device_get(variables[c]) for c in _COLLECTIONS if c in variables}
+  )
   _checked_template(arch, flat, None, "The variables")
-  return {key: np.ascontiguousarray(_flax_to_torch_array(path[-1], np.asarray(flat[path],
-                                                                              np.float32)))
-          for key, path in _torch_keys(flat).items()}
+  return {
+    key: np.ascontiguousarray(_flax_to_torch_array(path[-1], np.asarray(flat[path], np.float32)))
+    for key, path in _torch_keys(flat).items()
+  }
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
   """A state dict from a .safetensors file, as numpy arrays."""
   from safetensors.numpy import load_file
+
   return load_file(path)
 
 
 def save_safetensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
   """Writes a state dict of numpy arrays to a .safetensors file."""
   from safetensors.numpy import save_file
+
   save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)

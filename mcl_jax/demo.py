@@ -12,6 +12,7 @@ table, and the table is the runner's: every member, the members' mean +- std ove
 seeds, the best member, the ensemble. The full-length comparison and what it shows are in
 docs/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,7 @@ ROWS = ("demo_baseline", "demo_mcl_x2")
 def suite() -> str:
   """'fashion_mnist' when its data is on this machine, else 'digits'."""
   from mcl_jax.data import fashion_mnist
+
   return "fashion_mnist" if fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR) else "digits"
 
 
@@ -46,19 +48,24 @@ def main(argv):
   from mcl_jax import reproduce_report
   from mcl_jax import reproduce_schedule
   from mcl_jax import suites
+
   loop.quiet_library_logs()
   name = suite()
   if name == "digits":
-    print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); the demo "
-          "runs on scikit-learn's 8x8 digits instead, where both sit near 99% and MCL shows "
-          "no gain (docs/RESULTS.md).", flush=True)
+    print(
+      "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); the demo "
+      "runs on scikit-learn's 8x8 digits instead, where both sit near 99% and MCL shows "
+      "no gain (docs/RESULTS.md).",
+      flush=True,
+    )
   _, rows, tables = suites.load_suite(name)
   chosen = suites.select_rows(rows, ROWS)
   seeds = [int(s) for s in FLAGS.seeds]
   workdir = os.path.join(FLAGS.workdir, name)
   try:
-    reproduce_schedule.run_all(name, chosen, seeds, workdir, workers=FLAGS.workers,
-                               smoke=FLAGS.smoke)
+    reproduce_schedule.run_all(
+      name, chosen, seeds, workdir, workers=FLAGS.workers, smoke=FLAGS.smoke
+    )
   except RuntimeError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

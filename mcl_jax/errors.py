@@ -2,6 +2,7 @@
 
 The command-line tools print it after `error: ` and exit with status 2 (`mcl_jax.main`).
 """
+
 from __future__ import annotations
 
 from typing import NoReturn
@@ -19,5 +20,6 @@ def exit_with(message: str, status: int = 2) -> NoReturn:
   """The command-line tools' way out: `error: <message>` on stderr, then exit `status`
   (2: bad input; other statuses are documented where they are used)."""
   import sys
+
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)

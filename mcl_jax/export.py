@@ -19,6 +19,7 @@ export.json): the trained classifier (supervised), MoCo's projection (v1: the 12
 embedding; v2: the MLP's first layer, F -> F), or untrained (SimCLR). A linear probe
 (`lincls.py`) replaces it. `load_exported(DIR2)` gives (module, variables, info) back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,31 +55,40 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
   from the checkpoint's own metadata, every array lands on the host CPU.
   """
   import orbax.checkpoint as ocp
+
   directory = checkpointing.checkpoint_dir(workdir)
   if "://" not in directory and not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoint in {workdir}: {directory} does not exist; pass "
-                            "the --workdir of a training run that has saved a checkpoint.")
+    raise FileNotFoundError(
+      f"No checkpoint in {workdir}: {directory} does not exist; pass "
+      "the --workdir of a training run that has saved a checkpoint."
+    )
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
-      item_names=("state", "meta"),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+    directory,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_names=("state", "meta"),
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
   try:
     steps = manager.all_steps()
     if not steps:
-      raise FileNotFoundError(f"No checkpoint in {workdir}: {directory} holds no complete "
-                              "checkpoint yet.")
+      raise FileNotFoundError(
+        f"No checkpoint in {workdir}: {directory} holds no complete checkpoint yet."
+      )
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise FileNotFoundError(f"No checkpoint of step {step} in {workdir}; it has steps "
-                              f"{', '.join(map(str, sorted(steps)))}.")
+      raise FileNotFoundError(
+        f"No checkpoint of step {step} in {workdir}; it has steps "
+        f"{', '.join(map(str, sorted(steps)))}."
+      )
     metadata = manager.item_metadata(step)["state"]
     tree = getattr(metadata, "tree", metadata)
     cpu = _cpu()
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
   finally:
     manager.close()
   return int(step), restored["state"], dict(restored["meta"] or {})
@@ -86,36 +96,57 @@ def read_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
 
 def _member_info(meta: dict, workdir: str) -> dict:
   from mcl_jax import regimes
+
   exportable = [r.name for r in regimes.all_regimes() if r.exportable]
   # The trainer first: a linear probe's meta lacks the cohort keys, and "not a cohort run"
   # is the sentence that helps there.
   if "trainer" in meta and not regimes.get(meta["trainer"]).exportable:
-    raise ValueError(f"{workdir} is a {meta['trainer']!r} run; export reads the cohort runs "
-                     f"of the {', '.join(exportable)} trainers (a linear probe's backbone is "
-                     "its config.lincls.pretrained export).")
-  missing = [k for k in ("arch", "num_members", "shared_stages", "num_classes", "trainer",
-                         "image_shape", "mean", "std") if k not in meta]
+    raise ValueError(
+      f"{workdir} is a {meta['trainer']!r} run; export reads the cohort runs "
+      f"of the {', '.join(exportable)} trainers (a linear probe's backbone is "
+      "its config.lincls.pretrained export)."
+    )
+  missing = [
+    k
+    for k in (
+      "arch",
+      "num_members",
+      "shared_stages",
+      "num_classes",
+      "trainer",
+      "image_shape",
+      "mean",
+      "std",
+    )
+    if k not in meta
+  ]
   if missing:
-    raise ValueError(f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
-                     f"written by one of mcl_jax's {', '.join(exportable)} trainers.")
+    raise ValueError(
+      f"The checkpoint meta in {workdir} lacks {', '.join(missing)}; it was not "
+      f"written by one of mcl_jax's {', '.join(exportable)} trainers."
+    )
   return meta
 
 
-def export_member(workdir: str, member: int, out: str, torch: bool = False,
-                  step: int | None = None) -> dict[str, Any]:
+def export_member(
+  workdir: str, member: int, out: str, torch: bool = False, step: int | None = None
+) -> dict[str, Any]:
   """Writes member `member` of the run in `workdir` to `out`; returns the export.json dict.
 
   Raises FileNotFoundError (no checkpoint) or ValueError (member out of range, not an
   exportable run), each with one sentence. An existing export in `out` is overwritten.
   """
   import orbax.checkpoint as ocp
+
   step, state, meta = read_checkpoint(workdir, step)
   meta = _member_info(meta, workdir)
   num_members = int(meta["num_members"])
   if not 0 <= member < num_members:
-    raise ValueError(f"--member={member} is out of range: the run in {workdir} has "
-                     f"{num_members} member{'s' if num_members > 1 else ''} "
-                     f"(0..{num_members - 1}).")
+    raise ValueError(
+      f"--member={member} is out of range: the run in {workdir} has "
+      f"{num_members} member{'s' if num_members > 1 else ''} "
+      f"(0..{num_members - 1})."
+    )
   cohort = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
   variables = models.extract_member(cohort, member, int(meta["shared_stages"]))
   variables = jax.tree.map(np.asarray, variables)
@@ -135,25 +166,31 @@ def export_member(workdir: str, member: int, out: str, torch: bool = False,
 
   image_shape = [int(s) for s in meta["image_shape"]]
   info = {
-      "format": FORMAT,
-      "arch": arch,
-      "num_classes": num_classes,
-      "num_params": models.count_params(variables["params"]),
-      "preprocessing": {
-          "image_shape": image_shape, "image_size": image_shape[0],
-          "mean": [float(x) for x in meta["mean"]], "std": [float(x) for x in meta["std"]],
-          "pixels": "RGB (or grey) in [0, 1] (uint8 / 255), then (x - mean) / std, NHWC",
-      },
-      "classifier": _classifier_note(meta),
-      "source": {
-          "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
-          "step": step, "trainer": meta["trainer"], "member": member,
-          "num_members": num_members, "shared_stages": int(meta["shared_stages"]),
-          "moco_mlp": meta.get("moco_mlp"), "embed_dim": meta.get("embed_dim"),
-          "dataset": _dataset(meta),
-      },
-      "files": {"variables": VARIABLES_DIR, "torch": torch_file},
-      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "format": FORMAT,
+    "arch": arch,
+    "num_classes": num_classes,
+    "num_params": models.count_params(variables["params"]),
+    "preprocessing": {
+      "image_shape": image_shape,
+      "image_size": image_shape[0],
+      "mean": [float(x) for x in meta["mean"]],
+      "std": [float(x) for x in meta["std"]],
+      "pixels": "RGB (or grey) in [0, 1] (uint8 / 255), then (x - mean) / std, NHWC",
+    },
+    "classifier": _classifier_note(meta),
+    "source": {
+      "workdir": workdir if "://" in workdir else os.path.abspath(workdir),
+      "step": step,
+      "trainer": meta["trainer"],
+      "member": member,
+      "num_members": num_members,
+      "shared_stages": int(meta["shared_stages"]),
+      "moco_mlp": meta.get("moco_mlp"),
+      "embed_dim": meta.get("embed_dim"),
+      "dataset": _dataset(meta),
+    },
+    "files": {"variables": VARIABLES_DIR, "torch": torch_file},
+    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   with open(os.path.join(out, INFO_FILE), "w") as f:
     json.dump(info, f, indent=2)
@@ -170,32 +207,40 @@ def _dataset(meta: dict) -> str | None:
 
 def _classifier_note(meta: dict) -> str:
   from mcl_jax import regimes
+
   return regimes.get(meta["trainer"]).export_note(meta)
 
 
 def _template(arch: str, num_classes: int, image_shape: tuple[int, ...]) -> dict[str, Any]:
   net = models.create(arch, num_classes)
-  return jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
-                                         jnp.zeros((1, *image_shape)), False))
+  return jax.eval_shape(
+    lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False)
+  )
 
 
-def _check_variables(arch: str, num_classes: int, variables: dict,
-                     image_shape: tuple[int, ...]) -> None:
+def _check_variables(
+  arch: str, num_classes: int, variables: dict, image_shape: tuple[int, ...]
+) -> None:
   """The exported tree must be exactly `create(arch, num_classes)`'s, shapes included."""
   expected = jax.tree.map(lambda s: s.shape, _template(arch, num_classes, image_shape))
   got = jax.tree.map(lambda a: a.shape, {k: variables[k] for k in expected if k in variables})
   if got != {k: expected[k] for k in expected}:
-    raise ValueError(f"The extracted member does not match {arch} with {num_classes} classes; "
-                     "the checkpoint meta disagrees with its variables.")
+    raise ValueError(
+      f"The extracted member does not match {arch} with {num_classes} classes; "
+      "the checkpoint meta disagrees with its variables."
+    )
 
 
 def _write_torch(arch: str, variables: dict, path: str) -> None:
   try:
     from mcl_jax import convert
+
     to_torch, save = convert.to_torch, convert.save_safetensors
   except (ImportError, AttributeError) as e:
-    raise RuntimeError(f"--torch needs mcl_jax.convert.to_torch and save_safetensors, which "
-                       f"this checkout lacks ({e}); export without --torch.") from None
+    raise RuntimeError(
+      f"--torch needs mcl_jax.convert.to_torch and save_safetensors, which "
+      f"this checkout lacks ({e}); export without --torch."
+    ) from None
   save(path, to_torch(arch, variables))
 
 
@@ -207,13 +252,18 @@ def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   as info['preprocessing'] says. Variables are restored on the host CPU.
   """
   import orbax.checkpoint as ocp
+
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} does not exist; create an export directory with python -m "
-                            "mcl_jax.export --workdir=RUN --member=0 --out=DIR.")
+    raise FileNotFoundError(
+      f"{path} does not exist; create an export directory with python -m "
+      "mcl_jax.export --workdir=RUN --member=0 --out=DIR."
+    )
   info_path = os.path.join(path, INFO_FILE)
   if not os.path.isfile(info_path):
-    raise FileNotFoundError(f"{path} is not an export directory (no {INFO_FILE}); create one "
-                            "with python -m mcl_jax.export --workdir=RUN --member=0 --out=DIR.")
+    raise FileNotFoundError(
+      f"{path} is not an export directory (no {INFO_FILE}); create one "
+      "with python -m mcl_jax.export --workdir=RUN --member=0 --out=DIR."
+    )
   with open(info_path) as f:
     info = json.load(f)
   if info.get("format") != FORMAT:
@@ -221,15 +271,22 @@ def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   module = models.create(info["arch"], int(info["num_classes"]))
   image_shape = tuple(info["preprocessing"]["image_shape"])
   cpu = _cpu()
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
-                        _template(info["arch"], int(info["num_classes"]), image_shape))
+  target = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
+    _template(info["arch"], int(info["num_classes"]), image_shape),
+  )
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR), target)
   return module, dict(variables), info
 
 
-def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str | None = None,
-             **input_fields: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def features(
+  export_dir: str,
+  splits: Sequence[str] = ("test",),
+  *,
+  dataset: str | None = None,
+  **input_fields: Any,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (pooled features [N, F], labels [N])} of an export, BN in eval mode.
 
   The images come from `data.sources.make_source` for `dataset` (default: the one the export
@@ -239,18 +296,22 @@ def features(export_dir: str, splits: Sequence[str] = ("test",), *, dataset: str
   """
   from mcl_jax.data import protocol
   from mcl_jax.data import sources
+
   module, variables, info = load_exported(export_dir)
   name = dataset or info["source"].get("dataset")
   if not name:
     raise ValueError(f"{export_dir} does not record its dataset; pass --dataset.")
-  source = sources.make_source({"dataset": name, "image_size": info["preprocessing"]["image_size"],
-                                **input_fields})
+  source = sources.make_source(
+    {"dataset": name, "image_size": info["preprocessing"]["image_size"], **input_fields}
+  )
   available = (protocol.TRAIN_SPLIT,) + source.eval_split_names()
   missing = [s for s in splits if s not in available]
   if missing:
-    raise ValueError(f"split {missing[0]!r} is not in {name} as given (it has "
-                     f"{', '.join(sorted(available))}); a 'validation' split needs "
-                     "validation_size.")
+    raise ValueError(
+      f"split {missing[0]!r} is not in {name} as given (it has "
+      f"{', '.join(sorted(available))}); a 'validation' split needs "
+      "validation_size."
+    )
   apply = jax.jit(lambda x: module.apply(variables, x, False)[1])
   out = {}
   for split in splits:
@@ -267,6 +328,7 @@ def define_export_flags() -> None:
   """The flags every command that reads an export shares: --export (required), --dataset,
   --json_out."""
   from absl import flags
+
   flags.DEFINE_string("export", None, "An export directory (mcl-export --out).")
   flags.DEFINE_string("dataset", None, "Dataset (default: the one the export was trained on).")
   flags.DEFINE_string("json_out", None, "Write the result as JSON here.")
@@ -276,6 +338,7 @@ def define_export_flags() -> None:
 def main(argv: list[str]) -> None:
   from absl import flags
   from absl import logging
+
   # Export logs nothing of its own; Orbax's INFO lines (dozens per save) would bury the
   # one-line result or error.
   logging.set_verbosity(logging.WARNING)
@@ -283,18 +346,20 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   try:
-    info = export_member(flags_.workdir, flags_.member, flags_.out, torch=flags_.torch,
-                         step=flags_.step)
+    info = export_member(
+      flags_.workdir, flags_.member, flags_.out, torch=flags_.torch, step=flags_.step
+    )
   except (FileNotFoundError, ValueError, RuntimeError) as e:
     errors.exit_with(str(e))
-  print(f"Exported member {info['source']['member']} ({info['arch']}, "
-        f"{info['num_params']:,} params, step {info['source']['step']}) to {flags_.out}.")
-
-
+  print(
+    f"Exported member {info['source']['member']} ({info['arch']}, "
+    f"{info['num_params']:,} params, step {info['source']['step']}) to {flags_.out}."
+  )
 
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "Workdir of a supervised, MoCo or SimCLR run.")
   flags.DEFINE_integer("member", 0, "Which member to export (0-based).")
   flags.DEFINE_string("out", None, "Export directory to write.")
@@ -306,6 +371,7 @@ def _define_flags() -> None:
 def run_cli() -> None:
   """The `mcl-export` command."""
   from absl import app
+
   _define_flags()
   app.run(main)
 

@@ -6,6 +6,7 @@ runner and the demo call; `build(config, workdir)` stops before training and ret
 `config.trainer` names in the registry (`mcl_jax.regimes`); its module builds the task (the
 contract is in `mcl_jax.loop`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,13 @@ from mcl_jax import regimes
 from mcl_jax import sharding
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, *,
-          mesh: jax.sharding.Mesh | None = None, **task_options: Any) -> loop.Run:
+def build(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  **task_options: Any,
+) -> loop.Run:
   """The validated job of `config`, its state freshly initialised (not yet resumed).
 
   `task_options` go to the regime's build_task (e.g. MoCo's `views`).
@@ -32,7 +38,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, *,
   return loop.Run(task)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **task_options: Any
-        ) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, **task_options: Any) -> dict[str, Any]:
   """Trains (or resumes) the job of `config` in `workdir`; returns `loop.fit`'s summary."""
   return loop.fit(build(config, workdir, **task_options))

@@ -15,6 +15,7 @@ Memory: the similarity matrix is computed one block of query rows at a time
 10k x 1.28M (ImageNet) similarity never materialises at once. Pure JAX and jit-able:
 `num_classes`, `k`, `chunk_size` and `train_chunk_size` are static.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,10 +44,15 @@ def _pad_rows(x: jax.Array, multiple: int, value=0) -> jax.Array:
 
 
 def _top_k_neighbours(
-    queries: jax.Array, train: jax.Array, train_labels: jax.Array, train_valid: jax.Array,
-    k: int, train_chunk_size: int | None,
+  queries: jax.Array,
+  train: jax.Array,
+  train_labels: jax.Array,
+  train_valid: jax.Array,
+  k: int,
+  train_chunk_size: int | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Similarities [q, k] and labels [q, k] of each query's k most similar train rows."""
+
   def block_top_k(train_block, labels_block, valid_block):
     sim = queries @ train_block.T  # [q, n_block]
     sim = jnp.where(valid_block[None, :], sim, -jnp.inf)
@@ -65,9 +71,9 @@ def _top_k_neighbours(
   train_valid = _pad_rows(train_valid, train_chunk_size, value=False)
   num_blocks = train.shape[0] // train_chunk_size
   blocks = (
-      train.reshape(num_blocks, train_chunk_size, -1),
-      train_labels.reshape(num_blocks, train_chunk_size),
-      train_valid.reshape(num_blocks, train_chunk_size),
+    train.reshape(num_blocks, train_chunk_size, -1),
+    train_labels.reshape(num_blocks, train_chunk_size),
+    train_valid.reshape(num_blocks, train_chunk_size),
   )
   q = queries.shape[0]
   # The buffer holds k entries even when a block is smaller than k; unfilled slots keep
@@ -86,19 +92,18 @@ def _top_k_neighbours(
   return values, labels
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_classes", "k", "chunk_size", "train_chunk_size"))
+@functools.partial(jax.jit, static_argnames=("num_classes", "k", "chunk_size", "train_chunk_size"))
 def knn_predict(
-    train_features: jax.Array,
-    train_labels: jax.Array,
-    query_features: jax.Array,
-    *,
-    num_classes: int,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    chunk_size: int = 1024,
-    train_chunk_size: int | None = None,
-    train_mask: jax.Array | None = None,
+  train_features: jax.Array,
+  train_labels: jax.Array,
+  query_features: jax.Array,
+  *,
+  num_classes: int,
+  k: int = DEFAULT_K,
+  temperature: float = DEFAULT_TEMPERATURE,
+  chunk_size: int = 1024,
+  train_chunk_size: int | None = None,
+  train_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Weighted kNN predictions (InstDisc) for every query row.
 
@@ -120,15 +125,18 @@ def knn_predict(
   """
   if train_features.ndim != 2 or query_features.ndim != 2:
     raise ValueError(
-        f"knn_predict wants [N, D] train and [Q, D] query features, got shapes "
-        f"{train_features.shape} and {query_features.shape}.")
+      f"knn_predict wants [N, D] train and [Q, D] query features, got shapes "
+      f"{train_features.shape} and {query_features.shape}."
+    )
   if train_features.shape[1] != query_features.shape[1]:
     raise ValueError(
-        f"Train and query features differ in width: {train_features.shape[1]} vs "
-        f"{query_features.shape[1]}.")
+      f"Train and query features differ in width: {train_features.shape[1]} vs "
+      f"{query_features.shape[1]}."
+    )
   if train_labels.shape != train_features.shape[:1]:
     raise ValueError(
-        f"train_labels must have shape [{train_features.shape[0]}], got {train_labels.shape}.")
+      f"train_labels must have shape [{train_features.shape[0]}], got {train_labels.shape}."
+    )
   if chunk_size < 1 or (train_chunk_size is not None and train_chunk_size < 1):
     raise ValueError("chunk_size and train_chunk_size must be positive.")
 
@@ -144,13 +152,13 @@ def knn_predict(
   num_chunks = queries.shape[0] // chunk
 
   def classify(query_block):
-    sims, nbr_labels = _top_k_neighbours(
-        query_block, train, labels, valid, k, train_chunk_size)
+    sims, nbr_labels = _top_k_neighbours(query_block, train, labels, valid, k, train_chunk_size)
     # exp(-inf / t) = 0: masked rows picked only to fill k carry no vote.
     weights = jnp.exp(sims / temperature)
     rows = jnp.arange(query_block.shape[0])[:, None]
-    return jnp.zeros((query_block.shape[0], num_classes), jnp.float32).at[
-        rows, nbr_labels].add(weights)
+    return (
+      jnp.zeros((query_block.shape[0], num_classes), jnp.float32).at[rows, nbr_labels].add(weights)
+    )
 
   scores = lax.map(classify, queries.reshape(num_chunks, chunk, -1))
   scores = scores.reshape(num_chunks * chunk, num_classes)[:num_queries]
@@ -158,18 +166,18 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train_features: jax.Array,
-    train_labels: jax.Array,
-    query_features: jax.Array,
-    query_labels: jax.Array,
-    *,
-    num_classes: int,
-    k: int = DEFAULT_K,
-    temperature: float = DEFAULT_TEMPERATURE,
-    chunk_size: int = 1024,
-    train_chunk_size: int | None = None,
-    train_mask: jax.Array | None = None,
-    query_mask: jax.Array | None = None,
+  train_features: jax.Array,
+  train_labels: jax.Array,
+  query_features: jax.Array,
+  query_labels: jax.Array,
+  *,
+  num_classes: int,
+  k: int = DEFAULT_K,
+  temperature: float = DEFAULT_TEMPERATURE,
+  chunk_size: int = 1024,
+  train_chunk_size: int | None = None,
+  train_mask: jax.Array | None = None,
+  query_mask: jax.Array | None = None,
 ) -> jax.Array:
   """Top-1 accuracy (a float32 scalar in [0, 1]) of `knn_predict` on labelled queries.
 
@@ -177,9 +185,16 @@ def knn_accuracy(
   the accuracy is exact over the whole eval split. Other arguments as in `knn_predict`.
   """
   pred, _ = knn_predict(
-      train_features, train_labels, query_features, num_classes=num_classes, k=k,
-      temperature=temperature, chunk_size=chunk_size, train_chunk_size=train_chunk_size,
-      train_mask=train_mask)
+    train_features,
+    train_labels,
+    query_features,
+    num_classes=num_classes,
+    k=k,
+    temperature=temperature,
+    chunk_size=chunk_size,
+    train_chunk_size=train_chunk_size,
+    train_mask=train_mask,
+  )
   correct = (pred == query_labels.astype(jnp.int32)).astype(jnp.float32)
   if query_mask is None:
     return jnp.mean(correct)
@@ -201,22 +216,31 @@ def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict:
   import numpy as np
 
   from mcl_jax.data import protocol
+
   train_f, train_labels = embed_split(protocol.TRAIN_SPLIT)
   result = {}
   for split in source.eval_split_names():
     eval_f, labels = embed_split(split)
     for k in ks:
       key = ("" if split == "test" else "val_") + ("top1" if k == DEFAULT_K else f"top1_k{k}")
-      result[key] = np.asarray([float(knn_accuracy(
-          train_f[m], train_labels, eval_f[m], labels, num_classes=source.num_classes, k=k))
-          for m in range(train_f.shape[0])])
+      result[key] = np.asarray(
+        [
+          float(
+            knn_accuracy(
+              train_f[m], train_labels, eval_f[m], labels, num_classes=source.num_classes, k=k
+            )
+          )
+          for m in range(train_f.shape[0])
+        ]
+      )
   return result
 
 
 def format_monitor(result: dict) -> str:
   """'kNN top-1 % (per member): top1: 80.1 81.2  |  top1_k20: ...'."""
   return "kNN top-1 % (per member): " + "  |  ".join(
-      f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items())
+    f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items()
+  )
 
 
 def monitor_scalars(result: dict) -> dict[str, float]:
@@ -226,10 +250,12 @@ def monitor_scalars(result: dict) -> dict[str, float]:
   import numpy as np
 
   from mcl_jax import metrics
+
   scalars = {}
   for name, values in result.items():
-    split, metric = (("validation", name[len("val_"):]) if name.startswith("val_")
-                     else ("test", name))
+    split, metric = (
+      ("validation", name[len("val_") :]) if name.startswith("val_") else ("test", name)
+    )
     members = np.asarray(values, np.float64).reshape(-1)
     scalars.update(metrics.member_scalars(members, f"{split}/knn_{metric}"))
   return scalars
@@ -249,8 +275,10 @@ class Monitor:
   def embed_split(self, state, split: str):
     """(features [M, N, F], labels [N]) of one whole split of the source."""
     from mcl_jax import loop
+
     return loop.embed_split(
-        self.setup, lambda x: self.embed_step(state.params, state.batch_stats, x), split)
+      self.setup, lambda x: self.embed_step(state.params, state.batch_stats, x), split
+    )
 
   def evaluate(self, state) -> dict:
     return monitor(self.setup.source, lambda split: self.embed_split(state, split))
@@ -259,6 +287,7 @@ class Monitor:
 def check_monitor_config(config) -> None:
   """`config.ssl.knn_every_epochs` must be >= 0: the self-supervised regimes' check."""
   from mcl_jax.errors import ConfigError
+
   every = config.ssl.knn_every_epochs
   if every < 0:
     raise ConfigError(f"config.ssl.knn_every_epochs={every} must be >= 0 (0: off).")

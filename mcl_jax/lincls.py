@@ -20,6 +20,7 @@ The trainable state is the classifier only; the frozen variables travel with eve
 as replicated arguments (never baked into the compiled program as constants), and only
 the classifier is differentiated, so XLA runs the backbone forward only.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,11 +57,14 @@ class LinclsState(flax.struct.PyTreeNode):
 
 def classifier_names(arch: str, image_shape: tuple[int, ...]) -> tuple[str, ...]:
   """Top-level param names of `arch` whose shapes depend on num_classes (its classifier)."""
+
   def shapes(n):
     net = models.create(arch, n)
-    tree = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0),
-                                           jnp.zeros((1, *image_shape)), False))["params"]
+    tree = jax.eval_shape(
+      lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False)
+    )["params"]
     return jax.tree.map(lambda s: s.shape, tree)
+
   one, two = shapes(1), shapes(2)
   names = tuple(k for k in one if one[k] != two[k])
   if not names:
@@ -87,10 +91,16 @@ def _logits(net: Any, head: Any, frozen: dict[str, Any], images: Array) -> Array
   return logits.astype(jnp.float32)
 
 
-def train_step(state: LinclsState, batch: dict[str, Array], consts: dict[str, Any], *,
-               net: Any, tx: optax.GradientTransformation,
-               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
-               preprocess: Callable[[Array, Array], Array]) -> tuple[LinclsState, dict]:
+def train_step(
+  state: LinclsState,
+  batch: dict[str, Array],
+  consts: dict[str, Any],
+  *,
+  net: Any,
+  tx: optax.GradientTransformation,
+  materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
+  preprocess: Callable[[Array, Array], Array],
+) -> tuple[LinclsState, dict]:
   """One SGD step of the classifier on the frozen backbone's features; `materialize`: the
   source's (data.protocol.Source), turning the host's batch into images and labels."""
   batch = materialize(consts, batch)
@@ -112,8 +122,14 @@ def train_step(state: LinclsState, batch: dict[str, Array], consts: dict[str, An
   return new_state, metrics
 
 
-def eval_step(state: LinclsState, batch: dict[str, Array], frozen: dict[str, Any], *,
-              net: Any, preprocess: Callable[[Array], Array]) -> dict[str, Array]:
+def eval_step(
+  state: LinclsState,
+  batch: dict[str, Array],
+  frozen: dict[str, Any],
+  *,
+  net: Any,
+  preprocess: Callable[[Array], Array],
+) -> dict[str, Array]:
   """Correct-prediction counts [1] (the cohort layout of metrics.cohort_accuracy, one
   "member")."""
   logits = _logits(net, state.params, frozen, preprocess(batch["image"]))
@@ -127,6 +143,7 @@ class LinclsTask:
   evaluate(state) -> {'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a
   validation split is held out (floats in [0, 1], whole split).
   """
+
   collapse_remedy = ""  # a frozen backbone: nothing of its own to collapse
   collapse_cosine_grace_epochs = 0.0
 
@@ -141,46 +158,65 @@ class LinclsTask:
     pre = self.info["preprocessing"]
     if pre["image_shape"][-1] != image_shape[-1]:
       raise ConfigError(
-          f"config.lincls.pretrained was trained on {pre['image_shape'][-1]}-channel images "
-          f"but {config.input.dataset} has {image_shape[-1]}; probe on a matching dataset.")
+        f"config.lincls.pretrained was trained on {pre['image_shape'][-1]}-channel images "
+        f"but {config.input.dataset} has {image_shape[-1]}; probe on a matching dataset."
+      )
     if not np.allclose(pre["mean"], source.mean) or not np.allclose(pre["std"], source.std):
-      logging.warning("The export was pre-trained with mean/std %s/%s; the probe normalises "
-                      "with %s's %s/%s.", pre["mean"], pre["std"], config.input.dataset,
-                      source.mean, source.std)
+      logging.warning(
+        "The export was pre-trained with mean/std %s/%s; the probe normalises with %s's %s/%s.",
+        pre["mean"],
+        pre["std"],
+        config.input.dataset,
+        source.mean,
+        source.std,
+      )
     arch = self.info["arch"]
     self.describe = f"Linear probe of {config.lincls.pretrained} ({arch})"
     self.eval_every_epochs = config.eval_every_epochs
     self.num_classes = train_state.num_classes(config, source)
     self.net = models.create(arch, self.num_classes)
     names = classifier_names(arch, image_shape)
-    template = jax.eval_shape(lambda: self.net.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False))
+    template = jax.eval_shape(
+      lambda: self.net.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False)
+    )
     self._head_template = {k: template["params"][k] for k in names}
-    frozen = {"params": {k: v for k, v in exported["params"].items() if k not in names},
-              "batch_stats": exported.get("batch_stats", {})}
+    frozen = {
+      "params": {k: v for k, v in exported["params"].items() if k not in names},
+      "batch_stats": exported.get("batch_stats", {}),
+    }
     replicated = sharding_lib.replicated(mesh)
     self.consts = setup.device_arrays()
     self.consts["frozen"] = jax.device_put(frozen, replicated)
     self.shardings = jax.tree.map(lambda _: replicated, self.abstract_state())
-    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, net=self.net, tx=setup.tx, materialize=source.materialize,
-        preprocess=source.train_preprocess),
-        self.shardings, mesh)
-    self.compiled_eval_step = jax.jit(functools.partial(eval_step, net=self.net,
-                                                preprocess=source.eval_preprocess))
+    self.compiled_train_step = sharding_lib.compile_step(
+      functools.partial(
+        train_step,
+        net=self.net,
+        tx=setup.tx,
+        materialize=source.materialize,
+        preprocess=source.train_preprocess,
+      ),
+      self.shardings,
+      mesh,
+    )
+    self.compiled_eval_step = jax.jit(
+      functools.partial(eval_step, net=self.net, preprocess=source.eval_preprocess)
+    )
 
   def _init(self, seed: int) -> LinclsState:
     head_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     head = init_classifier(head_rng, self._head_template)
-    return LinclsState(step=jnp.zeros((), jnp.int32), params=head,
-                       opt_state=self.setup.tx.init(head), rng=state_rng)
+    return LinclsState(
+      step=jnp.zeros((), jnp.int32), params=head, opt_state=self.setup.tx.init(head), rng=state_rng
+    )
 
   def abstract_state(self) -> LinclsState:
     return jax.eval_shape(self._init, 0)
 
   def init_state(self) -> LinclsState:
     return jax.jit(self._init, static_argnums=0, out_shardings=self.shardings)(
-        self.setup.config.seed)
+      self.setup.config.seed
+    )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
     return (state, batch, self.consts["frozen"])
@@ -192,19 +228,27 @@ class LinclsTask:
     result = {}
     for split in self.setup.source.eval_split_names():
       totals = loop.count_over_split(
-          self.setup, split,
-          lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]))
+        self.setup,
+        split,
+        lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]),
+      )
       prefix = "" if split == "test" else "val_"
-      result.update({prefix + k: float(np.asarray(v).reshape(-1)[0])
-                     for k, v in metrics_lib.cohort_accuracy(totals).items()})
+      result.update(
+        {
+          prefix + k: float(np.asarray(v).reshape(-1)[0])
+          for k, v in metrics_lib.cohort_accuracy(totals).items()
+        }
+      )
     return result
 
   @staticmethod
   def eval_scalars(result: dict[str, float]) -> dict[str, float]:
     """`{split}/{top1|top5}/member_0` (one network, the cohort's naming)."""
-    return {f"{'validation' if k.startswith('val_') else 'test'}/"
-            f"{k[len('val_'):] if k.startswith('val_') else k}/member_0": v
-            for k, v in result.items()}
+    return {
+      f"{'validation' if k.startswith('val_') else 'test'}/"
+      f"{k[len('val_') :] if k.startswith('val_') else k}/member_0": v
+      for k, v in result.items()
+    }
 
   @staticmethod
   def format_eval(r: dict[str, float]) -> str:
@@ -215,27 +259,39 @@ class LinclsTask:
 
   def logits(self, state: LinclsState, images: np.ndarray) -> jax.Array:
     """The probe's logits for raw images (preprocessed here), e.g. for inspection."""
-    return _logits(self.net, state.params, self.consts["frozen"],
-                   self.setup.source.eval_preprocess(jnp.asarray(images)))
+    return _logits(
+      self.net,
+      state.params,
+      self.consts["frozen"],
+      self.setup.source.eval_preprocess(jnp.asarray(images)),
+    )
 
   def meta(self) -> dict[str, Any]:
     config = self.setup.config
-    return {"trainer": REGIME.name, "arch": self.info["arch"], "num_classes": self.num_classes,
-            "pretrained": config.lincls.pretrained, "export": self.info,
-            "config": config.to_json_best_effort()}
+    return {
+      "trainer": REGIME.name,
+      "arch": self.info["arch"],
+      "num_classes": self.num_classes,
+      "pretrained": config.lincls.pretrained,
+      "export": self.info,
+      "config": config.to_json_best_effort(),
+    }
 
 
 def check_config(config) -> None:
   """The probe needs the export it probes."""
   if not config.lincls.pretrained:
-    raise ConfigError("config.lincls.pretrained is empty; pass the export directory, e.g. "
-                      "--config.lincls.pretrained=DIR.")
+    raise ConfigError(
+      "config.lincls.pretrained is empty; pass the export directory, e.g. "
+      "--config.lincls.pretrained=DIR."
+    )
 
 
 # The probe trains one classifier on a frozen exported member: nothing of it is a cohort to
 # export, and its loss has no contrastive candidates.
-REGIME = regimes.Regime(name="lincls", module=__name__, loss_regimes=("batch",),
-                        exportable=False, check=check_config)
+REGIME = regimes.Regime(
+  name="lincls", module=__name__, loss_regimes=("batch",), exportable=False, check=check_config
+)
 
 
 def build_task(setup: loop.Setup) -> LinclsTask:

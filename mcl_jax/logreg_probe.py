@@ -16,6 +16,7 @@ the C with the best validation accuracy is kept, and its test accuracy is report
 dataset is built as `config.input` would build it (`--classes`, `--validation_size`,
 `--train_subset`), so the probe sees the same labelled images as the SGD probe of a run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,13 +29,18 @@ import numpy as np
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-        test: tuple[np.ndarray, np.ndarray], cs: Sequence[float] = C_GRID) -> dict[str, Any]:
+def fit(
+  train: tuple[np.ndarray, np.ndarray],
+  validation: tuple[np.ndarray, np.ndarray],
+  test: tuple[np.ndarray, np.ndarray],
+  cs: Sequence[float] = C_GRID,
+) -> dict[str, Any]:
   """{'top1', 'val_top1', 'c', 'val_top1_per_c'}: the probe with the C chosen on validation.
 
   Each argument is (features [N, F], labels [N]).
   """
   from sklearn.linear_model import LogisticRegression
+
   if not cs:
     raise ValueError("the C grid is empty; give at least one inverse regularisation strength.")
   mean, std = train[0].mean(0), train[0].std(0)
@@ -50,41 +56,66 @@ def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.n
     fits.append((c, per_c[-1], clf))
   # The first best on validation: ties keep the stronger regularisation (smaller C first).
   c, val_top1, clf = max(fits, key=lambda fit: fit[1])
-  return {"top1": float(clf.score(standardise(test[0]), test[1])), "val_top1": val_top1,
-          "c": float(c), "val_top1_per_c": per_c}
+  return {
+    "top1": float(clf.score(standardise(test[0]), test[1])),
+    "val_top1": val_top1,
+    "c": float(c),
+    "val_top1_per_c": per_c,
+  }
 
 
-def evaluate(export_dir: str, *, validation_size: int, train_subset: int = 0,
-             classes: Sequence[int] = (), dataset: str | None = None,
-             cs: Sequence[float] = C_GRID) -> dict[str, Any]:
+def evaluate(
+  export_dir: str,
+  *,
+  validation_size: int,
+  train_subset: int = 0,
+  classes: Sequence[int] = (),
+  dataset: str | None = None,
+  cs: Sequence[float] = C_GRID,
+) -> dict[str, Any]:
   """`fit` on the export's features of the dataset's train / validation / test splits."""
   from mcl_jax import export
+
   if validation_size <= 0:
     raise ValueError("the probe chooses C on a validation split: give validation_size > 0.")
-  splits = export.features(export_dir, ("train", "validation", "test"), dataset=dataset,
-                           classes=tuple(classes), validation_size=validation_size,
-                           train_subset=train_subset)
+  splits = export.features(
+    export_dir,
+    ("train", "validation", "test"),
+    dataset=dataset,
+    classes=tuple(classes),
+    validation_size=validation_size,
+    train_subset=train_subset,
+  )
   return fit(splits["train"], splits["validation"], splits["test"], cs)
 
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
   from absl import logging
+
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs dozens of INFO lines per restore
   f = flags.FLAGS
   try:
-    result = evaluate(f.export, validation_size=f.validation_size, train_subset=f.train_subset,
-                      classes=[int(c) for c in f.classes], dataset=f.dataset,
-                      cs=[float(c) for c in f.cs])
+    result = evaluate(
+      f.export,
+      validation_size=f.validation_size,
+      train_subset=f.train_subset,
+      classes=[int(c) for c in f.classes],
+      dataset=f.dataset,
+      cs=[float(c) for c in f.cs],
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  per_c = "  ".join(f"C={float(c):g}: {100 * v:.2f}"
-                    for c, v in zip(f.cs, result["val_top1_per_c"]))
+  per_c = "  ".join(
+    f"C={float(c):g}: {100 * v:.2f}" for c, v in zip(f.cs, result["val_top1_per_c"])
+  )
   print(f"logistic-regression probe of {f.export}: validation top-1 per C: {per_c}")
-  print(f"chosen C = {result['c']:g}: test top-1 {100 * result['top1']:.2f}% "
-        f"(validation {100 * result['val_top1']:.2f}%)")
+  print(
+    f"chosen C = {result['c']:g}: test top-1 {100 * result['top1']:.2f}% "
+    f"(validation {100 * result['val_top1']:.2f}%)"
+  )
   if f.json_out:
     with open(f.json_out, "w") as out:
       json.dump(result, out, indent=1)
@@ -94,9 +125,13 @@ def _define_flags() -> None:
   from absl import flags
 
   from mcl_jax import export
+
   export.define_export_flags()
-  flags.DEFINE_integer("validation_size", 5000,
-                       "Training images held out to choose C on (config.input.validation_size).")
+  flags.DEFINE_integer(
+    "validation_size",
+    5000,
+    "Training images held out to choose C on (config.input.validation_size).",
+  )
   flags.DEFINE_integer("train_subset", 0, "Labelled training images (0: all the rest).")
   flags.DEFINE_list("classes", [], "Class ids to keep (default: all).")
   flags.DEFINE_list("cs", [str(c) for c in C_GRID], "Inverse L2 strengths to choose from.")
@@ -105,6 +140,7 @@ def _define_flags() -> None:
 def run_cli() -> None:
   """The `mcl-logreg-probe` command."""
   from absl import app
+
   _define_flags()
   app.run(main)
 

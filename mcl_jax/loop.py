@@ -21,6 +21,7 @@ Metrics of the step are arrays: scalars, or [M] vectors (one value per member), 
 finite; the loop reads it at every log and before every checkpoint, and a non-finite step
 stops the run (`DivergedError`) without ever writing a checkpoint that holds it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ class DivergedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What every regime needs before it builds its task (`prepare`)."""
+
   config: ml_collections.ConfigDict
   workdir: str
   mesh: jax.sharding.Mesh
@@ -74,8 +76,12 @@ class Setup:
     while step < self.total_steps:
       epoch, offset = divmod(step, self.steps_per_epoch)
       for batch in self.source.train_batches(
-          epoch, seed=self.config.seed, global_batch_size=self.global_batch,
-          samples_per_class=self.config.input.samples_per_class, start_step=offset):
+        epoch,
+        seed=self.config.seed,
+        global_batch_size=self.global_batch,
+        samples_per_class=self.config.input.samples_per_class,
+        start_step=offset,
+      ):
         if step >= self.total_steps:
           return
         yield step, batch
@@ -92,37 +98,43 @@ class Setup:
     return {k: jax.device_put(v, replicated) for k, v in self.source.device_arrays().items()}
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str,
-            mesh: jax.sharding.Mesh | None = None) -> Setup:
+def prepare(
+  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> Setup:
   """The data source, the step counts and the optimiser of a (validated) config."""
   from mcl_jax import data  # TensorFlow stays unimported for in-memory data.
   from mcl_jax import regimes
   from mcl_jax.data import views
+
   mesh = mesh or sharding_lib.make_mesh()
   two_views = regimes.get(config.trainer).two_views
   source = data.make_source(
-      config.input,
-      two_view_crop_scale=views.VIEW_SPECS[config.ssl.views].crop_scale if two_views else None)
+    config.input,
+    two_view_crop_scale=views.VIEW_SPECS[config.ssl.views].crop_scale if two_views else None,
+  )
   num_train, batch = source.num_train, config.input.global_batch_size
   steps_per_epoch = num_train // batch
   if steps_per_epoch < 1:
-    raise ConfigError(f"config.input.global_batch_size={batch} is larger than the "
-                      f"{num_train} training examples of {config.input.dataset}.")
+    raise ConfigError(
+      f"config.input.global_batch_size={batch} is larger than the "
+      f"{num_train} training examples of {config.input.dataset}."
+    )
   per_class = config.input.samples_per_class
   if per_class and batch // per_class > source.num_classes:
     raise ConfigError(
-        f"A class-aware batch of {batch} with {per_class} samples per class needs "
-        f"{batch // per_class} distinct classes but {config.input.dataset} has only "
-        f"{source.num_classes}; lower config.input.global_batch_size or raise "
-        "config.input.samples_per_class.")
+      f"A class-aware batch of {batch} with {per_class} samples per class needs "
+      f"{batch // per_class} distinct classes but {config.input.dataset} has only "
+      f"{source.num_classes}; lower config.input.global_batch_size or raise "
+      "config.input.samples_per_class."
+    )
   total = config.schedule.num_train_steps or config.schedule.epochs * steps_per_epoch
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   return Setup(config, workdir, mesh, source, steps_per_epoch, total, tx, schedule)
 
 
-def count_over_split(setup: Setup, split: str,
-                     count_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
-                     ) -> dict[str, np.ndarray]:
+def count_over_split(
+  setup: Setup, split: str, count_step: Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
+) -> dict[str, np.ndarray]:
   """Sums over one whole eval split of `count_step(global batch)` (counts of correct
   predictions and of real examples: padded rows carry mask 0), exact on any device count."""
   totals = None
@@ -133,8 +145,9 @@ def count_over_split(setup: Setup, split: str,
   return totals
 
 
-def embed_split(setup: Setup, embed_batch: Callable[[jax.Array], jax.Array], split: str
-                ) -> tuple[np.ndarray, np.ndarray]:
+def embed_split(
+  setup: Setup, embed_batch: Callable[[jax.Array], jax.Array], split: str
+) -> tuple[np.ndarray, np.ndarray]:
   """`embed_batch(global images) -> [M, b, F]` over one whole split of the source (an eval
   split, or data.protocol.TRAIN_SPLIT un-augmented): (features [M, N, F], labels [N]) in
   order, the padding of the last batch dropped (the kNN monitor's features)."""
@@ -152,6 +165,7 @@ def _all_processes(local: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(local)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
@@ -160,16 +174,24 @@ def export_meta(setup: Setup, *, num_classes: int, **extra: Any) -> dict[str, An
   without the config file (arch, cohort layout, classes, preprocessing), the trainer, the
   config itself, and the regime's `extra` keys."""
   config, source = setup.config, setup.source
-  return {"arch": config.model.arch, "num_members": config.cohort.num_members,
-          "shared_stages": config.model.shared_stages, "num_classes": int(num_classes),
-          "trainer": config.trainer, "embed_dim": config.model.embed_dim,
-          "image_shape": list(source.image_shape),
-          "mean": np.asarray(source.mean).tolist(), "std": np.asarray(source.std).tolist(),
-          **extra, "config": config.to_json_best_effort()}
+  return {
+    "arch": config.model.arch,
+    "num_members": config.cohort.num_members,
+    "shared_stages": config.model.shared_stages,
+    "num_classes": int(num_classes),
+    "trainer": config.trainer,
+    "embed_dim": config.model.embed_dim,
+    "image_shape": list(source.image_shape),
+    "mean": np.asarray(source.mean).tolist(),
+    "std": np.asarray(source.std).tolist(),
+    **extra,
+    "config": config.to_json_best_effort(),
+  }
 
 
 class Task(Protocol):
   """What `fit` needs from a regime (module docstring)."""
+
   setup: Setup
   describe: str
   eval_every_epochs: int
@@ -249,13 +271,15 @@ def fit(run: Run) -> dict[str, Any]:
   from clu import periodic_actions
 
   from mcl_jax.data import tf_lazy
+
   tf_lazy.tf()  # clu's TensorBoard writer runs on TensorFlow: hide the GPUs from it first.
   task, setup = run.task, run.setup
   config, workdir = setup.config, setup.workdir
   if "://" not in workdir:  # validated writable; created only now that training starts
     os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    workdir, just_logging=jax.process_index() > 0, asynchronous=False
+  )
   ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep)
   try:
     resumed_from = resume(run, ckpt)
@@ -266,18 +290,20 @@ def fit(run: Run) -> dict[str, Any]:
     logging.info("Resumed from %s at step %d.", resumed_from, int(run.state.step))
   start_step = int(run.state.step)
   spe, total = setup.steps_per_epoch, setup.total_steps
-  logging.info("%s for %d steps (%d per epoch) on %d devices.", task.describe, total, spe,
-               setup.mesh.size)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_secs=30)
+  logging.info(
+    "%s for %d steps (%d per epoch) on %d devices.", task.describe, total, spe, setup.mesh.size
+  )
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=30)
   bar = _progress(total, start_step)
   guard = PreemptionGuard()
   watch = DivergenceWatch(workdir, ckpt)
   pending, last_train, done = [], {}, start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
   collapse = CollapseWatch(
-      task.collapse_remedy, grace_steps=round(metrics_lib.COLLAPSE_GRACE_EPOCHS * spe),
-      cosine_grace_steps=round(task.collapse_cosine_grace_epochs * spe))
+    task.collapse_remedy,
+    grace_steps=round(metrics_lib.COLLAPSE_GRACE_EPOCHS * spe),
+    cosine_grace_steps=round(task.collapse_cosine_grace_epochs * spe),
+  )
 
   def run_eval():
     result = task.evaluate(run.state)
@@ -291,8 +317,13 @@ def fit(run: Run) -> dict[str, Any]:
     ckpt.save(done, run.state, task.meta())
 
   def summary(preempted: bool) -> dict[str, Any]:
-    return {"eval": evaluated["result"], "train": last_train, "steps": done,
-            "preempted": preempted, "collapsed": collapse.first}
+    return {
+      "eval": evaluated["result"],
+      "train": last_train,
+      "steps": done,
+      "preempted": preempted,
+      "collapsed": collapse.first,
+    }
 
   t0 = time.time()
   try:
@@ -315,12 +346,14 @@ def fit(run: Run) -> dict[str, Any]:
         pending = []
       if guard.reached(done):
         save()
-        logging.warning("Preemption signal: saved step %d in %s; rerun the same command "
-                        "to resume.", done, workdir)
+        logging.warning(
+          "Preemption signal: saved step %d in %s; rerun the same command to resume.", done, workdir
+        )
         return summary(preempted=True)
       epoch_end = done % spe == 0
-      if (task.eval_every_epochs and epoch_end and (done // spe) % task.eval_every_epochs == 0
-          ) or done == total:
+      if (
+        task.eval_every_epochs and epoch_end and (done // spe) % task.eval_every_epochs == 0
+      ) or done == total:
         run_eval()
       if (epoch_end and (done // spe) % config.checkpoint.every_epochs == 0) or done == total:
         save()
@@ -333,8 +366,12 @@ def fit(run: Run) -> dict[str, Any]:
     ckpt.close()
     writer.flush()
   final = evaluated["result"]
-  logging.info("Finished %d steps in %.1f s.%s", done - start_step, time.time() - t0,
-               "" if final is None else f" Final {task.format_eval(final)}")
+  logging.info(
+    "Finished %d steps in %.1f s.%s",
+    done - start_step,
+    time.time() - t0,
+    "" if final is None else f" Final {task.format_eval(final)}",
+  )
   return summary(preempted=False)
 
 
@@ -346,12 +383,15 @@ def resume(run: Run, ckpt: checkpointing.Checkpointer) -> str | None:
   it explicitly with `config.resume_from`. Returns where it resumed from, or None.
   """
   from mcl_jax import config_lib
+
   config, workdir = run.setup.config, run.setup.workdir
   source, explicit = ckpt, False
   if ckpt.latest_step() is None and config.resume_from:
     if not os.path.isdir(checkpointing.checkpoint_dir(config.resume_from)):
-      raise ConfigError(f"config.resume_from={config.resume_from} holds no checkpoints; "
-                        "pass the workdir of a run that has saved one.")
+      raise ConfigError(
+        f"config.resume_from={config.resume_from} holds no checkpoints; "
+        "pass the workdir of a run that has saved one."
+      )
     source = checkpointing.Checkpointer(config.resume_from, read_only=True)
   explicit = bool(config.resume_from)
   step = source.latest_step()
@@ -361,15 +401,17 @@ def resume(run: Run, ckpt: checkpointing.Checkpointer) -> str | None:
   if changes and not explicit:
     fields = ", ".join(f"{f}={old!r} (now {new!r})" for f, old, new in changes)
     raise ConfigError(
-        f"The checkpoints in {workdir} were written with {fields}; choose a new --workdir "
-        f"for this config, or pass --config.resume_from={workdir} to resume from them "
-        "anyway.")
+      f"The checkpoints in {workdir} were written with {fields}; choose a new --workdir "
+      f"for this config, or pass --config.resume_from={workdir} to resume from them "
+      "anyway."
+    )
   try:
     if not run.restore(source):
       return None
   except checkpointing.StateMismatchError as e:
-    raise ConfigError(f"The checkpoint of step {step} in {source.directory} does not fit "
-                      f"this config's state ({e}).") from None
+    raise ConfigError(
+      f"The checkpoint of step {step} in {source.directory} does not fit this config's state ({e})."
+    ) from None
   finally:
     if source is not ckpt:
       source.close()
@@ -417,11 +459,16 @@ class DivergenceWatch:
       elif value.ndim == 1:
         bad += [f"{name} of member {m}" for m, v in enumerate(value) if not np.isfinite(v)]
     good = self.ckpt.latest_step()
-    where = (f"the newest checkpoint, step {good}, is finite" if good is not None
-             else "no checkpoint was written")
-    return (f"The loss diverged at step {step} ({', '.join(bad) or 'loss'} not finite); "
-            f"stopped without saving it, and {where} in {self.workdir}; lower "
-            "config.optim.lr or add a warm-up (config.schedule.warmup_epochs).")
+    where = (
+      f"the newest checkpoint, step {good}, is finite"
+      if good is not None
+      else "no checkpoint was written"
+    )
+    return (
+      f"The loss diverged at step {step} ({', '.join(bad) or 'loss'} not finite); "
+      f"stopped without saving it, and {where} in {self.workdir}; lower "
+      "config.optim.lr or add a warm-up (config.schedule.warmup_epochs)."
+    )
 
 
 class PreemptionGuard:
@@ -448,6 +495,7 @@ class PreemptionGuard:
   def reached(self, step: int) -> bool:
     if self._multi:
       from jax.experimental import multihost_utils
+
       if not self._reported:
         # JAX puts the sync point one past the largest step the hosts have reported, and a
         # host that has reported nothing counts as step 0. A notice that came before this
@@ -487,25 +535,40 @@ class CollapseWatch:
   def check(self, step: int, train_metrics: dict[str, float]) -> None:
     if self.first is not None:
       return
-    found = metrics_lib.first_collapse(train_metrics, check_loss=step >= self.grace_steps,
-                                       check_cosine=step >= self.cosine_grace_steps)
+    found = metrics_lib.first_collapse(
+      train_metrics,
+      check_loss=step >= self.grace_steps,
+      check_cosine=step >= self.cosine_grace_steps,
+    )
     if found is None:
       return
     self.first = {"step": step, **found}
-    what = ("embeddings point one way (mean pairwise cosine %.3f > %.2f)"
-            if found["signal"] == "embed_cosine" else
-            "own contrastive loss is at chance (%.3f of log(candidates) > %.2f)")
-    limit = (metrics_lib.COLLAPSE_COSINE if found["signal"] == "embed_cosine"
-             else metrics_lib.COLLAPSE_LOSS_RATIO)
+    what = (
+      "embeddings point one way (mean pairwise cosine %.3f > %.2f)"
+      if found["signal"] == "embed_cosine"
+      else "own contrastive loss is at chance (%.3f of log(candidates) > %.2f)"
+    )
+    limit = (
+      metrics_lib.COLLAPSE_COSINE
+      if found["signal"] == "embed_cosine"
+      else metrics_lib.COLLAPSE_LOSS_RATIO
+    )
     logging.warning(
-        "Step %d: member %d has collapsed: its " + what + ", so the contrastive terms give "
-        "almost no gradient. %s", step, found["member"], found["value"], limit, self.remedy)
+      "Step %d: member %d has collapsed: its " + what + ", so the contrastive terms give "
+      "almost no gradient. %s",
+      step,
+      found["member"],
+      found["value"],
+      limit,
+      self.remedy,
+    )
 
 
 def _progress(total_steps: int, initial: int):
   """A bar in a terminal; plain log lines (from clu's ReportProgress) otherwise."""
   if sys.stderr.isatty() and jax.process_index() == 0:
     from tqdm import tqdm
+
     return tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
   return None
 
@@ -519,8 +582,11 @@ class _QuietLibraries(py_logging.Filter):
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING or "/mcl_jax/" in record.pathname
-            or "/clu/" in record.pathname)
+    return (
+      record.levelno >= py_logging.WARNING
+      or "/mcl_jax/" in record.pathname
+      or "/clu/" in record.pathname
+    )
 
 
 def quiet_library_logs() -> None:

@@ -16,6 +16,7 @@ Soft targets (the teacher side of every KL term, docs/SPEC.md 2), the memory ban
 keys and queues are read through `jax.lax.stop_gradient`, as the official code does with
 `.detach()` and `torch.no_grad()`.
 """
+
 from typing import Literal
 
 import jax
@@ -35,13 +36,21 @@ def mcl_weights(loss_cfg) -> dict[str, float]:
   return {term: float(loss_cfg[f"{term}_weight"]) for term in MCL_TERMS}
 
 
-def weighted_mcl(terms: LossDict, loss_cfg, soft_scale: Array | float = 1.0,
-                 start: Array | float = 0.0) -> Array:
+def weighted_mcl(
+  terms: LossDict, loss_cfg, soft_scale: Array | float = 1.0, start: Array | float = 0.0
+) -> Array:
   """start + sum over the four MCL terms of weight x term, the soft terms' weights times
   `soft_scale` (`soft_term_ramp`): docs/SPEC.md 2.5, the sum every regime trains."""
   weights = mcl_weights(loss_cfg)
-  return jnp.asarray(sum((weights[name] * (soft_scale if name in SOFT_TERMS else 1.0) *
-                          terms[name] for name in MCL_TERMS), start))
+  return jnp.asarray(
+    sum(
+      (
+        weights[name] * (soft_scale if name in SOFT_TERMS else 1.0) * terms[name]
+        for name in MCL_TERMS
+      ),
+      start,
+    )
+  )
 
 
 def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
@@ -79,8 +88,9 @@ def kl_div(student_logits: Array, teacher_logits: Array, temperature: float) -> 
   """
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
-        f"kl_div needs student and teacher logits of one shape, got "
-        f"{student_logits.shape} and {teacher_logits.shape}.")
+      f"kl_div needs student and teacher logits of one shape, got "
+      f"{student_logits.shape} and {teacher_logits.shape}."
+    )
   s = numerics.at_least_float32(student_logits).reshape(-1, student_logits.shape[-1])
   t = jax.lax.stop_gradient(numerics.at_least_float32(teacher_logits)).reshape(s.shape)
   log_q = jax.nn.log_softmax(s / temperature, axis=-1)
@@ -209,10 +219,10 @@ def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> 
 
   diag_sim = jnp.einsum("aaij->aij", sim)  # S_aa, [M, B, B]
   return {
-      "vcl": vcl,
-      "icl": icl,
-      "soft_vcl": _soft_vcl(diag_sim, kd_temperature),
-      "soft_icl": _soft_icl(sim, kd_temperature),
+    "vcl": vcl,
+    "icl": icl,
+    "soft_vcl": _soft_vcl(diag_sim, kd_temperature),
+    "soft_icl": _soft_icl(sim, kd_temperature),
   }
 
 
@@ -221,8 +231,9 @@ def batch_mcl(z: Array, labels: Array, *, tau: float, kd_temperature: float) -> 
 # -------------------------------------------------------------------------------------
 
 
-def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
-                               kd_temperature: float) -> LossDict:
+def bank_mcl_from_similarities(
+  sims: Array, *, num_positives: int, tau: float, kd_temperature: float
+) -> LossDict:
   """Memory-bank MCL from the similarities of the sampled bank rows (docs/SPEC.md 2.2).
 
   What `bank_mcl` computes once rows and embeddings have been dotted, e.g. by
@@ -236,11 +247,12 @@ def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
     tau, kd_temperature: as in `bank_mcl`.
   """
   if sims.ndim != 4 or sims.shape[0] != sims.shape[1] or sims.shape[0] < 2:
-    raise ValueError(f"sims must have shape [M, M, B, 1 + P + K] with M >= 2, got "
-                     f"{sims.shape}.")
+    raise ValueError(f"sims must have shape [M, M, B, 1 + P + K] with M >= 2, got {sims.shape}.")
   if not 1 <= num_positives < sims.shape[-1]:
-    raise ValueError(f"num_positives must be in [1, {sims.shape[-1] - 1}] for rows with "
-                     f"{sims.shape[-1]} columns, got {num_positives}.")
+    raise ValueError(
+      f"num_positives must be in [1, {sims.shape[-1] - 1}] for rows with "
+      f"{sims.shape[-1]} columns, got {num_positives}."
+    )
   # logits[a, b, i, k] = V_a[idx_ik] . z_b[i] / tau: ICL logits of ordered pair (a, b).
   logits = numerics.at_least_float32(sims) / tau
   icl_pair = _positives_first_ce(logits, 1 + num_positives)  # [M, M]
@@ -248,15 +260,16 @@ def bank_mcl_from_similarities(sims: Array, *, num_positives: int, tau: float,
   vcl_logits = jnp.einsum("aaik->aik", logits)[..., 1:]  # [M, B, P + K]
   vcl = jnp.sum(_positives_first_ce(vcl_logits, num_positives))
   return {
-      "vcl": vcl,
-      "icl": _off_diagonal_sum(icl_pair),
-      "soft_vcl": _soft_vcl(vcl_logits, kd_temperature),
-      "soft_icl": _soft_icl(logits, kd_temperature),
+    "vcl": vcl,
+    "icl": _off_diagonal_sum(icl_pair),
+    "soft_vcl": _soft_vcl(vcl_logits, kd_temperature),
+    "soft_icl": _soft_icl(logits, kd_temperature),
   }
 
 
-def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
-                       kd_temperature: float) -> LossDict:
+def bank_mcl_from_rows(
+  z: Array, rows: Array, *, num_positives: int, tau: float, kd_temperature: float
+) -> LossDict:
   """Memory-bank MCL from already gathered bank rows (docs/SPEC.md 2.2; Eqs. 2, 5, 6, 7).
 
   Args:
@@ -269,15 +282,18 @@ def bank_mcl_from_rows(z: Array, rows: Array, *, num_positives: int, tau: float,
   _check_cohort("z", z)
   if rows.ndim != 4 or rows.shape[:2] != z.shape[:2] or rows.shape[-1] != z.shape[-1]:
     raise ValueError(
-        f"rows must have shape [M, B, 1 + P + K, d] matching z {z.shape}, got {rows.shape}.")
+      f"rows must have shape [M, B, 1 + P + K, d] matching z {z.shape}, got {rows.shape}."
+    )
   rows = numerics.at_least_float32(jax.lax.stop_gradient(rows))
   sims = _similarity("aikd,bid->abik", rows, numerics.at_least_float32(z))
-  return bank_mcl_from_similarities(sims, num_positives=num_positives, tau=tau,
-                                    kd_temperature=kd_temperature)
+  return bank_mcl_from_similarities(
+    sims, num_positives=num_positives, tau=tau, kd_temperature=kd_temperature
+  )
 
 
-def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: float,
-             kd_temperature: float) -> LossDict:
+def bank_mcl(
+  z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: float, kd_temperature: float
+) -> LossDict:
   """Memory-bank supervised MCL (docs/SPEC.md 2.2; Eqs. 2, 5, 6, 7 with bank rows as contrasts).
 
   ICL, ordered pair (a, b), a != b: the rows V_a[[pos_idx_i, neg_idx_i]] (1 + P + K of
@@ -303,12 +319,13 @@ def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: floa
     raise ValueError(f"bank must have shape [M, N, d], got {bank.shape}.")
   if pos_idx.ndim != 2 or neg_idx.ndim != 2 or pos_idx.shape[0] != neg_idx.shape[0]:
     raise ValueError(
-        f"pos_idx and neg_idx must be [B, 1 + P] and [B, K], got {pos_idx.shape} and "
-        f"{neg_idx.shape}.")
+      f"pos_idx and neg_idx must be [B, 1 + P] and [B, K], got {pos_idx.shape} and {neg_idx.shape}."
+    )
   idx = jnp.concatenate([pos_idx, neg_idx], axis=1)
   rows = jnp.take(bank, idx, axis=1)  # [M, B, 1 + P + K, d]
-  return bank_mcl_from_rows(z, rows, num_positives=pos_idx.shape[1] - 1, tau=tau,
-                            kd_temperature=kd_temperature)
+  return bank_mcl_from_rows(
+    z, rows, num_positives=pos_idx.shape[1] - 1, tau=tau, kd_temperature=kd_temperature
+  )
 
 
 # -------------------------------------------------------------------------------------
@@ -316,8 +333,7 @@ def bank_mcl(z: Array, bank: Array, pos_idx: Array, neg_idx: Array, *, tau: floa
 # -------------------------------------------------------------------------------------
 
 
-def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
-             kd_temperature: float) -> LossDict:
+def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float, kd_temperature: float) -> LossDict:
   """MoCo-based self-supervised MCL (docs/SPEC.md 2.3; Eqs. 2, 5, 6, 7 with one positive).
 
   logits_ab = [q_a . k_b, q_a Q_b^T] / tau, [B, 1 + K], positive at index 0.
@@ -340,8 +356,7 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
   if k.shape != q.shape:
     raise ValueError(f"k must have the shape of q {q.shape}, got {k.shape}.")
   if queues.ndim != 3 or queues.shape[0] != q.shape[0] or queues.shape[2] != q.shape[2]:
-    raise ValueError(f"queues must have shape [M, K, d] matching q {q.shape}, got "
-                     f"{queues.shape}.")
+    raise ValueError(f"queues must have shape [M, K, d] matching q {q.shape}, got {queues.shape}.")
   q = numerics.at_least_float32(q)
   k = numerics.at_least_float32(jax.lax.stop_gradient(k))
   queues = numerics.at_least_float32(jax.lax.stop_gradient(queues))
@@ -350,15 +365,14 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float,
   logits = jnp.concatenate([l_pos, l_neg], axis=-1) / tau
   vcl, icl = _split_terms(_positives_first_ce(logits, 1))
   return {
-      "vcl": vcl,
-      "icl": icl,
-      "soft_vcl": _soft_vcl(jnp.einsum("aaik->aik", logits), kd_temperature),
-      "soft_icl": _soft_icl(logits, kd_temperature),
+    "vcl": vcl,
+    "icl": icl,
+    "soft_vcl": _soft_vcl(jnp.einsum("aaik->aik", logits), kd_temperature),
+    "soft_icl": _soft_icl(logits, kd_temperature),
   }
 
 
-def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = False
-        ) -> Array:
+def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = False) -> Array:
   """CO2 consistency (Wei et al., "Consistent Contrast for Unsupervised Visual
   Representation Learning", ICLR 2021) of every member, optionally across members.
 
@@ -385,8 +399,9 @@ def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = 
   log_r = jax.nn.log_softmax(_similarity("bid,bkd->bik", k, queues) / temperature, -1)
   log_p = jax.nn.log_softmax(_similarity("aid,bkd->abik", q, queues) / temperature, -1)
   p, r = jnp.exp(log_p), jnp.exp(log_r)[None]  # [M, M, B, K], R_b broadcast over a
-  per_pair = 0.5 * jnp.mean(jnp.sum(p * (log_p - log_r[None]) + r * (log_r[None] - log_p),
-                                    -1), -1)  # [M, M]
+  per_pair = 0.5 * jnp.mean(
+    jnp.sum(p * (log_p - log_r[None]) + r * (log_r[None] - log_p), -1), -1
+  )  # [M, M]
   own = jnp.trace(per_pair)
   return own + (_off_diagonal_sum(per_pair) if cross else 0.0)
 
@@ -396,8 +411,9 @@ def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = 
 # -------------------------------------------------------------------------------------
 
 
-def logit_kd(logits: Array, *, temperature: float,
-             targets: Literal["all", "last"] = "all") -> Array:
+def logit_kd(
+  logits: Array, *, temperature: float, targets: Literal["all", "last"] = "all"
+) -> Array:
   """Logit KD from the detached cohort ensemble (docs/SPEC.md 2.4).
 
   e = stop_gradient(mean_m logits_m); KD = sum over distilled members m of KL_T(e || logits_m).

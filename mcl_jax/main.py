@@ -18,6 +18,7 @@ Other failures that end in one sentence, each with its own exit status:
   5  a checkpoint save ran out of disk space (`checkpointing.DiskFullError`): its partial
      files are removed, the previous checkpoint is intact, and a rerun resumes from it.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,17 +37,23 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   """The command's flags, defined when it runs (importing this module defines none)."""
   config_flags.DEFINE_config_file(
-      "config", None, "An experiment config: NAME[:ARG] of mcl_jax/configs/, or a file.",
-      lock_config=True)
+    "config",
+    None,
+    "An experiment config: NAME[:ARG] of mcl_jax/configs/, or a file.",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints and logs.")
-  flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0, for explicit multi-process launches.")
+  flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for explicit multi-process launches."
+  )
   flags.DEFINE_integer("num_processes", None, "Number of processes (explicit launches).")
   flags.DEFINE_integer("process_id", None, "This process's id (explicit launches).")
   flags.DEFINE_integer(
-      "heartbeat_timeout_s", HEARTBEAT_TIMEOUT_S,
-      "Multi-process runs: seconds without a heartbeat after which a process counts as lost "
-      "and every other one stops (docs/LAUNCH.md, 'A lost process').")
+    "heartbeat_timeout_s",
+    HEARTBEAT_TIMEOUT_S,
+    "Multi-process runs: seconds without a heartbeat after which a process counts as lost "
+    "and every other one stops (docs/LAUNCH.md, 'A lost process').",
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,8 +77,10 @@ EXIT_DISK_FULL = 5
 # What a collective or the coordination service says when a peer process is gone: Gloo's
 # (CPU) socket errors, NCCL's "remote process exited", gRPC's UNAVAILABLE, the
 # coordinator's heartbeat verdicts.
-_LOST_PEER = re.compile(r"Gloo|[Cc]onnection (reset|closed|refused)|Socket closed|heartbeat|"
-                        r"unhealthy|UNAVAILABLE|[Pp]eer|remote process exited")
+_LOST_PEER = re.compile(
+  r"Gloo|[Cc]onnection (reset|closed|refused)|Socket closed|heartbeat|"
+  r"unhealthy|UNAVAILABLE|[Pp]eer|remote process exited"
+)
 
 
 def fail(message: str) -> None:
@@ -85,6 +94,7 @@ def _exit_now(message: str, status: int) -> None:
   timeout and then abort; after a failed save, the abandoned writes of Orbax's threads
   would print their own errors after this sentence."""
   from absl import logging as absl_logging
+
   absl_logging.flush()
   print(f"error: {message}", file=sys.stderr)
   sys.stdout.flush()
@@ -98,6 +108,7 @@ def lost_process_sentence(error: Exception, workdir: str) -> str | None:
   import jax
 
   from mcl_jax import checkpointing
+
   text = str(error)
   count, me = jax.process_count(), jax.process_index()
   if count < 2 or not _LOST_PEER.search(text):
@@ -107,15 +118,23 @@ def lost_process_sentence(error: Exception, workdir: str) -> str | None:
     lost = [1 - me]  # the one peer there is
   if not lost:
     lost = _processes_not_alive(count)
-  who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}" if lost
-         else "another process")
+  who = (
+    f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+    if lost
+    else "another process"
+  )
   detail = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
   newest = checkpointing.newest_complete_step(checkpointing.checkpoint_dir(workdir))
-  resume = ("no checkpoint has been saved yet, so a restart begins afresh" if newest is None
-            else f"the newest complete checkpoint is step {newest} in "
-                 f"{checkpointing.checkpoint_dir(workdir)}, which a restart resumes from")
-  return (f"{who} of this {count}-process run was lost ({detail}), so process {me} stopped; "
-          f"{resume}; restart all {count} processes with the same command.")
+  resume = (
+    "no checkpoint has been saved yet, so a restart begins afresh"
+    if newest is None
+    else f"the newest complete checkpoint is step {newest} in "
+    f"{checkpointing.checkpoint_dir(workdir)}, which a restart resumes from"
+  )
+  return (
+    f"{who} of this {count}-process run was lost ({detail}), so process {me} stopped; "
+    f"{resume}; restart all {count} processes with the same command."
+  )
 
 
 def _processes_not_alive(count: int) -> list[int]:
@@ -123,8 +142,10 @@ def _processes_not_alive(count: int) -> list[int]:
   ones have missed their heartbeats, so the question is given that long and a little more;
   [] when it cannot tell."""
   import threading
+
   try:
     from jax._src import distributed  # the client has no public handle
+
     client = distributed.global_state.client
   except ImportError:
     return []
@@ -137,6 +158,7 @@ def _processes_not_alive(count: int) -> list[int]:
       answer["alive"] = client.get_live_nodes(list(range(count)))
     except Exception:  # noqa: BLE001 -- the coordinator itself may be the lost one
       answer["alive"] = None
+
   asker = threading.Thread(target=ask, daemon=True)
   asker.start()
   asker.join(FLAGS.heartbeat_timeout_s + 10)
@@ -147,6 +169,7 @@ def _processes_not_alive(count: int) -> list[int]:
 def _on_cloud_tpu_vm() -> bool:
   try:  # JAX's own detection (it asks the TPU VM's metadata server).
     from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+
     return bool(running_in_cloud_tpu_vm)
   except ImportError:
     return os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
@@ -158,12 +181,16 @@ def initialize_distributed() -> None:
   process per GPU: JAX gives each task the GPU numbered $SLURM_LOCALID). A plain
   single-process run skips it."""
   import jax
+
   if FLAGS.coordinator_address or FLAGS.num_processes:
     if not (FLAGS.coordinator_address and FLAGS.num_processes and FLAGS.process_id is not None):
       fail("--coordinator_address, --num_processes and --process_id go together; pass all three.")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                               **_distributed_timeouts())
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+      **_distributed_timeouts(),
+    )
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
     jax.distributed.initialize(**_distributed_timeouts())
 
@@ -171,9 +198,11 @@ def initialize_distributed() -> None:
 def _distributed_timeouts() -> dict[str, Any]:
   if FLAGS.heartbeat_timeout_s < 1:
     fail(f"--heartbeat_timeout_s={FLAGS.heartbeat_timeout_s} must be at least 1.")
-  return {"initialization_timeout": INITIALIZATION_TIMEOUT_S,
-          "heartbeat_timeout_seconds": FLAGS.heartbeat_timeout_s,
-          "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S}
+  return {
+    "initialization_timeout": INITIALIZATION_TIMEOUT_S,
+    "heartbeat_timeout_seconds": FLAGS.heartbeat_timeout_s,
+    "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S,
+  }
 
 
 def main(argv):
@@ -185,12 +214,19 @@ def main(argv):
   from mcl_jax import config_lib
   from mcl_jax import jobs
   from mcl_jax import loop
+
   loop.quiet_library_logs()
   initialize_distributed()
   import jax
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.default_backend())
+
+  logging.info(
+    "JAX process %d/%d, %d local / %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   try:
     jobs.run(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, FileNotFoundError) as e:
@@ -213,8 +249,13 @@ def _parse_flags(argv):
   `--config=NAME[:ARG]` may name a file or one of the package's configs
   (`config_lib.resolve_config_path`)."""
   from mcl_jax import config_lib
-  argv = [f"--config={config_lib.resolve_config_path(a[len('--config='):])}"
-          if a.startswith("--config=") else a for a in argv]
+
+  argv = [
+    f"--config={config_lib.resolve_config_path(a[len('--config=') :])}"
+    if a.startswith("--config=")
+    else a
+    for a in argv
+  ]
   try:
     return FLAGS(argv)
   except flags.Error as e:  # e.g. a config file whose get_config(arg) rejected its argument
@@ -224,8 +265,10 @@ def _parse_flags(argv):
     text = str(e).replace("\\'", "'")
     field = re.search(r"'([^'\s\\]+)'", text)
     hint = re.search(r'Did you mean "([^"]+)"', text)
-    fail(f"unknown config field {field.group(1) if field else text!r} in a --config.* override"
-         + (f"; did you mean {hint.group(1)!r}?" if hint else "."))
+    fail(
+      f"unknown config field {field.group(1) if field else text!r} in a --config.* override"
+      + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
+    )
 
 
 def run_cli() -> None:

@@ -16,6 +16,7 @@ from all other classes, and pos_idx = [own index, positives]. Here they are draw
 device from a class index table built once on host (`class_index_table`,
 `sample_indices`).
 """
+
 import math
 from typing import Any
 
@@ -99,8 +100,9 @@ def class_index_table(labels: np.ndarray, num_classes: int | None = None) -> dic
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
-    raise ValueError(f"labels must be a non-empty 1-D integer array, got {labels.dtype} "
-                     f"{labels.shape}.")
+    raise ValueError(
+      f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}."
+    )
   if labels.min() < 0:
     raise ValueError("labels must be non-negative class indices.")
   if num_classes is None:
@@ -115,8 +117,15 @@ def class_index_table(labels: np.ndarray, num_classes: int | None = None) -> dic
   return {"sorted_idx": sorted_idx, "class_start": start, "class_count": count}
 
 
-def sample_indices(rng: Array, labels: Array, own_idx: Array, table: dict[str, Any], *,
-                   num_positives: int, num_negatives: int) -> tuple[Array, Array]:
+def sample_indices(
+  rng: Array,
+  labels: Array,
+  own_idx: Array,
+  table: dict[str, Any],
+  *,
+  num_positives: int,
+  num_negatives: int,
+) -> tuple[Array, Array]:
   """Draws pos_idx [B, 1 + P] and neg_idx [B, K] on device (docs/SPEC.md 2.2), jit-able.
 
   Follows the official loader: column 0 of pos_idx is the sample's own index; the P
@@ -142,8 +151,9 @@ def sample_indices(rng: Array, labels: Array, own_idx: Array, table: dict[str, A
     (pos_idx [B, 1 + P], neg_idx [B, K]), int32.
   """
   if labels.ndim != 1 or own_idx.shape != labels.shape:
-    raise ValueError(f"labels and own_idx must both be [B], got {labels.shape} and "
-                     f"{own_idx.shape}.")
+    raise ValueError(
+      f"labels and own_idx must both be [B], got {labels.shape} and {own_idx.shape}."
+    )
   sorted_idx = jnp.asarray(table["sorted_idx"])
   start = jnp.asarray(table["class_start"])[labels]  # [B]
   count = jnp.asarray(table["class_count"])[labels]  # [B]
@@ -160,8 +170,9 @@ def sample_indices(rng: Array, labels: Array, own_idx: Array, table: dict[str, A
     chosen = jnp.concatenate([chosen, jnp.where(taken, j, t)[:, None]], axis=1)
   positives = sorted_idx[start[:, None] + chosen]
 
-  r = jax.random.randint(neg_key, (labels.shape[0], num_negatives), 0,
-                         (num_rows - count)[:, None], dtype=jnp.int32)
+  r = jax.random.randint(
+    neg_key, (labels.shape[0], num_negatives), 0, (num_rows - count)[:, None], dtype=jnp.int32
+  )
   r = jnp.where(r >= start[:, None], r + count[:, None], r)
   negatives = sorted_idx[r]
   pos_idx = jnp.concatenate([own_idx.astype(jnp.int32)[:, None], positives], axis=1)
@@ -181,8 +192,10 @@ def bank_sharding(mesh: Mesh) -> jax.sharding.NamedSharding:
 def _rows_per_device(bank: Array, mesh: Mesh) -> int:
   n_dev = mesh.shape[DATA_AXIS]
   if bank.shape[1] % n_dev:
-    raise ValueError(f"the bank's {bank.shape[1]} rows must split evenly over {n_dev} "
-                     f"devices: pad N to a multiple of {n_dev}.")
+    raise ValueError(
+      f"the bank's {bank.shape[1]} rows must split evenly over {n_dev} "
+      f"devices: pad N to a multiple of {n_dev}."
+    )
   return bank.shape[1] // n_dev
 
 
@@ -217,8 +230,10 @@ def gather_rows(bank: Array, idx: Array, mesh: Mesh, *, scatter: bool = False) -
   rows_per_device = _rows_per_device(bank, mesh)
   n_dev = mesh.shape[DATA_AXIS]
   if scatter and (idx.ndim == 0 or idx.shape[0] % n_dev):
-    raise ValueError(f"scatter=True needs the batch size {idx.shape[:1]} to be a multiple "
-                     f"of the {n_dev} devices of 'data'.")
+    raise ValueError(
+      f"scatter=True needs the batch size {idx.shape[:1]} to be a multiple "
+      f"of the {n_dev} devices of 'data'."
+    )
 
   def local_gather(local_bank, idx):
     local, owned = _local_index(idx, rows_per_device)
@@ -229,13 +244,16 @@ def gather_rows(bank: Array, idx: Array, mesh: Mesh, *, scatter: bool = False) -
     return jax.lax.psum(rows, DATA_AXIS)
 
   return jax.shard_map(
-      local_gather, mesh=mesh, in_specs=(P(None, DATA_AXIS, None), P()),
-      out_specs=P(None, DATA_AXIS) if scatter else P(),
+    local_gather,
+    mesh=mesh,
+    in_specs=(P(None, DATA_AXIS, None), P()),
+    out_specs=P(None, DATA_AXIS) if scatter else P(),
   )(bank, idx)
 
 
-def gather_similarities(bank: Array, idx: Array, z: Array, mesh: Mesh, *,
-                        chunk_size: int = 0) -> Array:
+def gather_similarities(
+  bank: Array, idx: Array, z: Array, mesh: Mesh, *, chunk_size: int = 0
+) -> Array:
   """sims[a, b, i, k] = bank[a, idx[i, k]] . z[b, i] for a bank sharded along N.
 
   What `losses.bank_mcl_from_similarities` takes. Each device dots the rows it holds
@@ -264,13 +282,20 @@ def gather_similarities(bank: Array, idx: Array, z: Array, mesh: Mesh, *,
   """
   rows_per_device = _rows_per_device(bank, mesh)
   n_dev = mesh.shape[DATA_AXIS]
-  if idx.ndim != 2 or z.ndim != 3 or z.shape[:2] != (bank.shape[0], idx.shape[0]) \
-      or z.shape[2] != bank.shape[2]:
-    raise ValueError(f"expected bank [M, N, d], idx [B, C] and z [M, B, d], got "
-                     f"{bank.shape}, {idx.shape} and {z.shape}.")
+  if (
+    idx.ndim != 2
+    or z.ndim != 3
+    or z.shape[:2] != (bank.shape[0], idx.shape[0])
+    or z.shape[2] != bank.shape[2]
+  ):
+    raise ValueError(
+      f"expected bank [M, N, d], idx [B, C] and z [M, B, d], got "
+      f"{bank.shape}, {idx.shape} and {z.shape}."
+    )
   if idx.shape[0] % n_dev:
-    raise ValueError(f"the batch size {idx.shape[0]} must be a multiple of the {n_dev} "
-                     "devices of 'data'.")
+    raise ValueError(
+      f"the batch size {idx.shape[0]} must be a multiple of the {n_dev} devices of 'data'."
+    )
 
   num_candidates = idx.shape[1]
   chunk = chunk_size if 0 < chunk_size < num_candidates else num_candidates
@@ -281,8 +306,12 @@ def gather_similarities(bank: Array, idx: Array, z: Array, mesh: Mesh, *,
     rows = jnp.take(local_bank, jnp.where(owned, local, 0), axis=1)  # [M, B, c, d]
     rows = jnp.where(owned[..., None], rows, jnp.zeros((), rows.dtype))
     # HIGHEST: no bfloat16/TF32 rounding of similarities that 1 / tau then amplifies.
-    return jnp.einsum("aikd,bid->abik", rows.astype(jnp.float32), z.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+      "aikd,bid->abik",
+      rows.astype(jnp.float32),
+      z.astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+    )
 
   @jax.checkpoint
   def local_similarities(local_bank, idx, z):
@@ -296,13 +325,14 @@ def gather_similarities(bank: Array, idx: Array, z: Array, mesh: Mesh, *,
     return jax.lax.psum_scatter(sims, DATA_AXIS, scatter_dimension=2, tiled=True)
 
   return jax.shard_map(
-      local_similarities, mesh=mesh, in_specs=(P(None, DATA_AXIS, None), P(), P()),
-      out_specs=P(None, None, DATA_AXIS),
+    local_similarities,
+    mesh=mesh,
+    in_specs=(P(None, DATA_AXIS, None), P(), P()),
+    out_specs=P(None, None, DATA_AXIS),
   )(jax.lax.stop_gradient(bank), idx, z)
 
 
-def update_sharded(bank: Array, own_idx: Array, z: Array, momentum: float,
-                   mesh: Mesh) -> Array:
+def update_sharded(bank: Array, own_idx: Array, z: Array, momentum: float, mesh: Mesh) -> Array:
   """`update` for a bank sharded along N: each device writes only the rows it holds.
 
   own_idx and z are replicated to every device (B x d per member, small); each device
@@ -333,5 +363,8 @@ def update_sharded(bank: Array, own_idx: Array, z: Array, momentum: float,
 
   spec = P(None, DATA_AXIS, None)
   return jax.shard_map(
-      local_update, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec,
+    local_update,
+    mesh=mesh,
+    in_specs=(spec, P(), P()),
+    out_specs=spec,
   )(bank, own_idx, z)

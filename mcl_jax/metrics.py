@@ -8,6 +8,7 @@ What the paper's tables report: the official scripts print every member's top-1 
 `max` over members ("best member", `main_cifar.py` / `main_imagenet.py`); this project
 reports each member, the best member, the members' mean and the ensemble (mean of logits).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ COLLAPSE_LOSS_RATIO = 0.95
 COLLAPSE_GRACE_EPOCHS = 1.0
 
 
-def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int = 5
-                 ) -> tuple[jax.Array, jax.Array]:
+def topk_correct(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int = 5
+) -> tuple[jax.Array, jax.Array]:
   """Masked counts of correct top-1 and top-k predictions.
 
   logits [..., B, C], labels [B], mask [B] (0 on padding) -> two arrays of shape [...].
@@ -50,8 +52,9 @@ def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int =
   return (correct_1 * mask).sum(-1), (correct_k * mask).sum(-1)
 
 
-def embedding_health(embeddings: jax.Array, head_hidden: jax.Array | None = None
-                     ) -> dict[str, jax.Array]:
+def embedding_health(
+  embeddings: jax.Array, head_hidden: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Per member: how spread its embeddings are within the batch.
 
   embeddings [M, B, d] L2-normalised -> 'embed_cosine' [M], the mean cosine over pairs
@@ -102,23 +105,29 @@ def bank_own_loss(sims: jax.Array, *, num_positives: int, tau: float) -> jax.Arr
   return jnp.mean(log_z - jnp.mean(own[..., :num_positives], axis=-1), axis=-1)
 
 
-def cohort_health(embeddings: jax.Array, *, own_loss: jax.Array | None = None,
-                  num_candidates: int | None = None,
-                  head_hidden: jax.Array | None = None) -> dict[str, jax.Array]:
+def cohort_health(
+  embeddings: jax.Array,
+  *,
+  own_loss: jax.Array | None = None,
+  num_candidates: int | None = None,
+  head_hidden: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """A regime's per-member collapse signals, [M] each: `embedding_health` (embed_cosine,
   head_dead_units with an MLP head) and, when the member's own contrastive loss is given,
   `contrastive_vs_chance`. `loop.CollapseWatch` reads them from the logged metrics."""
   health = embedding_health(embeddings, head_hidden)
   if own_loss is not None:
     if num_candidates is None:
-      raise ValueError("cohort_health: own_loss needs num_candidates (its chance value is "
-                       "log(num_candidates)).")
+      raise ValueError(
+        "cohort_health: own_loss needs num_candidates (its chance value is log(num_candidates))."
+      )
     health["contrastive_vs_chance"] = contrastive_vs_chance(own_loss, num_candidates)
   return health
 
 
-def first_collapse(train_metrics: dict[str, float], *, check_loss: bool,
-                   check_cosine: bool = True) -> dict[str, object] | None:
+def first_collapse(
+  train_metrics: dict[str, float], *, check_loss: bool, check_cosine: bool = True
+) -> dict[str, object] | None:
   """The first collapse signal in flattened logged metrics (`embed_cosine/member_m`,
   `contrastive_vs_chance/member_m`), or None: {'member': m, 'signal': name, 'value': v}.
 
@@ -142,8 +151,9 @@ def cohort_accuracy(counts: dict[str, Any]) -> dict[str, np.ndarray]:
   return {"top1": np.asarray(counts["top1"]) / total, "top5": np.asarray(counts["top5"]) / total}
 
 
-def member_scalars(members: np.ndarray, prefix: str, summaries: bool | None = None
-                   ) -> dict[str, float]:
+def member_scalars(
+  members: np.ndarray, prefix: str, summaries: bool | None = None
+) -> dict[str, float]:
   """`{prefix}/member_m` for each member's value, and `{prefix}/best_member`,
   `{prefix}/members_mean` (by default when there are several members): the one naming
   scheme of every evaluation (`{split}/{metric}/...`)."""
@@ -181,6 +191,9 @@ def format_cohort_accuracy(accuracy: dict[str, np.ndarray]) -> str:
 def all_finite(metrics: dict[str, Any]) -> jax.Array:
   """1.0 when every floating-point metric of a step (losses, accuracies, ...) is finite,
   else 0.0: the divergence guard of `mcl_jax.loop` reads it before every checkpoint."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(metrics)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(metrics)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.ones(())

@@ -34,6 +34,7 @@ Order within a step (official `MoCo.forward`): momentum update of the key encode
 the current (pre-step) query encoders, keys from the updated key encoders, the loss, the
 SGD step of the query encoders, then the enqueue.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,9 +66,9 @@ from mcl_jax.models import layers
 Array = jax.Array
 
 
-
 class MocoState(flax.struct.PyTreeNode):
   """Everything a MoCo-MCL run resumes from (all replicated)."""
+
   step: jax.Array
   params: Any  # query encoders: {'trunk'?, 'members': {'backbone', 'mlp'?}}
   batch_stats: Any
@@ -85,8 +86,9 @@ class MocoState(flax.struct.PyTreeNode):
 def feature_width(arch: str, image_shape: tuple[int, ...]) -> int:
   """F, the pooled feature width of `arch` (no real init)."""
   net = models.create(arch, 1)
-  (_, features), _ = jax.eval_shape(lambda: net.init_with_output(
-      jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False))
+  (_, features), _ = jax.eval_shape(
+    lambda: net.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), False)
+  )
   return int(features.shape[-1])
 
 
@@ -101,11 +103,12 @@ class MocoEncoders:
   linear probe and the kNN monitor see) and, when training, the new batch statistics.
   """
 
-  def __init__(self, cohort: models.Cohort, image_shape: tuple[int, ...], *, dim: int,
-               mlp: bool):
+  def __init__(self, cohort: models.Cohort, image_shape: tuple[int, ...], *, dim: int, mlp: bool):
     if cohort.head != "none":
-      raise ValueError(f"MoCo's encoders project with their classifier; the Cohort must "
-                       f"have head='none', not {cohort.head!r}.")
+      raise ValueError(
+        f"MoCo's encoders project with their classifier; the Cohort must "
+        f"have head='none', not {cohort.head!r}."
+      )
     self.cohort, self.dim, self.mlp = cohort, dim, mlp
     self.image_shape = tuple(image_shape)
 
@@ -122,17 +125,20 @@ class MocoEncoders:
       width = self.cohort.num_classes  # the classifier is the MLP's Dense(F, F)
       dense = layers.linear(self.dim, width, dtype=jnp.float32, name="mlp")
       keys = jax.random.split(mlp_rng, self.num_members)
-      params["members"]["mlp"] = jax.vmap(
-          lambda k: dense.init(k, jnp.zeros((1, width)))["params"])(keys)
+      params["members"]["mlp"] = jax.vmap(lambda k: dense.init(k, jnp.zeros((1, width)))["params"])(
+        keys
+      )
     return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 
-  def apply(self, variables: dict[str, Any], images: Array, train: bool
-            ) -> tuple[Array, Array, Any]:
+  def apply(
+    self, variables: dict[str, Any], images: Array, train: bool
+  ) -> tuple[Array, Array, Any]:
     """(embeddings [M, B, d] L2-normalised, features [M, B, F], new batch_stats or None)."""
     return self.apply_with_hidden(variables, images, train)[:3]
 
-  def apply_with_hidden(self, variables: dict[str, Any], images: Array, train: bool
-                        ) -> tuple[Array, Array, Any, Array | None]:
+  def apply_with_hidden(
+    self, variables: dict[str, Any], images: Array, train: bool
+  ) -> tuple[Array, Array, Any, Array | None]:
     """`apply`, plus the MLP head's pre-ReLU hidden layer [M, B, F] (None without MLP):
     what `metrics.embedding_health` counts dead units of."""
     params = dict(variables["params"])
@@ -153,8 +159,9 @@ class MocoEncoders:
     return numerics.l2_normalize(z), out["features"], new_stats, hidden
 
 
-def apply_in_groups(encoders: MocoEncoders, variables: dict[str, Any], images: Array,
-                    num_groups: int) -> tuple[Array, Array, Any, Array | None]:
+def apply_in_groups(
+  encoders: MocoEncoders, variables: dict[str, Any], images: Array, num_groups: int
+) -> tuple[Array, Array, Any, Array | None]:
   """`encoders.apply_with_hidden` in training mode with BN statistics per group of
   B / num_groups consecutive images (official: per GPU), outputs back in batch order.
 
@@ -170,13 +177,18 @@ def apply_in_groups(encoders: MocoEncoders, variables: dict[str, Any], images: A
     raise ValueError(f"A batch of {batch} cannot be cut into {num_groups} equal BN groups.")
   grouped = images.reshape(num_groups, batch // num_groups, *images.shape[1:])
   z, features, stats, hidden = jax.vmap(
-      lambda x: encoders.apply_with_hidden(variables, x, train=True))(grouped)
+    lambda x: encoders.apply_with_hidden(variables, x, train=True)
+  )(grouped)
 
   def ungroup(a):  # [G, M, B / G, ...] -> [M, B, ...]
     return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], batch, *a.shape[3:])
 
-  return (ungroup(z), ungroup(features), jax.tree.map(lambda v: jnp.mean(v, 0), stats),
-          None if hidden is None else ungroup(hidden))
+  return (
+    ungroup(z),
+    ungroup(features),
+    jax.tree.map(lambda v: jnp.mean(v, 0), stats),
+    None if hidden is None else ungroup(hidden),
+  )
 
 
 def num_bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -191,16 +203,20 @@ def num_bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
   return num_devices if size == 0 else max(1, batch // size)
 
 
-def build_encoders(config: ml_collections.ConfigDict,
-                   image_shape: tuple[int, ...]) -> MocoEncoders:
+def build_encoders(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> MocoEncoders:
   """The query/key encoders of `config` (moco.mlp False: linear head, True: MLP head)."""
   dim, mlp = config.model.embed_dim, bool(config.moco.mlp)
   num_classes = feature_width(config.model.arch, image_shape) if mlp else dim
   cohort = models.Cohort(
-      arch=config.model.arch, num_classes=num_classes,
-      num_members=config.cohort.num_members, shared_stages=config.model.shared_stages,
-      embed_dim=dim, strategy=config.model.strategy, head="none",
-      dtype=train_state.compute_dtype(config))
+    arch=config.model.arch,
+    num_classes=num_classes,
+    num_members=config.cohort.num_members,
+    shared_stages=config.model.shared_stages,
+    embed_dim=dim,
+    strategy=config.model.strategy,
+    head="none",
+    dtype=train_state.compute_dtype(config),
+  )
   return MocoEncoders(cohort, image_shape, dim=dim, mlp=mlp)
 
 
@@ -209,8 +225,14 @@ def init_queues(rng: Array, num_members: int, size: int, dim: int) -> Array:
   return numerics.l2_normalize(jax.random.normal(rng, (num_members, size, dim), jnp.float32))
 
 
-def create_state(encoders: MocoEncoders, tx: optax.GradientTransformation, rng: Array,
-                 mesh: jax.sharding.Mesh, *, queue_size: int) -> MocoState:
+def create_state(
+  encoders: MocoEncoders,
+  tx: optax.GradientTransformation,
+  rng: Array,
+  mesh: jax.sharding.Mesh,
+  *,
+  queue_size: int,
+) -> MocoState:
   """The state, created already replicated; key encoders start as copies of the queries."""
 
   def init(rng):
@@ -218,11 +240,16 @@ def create_state(encoders: MocoEncoders, tx: optax.GradientTransformation, rng: 
     variables = encoders.init(enc_rng)
     params, stats = variables["params"], variables["batch_stats"]
     return MocoState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-        opt_state=tx.init(params), rng=state_rng,
-        key_params=jax.tree.map(jnp.copy, params), key_batch_stats=jax.tree.map(jnp.copy, stats),
-        queues=init_queues(queue_rng, encoders.num_members, queue_size, encoders.dim),
-        queue_ptr=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=stats,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      key_params=jax.tree.map(jnp.copy, params),
+      key_batch_stats=jax.tree.map(jnp.copy, stats),
+      queues=init_queues(queue_rng, encoders.num_members, queue_size, encoders.dim),
+      queue_ptr=jnp.zeros((), jnp.int32),
+    )
 
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
@@ -237,9 +264,14 @@ def momentum_update(key_params: Any, params: Any, momentum: float) -> Any:
   return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_params, params)
 
 
-def compute_keys(encoders: MocoEncoders, key_variables: dict[str, Any], images: Array, *,
-                 shuffle_bn_groups: int = 0, shuffle_rng: Array | None = None
-                 ) -> tuple[Array, Any]:
+def compute_keys(
+  encoders: MocoEncoders,
+  key_variables: dict[str, Any],
+  images: Array,
+  *,
+  shuffle_bn_groups: int = 0,
+  shuffle_rng: Array | None = None,
+) -> tuple[Array, Any]:
   """Keys [M, B, d] of the key encoders (train-mode BN, as the official), no gradient.
 
   shuffle_bn_groups = 0: BN over the whole batch. G > 0: shuffle-BN, the official
@@ -257,15 +289,24 @@ def compute_keys(encoders: MocoEncoders, key_variables: dict[str, Any], images: 
 
 def enqueue(queues: Array, ptr: Array, keys: Array) -> tuple[Array, Array]:
   """Writes keys [M, B, d] at rows [ptr, ptr + B) of every queue; returns (queues, new ptr)."""
-  queues = jax.lax.dynamic_update_slice(queues, keys.astype(queues.dtype),
-                                        (jnp.zeros((), ptr.dtype), ptr, jnp.zeros((), ptr.dtype)))
+  queues = jax.lax.dynamic_update_slice(
+    queues, keys.astype(queues.dtype), (jnp.zeros((), ptr.dtype), ptr, jnp.zeros((), ptr.dtype))
+  )
   return queues, (ptr + keys.shape[1]) % queues.shape[1]
 
 
-def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues: Array, *,
-              encoders: MocoEncoders, loss_cfg: ml_collections.ConfigDict,
-              soft_scale: Array | float = 1.0, bn_groups: int = 0
-              ) -> tuple[Array, tuple[dict[str, Array], Any, Array]]:
+def moco_loss(
+  params: Any,
+  batch_stats: Any,
+  images: Array,
+  keys: Array,
+  queues: Array,
+  *,
+  encoders: MocoEncoders,
+  loss_cfg: ml_collections.ConfigDict,
+  soft_scale: Array | float = 1.0,
+  bn_groups: int = 0,
+) -> tuple[Array, tuple[dict[str, Array], Any, Array]]:
   """docs/SPEC.md 2.3 total: weighted VCL + ICL + SoftVCL + SoftICL of the queries of
   `images` (+ CO2 with `loss.co2_weight`).
 
@@ -278,38 +319,49 @@ def moco_loss(params: Any, batch_stats: Any, images: Array, keys: Array, queues:
   `metrics.cohort_health` (of the queries; chance of `ce`: log(1 + K)).
   """
   q, _, new_stats, hidden = apply_in_groups(
-      encoders, {"params": params, "batch_stats": batch_stats}, images, bn_groups)
-  terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau,
-                          kd_temperature=loss_cfg.kd_temperature)
+    encoders, {"params": params, "batch_stats": batch_stats}, images, bn_groups
+  )
+  terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature)
   total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
   metrics = dict(terms)
   if loss_cfg.co2_weight:
-    metrics["co2"] = losses.co2(q, keys, queues, temperature=loss_cfg.co2_temperature,
-                                cross=loss_cfg.co2_cross)
+    metrics["co2"] = losses.co2(
+      q, keys, queues, temperature=loss_cfg.co2_temperature, cross=loss_cfg.co2_cross
+    )
     total = total + loss_cfg.co2_weight * metrics["co2"]
   metrics["loss"] = total
   # Per member, from the detached queries: logits_aa = [q_a . k_a, q_a Q_a^T] / tau.
   qs = jax.lax.stop_gradient(q)
   l_pos = jnp.einsum("mbd,mbd->mb", qs, keys)
-  l_neg = jnp.einsum("mbd,mkd->mbk", qs, jax.lax.stop_gradient(queues),
-                     precision=jax.lax.Precision.HIGHEST)
+  l_neg = jnp.einsum(
+    "mbd,mkd->mbk", qs, jax.lax.stop_gradient(queues), precision=jax.lax.Precision.HIGHEST
+  )
   logits = jnp.concatenate([l_pos[..., None], l_neg], axis=-1) / loss_cfg.tau
   metrics["ce"] = jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0], axis=-1)
   metrics["instance_accuracy"] = jnp.mean(l_pos > l_neg.max(-1), axis=-1)
-  metrics.update(metrics_lib.cohort_health(qs, own_loss=metrics["ce"],
-                                           num_candidates=1 + queues.shape[1],
-                                           head_hidden=hidden))
+  metrics.update(
+    metrics_lib.cohort_health(
+      qs, own_loss=metrics["ce"], num_candidates=1 + queues.shape[1], head_hidden=hidden
+    )
+  )
   metrics["finite"] = metrics_lib.all_finite(metrics)
   return total, (metrics, new_stats, qs)
 
 
-def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Array], *,
-               encoders: MocoEncoders, tx: optax.GradientTransformation,
-               loss_cfg: ml_collections.ConfigDict, key_momentum: float,
-               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
-               views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
-               soft_ramp_steps: float = 0.0, shuffle_bn_groups: int = 0
-               ) -> tuple[MocoState, dict[str, Array]]:
+def train_step(
+  state: MocoState,
+  batch: dict[str, Array],
+  consts: dict[str, Array],
+  *,
+  encoders: MocoEncoders,
+  tx: optax.GradientTransformation,
+  loss_cfg: ml_collections.ConfigDict,
+  key_momentum: float,
+  materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
+  views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
+  soft_ramp_steps: float = 0.0,
+  shuffle_bn_groups: int = 0,
+) -> tuple[MocoState, dict[str, Array]]:
   """One MoCo-MCL step of the whole cohort (order: module docstring).
 
   batch: what the source's train_batches yielded; `materialize(consts, batch)` and
@@ -328,28 +380,54 @@ def train_step(state: MocoState, batch: dict[str, Array], consts: dict[str, Arra
   x_q, x_k = views(view_rng, batch)
   key_params = momentum_update(state.key_params, state.params, key_momentum)
   keys, key_stats = compute_keys(
-      encoders, {"params": key_params, "batch_stats": state.key_batch_stats}, x_k,
-      shuffle_bn_groups=shuffle_bn_groups, shuffle_rng=shuffle_rng)
-  grad_fn = jax.grad(functools.partial(
-      moco_loss, encoders=encoders, loss_cfg=loss_cfg,
+    encoders,
+    {"params": key_params, "batch_stats": state.key_batch_stats},
+    x_k,
+    shuffle_bn_groups=shuffle_bn_groups,
+    shuffle_rng=shuffle_rng,
+  )
+  grad_fn = jax.grad(
+    functools.partial(
+      moco_loss,
+      encoders=encoders,
+      loss_cfg=loss_cfg,
       soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
-      bn_groups=shuffle_bn_groups), has_aux=True)
-  grads, (metrics, batch_stats, _) = grad_fn(state.params, state.batch_stats, x_q, keys,
-                                             state.queues)
+      bn_groups=shuffle_bn_groups,
+    ),
+    has_aux=True,
+  )
+  grads, (metrics, batch_stats, _) = grad_fn(
+    state.params, state.batch_stats, x_q, keys, state.queues
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   queues, queue_ptr = enqueue(state.queues, state.queue_ptr, keys)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, rng=rng, key_params=key_params,
-                            key_batch_stats=key_stats, queues=queues, queue_ptr=queue_ptr)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    rng=rng,
+    key_params=key_params,
+    key_batch_stats=key_stats,
+    queues=queues,
+    queue_ptr=queue_ptr,
+  )
   return new_state, metrics
 
 
-def embed_step(params: Any, batch_stats: Any, images: Array, *, encoders: MocoEncoders,
-               preprocess: Callable[[Array], Array]) -> Array:
+def embed_step(
+  params: Any,
+  batch_stats: Any,
+  images: Array,
+  *,
+  encoders: MocoEncoders,
+  preprocess: Callable[[Array], Array],
+) -> Array:
   """Pooled backbone features [M, B, F] of the query encoders, BN in eval mode."""
-  _, features, _ = encoders.apply({"params": params, "batch_stats": batch_stats},
-                                  preprocess(images), train=False)
+  _, features, _ = encoders.apply(
+    {"params": params, "batch_stats": batch_stats}, preprocess(images), train=False
+  )
   return features.astype(jnp.float32)
 
 
@@ -363,11 +441,14 @@ class MocoTask:
   the loss, head and tau stay the config's. evaluate(state) -> the kNN monitor's accuracies
   (`knn.Monitor`).
   """
+
   # What loop.CollapseWatch's warning recommends (docs/MOCO.md, "Collapse").
-  collapse_remedy = ("MoCo + MCL collapsed this way on Fashion-MNIST through its ICL term: "
-                     "neither shuffle-BN nor the soft terms changed it, and a lower ICL "
-                     "weight (config.loss.icl_weight=0.1) kept the members from staying "
-                     "collapsed (one seed, 3 epochs: docs/RESULTS.md).")
+  collapse_remedy = (
+    "MoCo + MCL collapsed this way on Fashion-MNIST through its ICL term: "
+    "neither shuffle-BN nor the soft terms changed it, and a lower ICL "
+    "weight (config.loss.icl_weight=0.1) kept the members from staying "
+    "collapsed (one seed, 3 epochs: docs/RESULTS.md)."
+  )
   # A healthy MoCo run's queries start at a mean cosine of 0.97-0.99 and spread within the
   # first epoch (Fashion-MNIST, docs/RESULTS.md): judged after it.
   collapse_cosine_grace_epochs = 1.0
@@ -381,28 +462,42 @@ class MocoTask:
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
-    self.shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh),
-                                  self.abstract_state())
+    self.shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), self.abstract_state())
     self.bn_groups = num_bn_groups(config, mesh.size)
     if self.bn_groups and config.input.global_batch_size // self.bn_groups < 2:
       raise ConfigError(
-          f"config.moco.bn_group_size=0 gives one shuffle-BN group per device, here "
-          f"{config.input.global_batch_size // self.bn_groups} image(s) each: BN needs at "
-          f"least 2; set config.moco.bn_group_size or a larger global batch.")
-    bn = (f"shuffle-BN, {self.bn_groups} groups of "
-          f"{config.input.global_batch_size // self.bn_groups}" if self.bn_groups else "global BN")
-    self.describe = (f"MoCo ({config.ssl.views} views, "
-                     f"{'MLP' if config.moco.mlp else 'linear'} head, {bn}) pre-training "
-                     f"{config.model.arch} x{config.cohort.num_members}")
-    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, encoders=self.encoders, tx=setup.tx, loss_cfg=config.loss,
+        f"config.moco.bn_group_size=0 gives one shuffle-BN group per device, here "
+        f"{config.input.global_batch_size // self.bn_groups} image(s) each: BN needs at "
+        f"least 2; set config.moco.bn_group_size or a larger global batch."
+      )
+    bn = (
+      f"shuffle-BN, {self.bn_groups} groups of {config.input.global_batch_size // self.bn_groups}"
+      if self.bn_groups
+      else "global BN"
+    )
+    self.describe = (
+      f"MoCo ({config.ssl.views} views, "
+      f"{'MLP' if config.moco.mlp else 'linear'} head, {bn}) pre-training "
+      f"{config.model.arch} x{config.cohort.num_members}"
+    )
+    self.compiled_train_step = sharding_lib.compile_step(
+      functools.partial(
+        train_step,
+        encoders=self.encoders,
+        tx=setup.tx,
+        loss_cfg=config.loss,
         key_momentum=config.moco.key_momentum,
-        materialize=functools.partial(source.materialize, labels=False), views=self.views,
+        materialize=functools.partial(source.materialize, labels=False),
+        views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
-        shuffle_bn_groups=self.bn_groups), self.shardings, mesh)
+        shuffle_bn_groups=self.bn_groups,
+      ),
+      self.shardings,
+      mesh,
+    )
     self.compiled_eval_step = sharding_lib.compile_embed(
-        functools.partial(embed_step, encoders=self.encoders,
-                          preprocess=source.eval_preprocess), mesh)
+      functools.partial(embed_step, encoders=self.encoders, preprocess=source.eval_preprocess), mesh
+    )
     self.monitor = knn.Monitor(setup, self.compiled_eval_step)
 
   def abstract_state(self) -> MocoState:
@@ -410,8 +505,13 @@ class MocoTask:
 
   def init_state(self) -> MocoState:
     config = self.setup.config
-    return create_state(self.encoders, self.setup.tx, jax.random.PRNGKey(config.seed),
-                        self.setup.mesh, queue_size=config.moco.queue_size)
+    return create_state(
+      self.encoders,
+      self.setup.tx,
+      jax.random.PRNGKey(config.seed),
+      self.setup.mesh,
+      queue_size=config.moco.queue_size,
+    )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
     """The kNN monitor's feature step takes the query backbones' variables and images."""
@@ -430,9 +530,12 @@ class MocoTask:
   def meta(self) -> dict[str, Any]:
     """What export needs (the query encoders' backbone), plus MoCo's head and views (the
     config does not name the augmentation when `views` replaced it)."""
-    return loop.export_meta(self.setup, num_classes=self.encoders.cohort.num_classes,
-                            moco_mlp=bool(self.setup.config.moco.mlp),
-                            views=dataclasses.asdict(self.spec))
+    return loop.export_meta(
+      self.setup,
+      num_classes=self.encoders.cohort.num_classes,
+      moco_mlp=bool(self.setup.config.moco.mlp),
+      views=dataclasses.asdict(self.spec),
+    )
 
 
 # ----------------------------------------------------------------------------- the regime
@@ -443,8 +546,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   batch, moco = config.input.global_batch_size, config.moco
   if moco.queue_size < 1 or moco.queue_size % batch:
     raise ConfigError(
-        f"config.moco.queue_size={moco.queue_size} is not a positive multiple of the "
-        f"global batch {batch}; the FIFO queue takes whole batches.")
+      f"config.moco.queue_size={moco.queue_size} is not a positive multiple of the "
+      f"global batch {batch}; the FIFO queue takes whole batches."
+    )
   if not 0.0 <= moco.key_momentum <= 1.0:
     raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
   group = moco.bn_group_size
@@ -452,8 +556,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   # global batch is one group (global BN); otherwise the groups must tile the batch.
   if moco.shuffle_bn and (group < 0 or group == 1 or (0 < group < batch and batch % group)):
     raise ConfigError(
-        f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
-        f"and divide the global batch {batch}, or be at least the batch (one group).")
+      f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
+      f"and divide the global batch {batch}, or be at least the batch (one group)."
+    )
   knn.check_monitor_config(config)
 
 
@@ -461,18 +566,29 @@ def export_note(meta: dict[str, Any]) -> str:
   """What an exported member's `fc` is: MoCo's projection (or the MLP's first layer)."""
   # Checkpoints from before `moco.mlp` recorded `moco_version` (2: the MLP head).
   if meta.get("moco_mlp", meta.get("moco_version") == 2):
-    return ("MoCo MLP projection, first layer: fc maps the pooled features F -> F (the MLP's "
-            "second layer is not exported); replace fc for a linear probe")
-  return ("MoCo projection: fc maps the pooled features to the (unnormalised) "
-          f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe")
+    return (
+      "MoCo MLP projection, first layer: fc maps the pooled features F -> F (the MLP's "
+      "second layer is not exported); replace fc for a linear probe"
+    )
+  return (
+    "MoCo projection: fc maps the pooled features to the (unnormalised) "
+    f"{meta.get('embed_dim', 128)}-d embedding; replace fc for a linear probe"
+  )
 
 
 REGIME = regimes.Regime(
-    name="moco", module=__name__, loss_regimes=("moco",), self_supervised=True,
-    two_views=True, supports_co2=True, eval_metric="knn_top1", check=check_config,
-    # The positive key and the K keys of the member's queue.
-    contrastive_candidates=lambda config: 1 + config.moco.queue_size,
-    export_note=export_note)
+  name="moco",
+  module=__name__,
+  loss_regimes=("moco",),
+  self_supervised=True,
+  two_views=True,
+  supports_co2=True,
+  eval_metric="knn_top1",
+  check=check_config,
+  # The positive key and the K keys of the member's queue.
+  contrastive_candidates=lambda config: 1 + config.moco.queue_size,
+  export_note=export_note,
+)
 
 
 def build_task(setup: loop.Setup, views: data_views.ViewSpec | None = None) -> MocoTask:

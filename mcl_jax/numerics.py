@@ -7,6 +7,7 @@ against the official code, tests/test_step_parity.py).
 `l2_normalize`: PyTorch's F.normalize(x, dim=-1) = x / max(||x||, 1e-12), the one
 definition behind the projection heads, MoCo's queues and keys and the kNN features.
 """
+
 from __future__ import annotations
 
 import jax

@@ -6,6 +6,7 @@ momentum, so it is scaled by the learning rate and accumulated in the momentum b
 (tests/test_step_parity.py checks 20 steps against the official code). Durations are in
 epochs; the schedule turns them into steps with the run's steps per epoch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,8 +17,9 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> Callable[[jax.Array], jax.Array]:
   """LR as a function of the step; epochs are whole (official) or fractional (per step).
 
   `schedule.kind`: 'cosine' to 0 over `schedule.epochs`, or 'step' (x `decay_factor` at
@@ -47,12 +49,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
-                   ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """(SGD with coupled weight decay, its LR schedule) of `config.optim` / `config.schedule`."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
   tx = optax.chain(
-      optax.add_decayed_weights(config.optim.weight_decay),
-      optax.sgd(schedule, momentum=config.optim.momentum or None,
-                nesterov=config.optim.nesterov))
+    optax.add_decayed_weights(config.optim.weight_decay),
+    optax.sgd(schedule, momentum=config.optim.momentum or None, nesterov=config.optim.nesterov),
+  )
   return tx, schedule

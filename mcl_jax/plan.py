@@ -24,6 +24,7 @@ at that estimate, the collectives with their counts and result bytes, whether an
 float64 or a host callback, and the compile time. These are the compiler's estimates for
 a program it never ran, not measurements.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from mcl_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
   """One TPU chip's published figures (per chip, not per TensorCore)."""
+
   kind: str
   bf16_tflops: float
   hbm_bytes: float
@@ -55,32 +57,46 @@ class ChipSpec:
   devices_per_chip: int = 1  # v3: one device per TensorCore, two per chip
 
 
-GiB, GB = 2 ** 30, 10 ** 9
+GiB, GB = 2**30, 10**9
 # Google Cloud's TPU documentation, the "System architecture" table of each generation's
 # page (docs.cloud.google.com/tpu/docs/<v>): "TPU v4" (275 TFLOPs bf16, HBM2 32 GiB at
 # 1200 GBps), "TPU v5e" (197 TFLOPs bf16, 16 GB at 819 GBps), "TPU v6e" (918 TFLOPs bf16,
 # 32 GB at 1638 GBps), "TPU v5p" (459 TFLOPs bf16, 95 GB at 2765 GBps), "TPU v3" (123
 # TFLOPs bf16 and 32 GiB per chip, two TensorCores, 900 GBps).
 CHIPS = {
-    "v3": ChipSpec("TPU v3", 123.0, 32 * GiB, 900.0, "cloud.google.com/tpu/docs/v3",
-                   devices_per_chip=2),
-    "v4": ChipSpec("TPU v4", 275.0, 32 * GiB, 1200.0, "cloud.google.com/tpu/docs/v4",
-                   megacore=True),
-    "v5e": ChipSpec("TPU v5e", 197.0, 16 * GB, 819.0, "cloud.google.com/tpu/docs/v5e"),
-    "v5p": ChipSpec("TPU v5p", 459.0, 95 * GB, 2765.0, "cloud.google.com/tpu/docs/v5p",
-                    megacore=True),
-    "v6e": ChipSpec("TPU v6e", 918.0, 32 * GB, 1638.0, "cloud.google.com/tpu/docs/v6e"),
+  "v3": ChipSpec(
+    "TPU v3", 123.0, 32 * GiB, 900.0, "cloud.google.com/tpu/docs/v3", devices_per_chip=2
+  ),
+  "v4": ChipSpec("TPU v4", 275.0, 32 * GiB, 1200.0, "cloud.google.com/tpu/docs/v4", megacore=True),
+  "v5e": ChipSpec("TPU v5e", 197.0, 16 * GB, 819.0, "cloud.google.com/tpu/docs/v5e"),
+  "v5p": ChipSpec(
+    "TPU v5p", 459.0, 95 * GB, 2765.0, "cloud.google.com/tpu/docs/v5p", megacore=True
+  ),
+  "v6e": ChipSpec("TPU v6e", 918.0, 32 * GB, 1638.0, "cloud.google.com/tpu/docs/v6e"),
 }
 EXAMPLES = "v4:2x2x4, v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, v3:4x4"
 INSTALL = "pip install 'jax[tpu]==0.10.2'"
 # Training-set sizes of the datasets whose files a plan never reads.
 IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
 CIFAR = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100)}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-               "c128": 16}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 
 
 # ----------------------------------------------------------------------------- devices
@@ -89,16 +105,21 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
 def require_libtpu() -> None:
   """ConfigError (one sentence) when XLA's TPU compiler is not installed."""
   import importlib.util
+
   if importlib.util.find_spec("libtpu") is None:
-    raise ConfigError(f"TPU plans need XLA's TPU compiler, which is not installed; run "
-                      f"{INSTALL} (about 700 MB, no TPU needed).")
+    raise ConfigError(
+      f"TPU plans need XLA's TPU compiler, which is not installed; run "
+      f"{INSTALL} (about 700 MB, no TPU needed)."
+    )
 
 
 def chip_spec(topology: str) -> ChipSpec:
   generation = topology.split(":")[0].lower()
   if generation not in CHIPS or ":" not in topology:
-    raise ConfigError(f"Unknown --topology={topology!r}; name a TPU slice as GENERATION:SHAPE "
-                      f"with GENERATION one of {', '.join(CHIPS)}, e.g. {EXAMPLES}.")
+    raise ConfigError(
+      f"Unknown --topology={topology!r}; name a TPU slice as GENERATION:SHAPE "
+      f"with GENERATION one of {', '.join(CHIPS)}, e.g. {EXAMPLES}."
+    )
   return CHIPS[generation]
 
 
@@ -111,13 +132,15 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
   # needs no exclusive TPU, so a second loader is harmless here.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   kwargs = {"chip_config_name": "megacore"} if spec.megacore else {}
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # libtpu's own message: keep its first line
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"libtpu does not know --topology={topology!r} ({first[:160]}); try "
-                      f"one of {EXAMPLES}.") from None
+    raise ConfigError(
+      f"libtpu does not know --topology={topology!r} ({first[:160]}); try one of {EXAMPLES}."
+    ) from None
   return tuple(desc.devices)
 
 
@@ -134,12 +157,14 @@ def _shape_only_source(input_cfg: Any) -> Any:
   """
   from mcl_jax.data import pipeline
   from mcl_jax.data import sources
+
   name = input_cfg.dataset
   if name in sources.STREAMING:
     from mcl_jax.data import imagenet
 
     class ShapeOnlyImageNet(imagenet._StreamingSource):  # pylint: disable=protected-access
       """ImageNet's metadata without its files: what a compile needs."""
+
       num_classes, output_dtype = IMAGENET_CLASSES, "uint8"
 
       def __init__(self, image_size: int):
@@ -156,16 +181,25 @@ def _shape_only_source(input_cfg: Any) -> Any:
     return ShapeOnlyImageNet(input_cfg.image_size)
   if name in CIFAR:
     from mcl_jax.data import augment as augment_lib
+
     num_train, num_eval, num_classes = CIFAR[name]
     images = lambda n: np.zeros((n, 32, 32, 3), np.uint8)
     labels = lambda n: (np.arange(n) % num_classes).astype(np.int32)
     dataset = pipeline.Dataset(
-        name, images(num_train), labels(num_train), images(num_eval), labels(num_eval),
-        num_classes=num_classes, mean=augment_lib.CIFAR_MEAN, std=augment_lib.CIFAR_STD,
-        augment=augment_lib.AugmentSpec(crop_padding=4, flip=True))
+      name,
+      images(num_train),
+      labels(num_train),
+      images(num_eval),
+      labels(num_eval),
+      num_classes=num_classes,
+      mean=augment_lib.CIFAR_MEAN,
+      std=augment_lib.CIFAR_STD,
+      augment=augment_lib.AugmentSpec(crop_padding=4, flip=True),
+    )
     if input_cfg.validation_size or input_cfg.train_subset:
-      dataset = pipeline.hold_out_validation(dataset, input_cfg.validation_size,
-                                             input_cfg.train_subset)
+      dataset = pipeline.hold_out_validation(
+        dataset, input_cfg.validation_size, input_cfg.train_subset
+      )
     return dataset
   return sources.make_source(input_cfg)
 
@@ -173,6 +207,7 @@ def _shape_only_source(input_cfg: Any) -> Any:
 def _abstract_put(x: Any, device: Any = None, *args: Any, **kwargs: Any) -> Any:
   """`jax.device_put` for compile-only devices: the shape, dtype and sharding only."""
   import jax
+
   del args, kwargs
 
   def struct(value: Any) -> jax.ShapeDtypeStruct:
@@ -190,23 +225,36 @@ def _shape_only_world(config: Any) -> Iterator[None]:
 
   from mcl_jax import data
   from mcl_jax import export
+
   real = (jax.device_put, data.make_source, export.load_exported)
 
   def load_exported(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     del path
     from mcl_jax import models
+
     source = _shape_only_source(config.input)
     arch, classes = config.model.arch, source.num_classes
-    variables = jax.eval_shape(lambda: models.create(arch, classes).init(
-        jax.random.PRNGKey(0), jax.numpy.zeros((1, *source.image_shape)), False))
-    info = {"arch": arch, "num_classes": classes,
-            "preprocessing": {"image_shape": list(source.image_shape),
-                              "mean": list(np.asarray(source.mean, float)),
-                              "std": list(np.asarray(source.std, float))}}
+    variables = jax.eval_shape(
+      lambda: models.create(arch, classes).init(
+        jax.random.PRNGKey(0), jax.numpy.zeros((1, *source.image_shape)), False
+      )
+    )
+    info = {
+      "arch": arch,
+      "num_classes": classes,
+      "preprocessing": {
+        "image_shape": list(source.image_shape),
+        "mean": list(np.asarray(source.mean, float)),
+        "std": list(np.asarray(source.std, float)),
+      },
+    }
     return models.create(arch, classes), dict(variables), info
 
   jax.device_put, data.make_source, export.load_exported = (
-      _abstract_put, _shape_only_source, load_exported)
+    _abstract_put,
+    _shape_only_source,
+    load_exported,
+  )
   try:
     yield
   finally:
@@ -216,6 +264,7 @@ def _shape_only_world(config: Any) -> Iterator[None]:
 @dataclasses.dataclass
 class Planned:
   """A task built over compile-only devices, with abstract inputs for its steps."""
+
   config: Any
   topology: str
   mesh: Any
@@ -238,6 +287,7 @@ def build(config: Any, topology: str) -> Planned:
   from mcl_jax import loop
   from mcl_jax import regimes
   from mcl_jax import sharding as sharding_lib
+
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(list(devices))
   config = config.copy_and_resolve_references()
@@ -250,15 +300,19 @@ def build(config: Any, topology: str) -> Planned:
     setup = loop.prepare(config, "", mesh)
     task = regimes.get(config.trainer).build_task(setup)
     abstract = task.abstract_state()
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       abstract, task.shardings)
+  state = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, task.shardings
+  )
   source, batch_size = setup.source, setup.global_batch
   split = sharding_lib.batch_sharded(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
   batch = {k: spec(v.shape, v.dtype) for k, v in source.abstract_train_batch(batch_size).items()}
   eval_size = setup.eval_batch_size()
-  eval_batch = {"image": spec((eval_size, *source.image_shape), np.uint8),
-                "label": spec((eval_size,), np.int32), "mask": spec((eval_size,), np.float32)}
+  eval_batch = {
+    "image": spec((eval_size, *source.image_shape), np.uint8),
+    "label": spec((eval_size,), np.int32),
+    "mask": spec((eval_size,), np.float32),
+  }
   eval_fn, eval_args = task.compiled_eval_step, task.eval_step_inputs(state, eval_batch)
   return Planned(config, topology, mesh, task, state, batch, eval_args, eval_fn)
 
@@ -291,8 +345,10 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     if not match:
       continue
     shape, op, is_start = match.groups()
-    arrays = [(DTYPE_BYTES[d], math.prod(int(x) for x in dims.split(",") if x))
-              for d, dims in _ARRAY.findall(shape)] or [(0, 0)]
+    arrays = [
+      (DTYPE_BYTES[d], math.prod(int(x) for x in dims.split(",") if x))
+      for d, dims in _ARRAY.findall(shape)
+    ] or [(0, 0)]
     if is_start or (shape.startswith("(") and op != "all-reduce"):
       arrays = [max(arrays)]
     size = sum(b * n for b, n in arrays)
@@ -309,8 +365,9 @@ def host_callbacks(hlo: str) -> list[str]:
   return sorted(set(re.findall(r'custom_call_target="([^"]*callback[^"]*)"', hlo)))
 
 
-def analyse(compiled: Any, spec: ChipSpec, *, num_chips: int, batch_size: int,
-            compile_s: float) -> dict[str, Any]:
+def analyse(
+  compiled: Any, spec: ChipSpec, *, num_chips: int, batch_size: int, compile_s: float
+) -> dict[str, Any]:
   """The plan of one compiled step (module docstring), per chip."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
@@ -335,24 +392,40 @@ def analyse(compiled: Any, spec: ChipSpec, *, num_chips: int, batch_size: int,
   else:
     # The compiler's FLOPs over the peak, or its bytes accessed (every op's operands and
     # result, as the cost analysis counts them) over the HBM bandwidth, whichever is longer.
-    step_s, basis = roofline_s, ("roofline (compiler estimate invalid): "
-                                 + ("FLOPs/peak" if compute_s >= memory_s else
-                                    "bytes accessed/HBM bandwidth"))
+    step_s, basis = (
+      roofline_s,
+      (
+        "roofline (compiler estimate invalid): "
+        + ("FLOPs/peak" if compute_s >= memory_s else "bytes accessed/HBM bandwidth")
+      ),
+    )
   return {
-      "hbm_per_chip": {"arguments": arguments, "outputs": outputs, "aliased": aliased,
-                       "temporaries": temporaries, "code": code, "total": total,
-                       "capacity": spec.hbm_bytes, "fits": total <= spec.hbm_bytes,
-                       "margin": spec.hbm_bytes - total},
-      "flops_per_chip": flops, "flops_per_step": flops * num_chips,
-      "bytes_accessed_per_chip": bytes_accessed,
-      "compiler_optimal_seconds": None if optimal is None else float(optimal),
-      "roofline_seconds": roofline_s, "roofline_compute_seconds": compute_s,
-      "roofline_memory_seconds": memory_s, "step_seconds": step_s,
-      "step_seconds_basis": basis,
-      "images_per_second": batch_size / step_s if step_s > 0 else None,
-      "mfu": flops / step_s / (spec.bf16_tflops * 1e12) if step_s > 0 else None,
-      "collectives": collectives(hlo), "float64": bool(re.search(r"\bf64\[", hlo)),
-      "host_callbacks": host_callbacks(hlo), "compile_seconds": compile_s,
+    "hbm_per_chip": {
+      "arguments": arguments,
+      "outputs": outputs,
+      "aliased": aliased,
+      "temporaries": temporaries,
+      "code": code,
+      "total": total,
+      "capacity": spec.hbm_bytes,
+      "fits": total <= spec.hbm_bytes,
+      "margin": spec.hbm_bytes - total,
+    },
+    "flops_per_chip": flops,
+    "flops_per_step": flops * num_chips,
+    "bytes_accessed_per_chip": bytes_accessed,
+    "compiler_optimal_seconds": None if optimal is None else float(optimal),
+    "roofline_seconds": roofline_s,
+    "roofline_compute_seconds": compute_s,
+    "roofline_memory_seconds": memory_s,
+    "step_seconds": step_s,
+    "step_seconds_basis": basis,
+    "images_per_second": batch_size / step_s if step_s > 0 else None,
+    "mfu": flops / step_s / (spec.bf16_tflops * 1e12) if step_s > 0 else None,
+    "collectives": collectives(hlo),
+    "float64": bool(re.search(r"\bf64\[", hlo)),
+    "host_callbacks": host_callbacks(hlo),
+    "compile_seconds": compile_s,
   }
 
 
@@ -365,6 +438,7 @@ def _no_persistent_cache() -> Iterator[None]:
   in and out, so the process's other compiles keep the cache."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
+
   if not jax.config.values.get("jax_compilation_cache_dir"):
     yield  # no persistent cache configured: nothing to keep out
     return
@@ -378,21 +452,28 @@ def _no_persistent_cache() -> Iterator[None]:
     compilation_cache.reset_cache()
 
 
-def compile_and_analyse(fn: Any, args: tuple[Any, ...], spec: ChipSpec, *, num_chips: int,
-                        batch_size: int) -> tuple[dict[str, Any], Any]:
+def compile_and_analyse(
+  fn: Any, args: tuple[Any, ...], spec: ChipSpec, *, num_chips: int, batch_size: int
+) -> tuple[dict[str, Any], Any]:
   """Lowers and compiles the jitted `fn` on abstract `args`; (`analyse`'s plan, the
   compiled program)."""
   start = time.perf_counter()
   with _no_persistent_cache():
     compiled = fn.lower(*args).compile()
-  result = analyse(compiled, spec, num_chips=num_chips, batch_size=batch_size,
-                   compile_s=time.perf_counter() - start)
+  result = analyse(
+    compiled,
+    spec,
+    num_chips=num_chips,
+    batch_size=batch_size,
+    compile_s=time.perf_counter() - start,
+  )
   return result, compiled
 
 
 def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any]:
   """The plan (a JSON-able dict) of `config`'s train step (and eval step) on `topology`."""
   import jax
+
   spec = chip_spec(topology)
   planned = build(config, topology)
   chips = planned.mesh.size // spec.devices_per_chip
@@ -400,30 +481,46 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
   # The task's jitted step (`sharding.compile_step`: its shardings and donation), the very
   # object `train_step` calls; lowered here instead of called.
   train_plan, _ = compile_and_analyse(
-      planned.task.compiled_train_step,
-      (planned.state, planned.batch, planned.task.consts), spec, num_chips=chips,
-      batch_size=batch_size)
+    planned.task.compiled_train_step,
+    (planned.state, planned.batch, planned.task.consts),
+    spec,
+    num_chips=chips,
+    batch_size=batch_size,
+  )
   result = {
-      "config": config_name(planned.config), "topology": topology, "chip": spec.kind,
-      "chips": chips, "devices": planned.mesh.size, "trainer": planned.config.trainer,
-      "arch": planned.config.model.arch, "members": planned.config.cohort.num_members,
-      "dtype": planned.config.model.dtype, "global_batch": batch_size,
-      "steps_per_epoch": planned.task.setup.steps_per_epoch,
-      "chip_source": spec.source, "bf16_tflops_per_chip": spec.bf16_tflops,
-      "hbm_gbps_per_chip": spec.hbm_gbps, "jax": jax.__version__,
-      "optimizations": ("most disabled (jax_disable_most_optimizations)"
-                        if optimizations_disabled() else "full"),
-      "note": "compiler estimates for a program that never ran, not measurements",
-      "train": train_plan,
+    "config": config_name(planned.config),
+    "topology": topology,
+    "chip": spec.kind,
+    "chips": chips,
+    "devices": planned.mesh.size,
+    "trainer": planned.config.trainer,
+    "arch": planned.config.model.arch,
+    "members": planned.config.cohort.num_members,
+    "dtype": planned.config.model.dtype,
+    "global_batch": batch_size,
+    "steps_per_epoch": planned.task.setup.steps_per_epoch,
+    "chip_source": spec.source,
+    "bf16_tflops_per_chip": spec.bf16_tflops,
+    "hbm_gbps_per_chip": spec.hbm_gbps,
+    "jax": jax.__version__,
+    "optimizations": (
+      "most disabled (jax_disable_most_optimizations)" if optimizations_disabled() else "full"
+    ),
+    "note": "compiler estimates for a program that never ran, not measurements",
+    "train": train_plan,
   }
   bank = getattr(planned.state, "bank", None)
   if bank is not None:
-    result["bank"] = {"shape": list(bank.shape), "total_bytes": bank.size * bank.dtype.itemsize,
-                      "per_chip_bytes": bank.size * bank.dtype.itemsize // chips}
+    result["bank"] = {
+      "shape": list(bank.shape),
+      "total_bytes": bank.size * bank.dtype.itemsize,
+      "per_chip_bytes": bank.size * bank.dtype.itemsize // chips,
+    }
   if with_eval and planned.eval_fn is not None:
     eval_size = planned.task.setup.eval_batch_size()
-    result["eval"], _ = compile_and_analyse(planned.eval_fn, planned.eval_args, spec,
-                                            num_chips=chips, batch_size=eval_size)
+    result["eval"], _ = compile_and_analyse(
+      planned.eval_fn, planned.eval_args, spec, num_chips=chips, batch_size=eval_size
+    )
   return result
 
 
@@ -431,6 +528,7 @@ def optimizations_disabled() -> bool:
   """Whether `jax_disable_most_optimizations` is on (the test suite's setting): fine for
   structure checks, not for a plan's memory and time figures."""
   import jax
+
   return bool(jax.config.values.get("jax_disable_most_optimizations", False))
 
 
@@ -456,9 +554,12 @@ def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, 
         tried[batch] = False
         return False
       result, _ = compile_and_analyse(
-          planned.task.compiled_train_step,
-          (planned.state, planned.batch, planned.task.consts), spec,
-          num_chips=devices // spec.devices_per_chip, batch_size=batch)
+        planned.task.compiled_train_step,
+        (planned.state, planned.batch, planned.task.consts),
+        spec,
+        num_chips=devices // spec.devices_per_chip,
+        batch_size=batch,
+      )
       tried[batch] = result["hbm_per_chip"]["fits"]
     return tried[batch]
 
@@ -486,34 +587,47 @@ def _gib(x: float) -> str:
 
 def format_plan(result: dict[str, Any]) -> str:
   """The plan as a short table."""
-  lines = [f"{result['config']} on {result['topology']} ({result['chips']} x "
-           f"{result['chip']}), global batch {result['global_batch']}, {result['dtype']}",
-           "  (XLA:TPU compiler estimates for a program that never ran, not measurements)"]
+  lines = [
+    f"{result['config']} on {result['topology']} ({result['chips']} x "
+    f"{result['chip']}), global batch {result['global_batch']}, {result['dtype']}",
+    "  (XLA:TPU compiler estimates for a program that never ran, not measurements)",
+  ]
   for name in ("train", "eval"):
     step = result.get(name)
     if step is None:
       continue
     hbm = step["hbm_per_chip"]
     lines.append(
-        f"  {name:5s} HBM/chip: args {_gib(hbm['arguments'])}, temps "
-        f"{_gib(hbm['temporaries'])}, outputs {_gib(hbm['outputs'])}, total "
-        f"{_gib(hbm['total'])} of {_gib(hbm['capacity'])}: "
-        + ("fits" if hbm["fits"] else "DOES NOT FIT") + f" (margin {_gib(hbm['margin'])})")
+      f"  {name:5s} HBM/chip: args {_gib(hbm['arguments'])}, temps "
+      f"{_gib(hbm['temporaries'])}, outputs {_gib(hbm['outputs'])}, total "
+      f"{_gib(hbm['total'])} of {_gib(hbm['capacity'])}: "
+      + ("fits" if hbm["fits"] else "DOES NOT FIT")
+      + f" (margin {_gib(hbm['margin'])})"
+    )
     mfu = f", MFU {100 * step['mfu']:.1f}%" if step["mfu"] is not None else ""
-    ips = (f", {step['images_per_second']:,.0f} images/s" if step["images_per_second"]
-           else "")
-    lines.append(f"        {step['flops_per_step'] / 1e12:.3f} TFLOP/step; est. step "
-                 f"{1e3 * step['step_seconds']:.2f} ms [{step['step_seconds_basis']}]{ips}"
-                 f"{mfu}; compiled in {step['compile_seconds']:.0f} s")
-    ops = ", ".join(f"{op} x{c['count']} ({c['bytes'] / 2 ** 20:.1f} MiB)"
-                    for op, c in sorted(step["collectives"].items())) or "none"
+    ips = f", {step['images_per_second']:,.0f} images/s" if step["images_per_second"] else ""
+    lines.append(
+      f"        {step['flops_per_step'] / 1e12:.3f} TFLOP/step; est. step "
+      f"{1e3 * step['step_seconds']:.2f} ms [{step['step_seconds_basis']}]{ips}"
+      f"{mfu}; compiled in {step['compile_seconds']:.0f} s"
+    )
+    ops = (
+      ", ".join(
+        f"{op} x{c['count']} ({c['bytes'] / 2**20:.1f} MiB)"
+        for op, c in sorted(step["collectives"].items())
+      )
+      or "none"
+    )
     lines.append(f"        collectives: {ops}")
     if step["float64"] or step["host_callbacks"]:
-      lines.append(f"        WARNING: float64 {step['float64']}, host callbacks "
-                   f"{step['host_callbacks']}")
+      lines.append(
+        f"        WARNING: float64 {step['float64']}, host callbacks {step['host_callbacks']}"
+      )
   if "bank" in result:
-    lines.append(f"  bank {result['bank']['shape']}: {_gib(result['bank']['total_bytes'])}, "
-                 f"{_gib(result['bank']['per_chip_bytes'])} per chip")
+    lines.append(
+      f"  bank {result['bank']['shape']}: {_gib(result['bank']['total_bytes'])}, "
+      f"{_gib(result['bank']['per_chip_bytes'])} per chip"
+    )
   if "max_batch" in result:
     lines.append(f"  largest global batch that fits: {result['max_batch']['max_global_batch']}")
   return "\n".join(lines)
@@ -524,6 +638,7 @@ def load_config(value: str) -> Any:
   import importlib.util
 
   from mcl_jax import config_lib
+
   path, _, arg = config_lib.resolve_config_path(value).partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"--config={value} names no config of mcl_jax/configs/ and no file.")
@@ -539,8 +654,10 @@ def load_config(value: str) -> Any:
 def _define_flags() -> None:
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "An experiment config: NAME[:ARG].",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "An experiment config: NAME[:ARG].", lock_config=True
+  )
   flags.DEFINE_string("topology", "v4:2x2x4", f"A TPU slice: {EXAMPLES}.")
   flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
   flags.DEFINE_string("json_out", None, "Append the plan as one JSON line to this file.")
@@ -549,12 +666,11 @@ def _define_flags() -> None:
   flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
 
 
-
-
 def main(argv: list[str]) -> None:
   from absl import flags
 
   from mcl_jax import config_lib
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
@@ -595,6 +711,7 @@ def run_cli() -> None:
   from absl import app
 
   from mcl_jax import main as main_lib
+
   _define_flags()
   app.run(main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
 

@@ -21,6 +21,7 @@ the same class (also printed).
 No global matplotlib state: the figure is drawn with the object-oriented API on an Agg
 canvas, so importing this module or calling it never changes `pyplot`'s backend.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,30 +32,40 @@ import numpy as np
 
 
 def _tsne_2d(
-    embeddings: np.ndarray, seed: int, perplexity: float, max_iter: int, method: str,
+  embeddings: np.ndarray,
+  seed: int,
+  perplexity: float,
+  max_iter: int,
+  method: str,
 ) -> np.ndarray:
   from sklearn.manifold import TSNE  # Imported here: sklearn is only needed for plots.
 
   n = embeddings.shape[0]
   # sklearn requires perplexity < n_samples; tiny inputs (tests, smoke runs) need less.
   perplexity = float(min(perplexity, max(1.0, (n - 1) / 3)))
-  tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-              max_iter=max_iter, method=method)
+  tsne = TSNE(
+    n_components=2,
+    perplexity=perplexity,
+    init="pca",
+    random_state=seed,
+    max_iter=max_iter,
+    method=method,
+  )
   return tsne.fit_transform(embeddings.astype(np.float64))
 
 
 def tsne_side_by_side(
-    emb_a: Any,
-    emb_b: Any,
-    labels: Any,
-    path: str,
-    *,
-    titles: tuple[str, str] = ("member 0", "member 1"),
-    seed: int = 0,
-    perplexity: float = 30.0,
-    max_iter: int = 1000,
-    method: str = "barnes_hut",
-    class_names: Sequence[str] | None = None,
+  emb_a: Any,
+  emb_b: Any,
+  labels: Any,
+  path: str,
+  *,
+  titles: tuple[str, str] = ("member 0", "member 1"),
+  seed: int = 0,
+  perplexity: float = 30.0,
+  max_iter: int = 1000,
+  method: str = "barnes_hut",
+  class_names: Sequence[str] | None = None,
 ) -> str:
   """Writes a PNG with the t-SNE maps of two members' embeddings, side by side.
 
@@ -80,8 +91,9 @@ def tsne_side_by_side(
   labels = np.asarray(labels).reshape(-1)
   if emb_a.ndim != 2 or emb_b.ndim != 2 or emb_a.shape[0] != emb_b.shape[0]:
     raise ValueError(
-        f"tsne_side_by_side wants two [N, D] arrays with the same N, got {emb_a.shape} "
-        f"and {emb_b.shape}.")
+      f"tsne_side_by_side wants two [N, D] arrays with the same N, got {emb_a.shape} "
+      f"and {emb_b.shape}."
+    )
   if labels.shape[0] != emb_a.shape[0]:
     raise ValueError(f"labels must have {emb_a.shape[0]} entries, got {labels.shape[0]}.")
   if emb_a.shape[0] < 3:
@@ -100,15 +112,21 @@ def tsne_side_by_side(
     for i, c in enumerate(classes):
       sel = labels == c
       ax.scatter(
-          xy[sel, 0], xy[sel, 1], s=6, alpha=0.8, linewidths=0,
-          color=_colour(cmap, i, classes.size),
-          label=str(class_names[int(c)]) if class_names is not None else str(int(c)))
+        xy[sel, 0],
+        xy[sel, 1],
+        s=6,
+        alpha=0.8,
+        linewidths=0,
+        color=_colour(cmap, i, classes.size),
+        label=str(class_names[int(c)]) if class_names is not None else str(int(c)),
+      )
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
   if classes.size <= 20:
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-                   markerscale=2, frameon=False)
+    axes[1].legend(
+      loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False
+    )
   fig.tight_layout()
 
   parent = os.path.dirname(os.path.abspath(path))
@@ -151,7 +169,10 @@ def member_agreement(logits: Any, mask: Any | None = None) -> np.ndarray:
 
 
 def format_agreement_table(
-    matrix: Any, *, names: Sequence[str] | None = None, digits: int = 4,
+  matrix: Any,
+  *,
+  names: Sequence[str] | None = None,
+  digits: int = 4,
 ) -> str:
   """Plain-text table of a `member_agreement` matrix, one row and column per member."""
   matrix = np.asarray(matrix, np.float64)
@@ -174,13 +195,16 @@ def format_agreement_table(
 def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{tag: (steps, values)} of every scalar a run wrote to TensorBoard in `workdir`."""
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0, "scalars": 0})
   acc.Reload()
   out = {}
   for tag in acc.Tags().get("tensors", []):
     events = acc.Tensors(tag)
-    out[tag] = (np.asarray([e.step for e in events]),
-                np.asarray([float(np.asarray(_tensor_value(e.tensor_proto))) for e in events]))
+    out[tag] = (
+      np.asarray([e.step for e in events]),
+      np.asarray([float(np.asarray(_tensor_value(e.tensor_proto))) for e in events]),
+    )
   for tag in acc.Tags().get("scalars", []):
     events = acc.Scalars(tag)
     out[tag] = (np.asarray([e.step for e in events]), np.asarray([e.value for e in events]))
@@ -189,19 +213,40 @@ def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _tensor_value(proto: Any) -> Any:
   from tensorboard.util import tensor_util
+
   return tensor_util.make_ndarray(proto)
 
 
 # Panels of `training_curves`: (title, tag prefixes drawn in it).
 CURVE_PANELS = (
-    ("losses", ("train/loss", "train/vcl", "train/icl", "train/soft_vcl", "train/soft_icl",
-                "train/logit_kd", "train/ce/")),
-    ("training accuracy and evaluation", ("train/accuracy/", "train/instance_accuracy/",
-                                          "test/top1/", "validation/top1/",
-                                          "test/knn_top1/", "validation/knn_top1/")),
-    ("embedding health (mean pairwise cosine, dead head units)",
-     ("train/embed_cosine/", "train/head_dead_units/")),
-    ("learning rate", ("train/learning_rate",)),
+  (
+    "losses",
+    (
+      "train/loss",
+      "train/vcl",
+      "train/icl",
+      "train/soft_vcl",
+      "train/soft_icl",
+      "train/logit_kd",
+      "train/ce/",
+    ),
+  ),
+  (
+    "training accuracy and evaluation",
+    (
+      "train/accuracy/",
+      "train/instance_accuracy/",
+      "test/top1/",
+      "validation/top1/",
+      "test/knn_top1/",
+      "validation/knn_top1/",
+    ),
+  ),
+  (
+    "embedding health (mean pairwise cosine, dead head units)",
+    ("train/embed_cosine/", "train/head_dead_units/"),
+  ),
+  ("learning rate", ("train/learning_rate",)),
 )
 
 
@@ -209,8 +254,11 @@ def training_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], path: str
   """One panel per group of `CURVE_PANELS` (empty groups left out); writes a PNG."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  panels = [(title, [t for t in sorted(scalars) if t.startswith(prefixes)])
-            for title, prefixes in CURVE_PANELS]
+
+  panels = [
+    (title, [t for t in sorted(scalars) if t.startswith(prefixes)])
+    for title, prefixes in CURVE_PANELS
+  ]
   panels = [(title, tags) for title, tags in panels if tags]
   if not panels:
     raise ValueError("The run has logged no training metrics yet.")
@@ -240,12 +288,15 @@ def compare_curves(runs: dict[str, str], tags: Sequence[str], path: str) -> str:
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   scalars = {label: read_scalars(workdir) for label, workdir in runs.items()}
   for tag in tags:  # A run without a tag (a baseline has no vcl) is left out of its panel.
     if not any(tag in found for found in scalars.values()):
       some = sorted(next(iter(scalars.values())))
-      raise ValueError(f"No run has the TensorBoard scalar {tag!r}; the first has "
-                       f"{', '.join(some[:8])}{', ...' if len(some) > 8 else ''}.")
+      raise ValueError(
+        f"No run has the TensorBoard scalar {tag!r}; the first has "
+        f"{', '.join(some[:8])}{', ...' if len(some) > 8 else ''}."
+      )
   fig = Figure(figsize=(8, 3.0 * len(tags)), dpi=100)
   FigureCanvasAgg(fig)
   for i, tag in enumerate(tags):
@@ -254,8 +305,7 @@ def compare_curves(runs: dict[str, str], tags: Sequence[str], path: str) -> str:
       if tag not in scalars[label]:
         continue
       steps, values = scalars[label][tag]
-      ax.plot(steps, values, "-", linewidth=1.2, label=label,
-              color=_colour("tab10", j, len(runs)))
+      ax.plot(steps, values, "-", linewidth=1.2, label=label, color=_colour("tab10", j, len(runs)))
     ax.set_title(tag, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -266,8 +316,7 @@ def compare_curves(runs: dict[str, str], tags: Sequence[str], path: str) -> str:
   return path
 
 
-def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
-                 ) -> dict[str, np.ndarray]:
+def eval_outputs(workdir: str, split: str = "test", examples: int = 1000) -> dict[str, np.ndarray]:
   """The newest checkpoint of a run, applied to the first `examples` of an eval split.
 
   {'features': [M, N, F] pooled features, 'labels': [N], 'logits': [M, N, C] (supervised
@@ -279,19 +328,25 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
   from mcl_jax import config_lib
   from mcl_jax import export as export_lib
   from mcl_jax import jobs
+
   _, _, meta = export_lib.read_checkpoint(workdir)
   from mcl_jax import regimes
+
   cohorts = [r.name for r in regimes.all_regimes() if r.exportable]
   if "trainer" not in meta or not regimes.get(meta["trainer"]).exportable:
-    raise ValueError(f"{workdir} is a {meta.get('trainer')!r} run; mcl-plot draws the members "
-                     f"of a cohort run ({', '.join(cohorts)}).")
+    raise ValueError(
+      f"{workdir} is a {meta.get('trainer')!r} run; mcl-plot draws the members "
+      f"of a cohort run ({', '.join(cohorts)})."
+    )
   config = config_lib.config_from_json(meta["config"])
   run = jobs.build(config, workdir)
   run.restore(checkpointing.Checkpointer(workdir))
   source = run.setup.source
   if split not in source.eval_split_names():
-    raise ValueError(f"{config.input.dataset} has no {split!r} split; it has "
-                     f"{', '.join(source.eval_split_names())}.")
+    raise ValueError(
+      f"{config.input.dataset} has no {split!r} split; it has "
+      f"{', '.join(source.eval_split_names())}."
+    )
   images, labels = [], []
   for batch in source.eval_batches(split, run.setup.eval_batch_size()):
     keep = batch["mask"] > 0
@@ -304,11 +359,17 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000
     features, _ = run.task.monitor.embed_split(run.state, split)
     return {"features": features[:, :examples], "labels": labels}
   model, state = run.task.model, run.state
-  apply = jax.jit(lambda x: model.apply({"params": state.params,
-                                         "batch_stats": state.batch_stats}, x, train=False))
+  apply = jax.jit(
+    lambda x: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+    )
+  )
   result = jax.device_get(apply(source.eval_preprocess(images)))
-  return {"features": np.asarray(result["features"], np.float32),
-          "logits": np.asarray(result["logits"]), "labels": labels}
+  return {
+    "features": np.asarray(result["features"], np.float32),
+    "logits": np.asarray(result["logits"]),
+    "labels": labels,
+  }
 
 
 def main(argv: Sequence[str]) -> None:
@@ -317,6 +378,7 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags
 
   from mcl_jax import loop
+
   del argv
   flags_ = flags.FLAGS
   loop.quiet_library_logs()
@@ -342,34 +404,45 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
   features = outputs["features"]
   if features.shape[0] >= 2:
-    written.append(tsne_side_by_side(features[0], features[1], outputs["labels"],
-                                     os.path.join(out, "tsne.png")))
+    written.append(
+      tsne_side_by_side(features[0], features[1], outputs["labels"], os.path.join(out, "tsne.png"))
+    )
   if "logits" in outputs:
     table = format_agreement_table(member_agreement(outputs["logits"]))
     with open(os.path.join(out, "agreement.txt"), "w") as f:
       f.write(table + "\n")
     written.append(os.path.join(out, "agreement.txt"))
-    print(f"Members predicting the same class ({flags_.split} split, "
-          f"{features.shape[1]} examples):\n{table}")
+    print(
+      f"Members predicting the same class ({flags_.split} split, "
+      f"{features.shape[1]} examples):\n{table}"
+    )
   print("Wrote " + ", ".join(written))
 
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "Workdir of a supervised, MoCo or SimCLR run.")
-  flags.DEFINE_string("out", None, "Folder for the figures (default: WORKDIR/plots); with "
-                      "--compare, the PNG's path.")
+  flags.DEFINE_string(
+    "out", None, "Folder for the figures (default: WORKDIR/plots); with --compare, the PNG's path."
+  )
   flags.DEFINE_integer("examples", 1000, "Eval examples in the t-SNE and agreement.")
   flags.DEFINE_string("split", "test", "Eval split: test, or validation when held out.")
-  flags.DEFINE_list("compare", [], "LABEL=WORKDIR,...: overlay --tags of several runs in "
-                    "one PNG (--out) instead of plotting one run.")
-  flags.DEFINE_list("tags", ["train/embed_cosine/member_0", "train/vcl"],
-                    "TensorBoard scalars for --compare.")
+  flags.DEFINE_list(
+    "compare",
+    [],
+    "LABEL=WORKDIR,...: overlay --tags of several runs in "
+    "one PNG (--out) instead of plotting one run.",
+  )
+  flags.DEFINE_list(
+    "tags", ["train/embed_cosine/member_0", "train/vcl"], "TensorBoard scalars for --compare."
+  )
 
 
 def run_cli() -> None:
   """The `mcl-plot` command."""
   from absl import app
+
   _define_flags()
   app.run(main)
 

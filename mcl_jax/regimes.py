@@ -14,6 +14,7 @@ its candidates from the batch ('batch') or from a memory bank ('bank') with the 
 model, state and evaluation, so the two are one module with two loss regimes rather than
 two near-copies. Regimes with one candidate set leave it at their only value.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class Regime:
       ranks its positive among (its chance loss is the log of that): the collapse signal.
   export_note: checkpoint meta -> what an exported member's `fc` layer is, in words.
   """
+
   name: str
   module: str
   loss_regimes: tuple[str, ...]
@@ -98,15 +100,21 @@ def get(name: str) -> Regime:
     try:
       module = importlib.import_module(name)
     except ImportError as e:
-      raise ValueError(f"Unknown regime {name!r}: it is not one of {', '.join(names())}, "
-                       f"and importing it as a module failed ({e}).") from None
+      raise ValueError(
+        f"Unknown regime {name!r}: it is not one of {', '.join(names())}, "
+        f"and importing it as a module failed ({e})."
+      ) from None
     regime = getattr(module, "REGIME", None)
     if not isinstance(regime, Regime) or regime.name != name:
-      raise ValueError(f"Module {name} declares no REGIME = regimes.Regime(name={name!r}, "
-                       "...); a regime module must.")
+      raise ValueError(
+        f"Module {name} declares no REGIME = regimes.Regime(name={name!r}, "
+        "...); a regime module must."
+      )
     return regime
-  raise ValueError(f"Unknown regime {name!r}; the registered ones are {', '.join(names())} "
-                   "(or give the dotted path of a module that declares REGIME).")
+  raise ValueError(
+    f"Unknown regime {name!r}; the registered ones are {', '.join(names())} "
+    "(or give the dotted path of a module that declares REGIME)."
+  )
 
 
 def self_supervised(name: str) -> bool:

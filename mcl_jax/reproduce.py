@@ -21,6 +21,7 @@ CPU cores and writing its log to `log.txt` in its run folder (`reproduce_schedul
 `--workers=0` trains in this process. `--smoke` runs the rows' smoke configs (a few steps
 of a tiny network). The scheduler starts each child as this command with `--run_one`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,17 +45,15 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   """Command-line flags, defined only when this module is the program (the demo and the
   tests import it as a library and define their own)."""
-  flags.DEFINE_string("suite", "fashion_mnist", "Suite in mcl_jax/suites/ (its rows and "
-                      "tables).")
+  flags.DEFINE_string("suite", "fashion_mnist", "Suite in mcl_jax/suites/ (its rows and tables).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every row trains once per seed.")
   flags.DEFINE_string("workdir", None, "Where the runs, results.md and results.png go.")
-  flags.DEFINE_list("rows", [], "Rows to train and report (default: every row of the "
-                    "suite).")
-  flags.DEFINE_integer("workers", 1, "Trainings at once (subprocesses, cores split between "
-                       "them); 0: in this process.")
+  flags.DEFINE_list("rows", [], "Rows to train and report (default: every row of the suite).")
+  flags.DEFINE_integer(
+    "workers", 1, "Trainings at once (subprocesses, cores split between them); 0: in this process."
+  )
   flags.DEFINE_bool("smoke", False, "The rows' smoke configs: seconds per run, for tests.")
-  flags.DEFINE_bool("report_only", False,
-                    "Only write results.md / results.png from what exists.")
+  flags.DEFINE_bool("report_only", False, "Only write results.md / results.png from what exists.")
   flags.DEFINE_string("run_one", None, "Internal: 'row:seed', train that run in this process.")
 
 
@@ -62,6 +61,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value.")
   from mcl_jax import loop
+
   loop.quiet_library_logs()
   if not FLAGS.workdir:
     errors.exit_with("--workdir is required: the folder for the runs and the results.")
@@ -70,13 +70,11 @@ def main(argv: Sequence[str]) -> None:
     seeds = [int(s) for s in FLAGS.seeds]
     if FLAGS.run_one:
       name, seed = FLAGS.run_one.rsplit(":", 1)
-      train_one(config_module, select_rows(rows, [name])[0], int(seed), FLAGS.workdir,
-                FLAGS.smoke)
+      train_one(config_module, select_rows(rows, [name])[0], int(seed), FLAGS.workdir, FLAGS.smoke)
       return
     chosen = select_rows(rows, FLAGS.rows)
     if not FLAGS.report_only:
-      run_all(FLAGS.suite, chosen, seeds, FLAGS.workdir, workers=FLAGS.workers,
-              smoke=FLAGS.smoke)
+      run_all(FLAGS.suite, chosen, seeds, FLAGS.workdir, workers=FLAGS.workers, smoke=FLAGS.smoke)
     text = write_report(FLAGS.suite, chosen, tables, seeds, FLAGS.workdir)
   except (ValueError, RuntimeError, FileNotFoundError) as e:
     errors.exit_with(str(e))
@@ -84,8 +82,6 @@ def main(argv: Sequence[str]) -> None:
     errors.exit_with(f"No finished run in {FLAGS.workdir} yet.")
   print("\n" + text)
   print(f"Wrote {os.path.join(FLAGS.workdir, 'results.md')} and results.png.")
-
-
 
 
 def run_cli() -> None:

@@ -14,6 +14,7 @@ None when there was none), then:
   few-shot accuracy on the row's held-out classes when it names them (`fewshot`);
 and the run's wall time (`wall_s`).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,19 +39,26 @@ def _to_json(x: Any) -> Any:
   return x
 
 
-def train_one(config_module: Any, row: Row, seed: int, workdir: str, smoke: bool
-              ) -> dict[str, Any]:
+def train_one(config_module: Any, row: Row, seed: int, workdir: str, smoke: bool) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its result.json; returns the result."""
   from mcl_jax import jobs
+
   directory = suites.run_dir(workdir, row, seed)
   config = suites.row_config(config_module, row, seed, smoke)
   t0 = time.time()
   summary = jobs.run(config, directory)
   if summary["preempted"]:
     raise RuntimeError(f"{row.name} seed {seed} was preempted; rerun to resume it.")
-  result = {"row": row.name, "variant": row.variant, "seed": seed, "trainer": config.trainer,
-            "members": int(config.cohort.num_members), "steps": summary["steps"],
-            "train": summary["train"], "collapsed": summary["collapsed"]}
+  result = {
+    "row": row.name,
+    "variant": row.variant,
+    "seed": seed,
+    "trainer": config.trainer,
+    "members": int(config.cohort.num_members),
+    "steps": summary["steps"],
+    "train": summary["train"],
+    "collapsed": summary["collapsed"],
+  }
   if regimes.get(config.trainer).self_supervised:
     result["knn"] = summary["eval"]
     result["probe"] = probe_members(config_module, row, seed, directory, smoke)
@@ -66,14 +74,16 @@ def train_one(config_module: Any, row: Row, seed: int, workdir: str, smoke: bool
   return result
 
 
-def probe_members(config_module: Any, row: Row, seed: int, directory: str, smoke: bool
-                  ) -> dict[str, list[float]]:
+def probe_members(
+  config_module: Any, row: Row, seed: int, directory: str, smoke: bool
+) -> dict[str, list[float]]:
   """Exports each member of a self-supervised run and trains the suite's linear probe on it.
 
   Returns {'top1': [M], 'val_top1': [M], ...}: each member's probe accuracy.
   """
   from mcl_jax import export
   from mcl_jax import jobs
+
   _, _, meta = export.read_checkpoint(directory)
   probes: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):
@@ -92,13 +102,16 @@ def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
   run's own labelled images: {'top1': [M], 'val_top1': [M], 'c': [M]}."""
   from mcl_jax import export
   from mcl_jax import logreg_probe
+
   _, _, meta = export.read_checkpoint(directory)
   out: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):
     result = logreg_probe.evaluate(
-        os.path.join(directory, f"member{member}"), classes=tuple(config.input.classes),
-        validation_size=int(config.input.validation_size),
-        train_subset=int(config.input.train_subset))
+      os.path.join(directory, f"member{member}"),
+      classes=tuple(config.input.classes),
+      validation_size=int(config.input.validation_size),
+      train_subset=int(config.input.train_subset),
+    )
     for key in ("top1", "val_top1", "c"):
       out.setdefault(key, []).append(result[key])
   return out
@@ -109,11 +122,13 @@ def fewshot_members(row: Row, directory: str, smoke: bool) -> dict[str, list[flo
   classes: {'<classifier>_<K>shot': [M] mean accuracies} (the exports of probe_members)."""
   from mcl_jax import export
   from mcl_jax import fewshot
+
   _, _, meta = export.read_checkpoint(directory)
   out: dict[str, list[float]] = {}
   for member in range(int(meta["num_members"])):
-    result = fewshot.evaluate(os.path.join(directory, f"member{member}"),
-                              classes=row.fewshot, episodes=20 if smoke else 600)
+    result = fewshot.evaluate(
+      os.path.join(directory, f"member{member}"), classes=row.fewshot, episodes=20 if smoke else 600
+    )
     for key, value in result.items():
       out.setdefault(key, []).append(value["mean"])
   return out

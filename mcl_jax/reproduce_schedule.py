@@ -11,6 +11,7 @@ scheduler prints each finished run with an estimate of the time left (`minutes_l
 A run whose result.json exists is finished and not trained again (`pending_runs`); an
 interrupted one resumes from its newest checkpoint (`jobs.run`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,15 +26,13 @@ from mcl_jax import suites
 from mcl_jax.suites import Row
 
 
-def pending_runs(workdir: str, rows: Sequence[Row], seeds: Sequence[int]
-                 ) -> list[tuple[Row, int]]:
+def pending_runs(workdir: str, rows: Sequence[Row], seeds: Sequence[int]) -> list[tuple[Row, int]]:
   """Unfinished (row, seed) pairs, one per run folder (rows sharing a config train once)."""
   todo, seen = [], set()
   for row in rows:
     for seed in seeds:
       directory = suites.run_dir(workdir, row, seed)
-      if directory not in seen and not os.path.exists(os.path.join(directory,
-                                                                   suites.RESULT_FILE)):
+      if directory not in seen and not os.path.exists(os.path.join(directory, suites.RESULT_FILE)):
         todo.append((row, seed))
       seen.add(directory)
   return todo
@@ -43,11 +42,12 @@ def _core_sets(workers: int) -> list[set[int]]:
   """The cores this process may use, split into `workers` disjoint sets."""
   cores = sorted(os.sched_getaffinity(0))
   per = max(1, len(cores) // workers)
-  return [set(cores[i * per:(i + 1) * per]) or set(cores) for i in range(workers)]
+  return [set(cores[i * per : (i + 1) * per]) or set(cores) for i in range(workers)]
 
 
-def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str, *,
-            workers: int, smoke: bool) -> None:
+def run_all(
+  suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str, *, workers: int, smoke: bool
+) -> None:
   """Trains every pending (row, seed), `workers` at a time (0: in this process); a
   RuntimeError naming the runs that failed, after the others have finished."""
   config_module, _, _ = suites.load_suite(suite)
@@ -70,14 +70,27 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
       directory = suites.run_dir(workdir, row, seed)
       os.makedirs(directory, exist_ok=True)
       log = open(os.path.join(directory, "log.txt"), "a")
-      cmd = [sys.executable, "-m", "mcl_jax.reproduce", f"--suite={suite}",
-             f"--workdir={workdir}", f"--run_one={row.name}:{seed}",
-             f"--smoke={'true' if smoke else 'false'}"]
-      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=lambda c=cores: os.sched_setaffinity(0, c))
+      cmd = [
+        sys.executable,
+        "-m",
+        "mcl_jax.reproduce",
+        f"--suite={suite}",
+        f"--workdir={workdir}",
+        f"--run_one={row.name}:{seed}",
+        f"--smoke={'true' if smoke else 'false'}",
+      ]
+      proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda c=cores: os.sched_setaffinity(0, c),
+      )
       running.append((proc, row, seed, time.time(), cores, log))
-      print(f"  start {row.name} seed {seed} on cores {sorted(cores)} "
-            f"(log: {os.path.join(directory, 'log.txt')})", flush=True)
+      print(
+        f"  start {row.name} seed {seed} on cores {sorted(cores)} "
+        f"(log: {os.path.join(directory, 'log.txt')})",
+        flush=True,
+      )
     time.sleep(2)
     for item in list(running):
       proc, row, seed, started, cores, log = item
@@ -90,22 +103,31 @@ def run_all(suite: str, rows: Sequence[Row], seeds: Sequence[int], workdir: str,
       minutes = (time.time() - started) / 60
       if proc.returncode == 0:
         durations.append(minutes)
-        left = minutes_left(durations, len(queue),
-                            [(time.time() - r[3]) / 60 for r in running], workers)
-        print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} done in {minutes:.1f} min; "
-              f"{(time.time() - t0) / 60:.1f} min so far, about {left:.0f} min left",
-              flush=True)
+        left = minutes_left(
+          durations, len(queue), [(time.time() - r[3]) / 60 for r in running], workers
+        )
+        print(
+          f"  [{finished}/{len(todo)}] {row.name} seed {seed} done in {minutes:.1f} min; "
+          f"{(time.time() - t0) / 60:.1f} min so far, about {left:.0f} min left",
+          flush=True,
+        )
       else:
         failed.append(f"{row.name} seed {seed}")
-        print(f"  [{finished}/{len(todo)}] {row.name} seed {seed} FAILED (exit "
-              f"{proc.returncode}); see its log.txt", flush=True)
+        print(
+          f"  [{finished}/{len(todo)}] {row.name} seed {seed} FAILED (exit "
+          f"{proc.returncode}); see its log.txt",
+          flush=True,
+        )
   if failed:
-    raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their log.txt "
-                       "says why, and rerunning the same command retries them.")
+    raise RuntimeError(
+      f"{len(failed)} run(s) failed: {', '.join(failed)}; their log.txt "
+      "says why, and rerunning the same command retries them."
+    )
 
 
-def minutes_left(durations: Sequence[float], queued: int, running_for: Sequence[float],
-                 workers: int) -> float:
+def minutes_left(
+  durations: Sequence[float], queued: int, running_for: Sequence[float], workers: int
+) -> float:
   """Wall minutes until every run is done, assuming each takes the mean finished duration.
 
   Runs go `workers` at a time, so the queued runs' work is shared among the workers (a

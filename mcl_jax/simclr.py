@@ -18,6 +18,7 @@ embeddings of the whole batch-sharded input and the [2B, 2B] similarities over a
 losses (tests/test_simclr.py). The two views of an image sit in adjacent rows on the same
 device, and BatchNorm normalises over the global batch of views (SimCLR's global BN).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,15 +55,22 @@ def interleave(x1: Array, x2: Array) -> tuple[Array, Array]:
   return views, jnp.repeat(jnp.arange(batch, dtype=jnp.int32), 2)
 
 
-def simclr_loss(params: Any, batch_stats: Any, views: Array, image_ids: Array, *,
-                model: models.Cohort, loss_cfg: ml_collections.ConfigDict,
-                soft_scale: Array | float = 1.0) -> tuple[Array, tuple[dict, Any]]:
+def simclr_loss(
+  params: Any,
+  batch_stats: Any,
+  views: Array,
+  image_ids: Array,
+  *,
+  model: models.Cohort,
+  loss_cfg: ml_collections.ConfigDict,
+  soft_scale: Array | float = 1.0,
+) -> tuple[Array, tuple[dict, Any]]:
   """Weighted VCL + ICL + Soft VCL + Soft ICL of the 2B views (module docstring)."""
-  out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, views,
-                             train=True, mutable=["batch_stats"])
+  out, mutated = model.apply(
+    {"params": params, "batch_stats": batch_stats}, views, train=True, mutable=["batch_stats"]
+  )
   z = out["embeddings"]
-  terms = losses.batch_mcl(z, image_ids, tau=loss_cfg.tau,
-                           kd_temperature=loss_cfg.kd_temperature)
+  terms = losses.batch_mcl(z, image_ids, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature)
   total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
   metrics = {**terms, "loss": total}
   # Per member: how often the other view is the nearest of the 2B - 1 (instance accuracy).
@@ -71,20 +79,30 @@ def simclr_loss(params: Any, batch_stats: Any, views: Array, image_ids: Array, *
   partner = jnp.arange(z.shape[1]) ^ 1  # 2i <-> 2i + 1
   metrics["instance_accuracy"] = jnp.mean(jnp.argmax(sims, -1) == partner, axis=-1)
   # Collapse signals; a view's candidates are the 2B - 1 other views of the global batch.
-  metrics.update(metrics_lib.cohort_health(
-      z, own_loss=metrics_lib.in_batch_own_loss(z, image_ids, tau=loss_cfg.tau),
-      num_candidates=z.shape[1] - 1, head_hidden=out.get("head_hidden")))
+  metrics.update(
+    metrics_lib.cohort_health(
+      z,
+      own_loss=metrics_lib.in_batch_own_loss(z, image_ids, tau=loss_cfg.tau),
+      num_candidates=z.shape[1] - 1,
+      head_hidden=out.get("head_hidden"),
+    )
+  )
   metrics["finite"] = metrics_lib.all_finite(metrics)
   return total, (metrics, mutated["batch_stats"])
 
 
-def train_step(state: train_state.TrainState, batch: dict[str, Array], consts: dict[str, Array],
-               *,
-               model: models.Cohort, tx: optax.GradientTransformation,
-               loss_cfg: ml_collections.ConfigDict,
-               materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
-               views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
-               soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict[str, Array]]:
+def train_step(
+  state: train_state.TrainState,
+  batch: dict[str, Array],
+  consts: dict[str, Array],
+  *,
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  loss_cfg: ml_collections.ConfigDict,
+  materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
+  views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
+  soft_ramp_steps: float = 0.0,
+) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One step: two views of every image, the in-batch MCL terms, SGD.
 
   batch: what the source's train_batches yielded; `materialize(consts, batch)` and
@@ -93,21 +111,33 @@ def train_step(state: train_state.TrainState, batch: dict[str, Array], consts: d
   batch = materialize(consts, batch)
   rng, view_rng = jax.random.split(state.rng)
   x, ids = interleave(*views(view_rng, batch))
-  grad_fn = jax.grad(functools.partial(
-      simclr_loss, model=model, loss_cfg=loss_cfg,
-      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps)), has_aux=True)
+  grad_fn = jax.grad(
+    functools.partial(
+      simclr_loss,
+      model=model,
+      loss_cfg=loss_cfg,
+      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+    ),
+    has_aux=True,
+  )
   grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, ids)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                       opt_state=opt_state, rng=rng), metrics
+  return state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng
+  ), metrics
 
 
-def embed_step(params: Any, batch_stats: Any, images: Array, *, model: models.Cohort,
-               preprocess: Callable[[Array], Array]) -> Array:
+def embed_step(
+  params: Any,
+  batch_stats: Any,
+  images: Array,
+  *,
+  model: models.Cohort,
+  preprocess: Callable[[Array], Array],
+) -> Array:
   """Pooled backbone features [M, B, F], BN in eval mode (the kNN monitor's)."""
-  out = model.apply({"params": params, "batch_stats": batch_stats}, preprocess(images),
-                    train=False)
+  out = model.apply({"params": params, "batch_stats": batch_stats}, preprocess(images), train=False)
   return out["features"].astype(jnp.float32)
 
 
@@ -116,11 +146,14 @@ class SimclrTask:
 
   `views` replaces the recipe named by `config.ssl.views` (tests).
   """
+
   # What loop.CollapseWatch's warning recommends: only the supervised regime's remedy is
   # known; the soft terms are minimised by collapse here too.
-  collapse_remedy = ("No remedy has been measured for SimCLR-MCL; the supervised regime's "
-                     "is to ramp the soft terms in (config.loss.soft_warmup_epochs, "
-                     "docs/RESULTS.md).")
+  collapse_remedy = (
+    "No remedy has been measured for SimCLR-MCL; the supervised regime's "
+    "is to ramp the soft terms in (config.loss.soft_warmup_epochs, "
+    "docs/RESULTS.md)."
+  )
   # Freshly initialised embeddings point nearly one way in healthy runs too (as MoCo's).
   collapse_cosine_grace_epochs = 1.0
 
@@ -131,37 +164,55 @@ class SimclrTask:
     self.num_classes = train_state.num_classes(config, source)  # the (unused) classifier's width
     self.model = train_state.build_model(config, self.num_classes)
     self.views = source.two_views(self.spec, self.model.dtype)
-    self.describe = (f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
-                     f"x{config.cohort.num_members}")
+    self.describe = (
+      f"SimCLR ({config.ssl.views} views) pre-training {config.model.arch} "
+      f"x{config.cohort.num_members}"
+    )
     self.eval_every_epochs = config.ssl.knn_every_epochs
     self.consts = setup.device_arrays()
     self.consts.pop("train_label", None)  # no labels in self-supervised training
     self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
-    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
-        materialize=functools.partial(source.materialize, labels=False), views=self.views,
-        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
-        self.shardings, mesh)
+    self.compiled_train_step = sharding_lib.compile_step(
+      functools.partial(
+        train_step,
+        model=self.model,
+        tx=setup.tx,
+        loss_cfg=config.loss,
+        materialize=functools.partial(source.materialize, labels=False),
+        views=self.views,
+        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+      ),
+      self.shardings,
+      mesh,
+    )
     self.compiled_eval_step = sharding_lib.compile_embed(
-        functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh)
+      functools.partial(embed_step, model=self.model, preprocess=source.eval_preprocess), mesh
+    )
     self.monitor = knn.Monitor(setup, self.compiled_eval_step)
 
   def abstract_state(self) -> train_state.TrainState:
     setup = self.setup
-    return train_state.abstract_train_state(self.model, setup.tx, setup.source.image_shape,
-                                            setup.mesh)
+    return train_state.abstract_train_state(
+      self.model, setup.tx, setup.source.image_shape, setup.mesh
+    )
 
   def init_state(self) -> train_state.TrainState:
     setup = self.setup
-    return train_state.create_train_state(self.model, setup.tx, setup.source.image_shape,
-                                    jax.random.PRNGKey(setup.config.seed), setup.mesh)
+    return train_state.create_train_state(
+      self.model,
+      setup.tx,
+      setup.source.image_shape,
+      jax.random.PRNGKey(setup.config.seed),
+      setup.mesh,
+    )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
     """The kNN monitor's feature step takes the query backbones' variables and images."""
     return (state.params, state.batch_stats, batch["image"])
 
-  def train_step(self, state: train_state.TrainState, batch: dict[str, Array]
-                 ) -> tuple[train_state.TrainState, dict]:
+  def train_step(
+    self, state: train_state.TrainState, batch: dict[str, Array]
+  ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
   def evaluate(self, state: train_state.TrainState) -> dict[str, np.ndarray]:
@@ -172,25 +223,35 @@ class SimclrTask:
   format_eval = staticmethod(knn.format_monitor)
 
   def meta(self) -> dict[str, Any]:
-    return loop.export_meta(self.setup, num_classes=self.num_classes,
-                            views=dataclasses.asdict(self.spec))
+    return loop.export_meta(
+      self.setup, num_classes=self.num_classes, views=dataclasses.asdict(self.spec)
+    )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """SimCLR's own config checks (config_lib.validate runs them)."""
   if config.model.head == "none":
-    raise ConfigError("config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or "
-                      "'linear'.")
+    raise ConfigError(
+      "config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or 'linear'."
+    )
   knn.check_monitor_config(config)
 
 
 REGIME = regimes.Regime(
-    name="simclr", module=__name__, loss_regimes=("simclr",), self_supervised=True,
-    two_views=True, eval_metric="knn_top1", check=check_config,
-    # A view's candidates: the 2B - 1 other views of the global batch.
-    contrastive_candidates=lambda config: 2 * config.input.global_batch_size - 1,
-    export_note=lambda meta: ("untrained: SimCLR trains the backbone and the projection head "
-                              "only; replace fc for a linear probe"))
+  name="simclr",
+  module=__name__,
+  loss_regimes=("simclr",),
+  self_supervised=True,
+  two_views=True,
+  eval_metric="knn_top1",
+  check=check_config,
+  # A view's candidates: the 2B - 1 other views of the global batch.
+  contrastive_candidates=lambda config: 2 * config.input.global_batch_size - 1,
+  export_note=lambda meta: (
+    "untrained: SimCLR trains the backbone and the projection head "
+    "only; replace fc for a linear probe"
+  ),
+)
 
 
 def build_task(setup: loop.Setup, views: data_views.ViewSpec | None = None) -> SimclrTask:

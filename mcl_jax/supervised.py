@@ -9,6 +9,7 @@ Fashion-MNIST, CIFAR) live on every device: the step receives only the batch's e
 indices, gathers the images and augments them inside the same jit, so the host never
 touches pixels; streamed batches (ImageNet) arrive decoded and cropped.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,13 +42,18 @@ from mcl_jax.errors import ConfigError
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean cross-entropy per member: logits [M, B, C], labels [B] -> [M]."""
   return optax.softmax_cross_entropy_with_integer_labels(
-      numerics.at_least_float32(logits), labels[None, :]).mean(axis=-1)
+    numerics.at_least_float32(logits), labels[None, :]
+  ).mean(axis=-1)
 
 
-def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
-               loss_cfg: ml_collections.ConfigDict, *,
-               bank_terms: dict[str, jax.Array] | None = None,
-               soft_scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
+def total_loss(
+  outputs: dict[str, jax.Array],
+  labels: jax.Array,
+  loss_cfg: ml_collections.ConfigDict,
+  *,
+  bank_terms: dict[str, jax.Array] | None = None,
+  soft_scale: jax.Array | float = 1.0,
+) -> tuple[jax.Array, dict]:
   """docs/SPEC.md 2.5: sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL (+ KD).
 
   Terms with weight 0 are not computed at all (the baseline pays nothing for MCL).
@@ -62,13 +68,15 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
   if logits.shape[0] > 1 and any(w != 0 for w in weights.values()):
     terms = bank_terms
     if terms is None:
-      terms = losses.batch_mcl(outputs["embeddings"], labels, tau=loss_cfg.tau,
-                               kd_temperature=loss_cfg.kd_temperature)
+      terms = losses.batch_mcl(
+        outputs["embeddings"], labels, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature
+      )
     metrics.update({name: terms[name] for name in losses.MCL_TERMS})
     total = losses.weighted_mcl(terms, loss_cfg, soft_scale, start=total)
   if loss_cfg.logit_kd_weight != 0:
-    kd = losses.logit_kd(logits, temperature=loss_cfg.kd_temperature,
-                         targets=loss_cfg.logit_kd_targets)
+    kd = losses.logit_kd(
+      logits, temperature=loss_cfg.kd_temperature, targets=loss_cfg.logit_kd_targets
+    )
     metrics["logit_kd"] = kd
     total = total + loss_cfg.logit_kd_weight * kd
   metrics["loss"] = total
@@ -78,15 +86,23 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array,
 # ----------------------------------------------------------------------------- steps
 
 
-def eval_step(state: train_state.TrainState, batch: dict[str, jax.Array], *,
-              model: models.Cohort, preprocess: Callable[[jax.Array], jax.Array]) -> dict:
+def eval_step(
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: models.Cohort,
+  preprocess: Callable[[jax.Array], jax.Array],
+) -> dict:
   """Correct-prediction counts of every member and the ensemble (mean of logits).
 
   Returns sums, not means: padded examples carry mask 0, so summing over batches and
   dividing by the split size is exact on any device count.
   """
-  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                        preprocess(batch["image"]), train=False)
+  outputs = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    preprocess(batch["image"]),
+    train=False,
+  )
   logits = outputs["logits"].astype(jnp.float32)  # [M, B, C]
   logits = jnp.concatenate([logits, logits.mean(axis=0, keepdims=True)], axis=0)
   top1, top5 = metrics_lib.topk_correct(logits, batch["label"], batch["mask"])
@@ -105,6 +121,7 @@ class BankOps:
   rows), and after the step writes each example's row on the device that owns it
   (`update_sharded`).
   """
+
   mesh: jax.sharding.Mesh
   num_positives: int
   num_negatives: int
@@ -113,35 +130,45 @@ class BankOps:
   gather_chunk: int = 0
 
   def sample(self, rng, labels, own_idx, table):
-    return memory_bank.sample_indices(rng, labels, own_idx, table,
-                                      num_positives=self.num_positives,
-                                      num_negatives=self.num_negatives)
+    return memory_bank.sample_indices(
+      rng,
+      labels,
+      own_idx,
+      table,
+      num_positives=self.num_positives,
+      num_negatives=self.num_negatives,
+    )
 
   def losses(self, z, bank, pos_idx, neg_idx):
     idx = jnp.concatenate([pos_idx, neg_idx], axis=1)
-    sims = memory_bank.gather_similarities(bank, idx, z, self.mesh,
-                                           chunk_size=self.gather_chunk)
+    sims = memory_bank.gather_similarities(bank, idx, z, self.mesh, chunk_size=self.gather_chunk)
     terms = losses.bank_mcl_from_similarities(
-        sims, num_positives=self.num_positives, tau=self.tau,
-        kd_temperature=self.kd_temperature)
+      sims, num_positives=self.num_positives, tau=self.tau, kd_temperature=self.kd_temperature
+    )
     # Each member's own VCL [M], for the collapse signal (chance: log(P + K)).
-    terms["own_vcl"] = metrics_lib.bank_own_loss(sims, num_positives=self.num_positives,
-                                                 tau=self.tau)
+    terms["own_vcl"] = metrics_lib.bank_own_loss(
+      sims, num_positives=self.num_positives, tau=self.tau
+    )
     return terms
 
   def update(self, bank, own_idx, z, momentum):
     return memory_bank.update_sharded(bank, own_idx, z, momentum, self.mesh)
 
 
-def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
-               consts: dict[str, jax.Array],
-               *, model: models.Cohort, tx: optax.GradientTransformation,
-               loss_cfg: ml_collections.ConfigDict,
-               materialize: Callable[..., dict[str, jax.Array]] = data_protocol.as_given,
-               preprocess: Callable[[jax.Array, jax.Array], jax.Array],
-               bank_ops: BankOps | None = None,
-               bank_momentum: float = 0.5,
-               soft_ramp_steps: float = 0.0) -> tuple[train_state.TrainState, dict]:
+def train_step(
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  consts: dict[str, jax.Array],
+  *,
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  loss_cfg: ml_collections.ConfigDict,
+  materialize: Callable[..., dict[str, jax.Array]] = data_protocol.as_given,
+  preprocess: Callable[[jax.Array, jax.Array], jax.Array],
+  bank_ops: BankOps | None = None,
+  bank_momentum: float = 0.5,
+  soft_ramp_steps: float = 0.0,
+) -> tuple[train_state.TrainState, dict]:
   """One SGD step of the whole cohort.
 
   batch: what the source's train_batches yielded; `materialize(consts, batch)` (the
@@ -158,13 +185,21 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     outputs, mutated = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+    )
     bank_terms = None
     if bank_ops is not None:
       bank_terms = bank_ops.losses(outputs["embeddings"], state.bank, pos_idx, neg_idx)
-    loss, metrics = total_loss(outputs, labels, loss_cfg, bank_terms=bank_terms,
-                               soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps))
+    loss, metrics = total_loss(
+      outputs,
+      labels,
+      loss_cfg,
+      bank_terms=bank_terms,
+      soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+    )
     if "embeddings" in outputs:
       # The collapse signals: each member's own contrastive loss against its chance value,
       # log of the candidates in its denominator (bank: P + K rows, own row left out;
@@ -174,12 +209,16 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
         own_loss = bank_terms["own_vcl"]
         candidates = bank_ops.num_positives + bank_ops.num_negatives
       elif "vcl" in metrics:
-        own_loss = metrics_lib.in_batch_own_loss(outputs["embeddings"], labels,
-                                                 tau=loss_cfg.tau)
+        own_loss = metrics_lib.in_batch_own_loss(outputs["embeddings"], labels, tau=loss_cfg.tau)
         candidates = labels.shape[0] - 1
-      metrics.update(metrics_lib.cohort_health(
-          outputs["embeddings"], own_loss=own_loss, num_candidates=candidates,
-          head_hidden=outputs.get("head_hidden")))
+      metrics.update(
+        metrics_lib.cohort_health(
+          outputs["embeddings"],
+          own_loss=own_loss,
+          num_candidates=candidates,
+          head_hidden=outputs.get("head_hidden"),
+        )
+      )
     metrics["finite"] = metrics_lib.all_finite(metrics)
     return loss, (metrics, mutated["batch_stats"], outputs["embeddings"])
 
@@ -189,8 +228,14 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array],
   bank = state.bank
   if bank_ops is not None:  # After the step, from this step's embeddings (official order).
     bank = bank_ops.update(bank, own_idx, embeddings, bank_momentum)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, rng=rng, bank=bank)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    rng=rng,
+    bank=bank,
+  )
   return new_state, metrics
 
 
@@ -207,8 +252,10 @@ def cohort_eval_scalars(result: dict[str, dict[str, np.ndarray]]) -> dict[str, f
 
 
 def format_cohort_eval(result: dict[str, dict[str, np.ndarray]]) -> str:
-  return "  |  ".join(f"{split} top-1/top-5 %: {metrics_lib.format_cohort_accuracy(acc)}"
-                      for split, acc in result.items())
+  return "  |  ".join(
+    f"{split} top-1/top-5 %: {metrics_lib.format_cohort_accuracy(acc)}"
+    for split, acc in result.items()
+  )
 
 
 class SupervisedTask:
@@ -219,9 +266,11 @@ class SupervisedTask:
   """
 
   # What loop.CollapseWatch's warning recommends (docs/RESULTS.md, "The collapse").
-  collapse_remedy = ("Ramping the soft terms in over the first epoch "
-                     "(config.loss.soft_warmup_epochs=1) shortens the collapse of in-batch "
-                     "MCL on Fashion-MNIST, without always removing it (docs/RESULTS.md).")
+  collapse_remedy = (
+    "Ramping the soft terms in over the first epoch "
+    "(config.loss.soft_warmup_epochs=1) shortens the collapse of in-batch "
+    "MCL on Fashion-MNIST, without always removing it (docs/RESULTS.md)."
+  )
   # Healthy runs start below the cosine limit (about 0.93 on Fashion-MNIST): judged at once.
   collapse_cosine_grace_epochs = 0.0
 
@@ -239,46 +288,73 @@ class SupervisedTask:
       table = memory_bank.class_index_table(np.asarray(source.train_labels), self.num_classes)
       replicated = sharding_lib.replicated(mesh)
       self.consts.update({k: jax.device_put(v, replicated) for k, v in table.items()})
-      self.bank_ops = BankOps(mesh, config.bank.num_positives, config.bank.num_negatives,
-                              config.loss.tau, config.loss.kd_temperature,
-                              config.bank.gather_chunk)
+      self.bank_ops = BankOps(
+        mesh,
+        config.bank.num_positives,
+        config.bank.num_negatives,
+        config.loss.tau,
+        config.loss.kd_temperature,
+        config.bank.gather_chunk,
+      )
     self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
-    self.compiled_train_step = sharding_lib.compile_step(functools.partial(
-        train_step, model=self.model, tx=setup.tx, loss_cfg=config.loss,
-        materialize=source.materialize, preprocess=source.train_preprocess,
+    self.compiled_train_step = sharding_lib.compile_step(
+      functools.partial(
+        train_step,
+        model=self.model,
+        tx=setup.tx,
+        loss_cfg=config.loss,
+        materialize=source.materialize,
+        preprocess=source.train_preprocess,
         bank_ops=self.bank_ops,
         bank_momentum=config.bank.momentum,
-        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch),
-        self.shardings, mesh)
-    self.compiled_eval_step = jax.jit(functools.partial(
-        eval_step, model=self.model, preprocess=source.eval_preprocess))
+        soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+      ),
+      self.shardings,
+      mesh,
+    )
+    self.compiled_eval_step = jax.jit(
+      functools.partial(eval_step, model=self.model, preprocess=source.eval_preprocess)
+    )
 
   def abstract_state(self) -> train_state.TrainState:
-    return train_state.abstract_train_state(self.model, self.setup.tx,
-                                            self.setup.source.image_shape, self.setup.mesh,
-                                            bank_rows=self.bank_rows)
+    return train_state.abstract_train_state(
+      self.model,
+      self.setup.tx,
+      self.setup.source.image_shape,
+      self.setup.mesh,
+      bank_rows=self.bank_rows,
+    )
 
   def init_state(self) -> train_state.TrainState:
     return train_state.create_train_state(
-        self.model, self.setup.tx, self.setup.source.image_shape,
-        jax.random.PRNGKey(self.setup.config.seed), self.setup.mesh, bank_rows=self.bank_rows)
+      self.model,
+      self.setup.tx,
+      self.setup.source.image_shape,
+      jax.random.PRNGKey(self.setup.config.seed),
+      self.setup.mesh,
+      bank_rows=self.bank_rows,
+    )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:
     return (state, batch)
 
-  def train_step(self, state: train_state.TrainState, batch: dict[str, jax.Array]
-                 ) -> tuple[train_state.TrainState, dict]:
+  def train_step(
+    self, state: train_state.TrainState, batch: dict[str, jax.Array]
+  ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def evaluate_split(self, state: train_state.TrainState, split: str = "test"
-                     ) -> dict[str, np.ndarray]:
+  def evaluate_split(
+    self, state: train_state.TrainState, split: str = "test"
+  ) -> dict[str, np.ndarray]:
     """Top-1/top-5 [M + 1] of every member and the ensemble over one whole split."""
-    return metrics_lib.cohort_accuracy(loop.count_over_split(
-        self.setup, split, lambda batch: self.compiled_eval_step(state, batch)))
+    return metrics_lib.cohort_accuracy(
+      loop.count_over_split(self.setup, split, lambda batch: self.compiled_eval_step(state, batch))
+    )
 
   def evaluate(self, state: train_state.TrainState) -> dict[str, dict[str, np.ndarray]]:
-    return {split: self.evaluate_split(state, split)
-            for split in self.setup.source.eval_split_names()}
+    return {
+      split: self.evaluate_split(state, split) for split in self.setup.source.eval_split_names()
+    }
 
   eval_scalars = staticmethod(cohort_eval_scalars)
   format_eval = staticmethod(format_cohort_eval)
@@ -294,14 +370,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """The supervised regime's own config checks (config_lib.validate runs them)."""
   loss = config.loss
   if config.model.head == "none" and any(
-      loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")):
-    raise ConfigError("config.model.head='none' leaves the contrastive terms no embeddings; "
-                      "use 'mlp' or 'linear', or set the MCL weights to 0.")
+    loss[f"{t}_weight"] for t in ("vcl", "icl", "soft_vcl", "soft_icl")
+  ):
+    raise ConfigError(
+      "config.model.head='none' leaves the contrastive terms no embeddings; "
+      "use 'mlp' or 'linear', or set the MCL weights to 0."
+    )
   per_class = config.input.samples_per_class
   if loss.regime == "batch" and config_lib.mcl_terms_on(config) and per_class < 2:
     raise ConfigError(
-        f"config.input.samples_per_class={per_class}: in-batch MCL needs class-aware "
-        "batches with at least 2 samples per class so every row has a positive.")
+      f"config.input.samples_per_class={per_class}: in-batch MCL needs class-aware "
+      "batches with at least 2 samples per class so every row has a positive."
+    )
 
 
 def contrastive_candidates(config: ml_collections.ConfigDict) -> int:
@@ -313,10 +393,14 @@ def contrastive_candidates(config: ml_collections.ConfigDict) -> int:
 
 
 REGIME = regimes.Regime(
-    name="supervised", module=__name__, loss_regimes=("batch", "bank"),
-    class_aware_batches=True, check=check_config,
-    contrastive_candidates=contrastive_candidates,
-    export_note=lambda meta: "the member's trained classifier")
+  name="supervised",
+  module=__name__,
+  loss_regimes=("batch", "bank"),
+  class_aware_batches=True,
+  check=check_config,
+  contrastive_candidates=contrastive_candidates,
+  export_note=lambda meta: "the member's trained classifier",
+)
 
 
 def build_task(setup: loop.Setup) -> SupervisedTask:

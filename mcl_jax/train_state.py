@@ -3,6 +3,7 @@ initialised already sharded (or only its shapes, for planning and restores), and
 part of it lives on the mesh. Every regime whose members are `models.Cohort` networks
 (supervised, SimCLR, and the linear probe's frozen encoder) builds its state here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,42 +37,59 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Cohort:
   return models.Cohort(
-      arch=config.model.arch,
-      num_classes=num_classes,
-      num_members=config.cohort.num_members,
-      shared_stages=config.model.shared_stages,
-      embed_dim=config.model.embed_dim,
-      strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
-      dtype=compute_dtype(config),
-      head=config.model.head, head_norm=config.model.head_norm)
+    arch=config.model.arch,
+    num_classes=num_classes,
+    num_members=config.cohort.num_members,
+    shared_stages=config.model.shared_stages,
+    embed_dim=config.model.embed_dim,
+    strategy=config.model.strategy,  # 'auto': see models.resolve_strategy
+    dtype=compute_dtype(config),
+    head=config.model.head,
+    head_norm=config.model.head_norm,
+  )
 
 
-def init_variables(model: models.Cohort, tx: optax.GradientTransformation,
-                   image_shape: tuple[int, ...], rng: jax.Array) -> dict[str, Any]:
+def init_variables(
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  rng: jax.Array,
+) -> dict[str, Any]:
   """Params, BN statistics and optimiser state of a freshly initialised cohort."""
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-          "opt_state": tx.init(variables["params"])}
+  return {
+    "params": variables["params"],
+    "batch_stats": variables.get("batch_stats", {}),
+    "opt_state": tx.init(variables["params"]),
+  }
 
 
-def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int,
-               rng: jax.Array) -> jax.Array:
+def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int, rng: jax.Array) -> jax.Array:
   """The bank drawn for exactly `bank_rows` rows, zero-padded to split over the devices."""
   bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim)
   padding = round_up(bank_rows, num_devices) - bank_rows
   return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
 
 
-def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
-                         bank_rows: int = 0) -> TrainState:
+def abstract_train_state(
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  mesh: jax.sharding.Mesh,
+  *,
+  bank_rows: int = 0,
+) -> TrainState:
   """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
 
   def init(rng):
     init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
     bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
-    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
-                      **init_variables(model, tx, image_shape, init_rng))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=state_rng,
+      bank=bank,
+      **init_variables(model, tx, image_shape, init_rng),
+    )
 
   return jax.eval_shape(init, jax.random.PRNGKey(0))
 
@@ -81,21 +99,32 @@ def abstract_train_state(model: models.Cohort, tx: optax.GradientTransformation,
 # compiling the init of M deep networks (a random-bits kernel per parameter) took longer
 # than running it op by op; without them it is the faster of the two (docs/PERFORMANCE.md,
 # "Initialisation"), and the values agree to one float32 ulp.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                         "xla_llvm_disable_expensive_passes": True}
+INIT_COMPILER_OPTIONS = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def initialise(init: Callable[[jax.Array], Any], rng: jax.Array, shardings: Any) -> Any:
   """`init(rng)` compiled once (INIT_COMPILER_OPTIONS) and run with `shardings` as its
   output shardings: the state is created where it lives, no device ever holding more."""
-  compiled = jax.jit(init, out_shardings=shardings).lower(rng).compile(
-      compiler_options=INIT_COMPILER_OPTIONS)
+  compiled = (
+    jax.jit(init, out_shardings=shardings)
+    .lower(rng)
+    .compile(compiler_options=INIT_COMPILER_OPTIONS)
+  )
   return compiled(rng)
 
 
-def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], rng: jax.Array,
-                       mesh: jax.sharding.Mesh, *, bank_rows: int = 0) -> TrainState:
+def create_train_state(
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  rng: jax.Array,
+  mesh: jax.sharding.Mesh,
+  *,
+  bank_rows: int = 0,
+) -> TrainState:
   """The state, created already sharded (params replicated, bank split along its rows).
 
   bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
@@ -107,8 +136,12 @@ def create_train_state(model: models.Cohort, tx: optax.GradientTransformation,
   def init(rng):
     init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
     bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
-    return TrainState(step=jnp.zeros((), jnp.int32), rng=state_rng, bank=bank,
-                      **init_variables(model, tx, image_shape, init_rng))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=state_rng,
+      bank=bank,
+      **init_variables(model, tx, image_shape, init_rng),
+    )
 
   shardings = state_shardings(jax.eval_shape(init, rng), mesh)
   return initialise(init, rng, shardings)
@@ -127,9 +160,11 @@ def num_classes(config: ml_collections.ConfigDict, source: Any) -> int:
   error (labels beyond the classifier would index outside its logits)."""
   n = config.model.num_classes or source.num_classes
   if n < source.num_classes:
-    raise ConfigError(f"config.model.num_classes={n} but {config.input.dataset} has "
-                      f"{source.num_classes} classes (labels up to {source.num_classes - 1}); "
-                      "set it to 0 to take the dataset's.")
+    raise ConfigError(
+      f"config.model.num_classes={n} but {config.input.dataset} has "
+      f"{source.num_classes} classes (labels up to {source.num_classes - 1}); "
+      "set it to 0 to take the dataset's."
+    )
   return n
 
 

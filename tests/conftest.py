@@ -3,11 +3,12 @@
 XLA_FLAGS must be set before JAX is imported anywhere, which is why it happens at the top
 of this file (pytest imports conftest.py before any test module).
 """
+
 import os
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF (input pipeline only) must not grab GPUs.
@@ -16,8 +17,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF (input pipeline only) mu
 # programs (the same tiny cohort's step; the op-by-op parameter init, ~0.03 s of compile
 # per op, which is most of a smoke run's start-up), and loading is much cheaper than
 # compiling. Measured: a tiny_imagenet x2 init 6.8 s cold, 2.2 s from the cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"mcl_jax_tests_xla_cache_{os.getuid()}"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(tempfile.gettempdir(), f"mcl_jax_tests_xla_cache_{os.getuid()}"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -62,5 +65,6 @@ def _release_compiled_programs():
   """
   yield
   import gc
+
   jax.clear_caches()
   gc.collect()

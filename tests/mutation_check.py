@@ -19,6 +19,7 @@ its mutation, a guarding test fails on the unmutated code, or a replacement does
 apply.
 Not a pytest module (the name does not start with `test_`): it runs pytest itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPIED = ("mcl_jax", "tests", "pyproject.toml")
-FLOAT32_PARITY = ("tests/test_step_parity.py::"
-                  "test_float32_steps_stay_within_float32_rounding_of_the_official_code")
+FLOAT32_PARITY = (
+  "tests/test_step_parity.py::test_float32_steps_stay_within_float32_rounding_of_the_official_code"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,43 +49,61 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation(
-        "a", "Soft ICL's teacher not detached (stop_gradient removed)", "mcl_jax/losses.py",
-        "  log_p = jax.lax.stop_gradient(jnp.swapaxes(log_q, 0, 1))\n",
-        "  log_p = jnp.swapaxes(log_q, 0, 1)\n",
-        ("tests/test_losses.py::test_soft_targets_are_detached", FLOAT32_PARITY)),
-    Mutation(
-        "b", "Resume restores only the step (fresh parameters, optimizer, BN, bank)",
-        "mcl_jax/loop.py",
-        "    self.state = restored[0]\n",
-        "    self.state = self.state.replace(step=restored[0].step)\n",
-        ("tests/test_reliability.py::test_harmless_changes_resume",)),
-    Mutation(
-        "c", "Memory-bank update skipped (the sharded update the trainer uses)",
-        "mcl_jax/memory_bank.py",
-        '    return local_bank.at[:, target].set(new_rows, mode="drop")\n',
-        "    return local_bank\n",
-        ("tests/test_memory_bank.py::test_update_sharded_equals_update",)),
-    Mutation(
-        "d", "ICL not added to the total loss (computed and logged, no gradient)",
-        "mcl_jax/supervised.py",
-        "      total = total + weight * scale * terms[name]\n",
-        '      total = total + (name != "icl") * weight * scale * terms[name]\n',
-        ("tests/test_fashion_mnist.py::test_a_short_supervised_run_on_real_images_"
-         "clearly_learns_and_mcl_aligns_the_members", FLOAT32_PARITY)),
-    Mutation(
-        "e", "BatchNorm momentum 0 (running statistics never move)",
-        "mcl_jax/models/layers.py",
-        "  momentum: float = 0.1  # PyTorch's convention",
-        "  momentum: float = 0.0  # PyTorch's convention",
-        ("tests/test_models.py::test_train_mode_updates_batch_stats_eval_does_not",)),
-    Mutation(
-        "f", "Elastic restore crops the bank's first rows instead of its padding",
-        "mcl_jax/checkpointing.py",
-        "      value = np.take(value, np.arange(want), axis=axis)\n",
-        "      value = np.take(value, np.arange(have - want, have), axis=axis)\n",
-        ("tests/test_reliability.py::"
-         "test_elastic_restore_8_to_2_to_4_devices_equals_an_uninterrupted_run",)),
+  Mutation(
+    "a",
+    "Soft ICL's teacher not detached (stop_gradient removed)",
+    "mcl_jax/losses.py",
+    "  log_p = jax.lax.stop_gradient(jnp.swapaxes(log_q, 0, 1))\n",
+    "  log_p = jnp.swapaxes(log_q, 0, 1)\n",
+    ("tests/test_losses.py::test_soft_targets_are_detached", FLOAT32_PARITY),
+  ),
+  Mutation(
+    "b",
+    "Resume restores only the step (fresh parameters, optimizer, BN, bank)",
+    "mcl_jax/loop.py",
+    "    self.state = restored[0]\n",
+    "    self.state = self.state.replace(step=restored[0].step)\n",
+    ("tests/test_reliability.py::test_harmless_changes_resume",),
+  ),
+  Mutation(
+    "c",
+    "Memory-bank update skipped (the sharded update the trainer uses)",
+    "mcl_jax/memory_bank.py",
+    '    return local_bank.at[:, target].set(new_rows, mode="drop")\n',
+    "    return local_bank\n",
+    ("tests/test_memory_bank.py::test_update_sharded_equals_update",),
+  ),
+  Mutation(
+    "d",
+    "ICL not added to the total loss (computed and logged, no gradient)",
+    "mcl_jax/supervised.py",
+    "      total = total + weight * scale * terms[name]\n",
+    '      total = total + (name != "icl") * weight * scale * terms[name]\n',
+    (
+      "tests/test_fashion_mnist.py::test_a_short_supervised_run_on_real_images_"
+      "clearly_learns_and_mcl_aligns_the_members",
+      FLOAT32_PARITY,
+    ),
+  ),
+  Mutation(
+    "e",
+    "BatchNorm momentum 0 (running statistics never move)",
+    "mcl_jax/models/layers.py",
+    "  momentum: float = 0.1  # PyTorch's convention",
+    "  momentum: float = 0.0  # PyTorch's convention",
+    ("tests/test_models.py::test_train_mode_updates_batch_stats_eval_does_not",),
+  ),
+  Mutation(
+    "f",
+    "Elastic restore crops the bank's first rows instead of its padding",
+    "mcl_jax/checkpointing.py",
+    "      value = np.take(value, np.arange(want), axis=axis)\n",
+    "      value = np.take(value, np.arange(have - want, have), axis=axis)\n",
+    (
+      "tests/test_reliability.py::"
+      "test_elastic_restore_8_to_2_to_4_devices_equals_an_uninterrupted_run",
+    ),
+  ),
 )
 
 
@@ -104,8 +124,10 @@ def make_copy(mutation: Mutation | None) -> str:
     count = text.count(mutation.old)
     if count != 1:
       shutil.rmtree(folder)
-      raise SystemExit(f"error: mutation {mutation.key} ({mutation.name}): its old text occurs "
-                       f"{count} times in {mutation.path}, not once; update MUTATIONS.")
+      raise SystemExit(
+        f"error: mutation {mutation.key} ({mutation.name}): its old text occurs "
+        f"{count} times in {mutation.path}, not once; update MUTATIONS."
+      )
     with open(path, "w") as f:
       f.write(text.replace(mutation.old, mutation.new))
   return folder
@@ -120,9 +142,14 @@ def environment(folder: str) -> dict[str, str]:
 
 def check_imports_the_copy(folder: str) -> None:
   """The guard: in the tests' environment, mcl_jax must come from the copy."""
-  out = subprocess.run([sys.executable, "-c", "import mcl_jax; print(mcl_jax.__file__)"],
-                       cwd=folder, env=environment(folder), capture_output=True, text=True,
-                       check=True).stdout.strip()
+  out = subprocess.run(
+    [sys.executable, "-c", "import mcl_jax; print(mcl_jax.__file__)"],
+    cwd=folder,
+    env=environment(folder),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   print(f"  mcl_jax.__file__ = {out}", flush=True)
   if not os.path.realpath(out).startswith(os.path.realpath(folder) + os.sep):
     raise SystemExit(f"error: the tests would import {out}, not the copy in {folder}.")
@@ -132,8 +159,9 @@ def run_tests(folder: str, tests: tuple[str, ...]) -> tuple[int, float]:
   """(pytest's exit status, seconds) of `tests` run in the copy."""
   command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
   start = time.time()
-  proc = subprocess.run(command, cwd=folder, env=environment(folder), capture_output=True,
-                        text=True)
+  proc = subprocess.run(
+    command, cwd=folder, env=environment(folder), capture_output=True, text=True
+  )
   lines = (proc.stdout + proc.stderr).strip().splitlines()
   for line in lines:
     if line.startswith(("FAILED", "ERROR")):
@@ -146,8 +174,11 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="comma-separated mutation keys (default all)")
   parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-  parser.add_argument("--skip_baseline", action="store_true",
-                      help="do not first run the guarding tests on the unmutated code")
+  parser.add_argument(
+    "--skip_baseline",
+    action="store_true",
+    help="do not first run the guarding tests on the unmutated code",
+  )
   args = parser.parse_args()
   chosen = [m for m in MUTATIONS if not args.only or m.key in args.only.split(",")]
   if args.list or not chosen:
@@ -178,7 +209,8 @@ def main() -> int:
       for test in m.tests:
         status, seconds = run_tests(folder, (test,))
         result = {0: "NOT caught (test passes)", 1: "caught (test failed)"}.get(
-            status, f"error (pytest exit {status})")
+          status, f"error (pytest exit {status})"
+        )
         ok = ok and status == 1
         rows.append(f"| {m.key}. {m.name} (`{m.path}`) | `{test}` | {result}, {seconds:.0f} s |")
     finally:

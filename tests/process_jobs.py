@@ -9,6 +9,7 @@ environment each process gets, `TINY_RUN_FLAGS` the small run they train, and
 Not a test module (the name does not start with `test_`): the test modules import it
 (`import process_jobs`), which works because pytest puts tests/ on sys.path.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,15 +26,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one log line per step (the tests wait for them), evaluation only at the end. The test
 # modules add the schedule and checkpoint flags they need.
 TINY_RUN_FLAGS = (
-    "--config=cifar100_resnet32:mcl_x2,smoke",
-    "--config.model.arch=tiny",
-    "--config.model.num_classes=0",
-    "--config.input.image_size=8",
-    "--config.input.synthetic_train_size=64",
-    "--config.input.global_batch_size=16",
-    "--config.schedule.num_train_steps=0",
-    "--config.log_every_steps=1",
-    "--config.eval_every_epochs=1000",
+  "--config=cifar100_resnet32:mcl_x2,smoke",
+  "--config.model.arch=tiny",
+  "--config.model.num_classes=0",
+  "--config.input.image_size=8",
+  "--config.input.synthetic_train_size=64",
+  "--config.input.global_batch_size=16",
+  "--config.schedule.num_train_steps=0",
+  "--config.log_every_steps=1",
+  "--config.eval_every_epochs=1000",
 )
 STEPS_PER_EPOCH = 4  # 64 synthetic examples / global batch 16
 RUN_TIMEOUT_S = 300  # a loaded 2-core machine; a run normally takes 10-40 s
@@ -51,20 +52,28 @@ def child_env(local_devices: int, cache_dir: str | None = None) -> dict[str, str
   """The environment of one training process with `local_devices` CPU devices."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
   # conftest.py gave this process 8 fake devices through XLA_FLAGS; each child gets its own.
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   flags.append(f"--xla_force_host_platform_device_count={local_devices}")
-  env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             TF_CPP_MIN_LOG_LEVEL="3",
-             # As conftest.py does in-process: compiles take seconds, not tens of seconds.
-             # Every run has it, so compared runs execute the same programs.
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.update(
+    XLA_FLAGS=" ".join(flags),
+    JAX_PLATFORMS="cpu",
+    CUDA_VISIBLE_DEVICES="",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    # As conftest.py does in-process: compiles take seconds, not tens of seconds.
+    # Every run has it, so compared runs execute the same programs.
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  )
   # Without `cache_dir`, the compilation cache conftest.py set up is inherited. With it,
   # one cache for a module's runs: only the first run of each topology compiles the step;
   # the others load it.
   if cache_dir is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
   return env
 
 
@@ -82,18 +91,31 @@ class Job:
   leaves a process behind (one waiting for a dead peer would never exit).
   """
 
-  def __init__(self, workdir, flags, *, num_devices: int, num_processes: int = 1,
-               name: str = "run", logs_beside_workdir: bool = False, cache_dir=None,
-               relative_workdir: bool = False):
+  def __init__(
+    self,
+    workdir,
+    flags,
+    *,
+    num_devices: int,
+    num_processes: int = 1,
+    name: str = "run",
+    logs_beside_workdir: bool = False,
+    cache_dir=None,
+    relative_workdir: bool = False,
+  ):
     self.workdir = str(workdir)
     if logs_beside_workdir:
-      self.logs = [os.path.join(os.path.dirname(self.workdir),
-                                f"{os.path.basename(self.workdir)}_{name}_{i}.log")
-                   for i in range(num_processes)]
+      self.logs = [
+        os.path.join(
+          os.path.dirname(self.workdir), f"{os.path.basename(self.workdir)}_{name}_{i}.log"
+        )
+        for i in range(num_processes)
+      ]
     else:
       os.makedirs(self.workdir, exist_ok=True)
-      self.logs = [os.path.join(self.workdir, f"{name}_process_{i}.log")
-                   for i in range(num_processes)]
+      self.logs = [
+        os.path.join(self.workdir, f"{name}_process_{i}.log") for i in range(num_processes)
+      ]
     self.procs = []
     port = free_port()
     # The processes run in the repository; launch/local_two_process.sh's default workdir
@@ -102,12 +124,22 @@ class Job:
     for pid in range(num_processes):
       cmd = [sys.executable, "-m", "mcl_jax.main", *flags, f"--workdir={workdir_flag}"]
       if num_processes > 1:
-        cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-                f"--process_id={pid}"]
+        cmd += [
+          f"--coordinator_address=localhost:{port}",
+          f"--num_processes={num_processes}",
+          f"--process_id={pid}",
+        ]
       with open(self.logs[pid], "w") as log:
-        self.procs.append(subprocess.Popen(
-            cmd, cwd=REPO, env=child_env(num_devices // num_processes, cache_dir),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        self.procs.append(
+          subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=child_env(num_devices // num_processes, cache_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+          )
+        )
 
   def __enter__(self):
     return self
@@ -127,8 +159,10 @@ class Job:
       return f.read()
 
   def tails(self) -> str:
-    return "\n".join(f"--- process {i} (exit {p.poll()}):\n" + self.log(i)[-4000:]
-                     for i, p in enumerate(self.procs))
+    return "\n".join(
+      f"--- process {i} (exit {p.poll()}):\n" + self.log(i)[-4000:]
+      for i, p in enumerate(self.procs)
+    )
 
   def wait(self, timeout: float = RUN_TIMEOUT_S, *, fail_fast: bool) -> list[int]:
     """Exit codes of all processes. With `fail_fast`, fails at once (killing the rest) when
@@ -144,8 +178,7 @@ class Job:
       time.sleep(0.05)
     return [p.returncode for p in self.procs]
 
-  def wait_until(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S,
-                 poll_s: float = 0.01):
+  def wait_until(self, predicate, what: str, timeout: float = RUN_TIMEOUT_S, poll_s: float = 0.01):
     """Polls `predicate()` until it returns something truthy, which it returns."""
     deadline = time.monotonic() + timeout
     while True:

@@ -1,4 +1,5 @@
 """The benchmark CLI (mcl_jax.bench): end to end on tiny settings, and its bookkeeping."""
+
 import dataclasses
 import json
 import os
@@ -33,16 +34,26 @@ def test_cli_end_to_end_without_tensorflow(tmp_path):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, "-c", RUNNER, "--arch=tiny", "--members=2", "--strategies=unroll",
-         "--batch=16", "--image_size=8", "--steps=2", "--warmup=1", "--mcl=on",
-         f"--json_out={out}"]
+  cmd = [
+    sys.executable,
+    "-c",
+    RUNNER,
+    "--arch=tiny",
+    "--members=2",
+    "--strategies=unroll",
+    "--batch=16",
+    "--image_size=8",
+    "--steps=2",
+    "--warmup=1",
+    "--mcl=on",
+    f"--json_out={out}",
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "TENSORFLOW_IMPORTED=False" in proc.stdout
   assert bench.TABLE_HEADER in proc.stdout
   records = [json.loads(line) for line in out.read_text().splitlines()]
-  stdout_records = [json.loads(line) for line in proc.stdout.splitlines()
-                    if line.startswith("{")]
+  stdout_records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert stdout_records == records
   assert [r["mcl"] for r in records] == [True]
   for r in records:
@@ -63,6 +74,7 @@ def test_the_step_is_the_supervised_tasks_own():
 
   from mcl_jax import sharding
   from mcl_jax import supervised
+
   mesh = sharding.make_mesh(jax.devices()[:1])
   s = bench.Setting("tiny", 2, "unroll", True, "float32", 16, 8, 10)
   task, state = bench.build(s, mesh, abstract=True)
@@ -70,7 +82,10 @@ def test_the_step_is_the_supervised_tasks_own():
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
   config = task.setup.config
   assert (config.input.dataset, config.cohort.num_members, config.model.arch) == (
-      "synthetic", 2, "tiny")
+    "synthetic",
+    2,
+    "tiny",
+  )
   assert task.num_classes == 10 and config.input.samples_per_class == 2
   batches = bench.task_batches(task)
   assert len(batches) == 2 and set(batches[0]) == {"index"}  # gathered on device
@@ -86,8 +101,9 @@ def test_class_aware_batches_fit_the_classes():
 
 
 def test_settings_deduplicate():
-  todo = bench.settings("resnet32", [1, 2], ["vmap", "auto", "unroll", "map"], "both",
-                        "float32", 128, 32, 100, 0, "cpu")
+  todo = bench.settings(
+    "resnet32", [1, 2], ["vmap", "auto", "unroll", "map"], "both", "float32", 128, 32, 100, 0, "cpu"
+  )
   got = [(s.members, s.strategy, s.mcl, auto) for s, auto in todo]
   auto = models.resolve_strategy("auto", "cpu")
   assert got[0] == (1, auto, False, True)  # one M = 1 run: CE only, the auto strategy
@@ -113,17 +129,31 @@ def test_no_peak_on_cpu():
 
 
 def record(members, strategy, mcl, step, auto=True, cpu=None):
-  return {"arch": "a", "dtype": "float32", "batch": 8, "image_size": 8, "members": members,
-          "strategy": strategy, "mcl": mcl, "auto": auto, "step_s_median": step,
-          "cpu_s_median": cpu}
+  return {
+    "arch": "a",
+    "dtype": "float32",
+    "batch": 8,
+    "image_size": 8,
+    "members": members,
+    "strategy": strategy,
+    "mcl": mcl,
+    "auto": auto,
+    "step_s_median": step,
+    "cpu_s_median": cpu,
+  }
 
 
 def test_ratios():
-  records = [record(1, "unroll", False, 1.0, cpu=2.0), record(2, "unroll", False, 1.8, cpu=3.0),
-             record(2, "unroll", True, 2.0), record(2, "map", False, 3.0, auto=False),
-             record(2, "map", True, 3.3, auto=False)]
+  records = [
+    record(1, "unroll", False, 1.0, cpu=2.0),
+    record(2, "unroll", False, 1.8, cpu=3.0),
+    record(2, "unroll", True, 2.0),
+    record(2, "map", False, 3.0, auto=False),
+    record(2, "map", True, 3.3, auto=False),
+  ]
   lines = bench.ratios(records)
   assert lines == [
-      "cohort overhead a M=2 unroll (CE only): 0.900 (host CPU time: 0.750)  (target <= 1.0)",
-      "MCL overhead a M=2 unroll: 1.111  (target <= 1.05)",
-      "MCL overhead a M=2 map: 1.100  (target <= 1.05)"]
+    "cohort overhead a M=2 unroll (CE only): 0.900 (host CPU time: 0.750)  (target <= 1.0)",
+    "MCL overhead a M=2 unroll: 1.111  (target <= 1.05)",
+    "MCL overhead a M=2 map: 1.100  (target <= 1.05)",
+  ]

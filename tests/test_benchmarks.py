@@ -1,5 +1,6 @@
 """The benchmark scripts: the GPU comparison runs end to end in its CPU mode, and the
 PyTorch step it times computes what the JAX step computes."""
+
 import json
 import os
 import subprocess
@@ -19,29 +20,46 @@ pytestmark = pytest.mark.xdist_group("benchmarks")
 def test_the_torch_port_computes_the_jax_losses():
   torch = pytest.importorskip("torch")
   import torch_mcl
+
   rng = np.random.default_rng(0)
   z = rng.normal(size=(3, 16, 8))
   z /= np.linalg.norm(z, axis=-1, keepdims=True)
   labels = np.repeat(np.arange(8), 2)
-  ours = losses.batch_mcl(jnp.asarray(z, jnp.float32), jnp.asarray(labels), tau=0.1,
-                          kd_temperature=3.0)
-  theirs = torch_mcl.mcl_terms([torch.tensor(x, dtype=torch.float64) for x in z],
-                               torch.tensor(labels))
+  ours = losses.batch_mcl(
+    jnp.asarray(z, jnp.float32), jnp.asarray(labels), tau=0.1, kd_temperature=3.0
+  )
+  theirs = torch_mcl.mcl_terms(
+    [torch.tensor(x, dtype=torch.float64) for x in z], torch.tensor(labels)
+  )
   for name, value in zip(("vcl", "icl", "soft_vcl", "soft_icl"), theirs):
     np.testing.assert_allclose(float(ours[name]), float(value), rtol=2e-5, err_msg=name)
 
 
 def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
   pytest.importorskip("torch")
-  env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(
+    os.environ,
+    OUT=str(tmp_path),
+    PY=sys.executable,
+    JAX_PLATFORMS="cpu",
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  )
   env.pop("XLA_FLAGS", None)  # one CPU device, as a GPU machine has one GPU
-  proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--cpu"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    ["bash", "benchmarks/gpu.sh", "--cpu"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / "bench.jsonl")]
   assert {(r["arch"], r["members"], r["dtype"]) for r in records} >= {
-      ("tiny", 1, "float32"), ("tiny", 2, "float32"), ("tiny", 2, "bfloat16")}
+    ("tiny", 1, "float32"),
+    ("tiny", 2, "float32"),
+    ("tiny", 2, "bfloat16"),
+  }
   assert all(r["step_s_median"] > 0 for r in records)
   torch_record = json.loads(open(tmp_path / "torch.jsonl").readline())
   assert torch_record["framework"] == "torch" and torch_record["step_s_median"] > 0

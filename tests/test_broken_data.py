@@ -7,6 +7,7 @@ with every batch still full and the order still a pure function of (seed, epoch)
 file cut mid-image makes the whole Fashion-MNIST set wrong: one sentence naming the file,
 exit status 2, at start-up. docs/RELIABILITY.md ("Broken data") has the table.
 """
+
 import gzip
 import io
 import logging
@@ -27,13 +28,14 @@ from mcl_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
-    pytest.mark.xdist_group("broken_data"),
+  pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
+  pytest.mark.xdist_group("broken_data"),
 ]
 
 
 def jpeg(seed: int, size: tuple[int, int] = (20, 24)) -> bytes:
   from PIL import Image
+
   pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
   out = io.BytesIO()
   Image.fromarray(pixels).save(out, format="JPEG")
@@ -55,7 +57,7 @@ def image_folder(root, train: dict[str, int], val: dict[str, int]) -> str:
 def truncate(path, keep: float = 0.5) -> None:
   """Cuts a file to `keep` of its bytes, as an interrupted copy leaves it."""
   content = path.read_bytes()
-  path.write_bytes(content[:int(len(content) * keep)])
+  path.write_bytes(content[: int(len(content) * keep)])
 
 
 def warnings_of(caplog) -> list[str]:
@@ -77,8 +79,10 @@ def test_files_named_as_non_images_are_skipped_at_listing_with_one_warning(tmp_p
   with caplog.at_level(logging.WARNING):
     source = imagenet.ImageFolderSource(root, image_size=16)
   assert source.num_train == 8 and source.num_eval == 2
-  assert not any(os.path.basename(f) in ("README.txt", ".DS_Store", "._0.jpg")
-                 for f in [*source.train_files, *source.eval_files])
+  assert not any(
+    os.path.basename(f) in ("README.txt", ".DS_Store", "._0.jpg")
+    for f in [*source.train_files, *source.eval_files]
+  )
   [warning] = warnings_of(caplog)
   assert f"Image folder {root}: skipped 3 files that are not images" in warning
   assert os.path.join(root, "train", "ant", "README.txt") in warning
@@ -106,9 +110,10 @@ def _epoch(source, **kw):
 
 def test_undecodable_training_images_are_replaced_within_their_batch(broken_folder, caplog):
   source = imagenet.ImageFolderSource(broken_folder, image_size=16)
-  bad = {int(np.flatnonzero(source.train_files == os.path.join(broken_folder, *p))[0])
-         for p in (("train", "ant", "3.jpg"), ("train", "bee", "0.jpg"),
-                   ("train", "bee", "5.jpg"))}
+  bad = {
+    int(np.flatnonzero(source.train_files == os.path.join(broken_folder, *p))[0])
+    for p in (("train", "ant", "3.jpg"), ("train", "bee", "0.jpg"), ("train", "bee", "5.jpg"))
+  }
   with caplog.at_level(logging.WARNING):
     batches = _epoch(source)
   assert len(batches) == 3  # 12 // 4: every step is there and every batch is full
@@ -140,8 +145,9 @@ def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(broken_fo
   assert [b["image"].shape[0] for b in batches] == [4]
   kept = batches[0]["index"][batches[0]["mask"] > 0]
   assert sorted(source.eval_files[kept].tolist()) == sorted(
-      os.path.join(broken_folder, "val", *p) for p in
-      (("ant", "0.jpg"), ("ant", "1.jpg"), ("bee", "0.jpg")))
+    os.path.join(broken_folder, "val", *p)
+    for p in (("ant", "0.jpg"), ("ant", "1.jpg"), ("bee", "0.jpg"))
+  )
   [warning] = warnings_of(caplog)
   assert warning.startswith("1 validation images could not be decoded")
   assert "left out of this evaluation" in warning
@@ -179,7 +185,8 @@ def test_training_goes_on_over_broken_images(broken_folder, tmp_path, caplog):
 
 def write_idx(path, array: np.ndarray) -> None:
   header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
+    f">{array.ndim}I", *array.shape
+  )
   opener = gzip.open if str(path).endswith(".gz") else open
   with opener(path, "wb") as f:
     f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
@@ -187,10 +194,12 @@ def write_idx(path, array: np.ndarray) -> None:
 
 def fake_copy(folder, n_train: int = 40, n_test: int = 20, suffix: str = ".gz") -> None:
   rng = np.random.default_rng(0)
-  arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-            "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
-            "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-            "test_labels": (np.arange(n_test) % 10).astype(np.uint8)}
+  arrays = {
+    "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+    "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+  }
   for key, stem in fashion_mnist.FILES.items():
     write_idx(folder / (stem + suffix), arrays[key])
 
@@ -201,11 +210,12 @@ def cut_mid_image(path) -> None:
   with opener(path, "rb") as f:
     content = f.read()
   with opener(path, "wb") as f:
-    f.write(content[:16 + 7 * 784 + 392])
+    f.write(content[: 16 + 7 * 784 + 392])
 
 
-@pytest.mark.parametrize("damage", ["content cut mid-image (gz)", "content cut mid-image",
-                                    "compressed stream cut"])
+@pytest.mark.parametrize(
+  "damage", ["content cut mid-image (gz)", "content cut mid-image", "compressed stream cut"]
+)
 def test_a_damaged_idx_file_is_one_sentence_naming_it(tmp_path, damage):
   suffix = "" if damage == "content cut mid-image" else ".gz"
   fake_copy(tmp_path, suffix=suffix)
@@ -232,9 +242,19 @@ def test_the_cli_stops_at_start_up_with_exit_2_on_a_truncated_idx_file(tmp_path)
   cut_mid_image(path)
   workdir = tmp_path / "w"
   proc = subprocess.run(
-      [sys.executable, "-m", "mcl_jax.main", "--config=fashion_mnist:mcl_x2,smoke",
-       f"--workdir={workdir}", f"--config.input.data_dir={data_dir}"],
-      cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "mcl_jax.main",
+      "--config=fashion_mnist:mcl_x2,smoke",
+      f"--workdir={workdir}",
+      f"--config.input.data_dir={data_dir}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {path} has 5880 data bytes") and one_sentence(last), last

@@ -4,6 +4,7 @@ Every check runs on `tiny` with M = 3 and a 4x8x8 batch. Compiles dominate on a 
 CPU, so each cached helper below jits one program that gathers everything several tests
 look at.
 """
+
 import functools
 
 import jax
@@ -23,8 +24,7 @@ STRATEGIES = ("vmap", "unroll", "map")
 
 
 def _cohort(shared_stages, strategy="unroll", **kwargs):
-  return Cohort("tiny", 5, M, shared_stages=shared_stages, embed_dim=8, strategy=strategy,
-                **kwargs)
+  return Cohort("tiny", 5, M, shared_stages=shared_stages, embed_dim=8, strategy=strategy, **kwargs)
 
 
 def _assert_trees_close(a, b, **tol):
@@ -46,8 +46,7 @@ def _variables(shared_stages):
 
 
 def _scalar(out):
-  return (jnp.sum(out["logits"] ** 2) + jnp.sum(out["embeddings"][..., 0])
-          + jnp.sum(out["features"]))
+  return jnp.sum(out["logits"] ** 2) + jnp.sum(out["embeddings"][..., 0]) + jnp.sum(out["features"])
 
 
 @functools.cache
@@ -57,8 +56,9 @@ def _run(strategy, shared_stages):
 
   def run(v):
     def train_loss(params):
-      out, upd = cohort.apply({"params": params, "batch_stats": v["batch_stats"]}, X, True,
-                              mutable=["batch_stats"])
+      out, upd = cohort.apply(
+        {"params": params, "batch_stats": v["batch_stats"]}, X, True, mutable=["batch_stats"]
+      )
       return _scalar(out), (out, upd["batch_stats"])
 
     def eval_loss(params):
@@ -70,8 +70,12 @@ def _run(strategy, shared_stages):
     mut_out, mut_upd = cohort.apply(v, X, False, mutable=["batch_stats"])
     # A keyword `train` on the cohort itself is fine: only lifted transforms drop keywords.
     kw_out = cohort.apply(v, X, train=False)
-    return {"train": (out, grads, stats), "eval": (eval_out, eval_grads),
-            "eval_mutable": (mut_out, mut_upd["batch_stats"]), "eval_keyword": kw_out}
+    return {
+      "train": (out, grads, stats),
+      "eval": (eval_out, eval_grads),
+      "eval_mutable": (mut_out, mut_upd["batch_stats"]),
+      "eval_keyword": kw_out,
+    }
 
   return jax.jit(run)(_variables(shared_stages)[1])
 
@@ -86,8 +90,9 @@ def _members_alone(shared_stages):
     for m in range(M):
       single = extract_member(v, m, shared_stages)
       train_out, upd = net.apply(single, X, True, mutable=["batch_stats"])
-      outs.append({"train": train_out, "stats": upd["batch_stats"],
-                   "eval": net.apply(single, X, False)})
+      outs.append(
+        {"train": train_out, "stats": upd["batch_stats"], "eval": net.apply(single, X, False)}
+      )
     return outs
 
   return jax.jit(run)(_variables(shared_stages)[1])
@@ -130,7 +135,8 @@ def test_members_differ_at_init(shared_stages):
 
 def test_init_is_the_same_for_every_strategy():
   inits = jax.jit(lambda key: [_cohort(1, s).init(key, X, False) for s in ("unroll", "map")])(
-      jax.random.PRNGKey(1))
+    jax.random.PRNGKey(1)
+  )
   for v in inits:
     jax.tree.map(np.testing.assert_array_equal, v, _variables(1)[0])
 
@@ -198,8 +204,11 @@ def test_export_round_trip(shared_stages):
   jax.tree.map(np.testing.assert_array_equal, back, v)
   # a list of per-member heads, and freshly initialised heads of the right shapes
   head_list = [jax.tree.map(lambda a, m=m: a[m], heads) for m in range(M)]
-  jax.tree.map(np.testing.assert_array_equal,
-               cohort_from_members(singles, shared_stages, head_list, arch="tiny"), v)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    cohort_from_members(singles, shared_stages, head_list, arch="tiny"),
+    v,
+  )
   fresh = cohort_from_members(singles, shared_stages, arch="tiny", embed_dim=8)
   assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, v)
   fresh_heads = fresh["params"]["members"]["head"]["fc1"]["kernel"]
@@ -227,8 +236,9 @@ def test_extract_member_checks_its_arguments():
     extract_member(_variables(0)[1], M, 0)
 
 
-@pytest.mark.parametrize("head,head_norm", [("linear", "none"), ("none", "none"),
-                                            ("mlp", "batchnorm")])
+@pytest.mark.parametrize(
+  "head,head_norm", [("linear", "none"), ("none", "none"), ("mlp", "batchnorm")]
+)
 def test_projection_head_kinds(head, head_norm):
   """'linear': embeddings = normalise(features W + b) exactly; 'none': no head parameters and
   no embeddings (MoCo brings its own projection); 'batchnorm': a BN on the head's input,
@@ -244,8 +254,9 @@ def test_projection_head_kinds(head, head_norm):
     fc = members["head"]["fc1"]
     assert set(members["head"]) == {"fc1"} and "head_hidden" not in out
     h = np.einsum("mbf,mfd->mbd", out["features"], fc["kernel"]) + fc["bias"][:, None]
-    np.testing.assert_allclose(out["embeddings"], h / np.linalg.norm(h, axis=-1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      out["embeddings"], h / np.linalg.norm(h, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6
+    )
   if head_norm == "batchnorm":
     _, updated = cohort.apply(v, X, True, mutable=["batch_stats"])
     before = v["batch_stats"]["members"]["head"]["bn"]["mean"]

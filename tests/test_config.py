@@ -1,4 +1,5 @@
 """Config validation and the CLI: bad input gets one clear sentence and exit status 2."""
+
 import os
 import subprocess
 import sys
@@ -76,8 +77,9 @@ def test_queue_not_divisible_by_global_batch():
   assert_error(c, r"queue_size=100 is not a positive multiple of the global batch 16")
 
 
-@pytest.mark.parametrize("trainer,regime", [("supervised", "moco"), ("moco", "batch"),
-                                            ("moco", "bank")])
+@pytest.mark.parametrize(
+  "trainer,regime", [("supervised", "moco"), ("moco", "batch"), ("moco", "bank")]
+)
 def test_trainer_and_regime_must_match(trainer, regime):
   c = smoke_config()
   c.trainer, c.loss.regime = trainer, regime
@@ -96,8 +98,9 @@ def test_workdir_not_writable(tmp_path):
   # Works as root too: a path under a regular file can never be created.
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  assert_error(smoke_config(), r"--workdir=.*file/run is not writable",
-               workdir=str(blocker / "run"))
+  assert_error(
+    smoke_config(), r"--workdir=.*file/run is not writable", workdir=str(blocker / "run")
+  )
 
 
 def test_unknown_config_field():
@@ -121,6 +124,7 @@ def all_config_args():
 @pytest.mark.parametrize("name", all_config_args())
 def test_every_config_loads_and_validates(name):
   import importlib
+
   module = importlib.import_module(f"mcl_jax.configs.{name}")
   doc = module.__doc__ or ""
   assert "mcl-train --config=" in doc or "python -m mcl_jax." in doc, "no launch command"
@@ -143,8 +147,12 @@ def test_config_args_are_checked():
 
 def test_ablation_and_cohort_size_set_the_official_fields():
   c = cifar100_ablation.get_config("vcl+soft_icl")
-  assert (c.loss.vcl_weight, c.loss.icl_weight, c.loss.soft_vcl_weight, c.loss.soft_icl_weight) \
-      == (0.1, 0.0, 0.0, 1.0)
+  assert (c.loss.vcl_weight, c.loss.icl_weight, c.loss.soft_vcl_weight, c.loss.soft_icl_weight) == (
+    0.1,
+    0.0,
+    0.0,
+    1.0,
+  )
   assert c.cohort.num_members == 4 and c.model.shared_stages == 2
   c = cifar100_cohort_size.get_config("6")
   assert c.cohort.num_members == 6 and c.model.shared_stages == 2
@@ -155,15 +163,24 @@ def test_ablation_and_cohort_size_set_the_official_fields():
 
 
 def run_cli(*args, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mcl_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", "mcl_jax.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_unknown_override_field_is_one_line(tmp_path):
-  r = run_cli("--config=cifar100_resnet32:mcl_x2,smoke", "--config.optim.lrr=0.05",
-              f"--workdir={tmp_path}", tmp_path=tmp_path)
+  r = run_cli(
+    "--config=cifar100_resnet32:mcl_x2,smoke",
+    "--config.optim.lrr=0.05",
+    f"--workdir={tmp_path}",
+    tmp_path=tmp_path,
+  )
   assert r.returncode == 2, r.stderr
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and "lrr" in last, r.stderr
@@ -171,13 +188,19 @@ def test_cli_unknown_override_field_is_one_line(tmp_path):
 
 
 def test_cli_bad_batch_split_is_one_line(tmp_path):
-  r = run_cli("--config=cifar100_resnet32:mcl_x2,smoke",
-              "--config.input.global_batch_size=12", "--config.input.samples_per_class=2",
-              f"--workdir={tmp_path}", tmp_path=tmp_path)
+  r = run_cli(
+    "--config=cifar100_resnet32:mcl_x2,smoke",
+    "--config.input.global_batch_size=12",
+    "--config.input.samples_per_class=2",
+    f"--workdir={tmp_path}",
+    tmp_path=tmp_path,
+  )
   assert r.returncode == 2, r.stderr
   last = r.stderr.strip().splitlines()[-1]
-  assert last == ("error: config.input.global_batch_size=12 is not divisible by the 8 devices; "
-                  "use a multiple of 8."), r.stderr
+  assert last == (
+    "error: config.input.global_batch_size=12 is not divisible by the 8 devices; "
+    "use a multiple of 8."
+  ), r.stderr
   assert "Traceback" not in r.stderr
 
 

@@ -9,6 +9,7 @@ config rebuilt from a dict, as a config file may build one: ml_collections' own 
 (on assignment only) is not what is tested. A few of the cases end to end on the command
 line: exit status 2, one `error:` line naming the field, no traceback, no workdir.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,7 @@ def _lincls() -> ml_collections.ConfigDict:
 
 # The valid config each field's bad values go into, by the field's leading name: the
 # regime where the field is read (the fashion_mnist in-batch MCL x2 smoke run otherwise).
-BASES = {"moco.": _moco, "ssl.": _moco, "loss.co2_": _moco, "bank.": _bank,
-         "lincls.": _lincls}
+BASES = {"moco.": _moco, "ssl.": _moco, "loss.co2_": _moco, "bank.": _bank, "lincls.": _lincls}
 
 
 def base_config(field: str) -> ml_collections.ConfigDict:
@@ -61,64 +61,109 @@ def bad_values(default_value: Any) -> dict[str, Any]:
   if isinstance(default_value, bool):
     return {"an int": 1, "a string": "yes", "None": None}
   if isinstance(default_value, int):
-    return {"a string": "3", "a float": 1.5, "a bool": True, "None": None, "zero": 0,
-            "negative": -1, "huge": 2**40}
+    return {
+      "a string": "3",
+      "a float": 1.5,
+      "a bool": True,
+      "None": None,
+      "zero": 0,
+      "negative": -1,
+      "huge": 2**40,
+    }
   if isinstance(default_value, float):
-    return {"a string": "0.1", "a bool": True, "None": None, "NaN": math.nan,
-            "inf": math.inf, "-inf": -math.inf, "zero": 0.0, "negative": -1.0,
-            "huge": 1e300}
+    return {
+      "a string": "0.1",
+      "a bool": True,
+      "None": None,
+      "NaN": math.nan,
+      "inf": math.inf,
+      "-inf": -math.inf,
+      "zero": 0.0,
+      "negative": -1.0,
+      "huge": 1e300,
+    }
   if isinstance(default_value, str):
     return {"an int": 5, "None": None, "an unknown string": "no_such_value"}
   if isinstance(default_value, tuple):
-    return {"a string": "junk", "an int": 5, "None": None, "string items": ("junk",),
-            "float items": (1.5, 2.5), "bool items": (True, False),
-            "negative items": (-1, 3), "huge items": (2**40, 2**41)}
-  raise AssertionError(f"no bad values for a field of type {type(default_value).__name__}; "
-                       "teach bad_values and config_lib._has_type_of the new type")
+    return {
+      "a string": "junk",
+      "an int": 5,
+      "None": None,
+      "string items": ("junk",),
+      "float items": (1.5, 2.5),
+      "bool items": (True, False),
+      "negative items": (-1, 3),
+      "huge items": (2**40, 2**41),
+    }
+  raise AssertionError(
+    f"no bad values for a field of type {type(default_value).__name__}; "
+    "teach bad_values and config_lib._has_type_of the new type"
+  )
 
 
 _TERM_OFF = "a weight of 0 switches its term off (the ablations)"
-_DIVERGES = ("no upper limit makes sense here; a loss or LR that overflows stops the run "
-             "with exit status 3 and saves no NaN (the divergence guard)")
+_DIVERGES = (
+  "no upper limit makes sense here; a loss or LR that overflows stops the run "
+  "with exit status 3 and saves no NaN (the divergence guard)"
+)
 _LONG_RAMP = "a ramp longer than the run is legal: it just never reaches full strength"
-_PATH = ("a path, read when the run starts: a missing one ends there in one sentence "
-         "(tests/test_reliability.py, tests/test_export_lincls.py)")
+_PATH = (
+  "a path, read when the run starts: a missing one ends there in one sentence "
+  "(tests/test_reliability.py, tests/test_export_lincls.py)"
+)
 
 # (field, kind) -> why that value passes validation and runs.
 ALLOWED = {
-    ("seed", "zero"): "0 is the default seed",
-    ("model.num_classes", "zero"): "0 takes the class count from the dataset (default)",
-    ("model.shared_stages", "zero"): "0: every member has its own stem (default)",
-    **{(f"loss.{term}_weight", "zero"): _TERM_OFF
-       for term in ("vcl", "icl", "soft_vcl", "soft_icl", "logit_kd", "co2")},
-    ("loss.soft_warmup_epochs", "zero"): "0: the official constant weights (default)",
-    ("bank.momentum", "zero"): "0: each bank row becomes the newest embedding",
-    ("bank.gather_chunk", "zero"): "0: all candidates gathered at once (default)",
-    ("moco.key_momentum", "zero"): "0: the key encoder copies the query encoder each step",
-    ("moco.bn_group_size", "zero"): "0: one BN group per device",
-    ("ssl.knn_every_epochs", "zero"): "0: the kNN monitor is off",
-    ("input.validation_size", "zero"): "0: no validation split held out",
-    ("input.train_subset", "zero"): "0: the whole training split",
-    ("optim.momentum", "zero"): "0: plain SGD",
-    ("optim.weight_decay", "zero"): "0: no weight decay (the linear probe's recipe)",
-    ("schedule.warmup_epochs", "zero"): "0: no warm-up (default)",
-    ("schedule.num_train_steps", "zero"): "0: train for schedule.epochs (default)",
-    ("eval_every_epochs", "zero"): "0: evaluate only at the end",
-    **{(f"loss.{field}", "huge"): _DIVERGES
-       for field in ("vcl_weight", "icl_weight", "soft_vcl_weight", "soft_icl_weight",
-                     "logit_kd_weight", "co2_weight", "tau", "kd_temperature",
-                     "co2_temperature")},
-    **{(field, "huge"): _DIVERGES
-       for field in ("optim.lr", "optim.weight_decay", "schedule.decay_factor")},
-    ("loss.soft_warmup_epochs", "huge"): _LONG_RAMP,
-    ("schedule.warmup_epochs", "huge"): _LONG_RAMP,
-    **{(field, "an unknown string"): _PATH
-       for field in ("input.data_dir", "resume_from", "lincls.pretrained")},
+  ("seed", "zero"): "0 is the default seed",
+  ("model.num_classes", "zero"): "0 takes the class count from the dataset (default)",
+  ("model.shared_stages", "zero"): "0: every member has its own stem (default)",
+  **{
+    (f"loss.{term}_weight", "zero"): _TERM_OFF
+    for term in ("vcl", "icl", "soft_vcl", "soft_icl", "logit_kd", "co2")
+  },
+  ("loss.soft_warmup_epochs", "zero"): "0: the official constant weights (default)",
+  ("bank.momentum", "zero"): "0: each bank row becomes the newest embedding",
+  ("bank.gather_chunk", "zero"): "0: all candidates gathered at once (default)",
+  ("moco.key_momentum", "zero"): "0: the key encoder copies the query encoder each step",
+  ("moco.bn_group_size", "zero"): "0: one BN group per device",
+  ("ssl.knn_every_epochs", "zero"): "0: the kNN monitor is off",
+  ("input.validation_size", "zero"): "0: no validation split held out",
+  ("input.train_subset", "zero"): "0: the whole training split",
+  ("optim.momentum", "zero"): "0: plain SGD",
+  ("optim.weight_decay", "zero"): "0: no weight decay (the linear probe's recipe)",
+  ("schedule.warmup_epochs", "zero"): "0: no warm-up (default)",
+  ("schedule.num_train_steps", "zero"): "0: train for schedule.epochs (default)",
+  ("eval_every_epochs", "zero"): "0: evaluate only at the end",
+  **{
+    (f"loss.{field}", "huge"): _DIVERGES
+    for field in (
+      "vcl_weight",
+      "icl_weight",
+      "soft_vcl_weight",
+      "soft_icl_weight",
+      "logit_kd_weight",
+      "co2_weight",
+      "tau",
+      "kd_temperature",
+      "co2_temperature",
+    )
+  },
+  **{
+    (field, "huge"): _DIVERGES
+    for field in ("optim.lr", "optim.weight_decay", "schedule.decay_factor")
+  },
+  ("loss.soft_warmup_epochs", "huge"): _LONG_RAMP,
+  ("schedule.warmup_epochs", "huge"): _LONG_RAMP,
+  **{
+    (field, "an unknown string"): _PATH
+    for field in ("input.data_dir", "resume_from", "lincls.pretrained")
+  },
 }
 
 
-def with_value(config: ml_collections.ConfigDict, field: str, value: Any
-               ) -> ml_collections.ConfigDict:
+def with_value(
+  config: ml_collections.ConfigDict, field: str, value: Any
+) -> ml_collections.ConfigDict:
   """A copy of `config` with `field` set to `value`, whatever its type."""
   tree = config.to_dict()
   *sections, name = field.split(".")
@@ -169,8 +214,12 @@ def test_the_allow_list_and_the_bounds_name_real_fields():
 def test_moco_fields_are_checked_under_the_moco_trainer():
   c = _moco()
   assert c.trainer == "moco"
-  for field, value in (("moco.queue_size", 0), ("moco.key_momentum", 1.5),
-                       ("moco.key_momentum", math.nan), ("moco.mlp", 1)):
+  for field, value in (
+    ("moco.queue_size", 0),
+    ("moco.key_momentum", 1.5),
+    ("moco.key_momentum", math.nan),
+    ("moco.mlp", 1),
+  ):
     with pytest.raises(config_lib.ConfigError, match="^" + re.escape(f"config.{field}=")):
       config_lib.validate(with_value(c, field, value), num_devices=8)
 
@@ -178,23 +227,31 @@ def test_moco_fields_are_checked_under_the_moco_trainer():
 def test_shared_stages_must_leave_each_member_its_own_stages():
   c = _fashion()  # the smoke run's `tiny` has 2 stages, the stem included
   c.model.shared_stages = 2
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"config.model.shared_stages=2 must be less than tiny's 2 stages"):
+  with pytest.raises(
+    config_lib.ConfigError, match=r"config.model.shared_stages=2 must be less than tiny's 2 stages"
+  ):
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize("override,field", [
+@pytest.mark.parametrize(
+  "override,field",
+  [
     ("log_every_steps=0", "config.log_every_steps"),
     ("seed=-1", "config.seed"),
     ("checkpoint.every_epochs=0", "config.checkpoint.every_epochs"),
     ("optim.lr=nan", "config.optim.lr"),
     ("seed=x", "config.seed"),
     ("schedule.boundaries=junk", "config.schedule.boundaries"),
-])
+  ],
+)
 def test_cli_bad_field_is_one_error_line_and_no_workdir(override, field, tmp_path):
   workdir = tmp_path / "run"
-  r = run_cli("--config=fashion_mnist:mcl_x2,smoke", f"--config.{override}",
-              f"--workdir={workdir}", tmp_path=tmp_path)
+  r = run_cli(
+    "--config=fashion_mnist:mcl_x2,smoke",
+    f"--config.{override}",
+    f"--workdir={workdir}",
+    tmp_path=tmp_path,
+  )
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert r.returncode == 2, r.stderr
   assert len(errors) == 1 and field in errors[0], r.stderr

@@ -5,6 +5,7 @@ accept, a shared trunk that does not split the network, a bank that does not fit
 sampler); this runs each one through the same entry point as the CLI. `lincls_r18` needs
 an exported member and is run from one in tests/test_export_lincls.py.
 """
+
 import importlib
 import os
 
@@ -24,12 +25,20 @@ NEEDS_AN_EXPORTED_MEMBER = ("lincls_r18",)
 # architectures themselves are tested in test_models*.py and test_convert.py). With
 # --runslow (`make test-all`) every config also runs as written.
 LIGHT_STAND_IN = {
-    "cifar100_resnet56": "tiny", "cifar100_resnet110": "tiny", "cifar100_wrn_40_2": "tiny",
-    "cifar100_wrn_28_4": "tiny", "cifar100_shufflenetv2_1x": "tiny",
-    "cifar100_hcgnet_a1": "tiny", "cifar100_hcgnet_a2": "tiny", "cifar100_cohort_size": "tiny",
-    "imagenet_r18_baseline": "tiny_imagenet", "imagenet_r18_x2": "tiny_imagenet",
-    "imagenet_r18_x4": "tiny_imagenet", "imagenet_r34_x2": "tiny_imagenet",
-    "imagenet_r34_x4": "tiny_imagenet"}
+  "cifar100_resnet56": "tiny",
+  "cifar100_resnet110": "tiny",
+  "cifar100_wrn_40_2": "tiny",
+  "cifar100_wrn_28_4": "tiny",
+  "cifar100_shufflenetv2_1x": "tiny",
+  "cifar100_hcgnet_a1": "tiny",
+  "cifar100_hcgnet_a2": "tiny",
+  "cifar100_cohort_size": "tiny",
+  "imagenet_r18_baseline": "tiny_imagenet",
+  "imagenet_r18_x2": "tiny_imagenet",
+  "imagenet_r18_x4": "tiny_imagenet",
+  "imagenet_r34_x2": "tiny_imagenet",
+  "imagenet_r34_x4": "tiny_imagenet",
+}
 
 
 def experiment_configs():

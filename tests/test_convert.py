@@ -3,6 +3,7 @@
 The torch networks below are written here, with the official key names (the official MCL
 single-network classes for CIFAR, torchvision's for ImageNet); no torchvision needed.
 """
+
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,9 @@ def _random_variables(arch, num_classes, seed=0):
   return traverse_util.unflatten_dict(flat)
 
 
-@pytest.mark.parametrize("arch,num_classes", [("tiny", 10), ("resnet110", 100),
-                                              ("wrn_16_2", 100), ("resnet18", 1000)])
+@pytest.mark.parametrize(
+  "arch,num_classes", [("tiny", 10), ("resnet110", 100), ("wrn_16_2", 100), ("resnet18", 1000)]
+)
 def test_round_trip_without_torch(arch, num_classes):
   v = _random_variables(arch, num_classes)
   sd = convert.to_torch(arch, v)
@@ -37,8 +39,13 @@ def test_layouts_and_names():
   assert sd["conv1.weight"].shape == (8, 3, 3, 3)  # OIHW
   assert sd["layer1.0.downsample.0.weight"].shape == (16, 8, 1, 1)
   assert sd["classifier.weight"].shape == (10, 16)  # (out, in)
-  assert {"bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
-          "layer1.0.downsample.1.running_var"} <= set(sd)
+  assert {
+    "bn1.weight",
+    "bn1.bias",
+    "bn1.running_mean",
+    "bn1.running_var",
+    "layer1.0.downsample.1.running_var",
+  } <= set(sd)
 
 
 def test_errors_name_the_keys():
@@ -87,8 +94,9 @@ def _torch_nets():
       self.bn2 = nn.BatchNorm2d(planes)
       self.downsample = None
       if stride != 1 or cin != planes:
-        self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
-                                        nn.BatchNorm2d(planes))
+        self.downsample = nn.Sequential(
+          nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+        )
 
     def forward(self, x):
       out = torch.relu(self.bn1(self.conv1(x)))
@@ -96,16 +104,20 @@ def _torch_nets():
       return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
   def layer(cin, planes, n, stride):
-    return nn.Sequential(*[Block(cin if i == 0 else planes, planes, stride if i == 0 else 1)
-                           for i in range(n)])
+    return nn.Sequential(
+      *[Block(cin if i == 0 else planes, planes, stride if i == 0 else 1) for i in range(n)]
+    )
 
   class CifarResNet(nn.Module):  # official models/resnet.py ResNet, BasicBlock
     def __init__(self, n, num_classes):
       super().__init__()
       self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
       self.bn1 = nn.BatchNorm2d(16)
-      self.layer1, self.layer2, self.layer3 = (layer(16, 16, n, 1), layer(16, 32, n, 2),
-                                               layer(32, 64, n, 2))
+      self.layer1, self.layer2, self.layer3 = (
+        layer(16, 16, n, 1),
+        layer(16, 32, n, 2),
+        layer(32, 64, n, 2),
+      )
       self.classifier = nn.Linear(64, num_classes)
 
     def forward(self, x):
@@ -146,8 +158,9 @@ def _torch_nets():
   class NetworkBlock(nn.Module):
     def __init__(self, n, cin, cout, stride):
       super().__init__()
-      self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout,
-                                             stride if i == 0 else 1) for i in range(n)])
+      self.layer = nn.Sequential(
+        *[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+      )
 
     def forward(self, x):
       return self.layer(x)
@@ -169,9 +182,9 @@ def _torch_nets():
       return self.fc(f), f
 
   return torch, {
-      "resnet32": (lambda: CifarResNet(5, 100), 32),
-      "wrn_16_2": (lambda: WideResNet(16, 2, 100), 32),
-      "resnet18": (lambda: ImageNetResNet(1000), 64),
+    "resnet32": (lambda: CifarResNet(5, 100), 32),
+    "wrn_16_2": (lambda: WideResNet(16, 2, 100), 32),
+    "resnet18": (lambda: ImageNetResNet(1000), 64),
   }
 
 
@@ -197,7 +210,8 @@ def test_torch_parity(arch):
   variables = convert.from_torch(arch, sd)
   flax_net = models.create(arch, want_logits.shape[-1])
   logits, features = jax.jit(lambda v, x: flax_net.apply(v, x, False))(
-      variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    variables, jnp.asarray(x.transpose(0, 2, 3, 1))
+  )
   assert np.max(np.abs(np.asarray(logits) - want_logits)) < 1e-4
   assert np.max(np.abs(np.asarray(features) - want_features)) < 1e-4
 

@@ -1,4 +1,5 @@
 """ImageNet input: image-folder and tfds sources on tiny synthetic data (no network)."""
+
 import os
 
 import numpy as np
@@ -9,8 +10,8 @@ from mcl_jax.data import imagenet
 from mcl_jax.data import protocol
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
-    pytest.mark.xdist_group("data_imagenet"),  # one worker builds the module's folder once
+  pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # TF/tfds internals
+  pytest.mark.xdist_group("data_imagenet"),  # one worker builds the module's folder once
 ]
 
 CLASSES = ("bee", "ant", "cat")  # sorted: ant=0, bee=1, cat=2
@@ -19,6 +20,7 @@ VAL_SIZES = {"ant": 2, "bee": 2, "cat": 1}
 
 def _tf():
   from mcl_jax.data import tf_lazy
+
   return tf_lazy.tf()
 
 
@@ -40,9 +42,16 @@ def folder(tmp_path_factory):
 
 
 def _epoch(source, epoch=0, process_index=0, process_count=1, **kw):
-  return list(source.train_batches(epoch, seed=0, global_batch_size=4,
-                                   process_index=process_index, process_count=process_count,
-                                   **kw))
+  return list(
+    source.train_batches(
+      epoch,
+      seed=0,
+      global_batch_size=4,
+      process_index=process_index,
+      process_count=process_count,
+      **kw,
+    )
+  )
 
 
 def test_folder_source_lists_classes_and_labels_without_decoding(folder):
@@ -114,8 +123,9 @@ def test_folder_resume_mid_epoch_replays_the_remaining_batches(folder):
 
 def test_folder_eval_is_padded_and_masked_on_every_process(folder):
   source = imagenet.ImageFolderSource(folder, image_size=32, output_dtype="float32")
-  shares = [list(source.eval_batches("test", 4, process_index=p, process_count=2))
-            for p in range(2)]
+  shares = [
+    list(source.eval_batches("test", 4, process_index=p, process_count=2)) for p in range(2)
+  ]
   assert len(shares[0]) == len(shares[1]) == 2  # ceil(5 / 4) global batches
   masks = np.concatenate([b["mask"] for share in shares for b in share])
   assert masks.sum() == 5
@@ -159,9 +169,15 @@ def test_tfds_source_reads_sharded_records_with_dense_indices(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(num_classes=3)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=3),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(14), "validation": self._generate_examples(5)}
@@ -173,17 +189,18 @@ def test_tfds_source_reads_sharded_records_with_dense_indices(tmp_path):
         yield str(i), {"image": image, "label": i % 3}
 
   McljaxTinyImagenet(data_dir=str(tmp_path)).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=3))
-  source = imagenet.TfdsImageNetSource(str(tmp_path), image_size=16,
-                                       name="mcljax_tiny_imagenet")
+    download_config=tfds.download.DownloadConfig(num_shards=3)
+  )
+  source = imagenet.TfdsImageNetSource(str(tmp_path), image_size=16, name="mcljax_tiny_imagenet")
   assert source.num_train == 14 and source.num_eval == 5 and source.num_classes == 3
   labels = source.train_labels  # one label-only pass, cached beside the data
   assert sorted(np.bincount(labels)) == [4, 5, 5]
   assert os.path.exists(os.path.join(source.builder.data_dir, "train_labels.npy"))
   seen = []
   for p in range(2):
-    share = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=p,
-                                      process_count=2))
+    share = list(
+      source.train_batches(0, seed=0, global_batch_size=4, process_index=p, process_count=2)
+    )
     assert len(share) == 3  # 14 // 4 on every process
     for batch in share:
       assert batch["image"].shape == (2, 16, 16, 3)
@@ -199,13 +216,15 @@ def test_tfds_source_reads_sharded_records_with_dense_indices(tmp_path):
 def test_imagenet2012_through_tfds_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = data.make_source({"dataset": "imagenet2012", "data_dir": str(tmp_path),
-                               "image_size": 24})
+    source = data.make_source(
+      {"dataset": "imagenet2012", "data_dir": str(tmp_path), "image_size": 24}
+    )
     assert isinstance(source, imagenet.TfdsImageNetSource)
     assert source.num_classes == 1000 and source.num_train == 6
     labels = source.train_labels
-    batches = list(source.train_batches(0, seed=1, global_batch_size=3, process_index=0,
-                                        process_count=1))
+    batches = list(
+      source.train_batches(0, seed=1, global_batch_size=3, process_index=0, process_count=1)
+    )
     evals = list(source.eval_batches("test", 4, process_index=0, process_count=1))
   assert len(batches) == 2 and batches[0]["image"].shape == (3, 24, 24, 3)
   indices = np.concatenate([b["index"] for b in batches])

@@ -5,6 +5,7 @@ shared trunk, exported through the `python -m mcl_jax.export` command line, and 
 MCL x2 cohort exported in-process and probed with `lincls_r18:smoke` through
 `jobs.run`, the CLI's dispatch.
 """
+
 import json
 import os
 import subprocess
@@ -39,8 +40,14 @@ def run_command(module, *args, timeout=300):
   """`python -m <module> args` on one host CPU device, as a user runs a command."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def run_export_cli(*args):
@@ -91,8 +98,9 @@ def test_exported_member_gives_the_cohort_members_logits(supervised):
 
   x = jax.random.normal(jax.random.PRNGKey(3), (5, SIZE, SIZE, 3))
   state = trainer.state
-  cohort = trainer.task.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                               x, train=False)["logits"]
+  cohort = trainer.task.model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+  )["logits"]
   single = models.create(info["arch"], info["num_classes"])
   logits, _ = single.apply(variables, x, False)
   assert not np.allclose(cohort[0], cohort[1], atol=1e-3)  # the members really differ
@@ -108,8 +116,15 @@ def test_safetensors_have_official_names_and_round_trip(supervised):
   _, variables, _ = export.load_exported(supervised.out)
   sd = convert.load_safetensors(os.path.join(supervised.out, export.TORCH_FILE))
   # The official CIFAR ResNet names (tiny follows them): no cohort paths, OIHW / (out, in).
-  assert {"conv1.weight", "bn1.running_mean", "bn1.running_var", "layer1.0.conv2.weight",
-          "layer1.0.downsample.0.weight", "classifier.weight", "classifier.bias"} <= set(sd)
+  assert {
+    "conv1.weight",
+    "bn1.running_mean",
+    "bn1.running_var",
+    "layer1.0.conv2.weight",
+    "layer1.0.downsample.0.weight",
+    "classifier.weight",
+    "classifier.bias",
+  } <= set(sd)
   assert not any(k.startswith(("trunk", "members", "head")) for k in sd)
   assert sd["conv1.weight"].shape == (8, 3, 3, 3)
   assert sd["classifier.weight"].shape == (10, 16)
@@ -135,8 +150,15 @@ def probed(tmp_path_factory):
   c.lincls.pretrained = out
   config_lib.validate(c, num_devices=8, workdir=probe_dir)
   result = jobs.run(c, probe_dir)
-  return types.SimpleNamespace(moco_dir=moco_dir, out=out, probe_dir=probe_dir, info=info,
-                               moco_result=moco_result, result=result, config=c)
+  return types.SimpleNamespace(
+    moco_dir=moco_dir,
+    out=out,
+    probe_dir=probe_dir,
+    info=info,
+    moco_result=moco_result,
+    result=result,
+    config=c,
+  )
 
 
 def test_moco_export_is_the_query_encoders_backbone(probed):
@@ -147,8 +169,7 @@ def test_moco_export_is_the_query_encoders_backbone(probed):
   _, state, _ = export.read_checkpoint(probed.moco_dir)
   _, variables, _ = export.load_exported(probed.out)
   query = state["params"]["members"]["backbone"]
-  jax.tree.map(lambda e, q: np.testing.assert_array_equal(e, q[MEMBER]),
-               variables["params"], query)
+  jax.tree.map(lambda e, q: np.testing.assert_array_equal(e, q[MEMBER]), variables["params"], query)
   key = state["key_params"]["members"]["backbone"]
   assert not np.allclose(key["conv1"]["kernel"][MEMBER], variables["params"]["conv1"]["kernel"])
 
@@ -173,14 +194,18 @@ def test_probe_trains_only_a_fresh_classifier_on_the_frozen_export(probed):
   net, variables, _ = export.load_exported(probed.out)
   for name in variables["params"]:
     if name != "classifier":
-      jax.tree.map(np.testing.assert_array_equal, trainer.task.consts["frozen"]["params"][name],
-                   variables["params"][name])
+      jax.tree.map(
+        np.testing.assert_array_equal,
+        trainer.task.consts["frozen"]["params"][name],
+        variables["params"][name],
+      )
   images = np.random.default_rng(0).uniform(size=(4, SIZE, SIZE, 3)).astype(np.float32)
   x = (images - np.asarray(trainer.setup.source.mean)) / np.asarray(trainer.setup.source.std)
   _, features = net.apply(variables, jnp.asarray(x), False)  # eval-mode BN of the export
   expected = features @ head["classifier"]["kernel"] + head["classifier"]["bias"]
-  np.testing.assert_allclose(trainer.task.logits(trainer.state, images), expected, rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    trainer.task.logits(trainer.state, images), expected, rtol=1e-4, atol=1e-5
+  )
 
 
 # ----------------------------------------------------------------------------- errors
@@ -242,12 +267,20 @@ def test_probe_train_and_eval_steps_compile_once(probed, tmp_path):
 def test_fewshot_command_on_the_export(supervised, tmp_path):
   """mcl-fewshot on the exported member's features of the synthetic test split."""
   out = tmp_path / "fewshot.json"
-  proc = run_command("mcl_jax.fewshot", f"--export={supervised.out}", "--classes=0,1,2,3,4",
-                     "--shots=1,2", "--queries=3", "--episodes=10", f"--json_out={out}")
+  proc = run_command(
+    "mcl_jax.fewshot",
+    f"--export={supervised.out}",
+    "--classes=0,1,2,3,4",
+    "--shots=1,2",
+    "--queries=3",
+    "--episodes=10",
+    f"--json_out={out}",
+  )
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
-  assert set(result) == {f"{c}_{k}shot" for c in ("nearest_centroid", "logistic_regression")
-                         for k in (1, 2)}
+  assert set(result) == {
+    f"{c}_{k}shot" for c in ("nearest_centroid", "logistic_regression") for k in (1, 2)
+  }
   for value in result.values():
     assert 0 <= value["mean"] <= 1 and value["ci95"] >= 0
   assert "5-way few-shot accuracy" in proc.stdout
@@ -256,8 +289,13 @@ def test_fewshot_command_on_the_export(supervised, tmp_path):
 def test_logreg_probe_command_on_the_export(supervised, tmp_path):
   """mcl-logreg-probe on the exported member's features, C chosen on a held-out split."""
   out = tmp_path / "probe.json"
-  proc = run_command("mcl_jax.logreg_probe", f"--export={supervised.out}",
-                     "--validation_size=64", "--cs=0.1,10", f"--json_out={out}")
+  proc = run_command(
+    "mcl_jax.logreg_probe",
+    f"--export={supervised.out}",
+    "--validation_size=64",
+    "--cs=0.1,10",
+    f"--json_out={out}",
+  )
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
   assert result["c"] in (0.1, 10.0) and len(result["val_top1_per_c"]) == 2

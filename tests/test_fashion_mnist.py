@@ -6,6 +6,7 @@ The real-data tests need the Debian package (`apt-get install dataset-fashion-mn
 .ci/run installs when it can) and are skipped without it; everything else runs on small
 IDX files written here.
 """
+
 import gzip
 import os
 import struct
@@ -20,12 +21,14 @@ from mcl_jax.data import fashion_mnist
 
 HAVE_DEBIAN_COPY = fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR)
 needs_real_data = pytest.mark.skipif(
-    not HAVE_DEBIAN_COPY, reason="apt-get install dataset-fashion-mnist for the real data")
+  not HAVE_DEBIAN_COPY, reason="apt-get install dataset-fashion-mnist for the real data"
+)
 
 
 def write_idx(path, array, gz=True):
   header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
+    f">{array.ndim}I", *array.shape
+  )
   opener = gzip.open if gz else open
   with opener(path, "wb") as f:
     f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
@@ -34,10 +37,11 @@ def write_idx(path, array, gz=True):
 def fake_copy(folder, n_train=40, n_test=20, gz=True):
   rng = np.random.default_rng(0)
   arrays = {
-      "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-      "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
-      "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-      "test_labels": (np.arange(n_test) % 10).astype(np.uint8)}
+    "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+    "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    "test_labels": (np.arange(n_test) % 10).astype(np.uint8),
+  }
   for key, stem in fashion_mnist.FILES.items():
     write_idx(os.path.join(folder, stem + (".gz" if gz else "")), arrays[key], gz)
   return arrays
@@ -74,11 +78,22 @@ def test_missing_data_says_both_ways_to_get_it(tmp_path):
 def test_main_exits_2_with_one_sentence_when_the_data_is_missing(tmp_path):
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-      [sys.executable, "-m", "mcl_jax.main", "--config=fashion_mnist:baseline,smoke",
-       f"--workdir={tmp_path / 'w'}", f"--config.input.data_dir={tmp_path / 'nowhere'}"],
-      cwd=root, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "mcl_jax.main",
+      "--config=fashion_mnist:baseline,smoke",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.input.data_dir={tmp_path / 'nowhere'}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "apt-get install dataset-fashion-mnist" in last
@@ -86,8 +101,13 @@ def test_main_exits_2_with_one_sentence_when_the_data_is_missing(tmp_path):
 
 def test_validation_and_subset_are_stratified_fixed_and_disjoint(tmp_path):
   fake_copy(tmp_path, n_train=200)
-  cfg = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "image_size": 14,
-         "validation_size": 50, "train_subset": 100}
+  cfg = {
+    "dataset": "fashion_mnist",
+    "data_dir": str(tmp_path),
+    "image_size": 14,
+    "validation_size": 50,
+    "train_subset": 100,
+  }
   ds = data.make_source(cfg)
   assert ds.train_images.shape == (100, 14, 14, 1) and ds.val_images.shape == (50, 14, 14, 1)
   assert ds.train_images.dtype == np.float32 and ds.train_images.max() <= 1.0
@@ -123,8 +143,7 @@ def test_the_debian_copy_has_the_published_format():
 
 
 @needs_real_data
-def test_a_short_supervised_run_on_real_images_clearly_learns_and_mcl_aligns_the_members(
-    tmp_path):
+def test_a_short_supervised_run_on_real_images_clearly_learns_and_mcl_aligns_the_members(tmp_path):
   """tiny x2 (a 4k-parameter network) with MCL on, 150 steps of 64 real 14x14 images (~1.9
   epochs of a 5,000-image subset), two checks of one run.
 

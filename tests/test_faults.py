@@ -17,6 +17,7 @@ network on 64 synthetic 8x8 images, 4 steps of 16 per epoch, 4 CPU devices in al
 3. The same in-process, without a mount: an OSError(ENOSPC) injected into the file write of
    Orbax's background save.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ HEARTBEAT_TIMEOUT_S = 30
 def _job(workdir, flags, **kwargs) -> Job:
   """A run of TINY_RUN_FLAGS and `flags` on NUM_DEVICES devices, its logs beside `workdir`;
   the compilation cache is conftest.py's."""
-  return Job(workdir, (*TINY_RUN_FLAGS, *flags), num_devices=NUM_DEVICES,
-             logs_beside_workdir=True, **kwargs)
+  return Job(
+    workdir, (*TINY_RUN_FLAGS, *flags), num_devices=NUM_DEVICES, logs_beside_workdir=True, **kwargs
+  )
 
 
 def _checkpoint_entries(workdir) -> list[str]:
@@ -70,8 +72,11 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
   workdir = tmp_path / "lost"
   epochs, every = 8, 3  # checkpoints at steps 12, 24 and 32
   total = epochs * STEPS_PER_EPOCH
-  flags = (f"--config.schedule.epochs={epochs}", f"--config.checkpoint.every_epochs={every}",
-           f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}")
+  flags = (
+    f"--config.schedule.epochs={epochs}",
+    f"--config.checkpoint.every_epochs={every}",
+    f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}",
+  )
   first_save = every * STEPS_PER_EPOCH
   with _job(workdir, flags, num_processes=2, name="first") as job:
     # Kill between saves: the first checkpoint complete and four steps past it (its
@@ -81,6 +86,7 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
     def past_the_first_checkpoint():
       steps = STEP_LINE.findall(job.log(1))
       return _committed_steps(workdir) and steps and int(steps[-1]) >= first_save + 4
+
     job.wait_until(past_the_first_checkpoint, "the first checkpoint")
     job.procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -89,14 +95,17 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
     took = time.monotonic() - killed_at
     print(f"process 0 exited {took:.1f} s after process 1 was killed")
     assert job.procs[0].poll() is not None, (
-        f"process 0 still runs {took:.0f} s after process 1 was killed:\n{job.tails()}")
+      f"process 0 still runs {took:.0f} s after process 1 was killed:\n{job.tails()}"
+    )
     assert job.procs[0].returncode == 4, job.tails()
     error = _error_line(job.log(0))
   saved = _committed_steps(workdir)
   assert saved and saved[-1] == first_save, saved  # the kill came before the next save
   assert error.startswith("error: process 1 of this 2-process run was lost ("), error
-  assert (f"the newest complete checkpoint is step {first_save} in "
-          f"{workdir}{os.sep}checkpoints, which a restart resumes from") in error, error
+  assert (
+    f"the newest complete checkpoint is step {first_save} in "
+    f"{workdir}{os.sep}checkpoints, which a restart resumes from"
+  ) in error, error
   assert error.endswith("restart all 2 processes with the same command."), error
 
   with _job(workdir, flags, num_processes=2, name="second") as job:
@@ -109,8 +118,11 @@ def test_a_killed_process_stops_the_other_which_names_it_and_a_restart_resumes(t
 
 def _mount_tmpfs(path: str, size_kib: int) -> bool:
   """A tmpfs of `size_kib` at `path`; False where mounting is not allowed (not root)."""
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", path],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", path],
+    capture_output=True,
+    text=True,
+  )
   return result.returncode == 0
 
 
@@ -132,21 +144,26 @@ def small_disk(tmp_path):
 
 
 def test_a_save_that_runs_out_of_space_keeps_the_previous_checkpoint_and_a_rerun_resumes(
-    small_disk):
+  small_disk,
+):
   workdir = small_disk
   epochs = 5  # checkpoints every epoch: 4 and 8 fit, 12 does not
-  flags = (f"--config.schedule.epochs={epochs}", "--config.checkpoint.every_epochs=1",
-           "--config.checkpoint.keep=2")
+  flags = (
+    f"--config.schedule.epochs={epochs}",
+    "--config.checkpoint.every_epochs=1",
+    "--config.checkpoint.keep=2",
+  )
   with _job(workdir, flags, name="first") as job:
     assert job.wait(fail_fast=False) == [5], job.tails()
     error = _error_line(job.log())
   # The save of step 12 fails on Orbax's background thread; it surfaces when the save of
   # step 16 waits for it, and is reported with its own step.
   assert error == (
-      f"error: no space left on device while saving the checkpoint of step 12 in "
-      f"{workdir}{os.sep}checkpoints; its partial files are removed and the newest "
-      "complete checkpoint is step 8, which a rerun resumes from; free some space and "
-      "rerun the same command."), error
+    f"error: no space left on device while saving the checkpoint of step 12 in "
+    f"{workdir}{os.sep}checkpoints; its partial files are removed and the newest "
+    "complete checkpoint is step 8, which a rerun resumes from; free some space and "
+    "rerun the same command."
+  ), error
   assert _checkpoint_entries(workdir) == ["4", "8"]  # no temporary or final 12, no 16
 
   subprocess.run(["mount", "-o", "remount,size=8m", str(workdir / "checkpoints")], check=True)
@@ -169,6 +186,7 @@ def test_an_enospc_in_the_background_write_removes_the_step_and_names_it(tmp_pat
   import numpy as np
 
   from mcl_jax import checkpointing
+
   state = {"w": jnp.arange(4.0), "step": jnp.int32(1)}
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.save(1, state, {"step": 1})
@@ -181,6 +199,7 @@ def test_an_enospc_in_the_background_write_removes_the_step_and_names_it(tmp_pat
     if "orbax-checkpoint-tmp" in str(self):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
     return real_write_text(self, *args, **kwargs)
+
   monkeypatch.setattr(path_type, "write_text", write_text_on_a_full_disk)
   with pytest.raises(checkpointing.DiskFullError) as failed:
     ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2})
@@ -189,9 +208,10 @@ def test_an_enospc_in_the_background_write_removes_the_step_and_names_it(tmp_pat
   monkeypatch.undo()
   directory = checkpointing.checkpoint_dir(str(tmp_path))
   assert str(failed.value) == (
-      f"no space left on device while saving the checkpoint of step 2 in {directory}; its "
-      "partial files are removed and the newest complete checkpoint is step 1, which a rerun "
-      "resumes from; free some space and rerun the same command.")
+    f"no space left on device while saving the checkpoint of step 2 in {directory}; its "
+    "partial files are removed and the newest complete checkpoint is step 1, which a rerun "
+    "resumes from; free some space and rerun the same command."
+  )
   assert sorted(os.listdir(directory)) == ["1"]
 
   reopened = checkpointing.Checkpointer(str(tmp_path))
@@ -202,22 +222,26 @@ def test_an_enospc_in_the_background_write_removes_the_step_and_names_it(tmp_pat
 
 
 def test_the_lost_process_is_named_from_the_error_and_other_errors_are_left_alone(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   """The sentence's parts that the two-process run above does not reach: a process named
   by JAX's error in a larger run, and errors that are not a lost peer."""
   import jax
 
   from mcl_jax import main
+
   monkeypatch.setattr(jax, "process_count", lambda: 4)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   heartbeat = jax.errors.JaxRuntimeError(
-      "UNAVAILABLE: Task 2 heartbeat timeout. This indicates that the remote task has failed")
+    "UNAVAILABLE: Task 2 heartbeat timeout. This indicates that the remote task has failed"
+  )
   sentence = main.lost_process_sentence(heartbeat, str(tmp_path))
   assert sentence == (
-      "process 2 of this 4-process run was lost (UNAVAILABLE: Task 2 heartbeat timeout. This "
-      "indicates that the remote task has failed), so process 0 stopped; no checkpoint has "
-      "been saved yet, so a restart begins afresh; restart all 4 processes with the same "
-      "command.")
+    "process 2 of this 4-process run was lost (UNAVAILABLE: Task 2 heartbeat timeout. This "
+    "indicates that the remote task has failed), so process 0 stopped; no checkpoint has "
+    "been saved yet, so a restart begins afresh; restart all 4 processes with the same "
+    "command."
+  )
   out_of_memory = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
   assert main.lost_process_sentence(out_of_memory, str(tmp_path)) is None
   monkeypatch.setattr(jax, "process_count", lambda: 1)

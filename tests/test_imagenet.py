@@ -1,4 +1,5 @@
 """ImageNet-style supervised MCL: the memory bank in the sharded train state (docs/SPEC.md 2.2)."""
+
 import os
 
 import jax
@@ -41,7 +42,7 @@ def test_bank_is_sharded_and_updated_as_memory_bank_update(tmp_path):
   assert {s.data.shape for s in bank.addressable_shards} == {(bank.shape[0], 8, 128)}
 
   before = jax.device_get(trainer.state)
-  (_, batch), = [next(iter(trainer.batches()))]
+  ((_, batch),) = [next(iter(trainer.batches()))]
   trainer.step(batch)
   after = np.asarray(trainer.state.bank)
 
@@ -50,10 +51,14 @@ def test_bank_is_sharded_and_updated_as_memory_bank_update(tmp_path):
   _, aug_rng, _ = jax.random.split(before.rng, 3)
   images = trainer.setup.source.train_preprocess(aug_rng, trainer.task.consts["train_image"][idx])
   outputs, _ = trainer.task.model.apply(
-      {"params": before.params, "batch_stats": before.batch_stats}, images, train=True,
-      mutable=["batch_stats"])
-  expected = memory_bank.update(jnp.asarray(before.bank), idx, outputs["embeddings"],
-                                c.bank.momentum)
+    {"params": before.params, "batch_stats": before.batch_stats},
+    images,
+    train=True,
+    mutable=["batch_stats"],
+  )
+  expected = memory_bank.update(
+    jnp.asarray(before.bank), idx, outputs["embeddings"], c.bank.momentum
+  )
   np.testing.assert_allclose(after, np.asarray(expected), atol=2e-6)
   untouched = np.setdiff1d(np.arange(64), np.asarray(idx))
   np.testing.assert_array_equal(after[:, untouched], before.bank[:, untouched])
@@ -69,11 +74,13 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
   for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "logit_kd"):
     # atol: the soft terms are ~0.02, where float32 sums in another order (8 shards vs 1)
     # differ by a few 1e-7 absolute (5.7e-7 seen on one machine: 2.4e-5 relative).
-    np.testing.assert_allclose(np.asarray(h8[-1][name]), np.asarray(h1[-1][name]),
-                               rtol=2e-5, atol=2e-6, err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(h8[-1][name]), np.asarray(h1[-1][name]), rtol=2e-5, atol=2e-6, err_msg=name
+    )
   # 60 real rows; 8 devices pad the bank to 64 with rows that are never read or written.
-  np.testing.assert_allclose(np.asarray(eight.state.bank)[:, :60], np.asarray(one.state.bank),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(eight.state.bank)[:, :60], np.asarray(one.state.bank), atol=1e-5
+  )
   assert not np.asarray(eight.state.bank)[:, 60:].any()
 
 
@@ -95,6 +102,7 @@ def test_resume_restores_the_sharded_bank(tmp_path):
 def test_streamed_image_folder_with_the_bank(tmp_path):
   """The real ImageNet path: JPEGs decoded by tf.data, cropped on the host, bank on device."""
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for split, per_class in (("train", 6), ("val", 2)):
     for cls in ("ant", "bee", "cat", "dog"):

@@ -1,4 +1,5 @@
 """Weighted kNN (InstDisc): known answers, the exp(sim / t) weighting, k > N, chunking."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,14 +25,22 @@ def test_separated_gaussian_clusters_are_classified_perfectly():
   rng = np.random.default_rng(0)
   num_classes, dim = 4, 16
   centres = 10.0 * np.eye(num_classes, dim)
+
   def sample(n):
     y = rng.integers(0, num_classes, n)
     return centres[y] + 0.3 * rng.normal(size=(n, dim)), y
+
   train, train_y = sample(200)
   query, query_y = sample(50)
   acc = knn.knn_accuracy(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), jnp.asarray(query_y),
-      num_classes=num_classes, k=20, chunk_size=16)
+    jnp.asarray(train),
+    jnp.asarray(train_y),
+    jnp.asarray(query),
+    jnp.asarray(query_y),
+    num_classes=num_classes,
+    k=20,
+    chunk_size=16,
+  )
   assert float(acc) == 1.0
 
 
@@ -40,20 +49,26 @@ def test_weighted_votes_beat_majority():
   # neighbours are at 60 degrees (cos 0.5). A majority vote says class 1; InstDisc's
   # weights say class 0, since exp(1 / 0.07) > 3 exp(0.5 / 0.07).
   s = np.sqrt(0.75)
-  train = np.array(
-      [[1.0, 0.0, 0.0], [0.5, s, 0.0], [0.5, 0.0, s], [0.5, -s, 0.0]], np.float32)
+  train = np.array([[1.0, 0.0, 0.0], [0.5, s, 0.0], [0.5, 0.0, s], [0.5, -s, 0.0]], np.float32)
   train_y = np.array([0, 1, 1, 1])
   query = np.array([[2.0, 0.0, 0.0]], np.float32)  # Not unit length: normalised inside.
   pred, scores = knn.knn_predict(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=3, k=4)
+    jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=3, k=4
+  )
   assert int(pred[0]) == 0
   t = knn.DEFAULT_TEMPERATURE
   np.testing.assert_allclose(
-      np.asarray(scores[0]), [np.exp(1 / t), 3 * np.exp(0.5 / t), 0.0], rtol=1e-4)
+    np.asarray(scores[0]), [np.exp(1 / t), 3 * np.exp(0.5 / t), 0.0], rtol=1e-4
+  )
   # A large temperature flattens the weights towards a plain majority vote.
   pred_flat, _ = knn.knn_predict(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=3, k=4,
-      temperature=100.0)
+    jnp.asarray(train),
+    jnp.asarray(train_y),
+    jnp.asarray(query),
+    num_classes=3,
+    k=4,
+    temperature=100.0,
+  )
   assert int(pred_flat[0]) == 1
 
 
@@ -63,7 +78,8 @@ def test_k_larger_than_train_set_uses_every_row():
   train_y = rng.integers(0, 3, 7)
   query = rng.normal(size=(5, 5)).astype(np.float32)
   pred, scores = knn.knn_predict(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=3)  # k=200
+    jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=3
+  )  # k=200
   ref_pred, ref_scores = _numpy_knn(train, train_y, query, 3, 7, knn.DEFAULT_TEMPERATURE)
   np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(pred), ref_pred)
@@ -78,7 +94,8 @@ def test_chunked_equals_unchunked_and_numpy(chunk_size, train_chunk_size):
   args = (jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query))
   full_pred, full_scores = knn.knn_predict(*args, num_classes=5, k=10, chunk_size=1024)
   pred, scores = knn.knn_predict(
-      *args, num_classes=5, k=10, chunk_size=chunk_size, train_chunk_size=train_chunk_size)
+    *args, num_classes=5, k=10, chunk_size=chunk_size, train_chunk_size=train_chunk_size
+  )
   np.testing.assert_allclose(np.asarray(scores), np.asarray(full_scores), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(pred), np.asarray(full_pred))
   ref_pred, ref_scores = _numpy_knn(train, train_y, query, 5, 10, knn.DEFAULT_TEMPERATURE)
@@ -97,23 +114,34 @@ def test_masks_leave_padding_out():
   padded_y = np.concatenate([train_y, np.full(4, 7)])
   mask = np.arange(24) < 20
   pred, scores = knn.knn_predict(
-      jnp.asarray(padded_train), jnp.asarray(padded_y), jnp.asarray(query), num_classes=3,
-      k=5, train_mask=jnp.asarray(mask), train_chunk_size=8)
+    jnp.asarray(padded_train),
+    jnp.asarray(padded_y),
+    jnp.asarray(query),
+    num_classes=3,
+    k=5,
+    train_mask=jnp.asarray(mask),
+    train_chunk_size=8,
+  )
   ref_pred, ref_scores = _numpy_knn(train, train_y, query, 3, 5, knn.DEFAULT_TEMPERATURE)
   np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-4)
   # Query padding: accuracy over the real rows only.
   qmask = np.arange(9) < 6
   acc = knn.knn_accuracy(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), jnp.asarray(query_y),
-      num_classes=3, k=5, query_mask=jnp.asarray(qmask))
+    jnp.asarray(train),
+    jnp.asarray(train_y),
+    jnp.asarray(query),
+    jnp.asarray(query_y),
+    num_classes=3,
+    k=5,
+    query_mask=jnp.asarray(qmask),
+  )
   np.testing.assert_allclose(float(acc), np.mean(ref_pred[:6] == query_y[:6]), rtol=1e-6)
   del pred
 
 
 def test_bad_shapes_raise():
   with pytest.raises(ValueError, match="differ in width"):
-    knn.knn_predict(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32), jnp.zeros((2, 5)),
-                    num_classes=2)
+    knn.knn_predict(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32), jnp.zeros((2, 5)), num_classes=2)
 
 
 def test_sharded_inputs_match_unsharded():
@@ -122,6 +150,7 @@ def test_sharded_inputs_match_unsharded():
   from jax.sharding import Mesh
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
+
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   n_dev = len(jax.devices())
   rng = np.random.default_rng(4)
@@ -132,5 +161,6 @@ def test_sharded_inputs_match_unsharded():
   sharded = [jax.device_put(a, rows) for a in (train, train_y, query)]
   _, scores = knn.knn_predict(*sharded, num_classes=4, k=5, chunk_size=4, train_chunk_size=16)
   _, ref = knn.knn_predict(
-      jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=4, k=5)
+    jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=4, k=5
+  )
   np.testing.assert_allclose(np.asarray(scores), np.asarray(ref), rtol=1e-5)

@@ -1,4 +1,5 @@
 """The logistic-regression probe: C chosen on validation, blind to the features' scale."""
+
 import numpy as np
 import pytest
 
@@ -39,8 +40,7 @@ def test_the_scale_of_the_features_does_not_matter():
 
 def test_a_constant_feature_is_harmless():
   train, val, test = (split(3, 20, 4, 0.1, seed) for seed in (1, 2, 3))
-  with_constant = [(np.concatenate([x, np.ones((len(x), 1))], 1), y)
-                   for x, y in (train, val, test)]
+  with_constant = [(np.concatenate([x, np.ones((len(x), 1))], 1), y) for x, y in (train, val, test)]
   result = logreg_probe.fit(*with_constant, cs=(1.0,))
   assert result["top1"] == 1.0
 

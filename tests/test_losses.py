@@ -5,6 +5,7 @@ loops over member pairs (the opposite structure to the batched einsums of losses
 official PyTorch outputs in tests/data/official_mcl_losses.npz, and invariants (member
 permutation, uniform similarities, detached targets, jit, dtypes).
 """
+
 import functools
 import math
 
@@ -151,8 +152,7 @@ def weighted_total(out):
 def bank_inputs(rng, m, b=4, n=30, d=8, num_pos=1, num_neg=6):
   z = unit(rng, m, b, d)
   bank = unit(rng, m, n, d)
-  pos_idx = np.concatenate([rng.permutation(n)[:b, None],
-                            rng.integers(0, n, (b, num_pos))], axis=1)
+  pos_idx = np.concatenate([rng.permutation(n)[:b, None], rng.integers(0, n, (b, num_pos))], axis=1)
   neg_idx = rng.integers(0, n, (b, num_neg))
   return z, bank, pos_idx, neg_idx
 
@@ -177,8 +177,9 @@ def test_all_regimes_match_numpy(m):
   def run(z, labels, zb, bank, pos_idx, neg_idx, q, k, queues):
     return (BATCH(z, labels), BANK(zb, bank, pos_idx, neg_idx), MOCO(q, k, queues))
 
-  batch, bank_out, moco = run(f32(z), labels, f32(zb), f32(bank), pos_idx, neg_idx, f32(q),
-                              f32(k), f32(queues))
+  batch, bank_out, moco = run(
+    f32(z), labels, f32(zb), f32(bank), pos_idx, neg_idx, f32(q), f32(k), f32(queues)
+  )
   assert_losses(batch, np_batch_mcl(z, labels, 0.1, T))
   assert_losses(bank_out, np_bank_mcl(zb, bank, pos_idx, neg_idx, 0.07, T))
   assert_losses(moco, np_moco_mcl(q, k, queues, 0.07, T))
@@ -191,8 +192,10 @@ def test_logit_kd_and_kl_div_match_numpy():
 
   @jax.jit
   def run(cohorts, s, t):
-    kd = [[losses.logit_kd(x, temperature=T, targets=targets) for targets in ("all", "last")]
-          for x in cohorts]
+    kd = [
+      [losses.logit_kd(x, temperature=T, targets=targets) for targets in ("all", "last")]
+      for x in cohorts
+    ]
     return kd, losses.kl_div(s, t, T)
 
   kd, kl = run([f32(x) for x in cohorts], f32(s), f32(t))
@@ -207,8 +210,9 @@ def test_batch_rows_without_positive_are_skipped():
   rng = np.random.default_rng(3)
   z = f32(unit(rng, 3, 7, 6))
   labels = np.array([0, 1, 0, 2, 1, 3, 3])  # sample 3 is alone in its class
-  run = jax.jit(jax.value_and_grad(lambda z, y: (weighted_total(BATCH(z, y)), BATCH(z, y)),
-                                   has_aux=True))
+  run = jax.jit(
+    jax.value_and_grad(lambda z, y: (weighted_total(BATCH(z, y)), BATCH(z, y)), has_aux=True)
+  )
   (_, out), grad = run(z, labels)
   assert_losses(out, np_batch_mcl(np.asarray(z, np.float64), labels, 0.1, T))
   assert np.all(np.isfinite(grad))
@@ -224,32 +228,42 @@ def test_batch_rows_without_positive_are_skipped():
 
 
 def check_reference(fn, x, reference, case, total=weighted_total):
-  (_, out), grad = jax.jit(jax.value_and_grad(lambda x: (total(fn(x)), fn(x)),
-                                              has_aux=True))(x)
+  (_, out), grad = jax.jit(jax.value_and_grad(lambda x: (total(fn(x)), fn(x)), has_aux=True))(x)
   got = np.array([float(out[k]) for k in KEYS])
   np.testing.assert_allclose(got, reference[f"{case}/losses"], rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(grad), reference[f"{case}/grad_total"], rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(grad), reference[f"{case}/grad_total"], rtol=1e-4, atol=1e-6
+  )
 
 
 def test_reference_sup(reference):
   labels = reference["sup_m2/labels"]
-  check_reference(lambda z: BATCH(z, labels), f32(reference["sup_m2/embeddings"]),
-                  reference, "sup_m2")
+  check_reference(
+    lambda z: BATCH(z, labels), f32(reference["sup_m2/embeddings"]), reference, "sup_m2"
+  )
 
 
 def test_reference_bank(reference):
   bank = f32(reference["bank_m2/memory"])
   pos_idx, neg_idx = reference["bank_m2/pos_idx"], reference["bank_m2/neg_idx"]
-  check_reference(lambda z: BANK(z, bank, pos_idx, neg_idx),
-                  f32(reference["bank_m2/embeddings"]), reference, "bank_m2")
+  check_reference(
+    lambda z: BANK(z, bank, pos_idx, neg_idx),
+    f32(reference["bank_m2/embeddings"]),
+    reference,
+    "bank_m2",
+  )
 
 
 def test_reference_moco(reference):
   k = f32(reference["moco_m2/keys"])
   queues = f32(np.swapaxes(reference["moco_m2/queue"], 1, 2))  # official [M, d, K]
-  check_reference(lambda q: MOCO(q, k, queues), f32(reference["moco_m2/queries"]),
-                  reference, "moco_m2", total=lambda out: sum(out.values()))  # unweighted
+  check_reference(
+    lambda q: MOCO(q, k, queues),
+    f32(reference["moco_m2/queries"]),
+    reference,
+    "moco_m2",
+    total=lambda out: sum(out.values()),
+  )  # unweighted
 
 
 def test_reference_logit(reference):
@@ -273,8 +287,11 @@ def test_member_permutation_invariance():
 
   @jax.jit
   def run(p):
-    return (BATCH(z[p], labels), BANK(f32(zb)[p], f32(bank)[p], pos_idx, neg_idx),
-            MOCO(q[p], k[p], queues[p]))
+    return (
+      BATCH(z[p], labels),
+      BANK(f32(zb)[p], f32(bank)[p], pos_idx, neg_idx),
+      MOCO(q[p], k[p], queues[p]),
+    )
 
   for base, permuted in zip(run(np.arange(m)), run(perm)):
     for key in KEYS:
@@ -289,17 +306,18 @@ def test_uniform_similarities():
   @jax.jit
   def run():
     return {
-        "batch": BATCH(same(m, b), pair_labels(b)),
-        "bank": BANK(same(m, b), same(m, 20), jnp.zeros((b, 1 + p), jnp.int32),
-                     jnp.ones((b, n_neg), jnp.int32)),
-        "moco": MOCO(same(m, b), same(m, b), same(m, k)),
+      "batch": BATCH(same(m, b), pair_labels(b)),
+      "bank": BANK(
+        same(m, b), same(m, 20), jnp.zeros((b, 1 + p), jnp.int32), jnp.ones((b, n_neg), jnp.int32)
+      ),
+      "moco": MOCO(same(m, b), same(m, b), same(m, k)),
     }
 
   pairs = m * (m - 1)
   expected = {  # CE-type terms: log(number of candidates), once per member / ordered pair.
-      "batch": (m * math.log(b - 1), pairs * math.log(b - 1)),
-      "bank": (m * math.log(p + n_neg), pairs * math.log(1 + p + n_neg)),
-      "moco": (m * math.log(1 + k), pairs * math.log(1 + k)),
+    "batch": (m * math.log(b - 1), pairs * math.log(b - 1)),
+    "bank": (m * math.log(p + n_neg), pairs * math.log(1 + p + n_neg)),
+    "moco": (m * math.log(1 + k), pairs * math.log(1 + k)),
   }
   for name, out in run().items():
     vcl, icl = expected[name]
@@ -321,10 +339,12 @@ def loop_soft_terms(pair_logits, vcl_logits, m):
   teacher detached (losses.kl_div) and, for contrast, not detached."""
   terms = []
   for kl in (losses.kl_div, kl_undetached):
-    terms.append(sum(kl(vcl_logits(a), vcl_logits(c), T)
-                     for a in range(m) for c in range(m) if a != c))
-    terms.append(sum(kl(pair_logits(a, c), pair_logits(c, a), T)
-                     for a in range(m) for c in range(m) if a != c))
+    terms.append(
+      sum(kl(vcl_logits(a), vcl_logits(c), T) for a in range(m) for c in range(m) if a != c)
+    )
+    terms.append(
+      sum(kl(pair_logits(a, c), pair_logits(c, a), T) for a in range(m) for c in range(m) if a != c)
+    )
   return jnp.stack(terms)
 
 
@@ -339,22 +359,26 @@ def test_soft_targets_are_detached(regime):
   if regime == "batch":
     z = f32(unit(rng, m, 6, 5))
     fn = lambda z: BATCH(z, pair_labels(6))
-    pair = lambda z: (lambda a, c: z[a] @ z[c].T / 0.1)
-    diag = lambda z: (lambda a: z[a] @ z[a].T / 0.1)
+    pair = lambda z: lambda a, c: z[a] @ z[c].T / 0.1
+    diag = lambda z: lambda a: z[a] @ z[a].T / 0.1
   elif regime == "bank":
     z_np, bank, pos_idx, neg_idx = bank_inputs(rng, m)
     z, bank = f32(z_np), f32(bank)
     idx = np.concatenate([pos_idx, neg_idx], axis=1)
     fn = lambda z: BANK(z, bank, pos_idx, neg_idx)
-    pair = lambda z: (lambda a, c: jnp.einsum("ikd,id->ik", bank[a][idx], z[c]) / 0.07)
-    diag = lambda z: (lambda a: jnp.einsum("ikd,id->ik", bank[a][idx[:, 1:]], z[a]) / 0.07)
+    pair = lambda z: lambda a, c: jnp.einsum("ikd,id->ik", bank[a][idx], z[c]) / 0.07
+    diag = lambda z: lambda a: jnp.einsum("ikd,id->ik", bank[a][idx[:, 1:]], z[a]) / 0.07
   else:
     q, k, queues = (f32(x) for x in moco_inputs(rng, m))
     z = q
     fn = lambda q: MOCO(q, k, queues)
-    pair = lambda q: (lambda a, c: jnp.concatenate(
-        [jnp.sum(q[a] * k[c], axis=1, keepdims=True), q[a] @ queues[c].T], axis=1) / 0.07)
-    diag = lambda q: (lambda a: pair(q)(a, a))
+    pair = lambda q: (
+      lambda a, c: (
+        jnp.concatenate([jnp.sum(q[a] * k[c], axis=1, keepdims=True), q[a] @ queues[c].T], axis=1)
+        / 0.07
+      )
+    )
+    diag = lambda q: lambda a: pair(q)(a, a)
 
   got = jax.jit(jax.jacrev(lambda z: jnp.stack([fn(z)["soft_vcl"], fn(z)["soft_icl"]])))(z)
   loop = jax.jit(jax.jacrev(lambda z: loop_soft_terms(pair(z), diag(z), m)))(z)
@@ -370,8 +394,9 @@ def test_no_gradient_to_bank_keys_or_queues():
 
   @jax.jit
   def grads(z, bank, q, k, queues):
-    g_bank = jax.grad(lambda z, bank: sum(BANK(z, bank, pos_idx, neg_idx).values()),
-                      argnums=(0, 1))(z, bank)
+    g_bank = jax.grad(
+      lambda z, bank: sum(BANK(z, bank, pos_idx, neg_idx).values()), argnums=(0, 1)
+    )(z, bank)
     g_moco = jax.grad(lambda *x: sum(MOCO(*x).values()), argnums=(0, 1, 2))(q, k, queues)
     return g_bank, g_moco
 
@@ -387,8 +412,9 @@ def test_logit_kd_teacher_is_detached():
   softmax = lambda x: np.exp(np_log_softmax(x / T))
   expected = T / 4 * (softmax(logits) - softmax(logits.mean(axis=0)))
   for targets, distilled in (("all", [1, 1, 1]), ("last", [0, 0, 1])):
-    grad = jax.jit(jax.grad(functools.partial(losses.logit_kd, temperature=T,
-                                              targets=targets)))(f32(logits))
+    grad = jax.jit(jax.grad(functools.partial(losses.logit_kd, temperature=T, targets=targets)))(
+      f32(logits)
+    )
     want = expected * np.array(distilled)[:, None, None]
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
 
@@ -407,15 +433,18 @@ def test_bfloat16_inputs_give_float32():
 
   @jax.jit
   def run(z, zb, bank, q, k, queues):
-    return (BATCH(z, labels), BANK(zb, bank, pos_idx, neg_idx), MOCO(q, k, queues),
-            losses.logit_kd(z, temperature=T))
+    return (
+      BATCH(z, labels),
+      BANK(zb, bank, pos_idx, neg_idx),
+      MOCO(q, k, queues),
+      losses.logit_kd(z, temperature=T),
+    )
 
   batch, bank_out, moco, kd = run(*(bf16(x) for x in (z, zb, bank, q, k, queues)))
   assert kd.dtype == jnp.float32
   # bfloat16 inputs (3 significant digits) still give the float64 loss to a few percent.
   assert_losses(batch, np_batch_mcl(z, labels, 0.1, T), rtol=5e-2, atol=5e-2)
-  assert_losses(bank_out, np_bank_mcl(zb, bank, pos_idx, neg_idx, 0.07, T), rtol=5e-2,
-                atol=5e-2)
+  assert_losses(bank_out, np_bank_mcl(zb, bank, pos_idx, neg_idx, 0.07, T), rtol=5e-2, atol=5e-2)
   assert_losses(moco, np_moco_mcl(q, k, queues, 0.07, T), rtol=5e-2, atol=5e-2)
 
 
@@ -423,11 +452,11 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match=r"\[M, B, d\]"):
     losses.batch_mcl(jnp.zeros((4, 8)), jnp.zeros(4, jnp.int32), tau=0.1, kd_temperature=T)
   with pytest.raises(ValueError, match="labels"):
-    losses.batch_mcl(jnp.zeros((2, 4, 8)), jnp.zeros(5, jnp.int32), tau=0.1,
-                     kd_temperature=T)
+    losses.batch_mcl(jnp.zeros((2, 4, 8)), jnp.zeros(5, jnp.int32), tau=0.1, kd_temperature=T)
   with pytest.raises(ValueError, match="queues"):
-    losses.moco_mcl(jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 8, 16)),
-                    tau=0.1, kd_temperature=T)
+    losses.moco_mcl(
+      jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 8, 16)), tau=0.1, kd_temperature=T
+    )
 
 
 # -------------------------------------------------------------------------------------
@@ -456,7 +485,8 @@ def np_co2(q, k, queues, temperature, cross):
 def test_co2_matches_numpy(m, cross):
   q, k, queues = moco_inputs(np.random.default_rng(m), m, b=5, k=12, d=6)
   got = jax.jit(functools.partial(losses.co2, temperature=0.04, cross=cross))(
-      f32(q), f32(k), f32(queues))
+    f32(q), f32(k), f32(queues)
+  )
   assert got.shape == () and got.dtype == jnp.float32
   np.testing.assert_allclose(float(got), np_co2(q, k, queues, 0.04, cross), rtol=2e-4)
   assert float(got) > 0
@@ -465,14 +495,16 @@ def test_co2_matches_numpy(m, cross):
 def test_co2_is_zero_when_query_and_key_agree():
   q, _, queues = moco_inputs(np.random.default_rng(7), 2)
   assert float(losses.co2(f32(q), f32(q), f32(queues), temperature=0.04)) == pytest.approx(
-      0.0, abs=1e-6)
+    0.0, abs=1e-6
+  )
   # Across members the distributions differ even then: the cross term is not zero.
   assert float(losses.co2(f32(q), f32(q), f32(queues), temperature=0.04, cross=True)) > 1e-3
 
 
 def test_co2_gradient_reaches_only_the_query():
   q, k, queues = (f32(x) for x in moco_inputs(np.random.default_rng(8), 2))
-  g_q, g_k, g_queues = jax.jit(jax.grad(functools.partial(
-      losses.co2, temperature=0.04, cross=True), argnums=(0, 1, 2)))(q, k, queues)
+  g_q, g_k, g_queues = jax.jit(
+    jax.grad(functools.partial(losses.co2, temperature=0.04, cross=True), argnums=(0, 1, 2))
+  )(q, k, queues)
   assert np.any(np.asarray(g_q) != 0.0)
   assert np.all(np.asarray(g_k) == 0.0) and np.all(np.asarray(g_queues) == 0.0)

@@ -1,5 +1,6 @@
 """Tests of mcl_jax.memory_bank: init and momentum update (docs/SPEC.md 2.2), on-device sampling of
 positives and negatives, and the bank sharded along N over the 'data' mesh axis."""
+
 import functools
 import math
 
@@ -58,8 +59,11 @@ def test_update_matches_numpy_and_detaches(m):
   update = jax.jit(memory_bank.update, static_argnums=3)
   got = update(jnp.asarray(bank, jnp.float32), own, jnp.asarray(z, jnp.float32), 0.3)
   np.testing.assert_allclose(got, np_update(bank, own, z, 0.3), rtol=1e-5, atol=1e-6)
-  grad = jax.jit(jax.grad(lambda z: jnp.sum(memory_bank.update(
-      jnp.asarray(bank, jnp.float32), own, z, 0.3) ** 3)))(jnp.asarray(z, jnp.float32))
+  grad = jax.jit(
+    jax.grad(
+      lambda z: jnp.sum(memory_bank.update(jnp.asarray(bank, jnp.float32), own, z, 0.3) ** 3)
+    )
+  )(jnp.asarray(z, jnp.float32))
   assert np.all(np.asarray(grad) == 0.0)
 
 
@@ -83,7 +87,7 @@ def test_class_index_table_at_imagenet_size():
   labels = np.random.default_rng(0).integers(0, 1000, 1_281_167)
   table = memory_bank.class_index_table(labels)
   c = 123
-  block = table["sorted_idx"][table["class_start"][c]:][:table["class_count"][c]]
+  block = table["sorted_idx"][table["class_start"][c] :][: table["class_count"][c]]
   np.testing.assert_array_equal(block, np.flatnonzero(labels == c))
 
 
@@ -96,8 +100,7 @@ def small_dataset():
 def test_sample_indices_classes_and_shapes():
   labels, table = small_dataset()
   own = np.arange(len(labels))
-  sample = jax.jit(functools.partial(memory_bank.sample_indices, num_positives=2,
-                                     num_negatives=50))
+  sample = jax.jit(functools.partial(memory_bank.sample_indices, num_positives=2, num_negatives=50))
   pos_idx, neg_idx = sample(jax.random.key(0), labels[own], own, table)
   assert pos_idx.shape == (12, 3) and neg_idx.shape == (12, 50)
   assert pos_idx.dtype == jnp.int32 and neg_idx.dtype == jnp.int32
@@ -114,8 +117,9 @@ def test_sample_indices_classes_and_shapes():
 
 def test_sample_indices_are_uniform():
   labels, table = small_dataset()
-  sample = jax.jit(functools.partial(memory_bank.sample_indices, num_positives=2,
-                                     num_negatives=4000))
+  sample = jax.jit(
+    functools.partial(memory_bank.sample_indices, num_positives=2, num_negatives=4000)
+  )
   own = np.flatnonzero(labels == 2)[:1].repeat(500)  # 500 draws for a class-2 sample
   pos_idx, neg_idx = sample(jax.random.key(1), labels[own], own, table)
   # Negatives: uniform over the 6 examples of other classes (4000 draws, each 1/6).
@@ -141,13 +145,13 @@ def meshes():
 
 def sharded_inputs(mesh, m=2, n=64, d=4, b=6):
   rng = np.random.default_rng(mesh.size)
-  bank = jax.device_put(jnp.asarray(rng.normal(size=(m, n, d)), jnp.float32),
-                        NamedSharding(mesh, P(None, "data", None)))
+  bank = jax.device_put(
+    jnp.asarray(rng.normal(size=(m, n, d)), jnp.float32), NamedSharding(mesh, P(None, "data", None))
+  )
   return rng, bank
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def collectives(compiled):
@@ -170,7 +174,8 @@ def test_gather_rows_equals_take(scatter):
     if mesh.size == 8:
       # Only the gathered rows travel (one psum or reduce-scatter), never the bank.
       assert collectives(gather.lower(bank, idx).compile()) == (
-          {"reduce-scatter"} if scatter else {"all-reduce"})
+        {"reduce-scatter"} if scatter else {"all-reduce"}
+      )
 
 
 def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
@@ -190,8 +195,9 @@ def check_gather_similarities(mesh):
     return jnp.sum(weights * sims), sims
 
   def unsharded(z):
-    sims = jnp.einsum("aikd,bid->abik", np.asarray(bank)[:, idx], z,
-                      precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.einsum(
+      "aikd,bid->abik", np.asarray(bank)[:, idx], z, precision=jax.lax.Precision.HIGHEST
+    )
     return jnp.sum(weights * sims), sims
 
   (_, got), got_grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(z)
@@ -200,8 +206,9 @@ def check_gather_similarities(mesh):
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
   assert got.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "data")), 4)
   # In chunks of 4 candidates (9 = 4 + 4 + 1, the last chunk padded): the same values.
-  (_, chunked), chunked_grad = jax.jit(jax.value_and_grad(
-      lambda z: sharded(z, chunk_size=4), has_aux=True))(z)
+  (_, chunked), chunked_grad = jax.jit(
+    jax.value_and_grad(lambda z: sharded(z, chunk_size=4), has_aux=True)
+  )(z)
   np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(chunked_grad, got_grad, rtol=1e-6, atol=1e-6)
   if mesh.size == 8:
@@ -231,8 +238,7 @@ def test_sharded_bank_rows_must_split_evenly():
   with pytest.raises(ValueError, match="multiple of 8"):
     memory_bank.gather_rows(jnp.zeros((2, 60, 4)), np.zeros((2, 3), np.int32), mesh)
   with pytest.raises(ValueError, match="batch size"):
-    memory_bank.gather_rows(jnp.zeros((2, 64, 4)), np.zeros((6, 3), np.int32), mesh,
-                            scatter=True)
+    memory_bank.gather_rows(jnp.zeros((2, 64, 4)), np.zeros((6, 3), np.int32), mesh, scatter=True)
 
 
 def test_sharded_bank_step_equals_unsharded():
@@ -249,11 +255,10 @@ def test_sharded_bank_step_equals_unsharded():
 
   def step(bank, own, z, sharded):
     pos_idx, neg_idx = memory_bank.sample_indices(
-        jax.random.key(5), jnp.asarray(labels)[own], own, table, num_positives=1,
-        num_negatives=7)
+      jax.random.key(5), jnp.asarray(labels)[own], own, table, num_positives=1, num_negatives=7
+    )
     if sharded:
-      sims = memory_bank.gather_similarities(bank, jnp.concatenate([pos_idx, neg_idx], 1),
-                                             z, mesh)
+      sims = memory_bank.gather_similarities(bank, jnp.concatenate([pos_idx, neg_idx], 1), z, mesh)
       out = losses.bank_mcl_from_similarities(sims, num_positives=1, **kw)
       return out, memory_bank.update_sharded(bank, pos_idx[:, 0], z, 0.5, mesh)
     out = losses.bank_mcl(z, bank, pos_idx, neg_idx, **kw)

@@ -1,5 +1,6 @@
 """Metrics: top-k counts with padding, cohort accuracy summaries, embedding health, the
 collapse signals."""
+
 import functools
 
 import jax
@@ -63,25 +64,35 @@ def test_own_in_batch_loss_is_the_vcl_summand_and_chance_is_log_b_minus_1():
 
 
 def test_own_bank_loss_is_the_vcl_summand_and_chance_is_log_p_plus_k():
-  sims = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 2, 6, 1 + 3 + 10)),
-                     jnp.float32)
+  sims = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 2, 6, 1 + 3 + 10)), jnp.float32)
   own_loss = jax.jit(functools.partial(metrics.bank_own_loss, num_positives=3, tau=0.07))
   own = own_loss(sims)
-  vcl = jax.jit(functools.partial(losses.bank_mcl_from_similarities, num_positives=3, tau=0.07,
-                                  kd_temperature=3.0))(sims)["vcl"]
+  vcl = jax.jit(
+    functools.partial(
+      losses.bank_mcl_from_similarities, num_positives=3, tau=0.07, kd_temperature=3.0
+    )
+  )(sims)["vcl"]
   np.testing.assert_allclose(own.sum(), vcl, rtol=1e-5)
   flat = own_loss(jnp.full_like(sims, 0.3))
   np.testing.assert_allclose(metrics.contrastive_vs_chance(flat, 3 + 10), 1.0, rtol=1e-5)
 
 
 def test_first_collapse_reads_either_signal_from_flattened_metrics():
-  healthy = {"loss": 3.0, "embed_cosine/member_0": 0.5, "embed_cosine/member_1": 0.6,
-             "contrastive_vs_chance/member_0": 0.8, "contrastive_vs_chance/member_1": 0.85}
+  healthy = {
+    "loss": 3.0,
+    "embed_cosine/member_0": 0.5,
+    "embed_cosine/member_1": 0.6,
+    "contrastive_vs_chance/member_0": 0.8,
+    "contrastive_vs_chance/member_1": 0.85,
+  }
   assert metrics.first_collapse(healthy, check_loss=True) is None
   at_chance = {**healthy, "contrastive_vs_chance/member_1": 0.99}
   assert metrics.first_collapse(at_chance, check_loss=False) is None  # grace period
   assert metrics.first_collapse(at_chance, check_loss=True) == {
-      "member": 1, "signal": "contrastive_vs_chance", "value": 0.99}
+    "member": 1,
+    "signal": "contrastive_vs_chance",
+    "value": 0.99,
+  }
   one_way = {**healthy, "embed_cosine/member_0": 0.97}
   assert metrics.first_collapse(one_way, check_loss=False)["signal"] == "embed_cosine"
   # The self-supervised regimes' grace covers the cosine too (their healthy starts are high).
@@ -90,6 +101,7 @@ def test_first_collapse_reads_either_signal_from_flattened_metrics():
 
 def test_collapse_watch_does_not_judge_the_cosine_in_its_grace_period():
   from mcl_jax import loop
+
   watch = loop.CollapseWatch("", grace_steps=39, cosine_grace_steps=39)
   start = {"embed_cosine/member_0": 0.98, "contrastive_vs_chance/member_0": 0.82}
   watch.check(13, start)  # a healthy MoCo run's first log (docs/RESULTS.md)
@@ -100,6 +112,7 @@ def test_collapse_watch_does_not_judge_the_cosine_in_its_grace_period():
 
 def test_collapse_watch_warns_once_with_the_remedy_and_keeps_the_first(caplog):
   from mcl_jax import loop
+
   watch = loop.CollapseWatch("Try the remedy.", grace_steps=10)
   at_chance = {"contrastive_vs_chance/member_0": 0.99, "embed_cosine/member_0": 0.5}
   watch.check(5, at_chance)
@@ -107,7 +120,6 @@ def test_collapse_watch_warns_once_with_the_remedy_and_keeps_the_first(caplog):
   with caplog.at_level("WARNING"):
     watch.check(10, at_chance)
     watch.check(20, {"embed_cosine/member_0": 0.99})
-  assert watch.first == {"step": 10, "member": 0, "signal": "contrastive_vs_chance",
-                         "value": 0.99}
+  assert watch.first == {"step": 10, "member": 0, "signal": "contrastive_vs_chance", "value": 0.99}
   warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].endswith("Try the remedy.")

@@ -4,6 +4,7 @@ logits, embeddings and contrastive logits (docs/DESIGN.md, Cohort contract).
 One real train step (`supervised.train_step`) of the tiny architecture in float32 and in
 bfloat16 from the same initial state.
 """
+
 import functools
 
 import jax
@@ -31,9 +32,11 @@ def tiny_config(dtype: str):
 
 def batch():
   rng = np.random.default_rng(0)
-  return {"image": jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8)),
-          "label": jnp.asarray((np.arange(BATCH) // 2) % CLASSES, jnp.int32),  # class pairs
-          "index": jnp.arange(BATCH, dtype=jnp.int32)}
+  return {
+    "image": jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), np.uint8)),
+    "label": jnp.asarray((np.arange(BATCH) // 2) % CLASSES, jnp.int32),  # class pairs
+    "index": jnp.arange(BATCH, dtype=jnp.int32),
+  }
 
 
 def preprocess(rng, images):
@@ -50,16 +53,21 @@ def one_step(dtype: str):
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
   # The initial variables are float32 whatever the compute dtype: same RNG, same values.
   state = train_state.create_train_state(model, tx, (SIZE, SIZE, 3), jax.random.PRNGKey(0), mesh)
-  step = jax.jit(functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=config.loss,
-                                   preprocess=preprocess))
+  step = jax.jit(
+    functools.partial(
+      supervised.train_step, model=model, tx=tx, loss_cfg=config.loss, preprocess=preprocess
+    )
+  )
   new_state, metrics = step(state, batch(), {})
   return state, new_state, jax.device_get(metrics), model
 
 
 def float_leaves(tree):
-  return [(jax.tree_util.keystr(path), leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-          if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return [
+    (jax.tree_util.keystr(path), leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if jnp.issubdtype(leaf.dtype, jnp.floating)
+  ]
 
 
 def test_bf16_step_losses_match_float32():
@@ -77,10 +85,18 @@ def test_bf16_step_update_matches_float32():
   bf16 rounding of the activations: relative L2 error of the whole update well under 10%."""
   before, after32, _, _ = one_step("float32")
   _, after16, _, _ = one_step("bfloat16")
-  d32 = jnp.concatenate([(a - b).ravel() for a, b in zip(
-      jax.tree.leaves(after32.params), jax.tree.leaves(before.params))])
-  d16 = jnp.concatenate([(a - b).ravel() for a, b in zip(
-      jax.tree.leaves(after16.params), jax.tree.leaves(before.params))])
+  d32 = jnp.concatenate(
+    [
+      (a - b).ravel()
+      for a, b in zip(jax.tree.leaves(after32.params), jax.tree.leaves(before.params))
+    ]
+  )
+  d16 = jnp.concatenate(
+    [
+      (a - b).ravel()
+      for a, b in zip(jax.tree.leaves(after16.params), jax.tree.leaves(before.params))
+    ]
+  )
   assert float(jnp.linalg.norm(d32)) > 0
   assert float(jnp.linalg.norm(d16 - d32) / jnp.linalg.norm(d32)) < 0.1
 
@@ -102,8 +118,10 @@ def bf16_outputs():
 
   @jax.jit
   def apply(x):
-    return {True: model.apply(variables, x, train=True, mutable=["batch_stats"])[0],
-            False: model.apply(variables, x, train=False)}
+    return {
+      True: model.apply(variables, x, train=True, mutable=["batch_stats"])[0],
+      False: model.apply(variables, x, train=False),
+    }
 
   return apply(preprocess(None, batch()["image"]))
 
@@ -125,9 +143,11 @@ def test_contrastive_logits_float32_from_bf16_embeddings_path():
   """batch_mcl on the float32 embeddings of a bf16 cohort: every term float32 (its
   similarities are float32 einsums at HIGHEST precision inside mcl_jax.losses)."""
   from mcl_jax import losses
+
   out = bf16_outputs()[False]
   jaxpr = jax.make_jaxpr(functools.partial(losses.batch_mcl, tau=0.1, kd_temperature=3.0))(
-      out["embeddings"], batch()["label"])
+    out["embeddings"], batch()["label"]
+  )
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
   assert dots and all(v.aval.dtype == jnp.float32 for e in dots for v in e.outvars)
   assert all(aval.dtype == jnp.float32 for aval in jaxpr.out_avals)  # the four terms

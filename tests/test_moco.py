@@ -1,4 +1,5 @@
 """The MoCo-MCL trainer: queues, key encoders, gradients, resume, two-view augmentation."""
+
 import dataclasses
 import functools
 import itertools
@@ -59,8 +60,9 @@ def run(tmp_path_factory):
   ckpt = checkpointing.Checkpointer(workdir)
   ckpt.save(3, trainer.state, trainer.task.meta())
   ckpt.close()
-  return types.SimpleNamespace(trainer=trainer, states=states, metrics=metrics,
-                               batches=batches, workdir=workdir)
+  return types.SimpleNamespace(
+    trainer=trainer, states=states, metrics=metrics, batches=batches, workdir=workdir
+  )
 
 
 def test_queue_takes_the_global_batch_at_the_pointer_fifo(run):
@@ -110,10 +112,10 @@ def test_no_gradient_reaches_the_key_encoders(run):
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
 
   def loss(params, key_params):
-    keys, _ = moco.compute_keys(enc, {"params": key_params, "batch_stats": s.key_batch_stats},
-                                x)
-    return moco.moco_loss(params, s.batch_stats, x, keys, s.queues, encoders=enc,
-                          loss_cfg=loss_cfg)[0]
+    keys, _ = moco.compute_keys(enc, {"params": key_params, "batch_stats": s.key_batch_stats}, x)
+    return moco.moco_loss(
+      params, s.batch_stats, x, keys, s.queues, encoders=enc, loss_cfg=loss_cfg
+    )[0]
 
   grad_q, grad_k = jax.jit(jax.grad(loss, argnums=(0, 1)))(s.params, s.key_params)
   assert all(not np.any(g) for g in jax.tree.leaves(grad_k))
@@ -126,8 +128,15 @@ def test_resume_restores_queues_pointer_and_key_encoders(run):
   assert restarted.restore(checkpointing.Checkpointer(run.workdir))
   restored, saved = jax.device_get(restarted.state), run.states[3]
   assert int(restored.step) == 3 and int(restored.queue_ptr) == BATCH
-  for name in ("queues", "key_params", "key_batch_stats", "params", "batch_stats",
-               "opt_state", "rng"):
+  for name in (
+    "queues",
+    "key_params",
+    "key_batch_stats",
+    "params",
+    "batch_stats",
+    "opt_state",
+    "rng",
+  ):
     assert_trees_close(getattr(restored, name), getattr(saved, name), rtol=0, atol=0)
   for leaf in jax.tree.leaves(restarted.state):
     assert leaf.sharding.is_fully_replicated
@@ -139,8 +148,15 @@ def test_resume_restores_queues_pointer_and_key_encoders(run):
 def test_views_replace_the_official_recipe(tmp_path):
   """`views=` reaches the step's augmentation (and the meta): with an identity recipe the
   two views are both exactly the normalised source images."""
-  identity = views.ViewSpec(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter=(0.0,) * 4,
-                           jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip=False)
+  identity = views.ViewSpec(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    jitter=(0.0,) * 4,
+    jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=0.0,
+    flip=False,
+  )
   trainer = jobs.build(tiny_config(), str(tmp_path), views=identity)
   assert trainer.task.spec == identity and trainer.task.meta()["views"]["flip"] is False
   images = jnp.asarray(trainer.setup.source.train_images[:4])
@@ -153,8 +169,7 @@ def test_views_replace_the_official_recipe(tmp_path):
 
 def test_sharded_step_equals_single_device(run, tmp_path):
   """BN statistics over the global batch (no shuffle-BN): 8 devices == 1 device."""
-  one = jobs.build(tiny_config(), str(tmp_path),
-                   mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  one = jobs.build(tiny_config(), str(tmp_path), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
   metrics = jax.device_get(one.step(run.batches[0]))
   np.testing.assert_allclose(metrics["loss"], run.metrics[0]["loss"], rtol=1e-5)
   state, eight = jax.device_get(one.state), run.states[1]
@@ -165,9 +180,16 @@ def test_sharded_step_equals_single_device(run, tmp_path):
 
 def test_single_network_mocov2_step():
   """M = 1 (the MoCo baseline): VCL alone is MoCo's InfoNCE; the MLP head is real."""
-  c = tiny_config(**{"cohort.num_members": 1, "moco.mlp": True, "loss.tau": 0.2,
-                     "loss.icl_weight": 0.0, "loss.soft_vcl_weight": 0.0,
-                     "loss.soft_icl_weight": 0.0})
+  c = tiny_config(
+    **{
+      "cohort.num_members": 1,
+      "moco.mlp": True,
+      "loss.tau": 0.2,
+      "loss.icl_weight": 0.0,
+      "loss.soft_vcl_weight": 0.0,
+      "loss.soft_icl_weight": 0.0,
+    }
+  )
   mesh = sharding_lib.make_mesh()
   enc = moco.build_encoders(c, (8, 8, 3))
   width = moco.feature_width("tiny", (8, 8, 3))
@@ -176,11 +198,19 @@ def test_single_network_mocov2_step():
   state = moco.create_state(enc, tx, jax.random.PRNGKey(0), mesh, queue_size=QUEUE)
   assert state.params["members"]["mlp"]["kernel"].shape == (1, width, 128)
   assert "head" not in state.params["members"]  # the Cohort's docs/SPEC.md 1 head is not MoCo's
-  two = functools.partial(views.two_views, spec=views.MOCO_V2, mean=(0.5,) * 3,
-                          std=(0.25,) * 3, size=8)
-  step = jax.jit(functools.partial(moco.train_step, encoders=enc, tx=tx, loss_cfg=c.loss,
-                                   key_momentum=0.99,
-                                   views=lambda rng, b: two(rng, b["image"], None)))
+  two = functools.partial(
+    views.two_views, spec=views.MOCO_V2, mean=(0.5,) * 3, std=(0.25,) * 3, size=8
+  )
+  step = jax.jit(
+    functools.partial(
+      moco.train_step,
+      encoders=enc,
+      tx=tx,
+      loss_cfg=c.loss,
+      key_momentum=0.99,
+      views=lambda rng, b: two(rng, b["image"], None),
+    )
+  )
   images = np.random.default_rng(0).integers(0, 256, (BATCH, 8, 8, 3), dtype=np.uint8)
   batch = sharding_lib.global_batch({"image": images}, mesh)
   state, metrics = step(state, batch, {})
@@ -210,8 +240,9 @@ def test_full_window_resize_is_the_identity():
 
 def test_crop_windows_fit_the_image_and_the_scale():
   u = jax.random.uniform(jax.random.PRNGKey(0), (200, views.NUM_UNIFORMS))
-  top, left, h, w = jax.jit(jax.vmap(lambda v: jnp.stack(views.crop_window(
-      v, 32, 24, (0.2, 1.0), (3 / 4, 4 / 3)))))(u).T
+  top, left, h, w = jax.jit(
+    jax.vmap(lambda v: jnp.stack(views.crop_window(v, 32, 24, (0.2, 1.0), (3 / 4, 4 / 3))))
+  )(u).T
   assert np.all((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 24))
   area = h * w / (32 * 24)
   assert np.all((area > 0.15) & (area <= 1.0))  # scale (0.2, 1) up to rounding
@@ -224,18 +255,21 @@ def test_hsv_round_trip_and_grayscale():
   np.testing.assert_allclose(round_trip(rgb), rgb, atol=1e-5)
   spec = views.ViewSpec(jitter=(0.0, 0.0, 0.0, 0.0), grayscale_p=1.0, flip=False)
   image = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 3))
-  gray = jax.jit(lambda x: views.augment_view(jnp.zeros((views.NUM_UNIFORMS,)), x, spec, size=8,
-                                             crop=False))(image)
+  gray = jax.jit(
+    lambda x: views.augment_view(jnp.zeros((views.NUM_UNIFORMS,)), x, spec, size=8, crop=False)
+  )(image)
   np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-6)
-  np.testing.assert_allclose(gray[..., 0], image @ jnp.asarray([0.299, 0.587, 0.114]),
-                             atol=1e-6)
+  np.testing.assert_allclose(gray[..., 0], image @ jnp.asarray([0.299, 0.587, 0.114]), atol=1e-6)
 
 
 def test_two_views_differ_per_view_and_per_example():
   image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   images = jnp.asarray(np.stack([image] * 4))  # four copies of one image
-  fn = jax.jit(lambda k, x: views.two_views(k, x, None, views.MOCO_V2, mean=(0.5,) * 3,
-                                           std=(0.25,) * 3, size=8))
+  fn = jax.jit(
+    lambda k, x: views.two_views(
+      k, x, None, views.MOCO_V2, mean=(0.5,) * 3, std=(0.25,) * 3, size=8
+    )
+  )
   q, k = fn(jax.random.PRNGKey(0), images)
   assert q.shape == k.shape == (4, 8, 8, 3) and q.dtype == jnp.float32
   assert np.all(np.isfinite(q)) and np.all(np.isfinite(k))
@@ -250,6 +284,7 @@ def test_two_views_differ_per_view_and_per_example():
 def test_streaming_sources_yield_two_crops_per_image(tmp_path):
   from mcl_jax.data import imagenet
   from mcl_jax.data import tf_lazy
+
   tf = tf_lazy.tf()
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
@@ -259,14 +294,16 @@ def test_streaming_sources_yield_two_crops_per_image(tmp_path):
         pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
         tf.io.write_file(str(tmp_path / split / name / f"{i}.jpg"), tf.io.encode_jpeg(pixels))
   with pytest.raises(ValueError, match="uint8"):
-    imagenet.ImageFolderSource(str(tmp_path), image_size=16, output_dtype="float32",
-                               two_view_crop_scale=(0.2, 1.0))
-  source = imagenet.ImageFolderSource(str(tmp_path), image_size=16,
-                                      two_view_crop_scale=(0.2, 1.0))
-  first = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
-                                    process_count=1))
-  again = list(source.train_batches(0, seed=0, global_batch_size=4, process_index=0,
-                                    process_count=1))
+    imagenet.ImageFolderSource(
+      str(tmp_path), image_size=16, output_dtype="float32", two_view_crop_scale=(0.2, 1.0)
+    )
+  source = imagenet.ImageFolderSource(str(tmp_path), image_size=16, two_view_crop_scale=(0.2, 1.0))
+  first = list(
+    source.train_batches(0, seed=0, global_batch_size=4, process_index=0, process_count=1)
+  )
+  again = list(
+    source.train_batches(0, seed=0, global_batch_size=4, process_index=0, process_count=1)
+  )
   assert len(first) == 1
   batch = first[0]
   assert batch["image"].shape == batch["image2"].shape == (4, 16, 16, 3)
@@ -290,12 +327,12 @@ def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):
   """Same seed, same first batch and state: the loss with CO2 on exceeds the loss without
   by exactly weight x the reported co2 term (cross-member pairs on)."""
   plain = jobs.build(tiny_config(), str(tmp_path / "plain"))
-  with_co2 = jobs.build(tiny_config(**{"loss.co2_weight": 2.0, "loss.co2_cross": True}),
-                        str(tmp_path / "co2"))
+  with_co2 = jobs.build(
+    tiny_config(**{"loss.co2_weight": 2.0, "loss.co2_cross": True}), str(tmp_path / "co2")
+  )
   a, b = plain.train_steps(1)[0], with_co2.train_steps(1)[0]
   assert "co2" not in a and float(b["co2"]) > 0
-  np.testing.assert_allclose(float(b["loss"]) - float(a["loss"]), 2.0 * float(b["co2"]),
-                             rtol=1e-4)
+  np.testing.assert_allclose(float(b["loss"]) - float(a["loss"]), 2.0 * float(b["co2"]), rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- shuffle-BN
@@ -313,8 +350,9 @@ class BatchNormOnly:
 
   def apply_with_hidden(self, variables, images, train):
     assert train
-    y, mutated = self.bn.apply(variables, images.reshape(images.shape[0], -1),
-                               mutable=["batch_stats"])
+    y, mutated = self.bn.apply(
+      variables, images.reshape(images.shape[0], -1), mutable=["batch_stats"]
+    )
     return y[None], y[None], mutated["batch_stats"], None
 
   def apply(self, variables, images, train):
@@ -336,7 +374,8 @@ def official_shuffled_keys(x, idx_shuffle, encoder, world_size):
   `_batch_unshuffle_ddp` gives it back k_gather[idx_unshuffle.view(world, -1)[r]]."""
   idx_unshuffle = np.argsort(idx_shuffle)
   shuffled_keys = np.concatenate(
-      [encoder(x[this]) for this in idx_shuffle.reshape(world_size, -1)])  # all-gathered
+    [encoder(x[this]) for this in idx_shuffle.reshape(world_size, -1)]
+  )  # all-gathered
   return np.concatenate([shuffled_keys[this] for this in idx_unshuffle.reshape(world_size, -1)])
 
 
@@ -347,8 +386,9 @@ def test_shuffle_bn_keys_use_each_groups_statistics_over_a_permutation():
   enc, groups, rng = BatchNormOnly(), 4, jax.random.PRNGKey(3)
   x = np.random.default_rng(0).normal(size=(BATCH, 5)).astype(np.float32) * [1, 2, 3, 4, 5]
   variables = enc.init(5)
-  keys, stats = jax.jit(functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups,
-                                          shuffle_rng=rng))(variables, x)
+  keys, stats = jax.jit(
+    functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups, shuffle_rng=rng)
+  )(variables, x)
   perm = np.asarray(jax.random.permutation(rng, BATCH))
   assert not np.array_equal(perm, np.arange(BATCH))
   expected = normalise_per_group(x[perm], groups)[np.argsort(perm)]
@@ -359,8 +399,9 @@ def test_shuffle_bn_keys_use_each_groups_statistics_over_a_permutation():
   shuffled = x[perm].reshape(groups, -1, 5)
   n = shuffled.shape[1]
   np.testing.assert_allclose(stats["mean"], 0.1 * shuffled.mean(1).mean(0), atol=1e-5)
-  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * (shuffled.var(1) * n / (n - 1)).mean(0),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    stats["var"], 0.9 + 0.1 * (shuffled.var(1) * n / (n - 1)).mean(0), atol=1e-5
+  )
   queries = moco.apply_in_groups(enc, variables, jnp.asarray(x), groups)[0]
   np.testing.assert_allclose(queries[0], normalise_per_group(x, groups), atol=1e-4)
   # No shuffle-BN (the default of compute_keys and train_step): BN over the whole batch.
@@ -382,11 +423,13 @@ def test_one_group_per_device_is_the_official_per_gpu_shuffle():
   enc, rng = BatchNormOnly(), jax.random.PRNGKey(7)
   x = np.random.default_rng(1).normal(size=(BATCH, 3)).astype(np.float32) * [1, 5, 9]
   sharded_x = sharding_lib.global_batch(x, mesh)
-  keys, _ = jax.jit(functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups,
-                                      shuffle_rng=rng))(enc.init(3), sharded_x)
+  keys, _ = jax.jit(
+    functools.partial(moco.compute_keys, enc, shuffle_bn_groups=groups, shuffle_rng=rng)
+  )(enc.init(3), sharded_x)
   perm = np.asarray(jax.random.permutation(rng, BATCH))
-  official = official_shuffled_keys(x, perm, lambda share: normalise_per_group(share, 1),
-                                    world_size=groups)
+  official = official_shuffled_keys(
+    x, perm, lambda share: normalise_per_group(share, 1), world_size=groups
+  )
   np.testing.assert_allclose(keys[0], official, atol=1e-4)
 
 
@@ -402,10 +445,14 @@ def test_shuffle_bn_step_is_the_same_on_one_and_eight_devices(tmp_path):
   assert np.isfinite(a["loss"]) and a["embed_cosine"].shape == (2,)
   np.testing.assert_allclose(a["contrastive_vs_chance"], a["ce"] / np.log(1 + QUEUE), rtol=1e-5)
   np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-  assert_trees_close(jax.device_get(eight.state.key_batch_stats),
-                     jax.device_get(one.state.key_batch_stats), atol=1e-5)
-  assert_trees_close(jax.device_get(eight.state.params), jax.device_get(one.state.params),
-                     atol=1e-5)
+  assert_trees_close(
+    jax.device_get(eight.state.key_batch_stats),
+    jax.device_get(one.state.key_batch_stats),
+    atol=1e-5,
+  )
+  assert_trees_close(
+    jax.device_get(eight.state.params), jax.device_get(one.state.params), atol=1e-5
+  )
   off = jobs.build(tiny_config(**{"moco.shuffle_bn": False}), str(tmp_path / "off"))
   assert off.task.bn_groups == 0
 
@@ -413,6 +460,7 @@ def test_shuffle_bn_step_is_the_same_on_one_and_eight_devices(tmp_path):
 def test_bn_groups_must_tile_the_global_batch():
   from mcl_jax import config_lib
   from mcl_jax.errors import ConfigError
+
   for size in (0, 2, 8, BATCH, 4 * BATCH):  # per device, tiles, one group, one group
     config_lib.validate(tiny_config(**{"moco.bn_group_size": size}))
   config_lib.validate(tiny_config(**{"moco.bn_group_size": 3, "moco.shuffle_bn": False}))

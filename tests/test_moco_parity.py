@@ -19,6 +19,7 @@ tensor stored whole (float32, 6e-8 relative), 1e-6 of its largest value, as
 tests/test_step_parity.py; on a tensor stored as random projections (float64), 1e-6 of its
 L2 norm (a bound on its relative L2 error; see the recording script).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,14 +54,13 @@ def recorded():
 
 
 def _by_prefix(recorded, prefix: str) -> dict[str, np.ndarray]:
-  return {k[len(prefix):]: v for k, v in recorded.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in recorded.items() if k.startswith(prefix)}
 
 
 def official_start(recorded) -> dict[str, np.ndarray]:
   """The recorded run's starting state dict, regenerated from the seeds (float32 numpy)."""
   shapes = {k: tuple(v) for k, v in _by_prefix(recorded, "shape/").items()}
-  one_net = {k[len("encoder_q_0."):]: v for k, v in shapes.items()
-             if k.startswith("encoder_q_0.")}
+  one_net = {k[len("encoder_q_0.") :]: v for k, v in shapes.items() if k.startswith("encoder_q_0.")}
   start = recording.initial_encoders(one_net, int(recorded["init_seed"]))
   start["queue"] = recording.initial_queues(int(recorded["queue_seed"]))
   return start
@@ -68,8 +68,9 @@ def official_start(recorded) -> dict[str, np.ndarray]:
 
 def encoders_from_official(state_dict, prefix: str, dtype) -> dict:
   """MoCo encoder variables (a head-less Cohort) of `<prefix><m>.` networks."""
-  members = [convert.from_torch("resnet32", state_dict, prefix=f"{prefix}{m}.")
-             for m in range(MEMBERS)]
+  members = [
+    convert.from_torch("resnet32", state_dict, prefix=f"{prefix}{m}.") for m in range(MEMBERS)
+  ]
   variables = models.cohort_from_members(members, 0, heads={}, arch="resnet32")
   del variables["params"]["members"]["head"]  # MoCo projects with its classifier
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), variables)
@@ -100,9 +101,16 @@ def run_jax(recorded) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
   loss_cfg.soft_vcl_weight = loss_cfg.soft_icl_weight = 1.0
   loss_cfg.tau, loss_cfg.kd_temperature = float(recorded["tau"]), recording.KD_T
   dtype = jnp.float64
-  cohort = models.Cohort(arch="resnet32", num_classes=recording.DIM, num_members=MEMBERS,
-                         shared_stages=0, embed_dim=recording.DIM,
-                         strategy=config.model.strategy, head="none", dtype=dtype)
+  cohort = models.Cohort(
+    arch="resnet32",
+    num_classes=recording.DIM,
+    num_members=MEMBERS,
+    shared_stages=0,
+    embed_dim=recording.DIM,
+    strategy=config.model.strategy,
+    head="none",
+    dtype=dtype,
+  )
   image_shape = (recording.IMAGE, recording.IMAGE, 3)
   encoders = moco.MocoEncoders(cohort, image_shape, dim=recording.DIM, mlp=False)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
@@ -111,32 +119,49 @@ def run_jax(recorded) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
   key = encoders_from_official(start, "encoder_k_", dtype)
   # The converted variables are those a real run trains (same tree, same shapes).
   expected = jax.eval_shape(encoders.init, jax.random.PRNGKey(0))
-  assert (jax.tree.map(lambda x: x.shape, expected)
-          == jax.tree.map(lambda x: x.shape, query))
+  assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(lambda x: x.shape, query)
   queues = jnp.asarray(start["queue"].transpose(0, 2, 1), dtype)  # [M, d, K] -> [M, K, d]
   state = moco.MocoState(
-      step=jnp.zeros((), jnp.int32), params=query["params"],
-      batch_stats=query["batch_stats"], opt_state=tx.init(query["params"]),
-      rng=jax.random.PRNGKey(0), key_params=key["params"],
-      key_batch_stats=key["batch_stats"], queues=queues, queue_ptr=jnp.zeros((), jnp.int32))
-  step = jax.jit(functools.partial(
-      moco.train_step, encoders=encoders, tx=tx, loss_cfg=loss_cfg,
+    step=jnp.zeros((), jnp.int32),
+    params=query["params"],
+    batch_stats=query["batch_stats"],
+    opt_state=tx.init(query["params"]),
+    rng=jax.random.PRNGKey(0),
+    key_params=key["params"],
+    key_batch_stats=key["batch_stats"],
+    queues=queues,
+    queue_ptr=jnp.zeros((), jnp.int32),
+  )
+  step = jax.jit(
+    functools.partial(
+      moco.train_step,
+      encoders=encoders,
+      tx=tx,
+      loss_cfg=loss_cfg,
       key_momentum=float(recorded["key_momentum"]),
-      views=lambda rng, batch: (batch["image"], batch["image2"])))
+      views=lambda rng, batch: (batch["image"], batch["image2"]),
+    )
+  )
   losses = []
   for view1, view2 in zip(recorded["view1"], recorded["view2"]):
-    batch = {"image": jnp.asarray(np.repeat(view1[..., None], 3, axis=-1), dtype),
-             "image2": jnp.asarray(np.repeat(view2[..., None], 3, axis=-1), dtype)}
+    batch = {
+      "image": jnp.asarray(np.repeat(view1[..., None], 3, axis=-1), dtype),
+      "image2": jnp.asarray(np.repeat(view2[..., None], 3, axis=-1), dtype),
+    }
     state, metrics = step(state, batch, {})
     m = jax.device_get(metrics)
-    losses.append([m["loss"], m["ce"][0], m["ce"][1], m["vcl"], m["icl"], m["soft_vcl"],
-                   m["soft_icl"]])
+    losses.append(
+      [m["loss"], m["ce"][0], m["ce"][1], m["vcl"], m["icl"], m["soft_vcl"], m["soft_icl"]]
+    )
   final = {
-      **encoders_to_official({"params": state.params, "batch_stats": state.batch_stats},
-                             "encoder_q_"),
-      **encoders_to_official({"params": state.key_params,
-                              "batch_stats": state.key_batch_stats}, "encoder_k_"),
-      "queue": np.asarray(jax.device_get(state.queues), np.float64).transpose(0, 2, 1)}
+    **encoders_to_official(
+      {"params": state.params, "batch_stats": state.batch_stats}, "encoder_q_"
+    ),
+    **encoders_to_official(
+      {"params": state.key_params, "batch_stats": state.key_batch_stats}, "encoder_k_"
+    ),
+    "queue": np.asarray(jax.device_get(state.queues), np.float64).transpose(0, 2, 1),
+  }
   return np.asarray(losses, np.float64), final, int(state.queue_ptr)
 
 
@@ -181,7 +206,8 @@ def test_ten_float64_steps_end_in_the_official_state(recorded, ours):
   for key, expected in sketches.items():
     err = float(np.abs(recording.sketch(key, final[key]) - expected).max())
     if not err <= 1e-6 * float(norms[key]):
-      failures.append(f"{key}: projections of ours - official up to {err:.2e} "
-                      f"(L2 norm {float(norms[key]):.2e})")
+      failures.append(
+        f"{key}: projections of ours - official up to {err:.2e} (L2 norm {float(norms[key]):.2e})"
+      )
   assert not failures, "\n".join(failures)
   np.testing.assert_array_equal(np.full(MEMBERS, queue_ptr), recorded["queue_ptr"])

@@ -1,4 +1,5 @@
 """Backbones: docs/SPEC.md 1 parameter counts, the stage contract, names, dtype."""
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -12,14 +13,14 @@ from mcl_jax.models import count_params
 
 # docs/SPEC.md 1: arch -> (classes, official shared stages for M > 2, one net, M=3, M=4).
 SPEC_COUNTS = {
-    "resnet32": (100, 2, 472_756, 1_370_620, 1_819_552),
-    "resnet56": (100, 2, 861_620, 2_499_836, 3_318_944),
-    "resnet110": (100, 2, 1_170_868, 3_401_852, 4_517_344),
-    "wrn_16_2": (100, 2, 703_284, 2_043_004, 2_712_864),
-    "wrn_40_2": (100, 2, 2_255_156, 6_550_140, 8_697_632),
-    "wrn_28_4": (100, 2, 5_872_180, 17_077_244, 22_679_776),
-    "resnet18": (1000, 3, 11_689_512, 33_702_392, 44_708_832),
-    "resnet34": (1000, 3, 21_797_672, 62_697_208, 83_146_976),
+  "resnet32": (100, 2, 472_756, 1_370_620, 1_819_552),
+  "resnet56": (100, 2, 861_620, 2_499_836, 3_318_944),
+  "resnet110": (100, 2, 1_170_868, 3_401_852, 4_517_344),
+  "wrn_16_2": (100, 2, 703_284, 2_043_004, 2_712_864),
+  "wrn_40_2": (100, 2, 2_255_156, 6_550_140, 8_697_632),
+  "wrn_28_4": (100, 2, 5_872_180, 17_077_244, 22_679_776),
+  "resnet18": (1000, 3, 11_689_512, 33_702_392, 44_708_832),
+  "resnet34": (1000, 3, 21_797_672, 62_697_208, 83_146_976),
 }
 
 
@@ -61,16 +62,20 @@ def test_bad_stage_slice_raises():
     _shapes(models.create("resnet32", 10, stage_slice=(2, 9)))
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny_imagenet", "resnet32", "resnet110", "wrn_16_2",
-                                  "resnet18", "resnet50"])
+@pytest.mark.parametrize(
+  "arch", ["tiny", "tiny_imagenet", "resnet32", "resnet110", "wrn_16_2", "resnet18", "resnet50"]
+)
 def test_trunk_and_branch_names_partition_the_network(arch):
   """Contract: params of (0, s) and (s, None) merge into exactly those of (0, None)."""
   net = models.create(arch, 7)
   full = _shapes(net)
   for s in range(1, net.num_stages):
     trunk_net = models.create(arch, 7, stage_slice=(0, s))
-    h, trunk = jax.eval_shape(lambda: trunk_net.init_with_output(  # noqa: B023
-        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
+    h, trunk = jax.eval_shape(
+      lambda: trunk_net.init_with_output(  # noqa: B023
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False
+      )
+    )
     branch = _shapes(models.create(arch, 7, stage_slice=(s, None)), x=jnp.zeros(h.shape))
     for col in ("params", "batch_stats"):
       t, b = trunk.get(col, {}), branch.get(col, {})
@@ -94,25 +99,43 @@ def test_stage_slices_compose_numerically():
 
 def test_tiny_imagenet_is_resnet18_with_one_block_per_group():
   """It stands in for resnet18/34 in smoke runs: same stages, a subset of the same layers."""
-  flat = lambda arch: {k: v.shape for k, v in flax.traverse_util.flatten_dict(  # noqa: E731
-      _shapes(models.create(arch, 10))["params"], sep="/").items()}
+  flat = lambda arch: {
+    k: v.shape
+    for k, v in flax.traverse_util.flatten_dict(  # noqa: E731
+      _shapes(models.create(arch, 10))["params"], sep="/"
+    ).items()
+  }
   small, big = flat("tiny_imagenet"), flat("resnet18")
   assert models.create("tiny_imagenet", 10).num_stages == models.create("resnet18", 10).num_stages
   assert small == {k: big[k] for k in small}
   assert sorted({k.split(".")[0] for k in small}) == sorted({k.split(".")[0] for k in big})
   assert {k.split("/")[0] for k in small if k.startswith("layer")} == {
-      f"layer{g}.0" for g in range(1, 5)}
+    f"layer{g}.0" for g in range(1, 5)
+  }
 
 
 def test_pytorch_names():
   names = lambda arch: set(  # noqa: E731
-      _flat_names(_shapes(models.create(arch, 10))["params"]))
-  assert {"conv1/kernel", "bn1/scale", "layer1.0/conv1/kernel", "layer2.0/downsample.0/kernel",
-          "layer2.0/downsample.1/bias", "fc/kernel"} <= names("resnet18")
+    _flat_names(_shapes(models.create(arch, 10))["params"])
+  )
+  assert {
+    "conv1/kernel",
+    "bn1/scale",
+    "layer1.0/conv1/kernel",
+    "layer2.0/downsample.0/kernel",
+    "layer2.0/downsample.1/bias",
+    "fc/kernel",
+  } <= names("resnet18")
   assert {"layer1.0/downsample.0/kernel", "layer1.0/conv3/kernel", "classifier/bias"} <= names(
-      "resnet110")
-  assert {"conv1/kernel", "block1.layer.0/convShortcut/kernel", "block2.layer.1/bn2/scale",
-          "bn1/scale", "fc/kernel"} <= names("wrn_16_2")
+    "resnet110"
+  )
+  assert {
+    "conv1/kernel",
+    "block1.layer.0/convShortcut/kernel",
+    "block2.layer.1/bn2/scale",
+    "bn1/scale",
+    "fc/kernel",
+  } <= names("wrn_16_2")
 
 
 def _flat_names(tree, prefix=""):

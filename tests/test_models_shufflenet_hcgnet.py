@@ -6,6 +6,7 @@ ShuffleNetV2s and a small HCGNet (the same code with few, narrow layers: a full 
 ~840 parameter arrays, and initialising or compiling one takes minutes on a 2-core CPU); the
 full HCGNets run with --runslow.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -25,10 +26,10 @@ ARCHS = {**shufflenetv2.ARCHS, **hcgnet.ARCHS}
 
 # docs/SPEC.md 1: (one network, M=3 official shared trunk, M=4 official shared trunk, pooled width).
 EXPECTED = {
-    "shufflenetv2_0.5x": (444_292, 1_317_612, 1_754_272, 1024),
-    "shufflenetv2_1x": (1_356_104, 4_006_536, 5_331_752, 1024),
-    "hcgnet_a1": (1_102_651, 3_072_501, 4_057_426, 414),
-    "hcgnet_a2": (3_133_679, 8_490_699, 11_169_209, 716),
+  "shufflenetv2_0.5x": (444_292, 1_317_612, 1_754_272, 1024),
+  "shufflenetv2_1x": (1_356_104, 4_006_536, 5_331_752, 1024),
+  "hcgnet_a1": (1_102_651, 3_072_501, 4_057_426, 414),
+  "hcgnet_a2": (3_133_679, 8_490_699, 11_169_209, 716),
 }
 OFFICIAL_SHARED_STAGES = 2  # stem + first block group (ShuffleNetV2_b, HCGNet_b)
 X_SHAPE = (2, 32, 32, 3)
@@ -49,8 +50,7 @@ def shapes(arch: str, stage_slice=(0, None), x_shape=X_SHAPE, dtype=jnp.float32)
   """(variables, output) of make(arch, ...) as ShapeDtypeStructs: nothing is computed."""
   module = make(arch, stage_slice=stage_slice, dtype=dtype)
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
-  out, variables = jax.eval_shape(
-      lambda x: module.init_with_output(jax.random.key(0), x, False), x)
+  out, variables = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x, False), x)
   return variables, out
 
 
@@ -126,8 +126,11 @@ def test_param_counts_single_and_official_shared_trunk(arch):
 
 # Every split of the cheap nets; the full HCGNets (~1 s per trace here) at the official split,
 # their other splits being the same code as small_hcgnet's.
-SPLITS = [(arch, split) for arch in ("shufflenetv2_0.5x", "shufflenetv2_1x", "small_hcgnet")
-          for split in (1, 2, 3)]
+SPLITS = [
+  (arch, split)
+  for arch in ("shufflenetv2_0.5x", "shufflenetv2_1x", "small_hcgnet")
+  for split in (1, 2, 3)
+]
 SPLITS += [("hcgnet_a1", 2), ("hcgnet_a2", 2)]
 
 
@@ -155,18 +158,29 @@ def test_bfloat16_compute_keeps_float32_variables(arch):
 
 def test_param_names_are_the_official_state_dict_keys():
   names = {".".join(p) for p in flax.traverse_util.flatten_dict(shapes("shufflenetv2_1x")[0])}
-  assert {"params.conv1.kernel", "params.bn1.scale", "params.layer1.0.conv5.kernel",
-          "params.layer2.7.bn3.bias", "params.layer3.3.conv2.kernel", "params.conv2.kernel",
-          "batch_stats.bn2.mean", "params.linear.kernel"} <= names
+  assert {
+    "params.conv1.kernel",
+    "params.bn1.scale",
+    "params.layer1.0.conv5.kernel",
+    "params.layer2.7.bn3.bias",
+    "params.layer3.3.conv2.kernel",
+    "params.conv2.kernel",
+    "batch_stats.bn2.mean",
+    "params.linear.kernel",
+  } <= names
   names = {".".join(p) for p in flax.traverse_util.flatten_dict(shapes("hcgnet_a1")[0])}
-  assert {"params.features.conv0.kernel", "params.features.HybridBlock1.SMG1.conv1_1x1.norm.scale",
-          "params.features.HybridBlock3.SMG8.conv2_3x3.conv.kernel",
-          "params.features.HybridBlock2.SMG4.global_context3x3.bias",
-          "batch_stats.features.HybridBlock1.SMG2.bn_forget.var",
-          "params.features.Transition2.fcall.kernel",
-          "params.features.Transition1.bn_attention.bias",
-          "params.features.Transition1.conv_5x5.conv.kernel", "batch_stats.features.norm5.mean",
-          "params.classifier.kernel"} <= names
+  assert {
+    "params.features.conv0.kernel",
+    "params.features.HybridBlock1.SMG1.conv1_1x1.norm.scale",
+    "params.features.HybridBlock3.SMG8.conv2_3x3.conv.kernel",
+    "params.features.HybridBlock2.SMG4.global_context3x3.bias",
+    "batch_stats.features.HybridBlock1.SMG2.bn_forget.var",
+    "params.features.Transition2.fcall.kernel",
+    "params.features.Transition1.bn_attention.bias",
+    "params.features.Transition1.conv_5x5.conv.kernel",
+    "batch_stats.features.norm5.mean",
+    "params.classifier.kernel",
+  } <= names
 
 
 @pytest.mark.parametrize("arch", ["shufflenetv2_0.5x", "small_hcgnet"])
@@ -201,8 +215,10 @@ def _check_forward_and_split(arch: str, num_classes: int):
     (split_logits, _), branch_upd = branch.apply(branch_vars, h, True, mutable=["batch_stats"])
     np.testing.assert_allclose(split_logits, train_logits, rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        _merge(trunk_upd, branch_upd), updates)
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      _merge(trunk_upd, branch_upd),
+      updates,
+    )
 
 
 @pytest.mark.parametrize("arch", ["shufflenetv2_0.5x", "shufflenetv2_1x", "small_hcgnet"])
@@ -232,8 +248,13 @@ def test_channel_shuffle_is_pytorch_nchw_shuffle():
 
 def _torch_to_flax(state_dict, shapes):
   """Maps a PyTorch state dict onto Flax variables by the joined module path; uses every key."""
-  names = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
-           "var": "running_var"}
+  names = {
+    "kernel": "weight",
+    "bias": "bias",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+  }
   out, used = {}, set()
   for col, tree in shapes.items():
     flat = {}
@@ -321,8 +342,9 @@ def _torch_shufflenet(torch, out_channels, num_blocks, num_classes):
       self.conv1, self.bn1 = conv(3, 24, 3), nn.BatchNorm2d(24)
       cin = 24
       for i in range(3):
-        blocks = [Down(cin, out_channels[i])] + [Basic(out_channels[i])
-                                                 for _ in range(num_blocks[i])]
+        blocks = [Down(cin, out_channels[i])] + [
+          Basic(out_channels[i]) for _ in range(num_blocks[i])
+        ]
         setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         cin = out_channels[i]
       self.conv2, self.bn2 = conv(cin, out_channels[3], 1), nn.BatchNorm2d(out_channels[3])
@@ -407,7 +429,8 @@ def _torch_hcgnet(torch, growth_rate, block_config, num_classes, bn_size=4):
       layers = OrderedDict(conv0=nn.Conv2d(3, c, 3, 1, 1, bias=False))
       for i, (g, n) in enumerate(zip(growth_rate, block_config)):
         layers[f"HybridBlock{i + 1}"] = nn.Sequential(
-            OrderedDict((f"SMG{j + 1}", SMG(c + g * j, g)) for j in range(n)))
+          OrderedDict((f"SMG{j + 1}", SMG(c + g * j, g)) for j in range(n))
+        )
         c += g * n
         if i < len(block_config) - 1:
           layers[f"Transition{i + 1}"] = Transition(c, c // 2)

@@ -16,6 +16,7 @@ further. The uninterrupted runs that the checks compare against are made once pe
    removed); the restart resumes from the last complete one and ends like the
    uninterrupted run, bit for bit. (This run's workdir is a relative path.)
 """
+
 import os
 import signal
 import time
@@ -38,9 +39,9 @@ NUM_DEVICES = 4  # 2 per process in the two-process runs, so batches split withi
 # process_jobs.TINY_RUN_FLAGS for 3 epochs; checkpoints only at the end unless a test asks
 # for more.
 CONFIG_FLAGS = (
-    *TINY_RUN_FLAGS,
-    f"--config.schedule.epochs={EPOCHS}",
-    "--config.checkpoint.every_epochs=1000",
+  *TINY_RUN_FLAGS,
+  f"--config.schedule.epochs={EPOCHS}",
+  "--config.checkpoint.every_epochs=1000",
 )
 
 
@@ -50,8 +51,9 @@ def _job(workdir, cache_dir, *, extra_flags=(), **kwargs) -> Job:
   Every run here shares the module's compilation cache `cache_dir`: only the first run of
   each topology compiles the step; the others load it.
   """
-  return Job(workdir, (*CONFIG_FLAGS, *extra_flags), num_devices=NUM_DEVICES,
-             cache_dir=cache_dir, **kwargs)
+  return Job(
+    workdir, (*CONFIG_FLAGS, *extra_flags), num_devices=NUM_DEVICES, cache_dir=cache_dir, **kwargs
+  )
 
 
 def preempt_process_1(job: Job) -> None:
@@ -103,8 +105,9 @@ def assert_states_equal(got: dict, want: dict, atol: float) -> None:
     want_leaves = jax.tree.leaves(want[part])
     assert len(got_leaves) == len(want_leaves) > 0, part
     for (path, x), y in zip(got_leaves, want_leaves):
-      np.testing.assert_allclose(x, y, rtol=0, atol=atol,
-                                 err_msg=f"{part}{jax.tree_util.keystr(path)}")
+      np.testing.assert_allclose(
+        x, y, rtol=0, atol=atol, err_msg=f"{part}{jax.tree_util.keystr(path)}"
+      )
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +120,7 @@ def uninterrupted(tmp_path_factory, jax_cache):
   """Workdirs of the reference runs, started together: one process with all NUM_DEVICES
   devices, and two processes with half of them each."""
   root = tmp_path_factory.mktemp("uninterrupted")
-  with (_job(root / "one", jax_cache) as one,
-        _job(root / "two", jax_cache, num_processes=2) as two):
+  with _job(root / "one", jax_cache) as one, _job(root / "two", jax_cache, num_processes=2) as two:
     assert one.wait(fail_fast=True) == [0] and two.wait(fail_fast=True) == [0, 0]
   return {"one": root / "one", "two": root / "two"}
 
@@ -150,11 +152,11 @@ def test_two_processes_train_like_one(uninterrupted):
 
 
 def test_sigterm_saves_and_the_restart_equals_an_uninterrupted_run(
-    uninterrupted, jax_cache, tmp_path):
+  uninterrupted, jax_cache, tmp_path
+):
   workdir = tmp_path / "preempted"
   with _job(workdir, jax_cache, num_processes=2, name="first") as job:
-    job.wait_until(lambda: max(_logged_steps(job.log(1)), default=0) >= 2,
-                   "two training steps")
+    job.wait_until(lambda: max(_logged_steps(job.log(1)), default=0) >= 2, "two training steps")
     preempt_process_1(job)  # JAX's preemption service must stop process 0 at that step too
     assert job.wait(fail_fast=True) == [0, 0]
     logs = [job.log(0), job.log(1)]
@@ -181,17 +183,18 @@ def test_sigterm_saves_and_the_restart_equals_an_uninterrupted_run(
       assert f"at step {saved + 1}." in log
       assert f"Finished {TOTAL_STEPS - saved - 1} steps" in log
   assert max(_committed_steps(workdir)) == TOTAL_STEPS
-  assert_states_equal(read_state(workdir, TOTAL_STEPS),
-                      read_state(uninterrupted["two"], TOTAL_STEPS), atol=0)
+  assert_states_equal(
+    read_state(workdir, TOTAL_STEPS), read_state(uninterrupted["two"], TOTAL_STEPS), atol=0
+  )
 
 
 def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(
-    uninterrupted, jax_cache, tmp_path):
+  uninterrupted, jax_cache, tmp_path
+):
   workdir = tmp_path / "killed"
   # Saves at steps 4, 8 and 12, into a workdir given as a relative path (Orbax needs an
   # absolute one; checkpointing.py makes it so).
-  run_flags = {"extra_flags": ("--config.checkpoint.every_epochs=1",),
-               "relative_workdir": True}
+  run_flags = {"extra_flags": ("--config.checkpoint.every_epochs=1",), "relative_workdir": True}
   with _job(workdir, jax_cache, **run_flags, name="first") as job:
     # Orbax writes step N into `N.orbax-checkpoint-tmp` and renames it when complete (tens
     # to hundreds of ms here). Kill while a later save than the first is being written, so
@@ -200,6 +203,7 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(
       if not os.path.isdir(_checkpoint_dir(workdir)):
         return False
       return [n for n in _tmp_checkpoints(workdir) if not n.startswith(f"{STEPS_PER_EPOCH}.")]
+
     job.wait_until(later_save_in_progress, "a second checkpoint being written", poll_s=0.002)
     job.procs[0].send_signal(signal.SIGKILL)
     job.procs[0].wait()
@@ -216,5 +220,6 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(
     assert f"Finished {TOTAL_STEPS - resume_step} steps" in job.log(0)
   assert max(_committed_steps(workdir)) == TOTAL_STEPS
   assert not _tmp_checkpoints(workdir)  # the half-written checkpoint is gone
-  assert_states_equal(read_state(workdir, TOTAL_STEPS),
-                      read_state(uninterrupted["one"], TOTAL_STEPS), atol=0)
+  assert_states_equal(
+    read_state(workdir, TOTAL_STEPS), read_state(uninterrupted["one"], TOTAL_STEPS), atol=0
+  )

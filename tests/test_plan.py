@@ -9,6 +9,7 @@ gradients are all-reduced once per step (not once per member), nothing is float6
 nothing calls back to the host. One xdist worker runs the module: libtpu's start-up and
 the topology are paid once.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,10 +27,11 @@ from mcl_jax import plan
 from mcl_jax.errors import ConfigError
 
 pytestmark = [
-    pytest.mark.xdist_group("plan_tpu"),
-    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                       reason="XLA's TPU compiler is not installed: pip install "
-                       "'jax[tpu]==0.10.2'"),
+  pytest.mark.xdist_group("plan_tpu"),
+  pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="XLA's TPU compiler is not installed: pip install 'jax[tpu]==0.10.2'",
+  ),
 ]
 TOPOLOGY = "v5e:2x2"
 CHIPS = 4
@@ -49,8 +51,12 @@ def shrunk(name: str, **overrides) -> object:
 def compile_train(config):
   planned = plan.build(config, TOPOLOGY)
   result, _ = plan.compile_and_analyse(
-      planned.task.compiled_train_step, (planned.state, planned.batch, planned.task.consts),
-      plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
+    planned.task.compiled_train_step,
+    (planned.state, planned.batch, planned.task.consts),
+    plan.chip_spec(TOPOLOGY),
+    num_chips=CHIPS,
+    batch_size=config.input.global_batch_size,
+  )
   return planned, result
 
 
@@ -74,9 +80,12 @@ def assert_gradients_reduced_once(planned, result) -> None:
   many as those parameters have (the gradients are reduced at all) and under twice (not
   once per member). Elements, not bytes: a bfloat16 step reduces bfloat16 gradients.
   Without MCL terms the projection head gets no gradient, so it is not counted."""
-  trained = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(planned.state.params)[0]
-             if any(losses.mcl_weights(planned.config.loss).values())
-             or "head" not in [getattr(k, "key", None) for k in path]]
+  trained = [
+    leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(planned.state.params)[0]
+    if any(losses.mcl_weights(planned.config.loss).values())
+    or "head" not in [getattr(k, "key", None) for k in path]
+  ]
   params = num_elements(trained)
   reduced = result["collectives"]["all-reduce"]["elements"]
   assert params <= reduced < 2 * params, (params, reduced)
@@ -96,25 +105,37 @@ def test_in_batch_step_reduces_the_gradients_once():
 
 def test_all_reduce_bytes_do_not_grow_faster_than_the_parameters():
   """M = 4 members: the gradient reduction is still one pass over the parameters."""
-  planned, result = compile_train(shrunk("cifar100_resnet32:mcl_x4,smoke", model__arch="tiny",
-                                         model__shared_stages=0))
+  planned, result = compile_train(
+    shrunk("cifar100_resnet32:mcl_x4,smoke", model__arch="tiny", model__shared_stages=0)
+  )
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
 
 
 def test_bank_step_keeps_the_bank_split_over_the_chips():
-  config = shrunk("imagenet_r18_x3:smoke", model__arch="tiny", model__shared_stages=1,
-                  input__synthetic_train_size=1000)
+  config = shrunk(
+    "imagenet_r18_x3:smoke",
+    model__arch="tiny",
+    model__shared_stages=1,
+    input__synthetic_train_size=1000,
+  )
   planned = plan.build(config, TOPOLOGY)
   result, compiled = plan.compile_and_analyse(
-      planned.task.compiled_train_step, (planned.state, planned.batch, planned.task.consts),
-      plan.chip_spec(TOPOLOGY), num_chips=CHIPS, batch_size=config.input.global_batch_size)
+    planned.task.compiled_train_step,
+    (planned.state, planned.batch, planned.task.consts),
+    plan.chip_spec(TOPOLOGY),
+    num_chips=CHIPS,
+    batch_size=config.input.global_batch_size,
+  )
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
   members, rows, dim = planned.state.bank.shape
   assert rows == 1000
   assert planned.state.bank.sharding.shard_shape((members, rows, dim)) == (
-      members, rows // CHIPS, dim)
+    members,
+    rows // CHIPS,
+    dim,
+  )
   # The compiled per-chip program takes only its rows, and no op in it (no all-gather, no
   # copy) ever holds the whole bank.
   hlo = compiled.as_text()
@@ -129,10 +150,17 @@ def test_moco_step_compiles():
 
 
 def test_simclr_step_compiles():
-  planned, result = compile_train(shrunk(
-      "fashion_mnist:simclr_mcl_x2,smoke", input__dataset="synthetic", model__arch="tiny",
-      input__synthetic_train_size=64, input__train_subset=0, input__validation_size=0,
-      model__num_classes=0))
+  planned, result = compile_train(
+    shrunk(
+      "fashion_mnist:simclr_mcl_x2,smoke",
+      input__dataset="synthetic",
+      model__arch="tiny",
+      input__synthetic_train_size=64,
+      input__train_subset=0,
+      input__validation_size=0,
+      model__num_classes=0,
+    )
+  )
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
 
@@ -145,15 +173,23 @@ def test_linear_probe_step_and_its_eval_step_compile():
   assert result["train"]["collectives"]["all-reduce"]["max_bytes"] < 1 << 20
 
 
-@pytest.mark.parametrize("arch", [
-    "resnet32", "wrn_16_2", "shufflenetv2_0.5x", "resnet18",
+@pytest.mark.parametrize(
+  "arch",
+  [
+    "resnet32",
+    "wrn_16_2",
+    "shufflenetv2_0.5x",
+    "resnet18",
     # XLA:TPU compiles HCGNet's step several times slower than all the other families'
     # together (docs/TESTING.md): with --runslow only.
-    pytest.param("hcgnet_a1", marks=pytest.mark.slow)])
+    pytest.param("hcgnet_a1", marks=pytest.mark.slow),
+  ],
+)
 def test_every_architecture_family_compiles(arch):
   """One member, cross-entropy only (the cohort and MCL paths are the regimes' tests)."""
-  planned, result = compile_train(shrunk("cifar100_resnet32:baseline,smoke", model__arch=arch,
-                                         cohort__num_members=1))
+  planned, result = compile_train(
+    shrunk("cifar100_resnet32:baseline,smoke", model__arch=arch, cohort__num_members=1)
+  )
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
 
@@ -175,33 +211,51 @@ def test_collective_parser_counts_async_pairs_once():
   %t = (f32[3]{0}, s32[2]{0}) all-reduce(f32[3]{0} %a, s32[2]{0} %b)
   """
   found = plan.collectives(hlo)
-  assert found["all-reduce"] == {"count": 2, "bytes": 4096 + 20, "max_bytes": 4096,
-                                 "elements": 1024 + 5}
-  assert found["all-gather"] == {"count": 1, "bytes": 1024, "max_bytes": 1024,
-                                 "elements": 512}
+  assert found["all-reduce"] == {
+    "count": 2,
+    "bytes": 4096 + 20,
+    "max_bytes": 4096,
+    "elements": 1024 + 5,
+  }
+  assert found["all-gather"] == {"count": 1, "bytes": 1024, "max_bytes": 1024, "elements": 512}
 
 
 def test_command_line_errors_exit_2_with_one_sentence():
-  run = subprocess.run([sys.executable, "-m", "mcl_jax.plan", "--config=digits",
-                        "--topology=v9:2x2"], capture_output=True, text=True)
+  run = subprocess.run(
+    [sys.executable, "-m", "mcl_jax.plan", "--config=digits", "--topology=v9:2x2"],
+    capture_output=True,
+    text=True,
+  )
   assert run.returncode == 2
   assert run.stderr.strip().splitlines()[-1].startswith("error: Unknown --topology")
 
 
 def test_missing_libtpu_is_one_sentence(monkeypatch):
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+  )
   with pytest.raises(ConfigError, match=r"pip install 'jax\[tpu\]==0.10.2'"):
     plan.require_libtpu()
 
 
 def test_command_line_prints_the_plan_and_appends_json(tmp_path):
   out = tmp_path / "plans.jsonl"
-  run = subprocess.run([sys.executable, "-m", "mcl_jax.plan", "--config=lincls_r18:smoke",
-                        f"--topology={TOPOLOGY}", "--noeval", f"--json_out={out}",
-                        "--config.input.image_size=16", "--batch=8"],
-                       capture_output=True, text=True)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "mcl_jax.plan",
+      "--config=lincls_r18:smoke",
+      f"--topology={TOPOLOGY}",
+      "--noeval",
+      f"--json_out={out}",
+      "--config.input.image_size=16",
+      "--batch=8",
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   assert "not measurements" in run.stdout and "HBM/chip" in run.stdout
   result = json.loads(out.read_text())

@@ -1,6 +1,7 @@
 """The regime registry: every regime declares itself once, nothing else spells its name,
 and a new regime is one module (here written by the test, outside the package) plus its
 test."""
+
 import ast
 import os
 import textwrap
@@ -35,9 +36,11 @@ def string_constants(path: str) -> set[str]:
       body = node.body
       if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         docstrings.add(id(body[0].value))
-  return {node.value for node in ast.walk(tree)
-          if isinstance(node, ast.Constant) and isinstance(node.value, str)
-          and id(node) not in docstrings}
+  return {
+    node.value
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+  }
 
 
 def test_no_module_outside_a_regime_the_registry_and_configs_spells_a_regime_name():
@@ -49,8 +52,12 @@ def test_no_module_outside_a_regime_the_registry_and_configs_spells_a_regime_nam
   for dirpath, _, files in os.walk(PACKAGE):
     for name in files:
       rel = os.path.relpath(os.path.join(dirpath, name), root)
-      if (not name.endswith(".py") or rel in own or rel.startswith(allowed_dirs)
-          or rel == os.path.join("mcl_jax", "regimes.py")):
+      if (
+        not name.endswith(".py")
+        or rel in own
+        or rel.startswith(allowed_dirs)
+        or rel == os.path.join("mcl_jax", "regimes.py")
+      ):
         continue
       spelled = names & string_constants(os.path.join(root, rel))
       offenders += [f"{rel}: {sorted(spelled)}"] if spelled else []

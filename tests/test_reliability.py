@@ -4,6 +4,7 @@ restore on another device count, a corrupted newest checkpoint, and bad input.
 Every bad input must end in one sentence (exit status 2 on the command line) with nothing
 written to the workdir.
 """
+
 import os
 import subprocess
 import sys
@@ -53,14 +54,30 @@ def one_sentence(message: str) -> bool:
 def test_a_diverging_run_stops_with_exit_3_and_keeps_its_last_finite_checkpoint(tmp_path):
   """Epoch 0 at lr 0.1 (saved at step 4), then x1e9: the loss becomes NaN in epoch 1."""
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "mcl_jax.main", "--config=cifar100_resnet32:mcl_x2,smoke",
-         f"--workdir={workdir}", "--config.model.arch=tiny", "--config.input.image_size=8",
-         "--config.schedule.num_train_steps=0", "--config.schedule.epochs=3",
-         "--config.schedule.kind=step", "--config.schedule.boundaries=(1,)",
-         "--config.schedule.decay_factor=1e9", "--config.checkpoint.every_epochs=1",
-         "--config.log_every_steps=1"]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  cmd = [
+    sys.executable,
+    "-m",
+    "mcl_jax.main",
+    "--config=cifar100_resnet32:mcl_x2,smoke",
+    f"--workdir={workdir}",
+    "--config.model.arch=tiny",
+    "--config.input.image_size=8",
+    "--config.schedule.num_train_steps=0",
+    "--config.schedule.epochs=3",
+    "--config.schedule.kind=step",
+    "--config.schedule.boundaries=(1,)",
+    "--config.schedule.decay_factor=1e9",
+    "--config.checkpoint.every_epochs=1",
+    "--config.log_every_steps=1",
+  ]
+  r = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert r.returncode == 3, r.stderr[-2000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: The loss diverged at step ") and "not finite" in last
@@ -217,6 +234,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def fashion(**overrides):
   from mcl_jax.configs import fashion_mnist
+
   c = fashion_mnist.get_config("mcl_x2,smoke")
   for key, value in overrides.items():
     section, field = key.split(".")
@@ -226,14 +244,14 @@ def fashion(**overrides):
 
 def image_folder(root, classes):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
     for name, count in classes.items():
       folder = root / split / name
       folder.mkdir(parents=True)
       for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-            folder / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
   return str(root)
 
 
@@ -242,37 +260,53 @@ def bad_inputs(tmp_path):
   folder_one = lambda: image_folder(tmp_path / "one", {"a": 4})  # noqa: E731
   folder_empty = lambda: image_folder(tmp_path / "empty", {"a": 4, "b": 0})  # noqa: E731
   return {
-      "zero lr": (lambda: smoke(**{"optim.lr": 0.0}), "config.optim.lr=0.0 must be positive"),
-      "negative lr": (lambda: smoke(**{"optim.lr": -1.0}), "config.optim.lr=-1.0"),
-      "tau 0": (lambda: smoke(**{"loss.tau": 0.0}), "config.loss.tau=0.0 must be positive"),
-      "KD temperature < 0": (lambda: smoke(**{"loss.kd_temperature": -3.0}),
-                             "config.loss.kd_temperature=-3.0 must be positive"),
-      "unknown dataset": (lambda: smoke(**{"input.dataset": "mnist3"}),
-                          "config.input.dataset='mnist3' is not one of"),
-      "unknown arch": (lambda: smoke(**{"model.arch": "resnet33"}),
-                       "Unknown architecture config.model.arch='resnet33'"),
-      "missing data_dir": (lambda: fashion(**{"input.data_dir": str(tmp_path / "none")}),
-                           "does not exist; to get Fashion-MNIST"),
-      # download off: TFDS would otherwise retry a download for minutes on a machine
-      # without network before the same sentence.
-      "data_dir of wrong files": (lambda: fashion(**{"input.data_dir": str(tmp_path),
-                                                     "input.download": False}),
-                                  "Fashion-MNIST was found neither as IDX files"),
-      "one class": (lambda: _folder(smoke, folder_one),
-                    "has 1 class folder; a classifier needs at least 2"),
-      "an empty class": (lambda: _folder(smoke, folder_empty), "holds no images"),
-      "labels outside num_classes": (lambda: smoke(**{"model.num_classes": 5}),
-                                     "config.model.num_classes=5 but synthetic has 10"),
-      "batch that does not split": (lambda: smoke(**{"input.global_batch_size": 12,
-                                                    "input.samples_per_class": 2}),
-                                    "is not divisible by the 8 devices"),
-      "too few classes for the batch": (lambda: smoke(**{"input.global_batch_size": 48,
-                                                         "input.samples_per_class": 2}),
-                                        "needs 24 distinct classes but synthetic has only 10"),
-      "images of the wrong shape": (lambda: fashion(**{"input.image_size": 20}),
-                                    "config.input.image_size=20 is not 28 (native)"),
-      "probe on a training workdir": (lambda: _probe_of(tmp_path),
-                                      "is not an export directory"),
+    "zero lr": (lambda: smoke(**{"optim.lr": 0.0}), "config.optim.lr=0.0 must be positive"),
+    "negative lr": (lambda: smoke(**{"optim.lr": -1.0}), "config.optim.lr=-1.0"),
+    "tau 0": (lambda: smoke(**{"loss.tau": 0.0}), "config.loss.tau=0.0 must be positive"),
+    "KD temperature < 0": (
+      lambda: smoke(**{"loss.kd_temperature": -3.0}),
+      "config.loss.kd_temperature=-3.0 must be positive",
+    ),
+    "unknown dataset": (
+      lambda: smoke(**{"input.dataset": "mnist3"}),
+      "config.input.dataset='mnist3' is not one of",
+    ),
+    "unknown arch": (
+      lambda: smoke(**{"model.arch": "resnet33"}),
+      "Unknown architecture config.model.arch='resnet33'",
+    ),
+    "missing data_dir": (
+      lambda: fashion(**{"input.data_dir": str(tmp_path / "none")}),
+      "does not exist; to get Fashion-MNIST",
+    ),
+    # download off: TFDS would otherwise retry a download for minutes on a machine
+    # without network before the same sentence.
+    "data_dir of wrong files": (
+      lambda: fashion(**{"input.data_dir": str(tmp_path), "input.download": False}),
+      "Fashion-MNIST was found neither as IDX files",
+    ),
+    "one class": (
+      lambda: _folder(smoke, folder_one),
+      "has 1 class folder; a classifier needs at least 2",
+    ),
+    "an empty class": (lambda: _folder(smoke, folder_empty), "holds no images"),
+    "labels outside num_classes": (
+      lambda: smoke(**{"model.num_classes": 5}),
+      "config.model.num_classes=5 but synthetic has 10",
+    ),
+    "batch that does not split": (
+      lambda: smoke(**{"input.global_batch_size": 12, "input.samples_per_class": 2}),
+      "is not divisible by the 8 devices",
+    ),
+    "too few classes for the batch": (
+      lambda: smoke(**{"input.global_batch_size": 48, "input.samples_per_class": 2}),
+      "needs 24 distinct classes but synthetic has only 10",
+    ),
+    "images of the wrong shape": (
+      lambda: fashion(**{"input.image_size": 20}),
+      "config.input.image_size=20 is not 28 (native)",
+    ),
+    "probe on a training workdir": (lambda: _probe_of(tmp_path), "is not an export directory"),
   }
 
 
@@ -286,6 +320,7 @@ def _folder(smoke, make):
 
 def _probe_of(tmp_path):
   from mcl_jax.configs import lincls_r18
+
   c = lincls_r18.get_config("smoke")
   training = tmp_path / "training_run"
   training.mkdir(exist_ok=True)
@@ -297,8 +332,10 @@ def _probe_of(tmp_path):
 def test_bad_input_is_one_sentence_and_writes_nothing(case, tmp_path):
   if case in ("missing data_dir", "data_dir of wrong files", "images of the wrong shape"):
     from mcl_jax.data import fashion_mnist
+
     if case == "images of the wrong shape" and not fashion_mnist.has_idx_files(
-        fashion_mnist.DEBIAN_DIR):
+      fashion_mnist.DEBIAN_DIR
+    ):
       pytest.skip("apt-get install dataset-fashion-mnist")
   make, expected = bad_inputs(tmp_path)[case]
   config = make()

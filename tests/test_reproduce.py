@@ -4,6 +4,7 @@ Runs the Fashion-MNIST suite's smoke configs in this process (a few steps of `ti
 needs the Debian copy of Fashion-MNIST; the report functions are also tested on
 hand-written results that need no data, and the committed results on what the report reads.
 """
+
 import glob
 import json
 import os
@@ -25,21 +26,37 @@ COMMITTED_SSL = os.path.join(COMMITTED, "ssl")
 
 def fake_result(row, seed, top1, trainer="supervised", collapsed=None):
   if trainer == "moco":
-    return {"row": row, "seed": seed, "trainer": "moco", "wall_s": 60.0, "collapsed": collapsed,
-            "knn": {"top1": top1, "top1_k20": top1, "val_top1": top1, "val_top1_k20": top1},
-            "probe": {"top1": top1, "val_top1": top1},
-            "logreg_probe": {"top1": [v + 0.05 for v in top1],
-                             "val_top1": [v + 0.05 for v in top1]}}
+    return {
+      "row": row,
+      "seed": seed,
+      "trainer": "moco",
+      "wall_s": 60.0,
+      "collapsed": collapsed,
+      "knn": {"top1": top1, "top1_k20": top1, "val_top1": top1, "val_top1_k20": top1},
+      "probe": {"top1": top1, "val_top1": top1},
+      "logreg_probe": {"top1": [v + 0.05 for v in top1], "val_top1": [v + 0.05 for v in top1]},
+    }
   split = {"top1": top1, "top5": [1.0] * len(top1)}
-  return {"row": row, "seed": seed, "trainer": trainer, "wall_s": 120.0, "collapsed": collapsed,
-          "eval": {"test": split, "validation": split}}
+  return {
+    "row": row,
+    "seed": seed,
+    "trainer": trainer,
+    "wall_s": 120.0,
+    "collapsed": collapsed,
+    "eval": {"test": split, "validation": split},
+  }
 
 
 def test_report_from_results(tmp_path):
-  rows = [suites.Row("baseline", "baseline", "main"), suites.Row("mcl_x2", "mcl_x2", "main"),
-          suites.Row("moco", "mocov2", "ssl")]
-  values = {"baseline": [[0.80, 0.82, 0.85], [0.84, 0.82, 0.86]],
-            "mcl_x2": [[0.83, 0.85, 0.87], [0.85, 0.85, 0.88]]}
+  rows = [
+    suites.Row("baseline", "baseline", "main"),
+    suites.Row("mcl_x2", "mcl_x2", "main"),
+    suites.Row("moco", "mocov2", "ssl"),
+  ]
+  values = {
+    "baseline": [[0.80, 0.82, 0.85], [0.84, 0.82, 0.86]],
+    "mcl_x2": [[0.83, 0.85, 0.87], [0.85, 0.85, 0.88]],
+  }
   for row in rows[:2]:
     for seed, top1 in enumerate(values[row.name]):
       directory = suites.run_dir(str(tmp_path), row, seed)
@@ -50,11 +67,13 @@ def test_report_from_results(tmp_path):
   os.makedirs(directory)
   with open(os.path.join(directory, suites.RESULT_FILE), "w") as f:
     json.dump(fake_result("moco", 0, [0.7], "moco"), f)
-  text = reproduce_report.write_report("suite", rows, {"main": "Main", "ssl": "SSL"}, [0, 1],
-                                       str(tmp_path))
+  text = reproduce_report.write_report(
+    "suite", rows, {"main": "Main", "ssl": "SSL"}, [0, 1], str(tmp_path)
+  )
   # baseline: members' means 81.0 and 83.0 -> 82.00 +- 1.41; best 82 and 84; ensemble 85, 86.
-  assert ("| baseline | 2 | 0 | 82.00 / 82.00 | 82.00 +- 1.41 | 83.00 +- 1.41 | 85.50 +- 0.71 |"
-          in text)
+  assert (
+    "| baseline | 2 | 0 | 82.00 / 82.00 | 82.00 +- 1.41 | 83.00 +- 1.41 | 85.50 +- 0.71 |" in text
+  )
   assert "| mcl_x2 | 2 | 0 |" in text and "### SSL" in text and "†" not in text
   # SSL: SGD probe 70.00 (per member, mean, best), then the logistic-regression probe 75.00.
   assert "| moco | 1 | 0 | 70.00 | 70.00 +- 0.00 | 70.00 +- 0.00 | 75.00 | 75.00 +- 0.00 |" in text
@@ -66,9 +85,13 @@ def test_report_from_results(tmp_path):
 def test_rows_with_a_collapsed_run_count_them_and_carry_no_plain_number():
   first = {"step": 39, "member": 1, "signal": "contrastive_vs_chance", "value": 0.98}
   rows = [suites.Row("moco", "mocov2", "ssl"), suites.Row("mcl", "mocov2_mcl_x2", "ssl")]
-  results = {"moco": [fake_result("moco", s, [0.7], "moco") for s in range(2)],
-             "mcl": [fake_result("mcl", 0, [0.6, 0.62], "moco", collapsed=first),
-                     fake_result("mcl", 1, [0.6, 0.64], "moco")]}
+  results = {
+    "moco": [fake_result("moco", s, [0.7], "moco") for s in range(2)],
+    "mcl": [
+      fake_result("mcl", 0, [0.6, 0.62], "moco", collapsed=first),
+      fake_result("mcl", 1, [0.6, 0.64], "moco"),
+    ],
+  }
   del results["mcl"][1]["collapsed"]  # a run from before the record: counted as unread
   text = reproduce_report.format_tables(rows, {"ssl": "SSL"}, results)
   assert "| moco | 2 | 0 | 70.00 | 70.00 +- 0.00 |" in text
@@ -84,12 +107,17 @@ def test_rows_sharing_seeds_get_the_paired_difference_and_its_interval():
   mean, low, high = reproduce_report.paired_difference([1.0, 2.0, 3.0])
   assert mean == pytest.approx(2.0) and high - mean == pytest.approx(4.30265 / np.sqrt(3), 1e-4)
   assert mean - low == pytest.approx(high - mean)
-  rows = [suites.Row("base", "baseline", "main"), suites.Row("mcl", "mcl_x2", "main"),
-          suites.Row("lone", "mcl_x2", "main")]
-  results = {"base": [fake_result("base", s, [0.80, 0.80, 0.80]) for s in range(3)],
-             # members' mean up by 1, 2, 3 points on seeds 0, 1, 2; seed 3 has no partner.
-             "mcl": [fake_result("mcl", s, [0.81 + s / 100] * 3) for s in range(4)],
-             "lone": [fake_result("lone", 5, [0.9] * 3)]}  # no seed in common: no line
+  rows = [
+    suites.Row("base", "baseline", "main"),
+    suites.Row("mcl", "mcl_x2", "main"),
+    suites.Row("lone", "mcl_x2", "main"),
+  ]
+  results = {
+    "base": [fake_result("base", s, [0.80, 0.80, 0.80]) for s in range(3)],
+    # members' mean up by 1, 2, 3 points on seeds 0, 1, 2; seed 3 has no partner.
+    "mcl": [fake_result("mcl", s, [0.81 + s / 100] * 3) for s in range(4)],
+    "lone": [fake_result("lone", 5, [0.9] * 3)],
+  }  # no seed in common: no line
   text = reproduce_report.format_tables(rows, {"main": "Main"}, results)
   paired = [x for x in text.splitlines() if "paired by seed" in x]
   assert len(paired) == 1
@@ -112,10 +140,14 @@ def test_committed_results_hold_every_record_the_report_reads():
 
 
 @pytest.mark.skipif(not os.path.isdir(COMMITTED_SSL), reason="no committed SSL results")
-@pytest.mark.parametrize("row,expected", [
+@pytest.mark.parametrize(
+  "row,expected",
+  [
     ("held_mocov2", None),
     ("held_mocov2_mcl_x2", {"step": 39, "member": 0, "signal": "contrastive_vs_chance"}),
-    ("held_simclr_mcl_x2", None)])
+    ("held_simclr_mcl_x2", None),
+  ],
+)
 def test_committed_ssl_runs_record_their_collapse(row, expected):
   """The committed Fashion-MNIST SSL runs (seed 0): MoCo + MCL x2 sat at chance (its
   ce/member_m over log(1 + K)) after its first epoch; MoCo alone and SimCLR + MCL x2 did
@@ -160,8 +192,9 @@ def test_unknown_suite_is_one_sentence():
 def test_minutes_left_shares_queued_runs_among_workers():
   # Four 6-minute runs on two workers: when the first ends, its twin is about done and two
   # more remain, which take one more run's time together (not two runs' time).
-  assert reproduce_schedule.minutes_left([6.0], queued=2, running_for=[5.5], workers=2) == \
-      pytest.approx((2 * 6.0 + 0.5) / 2)
+  assert reproduce_schedule.minutes_left(
+    [6.0], queued=2, running_for=[5.5], workers=2
+  ) == pytest.approx((2 * 6.0 + 0.5) / 2)
   # One worker: the queue runs one after another.
   assert reproduce_schedule.minutes_left([4.0, 6.0], queued=3, running_for=[], workers=1) == 15.0
   # A long run still going bounds the wait from below.
@@ -184,8 +217,10 @@ def test_unknown_row_is_one_sentence():
     suites.select_rows(rows, ["mcl_x9"])
 
 
-@pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR),
-                    reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+  not fashion_mnist.has_idx_files(fashion_mnist.DEBIAN_DIR),
+  reason="apt-get install dataset-fashion-mnist",
+)
 def test_smoke_suite_trains_resumes_and_reports(tmp_path):
   _, rows, tables = suites.load_suite("fashion_mnist")
   chosen = suites.select_rows(rows, ["baseline", "held_mocov2"])

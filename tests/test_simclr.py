@@ -1,5 +1,6 @@
 """The in-batch self-supervised regime (SimCLR-MCL): NT-Xent semantics, global-batch
 negatives on any device count, the task contract."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,8 +57,9 @@ def test_one_member_vcl_is_nt_xent(tau):
   z = rng.normal(size=(1, 12, 5))
   z /= np.linalg.norm(z, axis=-1, keepdims=True)
   ids = np.repeat(np.arange(6), 2)
-  terms = losses.batch_mcl(jnp.asarray(z, jnp.float32), jnp.asarray(ids), tau=tau,
-                           kd_temperature=3.0)
+  terms = losses.batch_mcl(
+    jnp.asarray(z, jnp.float32), jnp.asarray(ids), tau=tau, kd_temperature=3.0
+  )
   np.testing.assert_allclose(terms["vcl"], np_nt_xent(z[0], tau), rtol=1e-5)
   for name in ("icl", "soft_vcl", "soft_icl"):  # no pairs of members with M = 1
     assert float(terms[name]) == 0.0
@@ -81,8 +83,9 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
   m8, m1 = eight.train_steps(2), one.train_steps(2)
   for a, b in zip(m8, m1):
     for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "instance_accuracy"):
-      np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=2e-5,
-                                 atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(
+        np.asarray(a[name]), np.asarray(b[name]), rtol=2e-5, atol=1e-6, err_msg=name
+      )
   assert float(m8[0]["vcl"]) > 0 and float(m8[0]["icl"]) > 0
   for x, y in zip(jax.tree.leaves(eight.state.params), jax.tree.leaves(one.state.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
@@ -92,6 +95,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):
   from mcl_jax import export
+
   c = tiny_config()
   c.ssl.knn_every_epochs = 1
   result = jobs.run(c, str(tmp_path / "run"))
@@ -102,10 +106,10 @@ def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):
   # views of the global batch); summed over members and times that log, VCL.
   train = result["train"]
   ratios = [train[f"contrastive_vs_chance/member_{m}"] for m in range(2)]
-  np.testing.assert_allclose(sum(ratios) * np.log(2 * c.input.global_batch_size - 1),
-                             train["vcl"], rtol=1e-5)
+  np.testing.assert_allclose(
+    sum(ratios) * np.log(2 * c.input.global_batch_size - 1), train["vcl"], rtol=1e-5
+  )
   assert "embed_cosine/member_1" in train and "head_dead_units/member_1" in train
   assert result["collapsed"] is None or result["collapsed"]["member"] in (0, 1)
   info = export.export_member(str(tmp_path / "run"), 1, str(tmp_path / "member1"))
   assert info["source"]["trainer"] == "simclr"
-

@@ -23,6 +23,7 @@ spread. Only the first two steps are judged: from the third on, one rounding's
 perturbation of the start already moves the float32 losses by 5e-3 to 1e-1 (measured in
 docs/TESTING.md), so a bound there would let errors of that size through unseen.
 """
+
 import functools
 import os
 import sys
@@ -55,16 +56,20 @@ def recorded():
 
 
 def _head_keys(m):
-  return {("fc1", "kernel"): f"embed_list.{m}.proj_head.0.weight",
-          ("fc1", "bias"): f"embed_list.{m}.proj_head.0.bias",
-          ("fc2", "kernel"): f"embed_list.{m}.proj_head.2.weight",
-          ("fc2", "bias"): f"embed_list.{m}.proj_head.2.bias"}
+  return {
+    ("fc1", "kernel"): f"embed_list.{m}.proj_head.0.weight",
+    ("fc1", "bias"): f"embed_list.{m}.proj_head.0.bias",
+    ("fc2", "kernel"): f"embed_list.{m}.proj_head.2.weight",
+    ("fc2", "bias"): f"embed_list.{m}.proj_head.2.bias",
+  }
 
 
 def official_to_cohort(state_dict, dtype):
   """Cohort variables from the official state dict (networks and heads)."""
-  members = [convert.from_torch("resnet32", state_dict, prefix=f"net.module_list.{m}.")
-             for m in range(MEMBERS)]
+  members = [
+    convert.from_torch("resnet32", state_dict, prefix=f"net.module_list.{m}.")
+    for m in range(MEMBERS)
+  ]
   heads = []
   for m in range(MEMBERS):
     head = {"fc1": {}, "fc2": {}}
@@ -99,8 +104,11 @@ def jax_step(dtype, lr):
   loss_cfg = config.loss  # official weights 0.1 / 0.1 / 1 / 1, tau 0.1, T 3
   model = models.Cohort("resnet32", 10, MEMBERS, strategy="unroll", dtype=dtype)
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1000)
-  step = jax.jit(functools.partial(supervised.train_step, model=model, tx=tx, loss_cfg=loss_cfg,
-                                   preprocess=lambda rng, x: x))
+  step = jax.jit(
+    functools.partial(
+      supervised.train_step, model=model, tx=tx, loss_cfg=loss_cfg, preprocess=lambda rng, x: x
+    )
+  )
   return step, tx
 
 
@@ -110,26 +118,34 @@ def run_jax(recorded, dtype, steps, start=None):
   step, tx = jax_step(dtype, float(recorded["lr"]))
   start = official_state_dict(recorded) if start is None else start
   variables = official_to_cohort(start, dtype)
-  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]),
-                           rng=jax.random.PRNGKey(0), bank=None)
+  state = train_state.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(variables["params"]),
+    rng=jax.random.PRNGKey(0),
+    bank=None,
+  )
   losses = []
   for t in range(steps):
     image = np.repeat(recorded["images"][t][..., None], 3, axis=-1)  # NHWC, 3 channels
-    batch = {"image": jnp.asarray(image, dtype), "label": jnp.asarray(recorded["labels"][t]),
-             "index": jnp.arange(image.shape[0], dtype=jnp.int32)}
+    batch = {
+      "image": jnp.asarray(image, dtype),
+      "label": jnp.asarray(recorded["labels"][t]),
+      "index": jnp.arange(image.shape[0], dtype=jnp.int32),
+    }
     state, metrics = step(state, batch, {})
     m = jax.device_get(metrics)
-    losses.append([m["loss"], m["ce"][0], m["ce"][1], m["vcl"], m["icl"], m["soft_vcl"],
-                   m["soft_icl"]])
+    losses.append(
+      [m["loss"], m["ce"][0], m["ce"][1], m["vcl"], m["icl"], m["soft_vcl"], m["soft_icl"]]
+    )
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return np.asarray(losses, np.float64), jax.device_get(variables)
 
 
 def official_state_dict(recorded):
   """The recorded run's starting values, regenerated from the seed (float32 numpy)."""
-  shapes = {k[len("final64/"):]: v.shape for k, v in recorded.items() if k.startswith("final64/")}
+  shapes = {k[len("final64/") :]: v.shape for k, v in recorded.items() if k.startswith("final64/")}
   return recording.initial_values(shapes, int(recorded["init_seed"]))
 
 
@@ -138,7 +154,7 @@ def test_twenty_float64_steps_match_the_official_code(recorded):
     losses, variables = run_jax(recorded, jnp.float64, 20)
   np.testing.assert_allclose(losses, recorded["losses64"], rtol=1e-7, atol=1e-9)
   ours = cohort_to_official(variables)
-  official = {k[len("final64/"):]: v for k, v in recorded.items() if k.startswith("final64/")}
+  official = {k[len("final64/") :]: v for k, v in recorded.items() if k.startswith("final64/")}
   assert set(ours) == set(official)
   for key, expected in official.items():
     scale = max(float(np.abs(expected).max()), 1e-3)
@@ -149,8 +165,10 @@ def test_twenty_float64_steps_match_the_official_code(recorded):
 def rounding_perturbed(state_dict, seed):
   """Every starting value times (1 + 2^-23 N(0, 1)): float32 rounding's size of change."""
   rng = np.random.default_rng(seed)
-  return {k: (v * (1.0 + 2.0**-23 * rng.standard_normal(v.shape))).astype(np.float32)
-          for k, v in state_dict.items()}
+  return {
+    k: (v * (1.0 + 2.0**-23 * rng.standard_normal(v.shape))).astype(np.float32)
+    for k, v in state_dict.items()
+  }
 
 
 def test_float32_steps_stay_within_float32_rounding_of_the_official_code(recorded):

@@ -4,6 +4,7 @@ An import cycle is a module that (directly or through others) imports itself, co
 imports inside functions too: such a cycle works only while the import order happens to
 suit it, and makes a module impossible to read or reuse alone.
 """
+
 import ast
 import importlib
 import os
@@ -36,8 +37,10 @@ def imports_of(path: str, modules: dict[str, str]) -> set[str]:
       names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       # `from a.b import c`: c is the module a.b.c when that file exists, else a name in a.b.
-      names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
-               else node.module for alias in node.names]
+      names = [
+        f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+        for alias in node.names
+      ]
     else:
       continue
     found.update(n for n in names if n in modules)
@@ -54,7 +57,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     path.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        return path[path.index(nxt):] + [nxt]
+        return path[path.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -83,9 +86,19 @@ def test_the_package_has_no_import_cycle():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("name", ["mcl_jax.main", "mcl_jax.export", "mcl_jax.plots",
-                                  "mcl_jax.reproduce", "mcl_jax.demo", "mcl_jax.bench",
-                                  "mcl_jax.fewshot", "mcl_jax.logreg_probe"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "mcl_jax.main",
+    "mcl_jax.export",
+    "mcl_jax.plots",
+    "mcl_jax.reproduce",
+    "mcl_jax.demo",
+    "mcl_jax.bench",
+    "mcl_jax.fewshot",
+    "mcl_jax.logreg_probe",
+  ],
+)
 def test_every_command_module_imports_and_says_how_to_run_it(name):
   module = importlib.import_module(name)
   assert module.__doc__ and ("python -m " in module.__doc__ or "mcl-" in module.__doc__)

@@ -1,4 +1,5 @@
 """The supervised trainer: loss composition, the step, eval, resume, shardings."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,8 +53,9 @@ def test_total_loss_weights_each_term():
   terms = losses.batch_mcl(z, labels, tau=cfg.tau, kd_temperature=cfg.kd_temperature)
   kd = losses.logit_kd(logits, temperature=3.0, targets="last")
   ce = supervised.cross_entropy(logits, labels).sum()
-  expected = (ce + 0.1 * terms["vcl"] + 0.1 * terms["icl"] + terms["soft_vcl"]
-              + terms["soft_icl"] + 0.5 * kd)
+  expected = (
+    ce + 0.1 * terms["vcl"] + 0.1 * terms["icl"] + terms["soft_vcl"] + terms["soft_icl"] + 0.5 * kd
+  )
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   assert metrics["ce"].shape == (3,) and metrics["accuracy"].shape == (3,)
 
@@ -63,15 +65,19 @@ def test_baseline_computes_no_mcl_terms():
   cfg.vcl_weight = cfg.icl_weight = cfg.soft_vcl_weight = cfg.soft_icl_weight = 0.0
   logits = jnp.zeros((2, 4, 3))
   total, metrics = supervised.total_loss(
-      {"logits": logits, "embeddings": jnp.full((2, 4, 2), jnp.nan)}, jnp.zeros(4, jnp.int32), cfg)
+    {"logits": logits, "embeddings": jnp.full((2, 4, 2), jnp.nan)}, jnp.zeros(4, jnp.int32), cfg
+  )
   assert "vcl" not in metrics and np.isfinite(total)  # NaN embeddings never reached the loss
   np.testing.assert_allclose(total, 2 * np.log(3), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind,boundaries,expected", [
+@pytest.mark.parametrize(
+  "kind,boundaries,expected",
+  [
     ("cosine", (), [0.1, 0.1, 0.05, 0.05, 0.0]),
     ("step", (1, 2), [0.1, 0.1, 0.01, 0.01, 0.001]),
-])
+  ],
+)
 def test_schedule_is_set_once_per_epoch(kind, boundaries, expected):
   c = default.get_config()
   c.schedule.kind, c.schedule.epochs, c.schedule.boundaries = kind, 2, boundaries
@@ -149,8 +155,9 @@ def test_eval_is_exact_with_fixed_logits_and_a_padded_last_batch(tmp_path):
   ranking[0] = np.arange(10)[::-1]  # member 0: class 0 first, then 1, 2, ...
   ranking[1, [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]] = 4.0 * np.arange(10)[::-1]  # 3, then 0, 1...
   classifier["bias"][:] = ranking
-  run.state = run.state.replace(params=jax.device_put(
-      params, jax.tree.map(lambda x: x.sharding, run.state.params)))
+  run.state = run.state.replace(
+    params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, run.state.params))
+  )
   acc = run.evaluate()["test"]
   labels = np.asarray(run.setup.source.eval_splits()["test"][1])
   assert labels.shape == (21,)
@@ -158,10 +165,15 @@ def test_eval_is_exact_with_fixed_logits_and_a_padded_last_batch(tmp_path):
   ensemble = ranking.mean(0)  # the mean of the members' logits
   top5_ensemble = np.argsort(-ensemble)[:5]
   assert np.argmax(ensemble) == 3 and np.unique(ensemble).size == 10  # no ties
-  np.testing.assert_allclose(acc["top1"], [in_top([0]), in_top([3]), in_top([3])],
-                             rtol=0, atol=1e-7)
-  np.testing.assert_allclose(acc["top5"], [in_top([0, 1, 2, 3, 4]), in_top([3, 0, 1, 2, 4]),
-                                           in_top(top5_ensemble)], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(
+    acc["top1"], [in_top([0]), in_top([3]), in_top([3])], rtol=0, atol=1e-7
+  )
+  np.testing.assert_allclose(
+    acc["top5"],
+    [in_top([0, 1, 2, 3, 4]), in_top([3, 0, 1, 2, 4]), in_top(top5_ensemble)],
+    rtol=0,
+    atol=1e-7,
+  )
 
 
 def test_eval_step_compiles_once_for_a_padded_split(tmp_path):
@@ -183,6 +195,7 @@ def test_members_see_the_same_batch_but_differ(tmp_path):
 def tiny_bank_config() -> ml_collections.ConfigDict:
   """imagenet_r18_x3's smoke recipe (memory bank) on two tiny float32 members."""
   from mcl_jax.configs import imagenet_r18_x3
+
   c = imagenet_r18_x3.get_config("smoke")
   c.model.arch, c.model.shared_stages, c.input.image_size = "tiny", 1, 8
   c.cohort.num_members, c.model.dtype = 2, "float32"
@@ -201,8 +214,11 @@ def test_step_logs_each_members_collapse_signals(regime, tmp_path):
   members = c.cohort.num_members
   for name in ("embed_cosine", "head_dead_units", "contrastive_vs_chance"):
     assert metrics[name].shape == (members,) and np.all(np.isfinite(metrics[name])), name
-  candidates = (c.input.global_batch_size - 1 if regime == "batch"
-                else c.bank.num_positives + c.bank.num_negatives)
-  np.testing.assert_allclose(metrics["contrastive_vs_chance"].sum() * np.log(candidates),
-                             metrics["vcl"], rtol=1e-4)
-
+  candidates = (
+    c.input.global_batch_size - 1
+    if regime == "batch"
+    else c.bank.num_positives + c.bank.num_negatives
+  )
+  np.testing.assert_allclose(
+    metrics["contrastive_vs_chance"].sum() * np.log(candidates), metrics["vcl"], rtol=1e-4
+  )

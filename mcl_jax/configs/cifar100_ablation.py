@@ -10,11 +10,16 @@ The argument names the terms that stay on, joined by '+', from vcl, icl, soft_vc
 The full method is 74.04% top-1 (docs/SPEC.md 5); `none` trains 4 independent networks.
 Append ',smoke' for a CPU smoke run.
 """
+
 from mcl_jax.configs import cifar100_common
 from mcl_jax.configs import common
 
-TERMS = {"vcl": ("vcl_weight", 0.1), "icl": ("icl_weight", 0.1),
-         "soft_vcl": ("soft_vcl_weight", 1.0), "soft_icl": ("soft_icl_weight", 1.0)}
+TERMS = {
+  "vcl": ("vcl_weight", 0.1),
+  "icl": ("icl_weight", 0.1),
+  "soft_vcl": ("soft_vcl_weight", 1.0),
+  "soft_icl": ("soft_icl_weight", 1.0),
+}
 
 
 def _terms(variant: str) -> set[str]:
@@ -23,7 +28,8 @@ def _terms(variant: str) -> set[str]:
 
 def get_config(arg=None):
   variant, is_smoke = common.parse_arg(
-      arg, lambda v: v == "none" or _terms(v) <= set(TERMS), "vcl+icl+soft_vcl+soft_icl")
+    arg, lambda v: v == "none" or _terms(v) <= set(TERMS), "vcl+icl+soft_vcl+soft_icl"
+  )
   c = cifar100_common.set_variant(cifar100_common.base("resnet32"), "mcl_x4")
   for term, (field, weight) in TERMS.items():
     c.loss[field] = weight if term in _terms(variant) else 0.0

@@ -5,6 +5,7 @@ Published top-1: M=2 72.96, M=3 73.74, M=4 74.04, M=5 74.10, M=6 73.98 (%).
 M = 2 is two separate networks; M > 2 shares the stem + first stage, as the official code.
 Append ',smoke' for a CPU smoke run (e.g. `:5,smoke`).
 """
+
 from mcl_jax.configs import cifar100_common
 from mcl_jax.configs import common
 

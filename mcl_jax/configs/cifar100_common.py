@@ -8,6 +8,7 @@ Each `configs/cifar100_<arch>.py` is one row of the paper's Table 3 / Table 1 an
   mcl_x4_logit  mcl_x4 plus logit KD to the ensemble, last member only (official, M > 2)
 optionally followed by `smoke` (`common.smoke`: a few steps on synthetic data).
 """
+
 import ml_collections
 
 from mcl_jax.configs import common

@@ -8,8 +8,9 @@ Launch (one variant per run; final-epoch top-1 is what to compare):
 Smoke run on a CPU: --config=cifar100_wrn_28_4:mcl_x2,smoke
 Variants are described in mcl_jax/configs/cifar100_common.py.
 """
+
 from mcl_jax.configs import cifar100_common
 
 
 def get_config(arg=None):
-  return cifar100_common.make('wrn_28_4', arg)
+  return cifar100_common.make("wrn_28_4", arg)

@@ -7,6 +7,7 @@ Argument grammar (the part after ':' in `--config=NAME:ARG`), for every config:
 for the small in-memory datasets the config already uses), small batches, a log line per
 step; a test runs every config that way (tests/test_config_smoke.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -17,8 +18,9 @@ import ml_collections
 REAL_SMOKE_DATASETS = ("digits", "fashion_mnist")
 
 
-def parse_arg(arg: str | None, variants: Sequence[str] | Callable[[str], bool] = (),
-              default: str = "") -> tuple[str, bool]:
+def parse_arg(
+  arg: str | None, variants: Sequence[str] | Callable[[str], bool] = (), default: str = ""
+) -> tuple[str, bool]:
   """(variant, smoke) of 'variant[,smoke]'.
 
   `variants` lists the accepted variant names, or is a predicate for generated names (e.g.
@@ -32,14 +34,17 @@ def parse_arg(arg: str | None, variants: Sequence[str] | Callable[[str], bool] =
   accepts = variants if callable(variants) else (lambda v: v in variants)
   if len(rest) > 1 or not accepts(variant):
     listed = "" if callable(variants) else f"one of {', '.join(variants)}, "
-    raise ValueError(f"config argument {arg!r}: expected {listed}optionally followed by "
-                     "',smoke'.")
+    raise ValueError(f"config argument {arg!r}: expected {listed}optionally followed by ',smoke'.")
   return variant, smoke
 
 
-def smoke(c: ml_collections.ConfigDict, *, arch: str | None = None,
-          image_size: int | None = None, num_classes: int = 10
-          ) -> ml_collections.ConfigDict:
+def smoke(
+  c: ml_collections.ConfigDict,
+  *,
+  arch: str | None = None,
+  image_size: int | None = None,
+  num_classes: int = 10,
+) -> ml_collections.ConfigDict:
   """The config shrunk to 3 steps: the same code path in seconds on a CPU.
 
   Synthetic images (64 train, 24 eval, `num_classes` classes) unless the dataset is small

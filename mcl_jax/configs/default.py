@@ -5,6 +5,7 @@ is declared here, so `mcl_jax.config_lib.validate` can reject a misspelt field w
 sentence instead of letting it be silently ignored. The official code's flag each field
 stands for is named in its comment (`main_cifar.py --flag`).
 """
+
 import ml_collections
 
 

@@ -9,6 +9,7 @@ have only 10
 classes, so class-aware batches hold 8 classes x 8 samples (the paper's CIFAR batches hold
 64 classes x 2); the loss is the same. Append ',smoke' for a few steps only.
 """
+
 from mcl_jax.configs import cifar100_common
 from mcl_jax.configs import common
 from mcl_jax.configs import default

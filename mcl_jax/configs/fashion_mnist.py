@@ -40,11 +40,16 @@ collapse them for about 200 steps, during which MCL is effectively off (docs/RES
 "The collapse"). Sized so that the main comparison (baseline vs mcl_x2, 3 seeds) trains in
 about an hour on two CPU cores (`--workers=2`).
 """
+
 from mcl_jax.configs import common
 from mcl_jax.configs import default
 
-TERMS = {"vcl": "vcl_weight", "icl": "icl_weight", "soft_vcl": "soft_vcl_weight",
-         "soft_icl": "soft_icl_weight"}
+TERMS = {
+  "vcl": "vcl_weight",
+  "icl": "icl_weight",
+  "soft_vcl": "soft_vcl_weight",
+  "soft_icl": "soft_icl_weight",
+}
 WEIGHTS = {"vcl": 0.1, "icl": 0.1, "soft_vcl": 1.0, "soft_icl": 1.0}  # docs/SPEC.md 2.5
 SUPERVISED = ("baseline", "mcl_x2", "mcl_x4", "mcl_x4_logit", "m3", "m4", "m5")
 SELF_SUPERVISED = ("mocov2", "mocov2_mcl_x2", "mocov2_mcl_x2_co2", "simclr", "simclr_mcl_x2")
@@ -53,7 +58,8 @@ SELF_SUPERVISED = ("mocov2", "mocov2_mcl_x2", "mocov2_mcl_x2_co2", "simclr", "si
 def _known(variant: str) -> bool:
   terms = set(variant[3:].split("+")) - {""}
   return variant in SUPERVISED + SELF_SUPERVISED + ("probe",) or (
-      variant.startswith("x4_") and terms <= set(TERMS))
+    variant.startswith("x4_") and terms <= set(TERMS)
+  )
 
 
 def data(c):
@@ -164,4 +170,3 @@ def get_config(arg=None):
   else:
     c = supervised(c, variant)
   return common.smoke(c, arch="tiny") if is_smoke else c
-

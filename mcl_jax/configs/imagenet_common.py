@@ -8,14 +8,16 @@ last member. Compute in bfloat16, params / BN statistics / contrastive logits in
 `arg` of every ImageNet config: '' for the real run, 'smoke' for a CPU run of a few steps on
 synthetic 32x32 images with a tiny bank (the same code path, the same architecture).
 """
+
 import ml_collections
 
 from mcl_jax.configs import common
 from mcl_jax.configs import default
 
 
-def make(arch: str, members: int, *, mcl: bool = True, logit: bool = False,
-         arg=None) -> ml_collections.ConfigDict:
+def make(
+  arch: str, members: int, *, mcl: bool = True, logit: bool = False, arg=None
+) -> ml_collections.ConfigDict:
   _, is_smoke = common.parse_arg(arg, ("",))
   c = default.get_config()
   c.model.arch = arch

@@ -5,8 +5,9 @@
   mcl-train --config=imagenet_r18_x2:smoke --workdir=/tmp/imagenet_r18_x2  # CPU
 Recipe and smoke mode: configs/imagenet_common.py.
 """
+
 from mcl_jax.configs import imagenet_common
 
 
 def get_config(arg=None):
-  return imagenet_common.make('resnet18', 2, mcl=True, logit=False, arg=arg)
+  return imagenet_common.make("resnet18", 2, mcl=True, logit=False, arg=arg)

@@ -6,8 +6,9 @@ Published top-1: 70.82% (paper Tables 2 and 4).
   mcl-train --config=imagenet_r18_x3:smoke --workdir=/tmp/imagenet_r18_x3  # CPU
 Recipe and smoke mode: configs/imagenet_common.py.
 """
+
 from mcl_jax.configs import imagenet_common
 
 
 def get_config(arg=None):
-  return imagenet_common.make('resnet18', 3, mcl=True, logit=True, arg=arg)
+  return imagenet_common.make("resnet18", 3, mcl=True, logit=True, arg=arg)

@@ -14,6 +14,7 @@ crop 224). The architecture comes from the export, not from this config.
 `:smoke` runs a few steps on 16x16 synthetic data; pass the export of a smoke MoCo run
 (`configs/moco_r18_x2.py:smoke`) as --config.lincls.pretrained.
 """
+
 from mcl_jax.configs import common
 from mcl_jax.configs import default
 

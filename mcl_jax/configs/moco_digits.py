@@ -17,6 +17,7 @@ encoder would still be 0.999^440 = 64% its initial weights at the end), SGD 0.9 
 (0.06 per 256 examples, scaled linearly to 64; lr 0.06 stayed at chance loss) wd 5e-4,
 per-step cosine. `:smoke`: two steps of `tiny`.
 """
+
 from mcl_jax.configs import common
 from mcl_jax.configs import default
 

@@ -19,6 +19,7 @@ epochs 120 and 160, wd 1e-4, 200 epochs, MoCo v1 augmentation, shuffle-BN over g
 
 This file also holds `make(version, num_members, arg)` for the other MoCo configs.
 """
+
 from mcl_jax.configs import common
 from mcl_jax.configs import default
 

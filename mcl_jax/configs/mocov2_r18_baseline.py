@@ -12,6 +12,7 @@ own InfoNCE loss CE(logits_aa, 0), stays on with weight 1. Otherwise `mocov2_r18
 
 `:smoke` runs a few steps of the `tiny` arch on 16x16 synthetic data with a 64-key queue.
 """
+
 from mcl_jax.configs import moco_r18_x2
 
 

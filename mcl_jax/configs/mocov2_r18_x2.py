@@ -21,6 +21,7 @@ authors define it, with the real MLP head.
 
 `:smoke` runs a few steps of the `tiny` arch on 16x16 synthetic data with a 64-key queue.
 """
+
 from mcl_jax.configs import moco_r18_x2
 
 

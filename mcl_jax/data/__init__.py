@@ -12,6 +12,7 @@ Entry points:
   sampler.class_aware_epoch / sampler.shuffled_epoch -> [steps, global_batch] indices
   augment (on-device crop, flip, normalise) and views (the two augmented views)
 """
+
 from mcl_jax.data import augment
 from mcl_jax.data import protocol
 from mcl_jax.data import sampler
@@ -26,7 +27,18 @@ from mcl_jax.data.sources import STREAMING
 from mcl_jax.data.sources import make_source
 from mcl_jax.errors import DatasetNotFoundError
 
-__all__ = ["augment", "protocol", "sampler", "DatasetNotFoundError", "DATASETS", "IN_MEMORY",
-           "STREAMING",
-           "Dataset", "eval_batches", "eval_indices", "local_batch_indices", "make_source",
-           "synthetic"]
+__all__ = [
+  "augment",
+  "protocol",
+  "sampler",
+  "DatasetNotFoundError",
+  "DATASETS",
+  "IN_MEMORY",
+  "STREAMING",
+  "Dataset",
+  "eval_batches",
+  "eval_indices",
+  "local_batch_indices",
+  "make_source",
+  "synthetic",
+]

@@ -9,6 +9,7 @@ Pixel scale convention: uint8 input is in [0, 255] and is divided by 255; floati
 taken to be already in [0, 1]. So raw uint8 CIFAR and the [0, 1] float digits go through
 the same functions, and `normalize` always sees [0, 1] pixels with mean/std in [0, 1] units.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ class AugmentSpec:
 
   crop_padding: zero padding of the random crop (0: no crop); flip: random horizontal flip.
   """
+
   crop_padding: int = 4
   flip: bool = True
 
@@ -44,8 +46,9 @@ def to_float(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return images.astype(dtype)
 
 
-def random_crop_with_padding(rng: jax.Array, images: jax.Array, pad: int = 4,
-                             dtype: Any = jnp.float32) -> jax.Array:
+def random_crop_with_padding(
+  rng: jax.Array, images: jax.Array, pad: int = 4, dtype: Any = jnp.float32
+) -> jax.Array:
   """torchvision `RandomCrop(size=(H, W), padding=pad)` on a batch [B, H, W, C].
 
   Each image is zero-padded by `pad` on every side and an H x W window is cut at an offset
@@ -72,17 +75,23 @@ def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
-              dtype: Any = jnp.float32) -> jax.Array:
+def normalize(
+  images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Any = jnp.float32
+) -> jax.Array:
   """(pixels in [0, 1] - mean) / std per channel; uint8 input is scaled by 1/255 first."""
   images = to_float(images, jnp.float32)
-  return ((images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-          ).astype(dtype)
+  return ((images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
-def train_augment(rng: jax.Array, images: jax.Array, spec: AugmentSpec, *,
-                  mean: Sequence[float], std: Sequence[float],
-                  dtype: Any = jnp.float32) -> jax.Array:
+def train_augment(
+  rng: jax.Array,
+  images: jax.Array,
+  spec: AugmentSpec,
+  *,
+  mean: Sequence[float],
+  std: Sequence[float],
+  dtype: Any = jnp.float32,
+) -> jax.Array:
   """Crop (zero padding) -> flip -> normalise, as the official CIFAR transform."""
   crop_rng, flip_rng = jax.random.split(rng)
   x = random_crop_with_padding(crop_rng, images, spec.crop_padding, jnp.float32)

@@ -9,6 +9,7 @@ With `download=True` a missing dataset is fetched and prepared there (needs netw
 minutes); on a machine without network, prepare it elsewhere with
 `tfds build cifar100 --data_dir=DIR` and copy DIR over.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ NAMES = ("cifar10", "cifar100")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-def load_cifar(name: str, data_dir: str | None = None, *, download: bool = True
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_cifar(
+  name: str, data_dir: str | None = None, *, download: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(train_images, train_labels, test_images, test_labels) of tfds `cifar10`/`cifar100`.
 
   Images: uint8 [N, 32, 32, 3]; labels: int32 [N] (CIFAR-100: the 100 fine labels). The
@@ -41,11 +43,14 @@ def load_cifar(name: str, data_dir: str | None = None, *, download: bool = True
       builder.download_and_prepare()
     except Exception as e:  # network, missing package, disk: all end the same way for a user.
       raise DatasetNotFoundError(
-          f"tfds dataset {name!r} is not in {where} and downloading it failed "
-          f"({type(e).__name__}: {e}); prepare it on a machine with network "
-          f"(`tfds build {name} --data_dir=DIR`) and pass config.input.data_dir=DIR.") from e
-  return (*_split_to_numpy(builder, "train", name, where),
-          *_split_to_numpy(builder, "test", name, where))
+        f"tfds dataset {name!r} is not in {where} and downloading it failed "
+        f"({type(e).__name__}: {e}); prepare it on a machine with network "
+        f"(`tfds build {name} --data_dir=DIR`) and pass config.input.data_dir=DIR."
+      ) from e
+  return (
+    *_split_to_numpy(builder, "train", name, where),
+    *_split_to_numpy(builder, "test", name, where),
+  )
 
 
 def _split_to_numpy(builder, split: str, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,13 +58,16 @@ def _split_to_numpy(builder, split: str, name: str, where: str) -> tuple[np.ndar
     ds = builder.as_dataset(split=split, shuffle_files=False)
   except AssertionError as e:  # tfds' "could not find data in ..." when nothing is prepared.
     raise DatasetNotFoundError(
-        f"tfds dataset {name!r} was not found in {where} and download=False; prepare it with "
-        f"`tfds build {name} --data_dir=DIR` and pass config.input.data_dir=DIR.") from e
+      f"tfds dataset {name!r} was not found in {where} and download=False; prepare it with "
+      f"`tfds build {name} --data_dir=DIR` and pass config.input.data_dir=DIR."
+    ) from e
   ds = ds.map(lambda ex: (ex["image"], ex["label"])).batch(10_000)
   images, labels = [], []
   for x, y in ds.as_numpy_iterator():
     images.append(x)
     labels.append(y)
   # `batch_size=-1` would read it in one go, but breaks under tfds.testing.mock_data.
-  return (np.concatenate(images).astype(np.uint8, copy=False),
-          np.concatenate(labels).astype(np.int32))
+  return (
+    np.concatenate(images).astype(np.uint8, copy=False),
+    np.concatenate(labels).astype(np.int32),
+  )

@@ -4,6 +4,7 @@
 stratified 1437 / 360 train / test split, identical on every machine (no download, no
 randomness beyond the fixed seed), so a demo's accuracy is reproducible.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,10 +25,13 @@ def load_digits(image_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarra
   proportion to its frequency (stratified, fixed seed).
   """
   if image_size < 8 or image_size % 8:
-    raise ConfigError(f"config.input.image_size={image_size} must be a positive multiple "
-                      "of 8 for digits (the 8x8 digits are upsampled by repeating pixels).")
+    raise ConfigError(
+      f"config.input.image_size={image_size} must be a positive multiple "
+      "of 8 for digits (the 8x8 digits are upsampled by repeating pixels)."
+    )
   from sklearn import datasets  # sklearn is slow to import; only here.
   from sklearn import model_selection  # sklearn is slow to import; only here.
+
   raw = datasets.load_digits()
   images = (raw.images.astype(np.float32) / 16.0)[..., None]  # [1797, 8, 8, 1] in [0, 1]
   labels = raw.target.astype(np.int32)
@@ -35,9 +39,14 @@ def load_digits(image_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarra
   if factor > 1:
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      images, labels, test_size=NUM_TEST, stratify=labels, random_state=SPLIT_SEED)
-  return (np.ascontiguousarray(x_train), y_train.astype(np.int32),
-          np.ascontiguousarray(x_test), y_test.astype(np.int32))
+    images, labels, test_size=NUM_TEST, stratify=labels, random_state=SPLIT_SEED
+  )
+  return (
+    np.ascontiguousarray(x_train),
+    y_train.astype(np.int32),
+    np.ascontiguousarray(x_test),
+    y_test.astype(np.int32),
+  )
 
 
 def mean_std(train_images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

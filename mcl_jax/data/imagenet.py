@@ -44,6 +44,7 @@ for tfds it takes one pass over the training records reading only labels, which 
 reads all ~140 GB from disk (minutes on local SSD, longer from a bucket), so it is cached
 in `label_cache` (default: `train_labels.npy` beside the tfds data, when writable).
 """
+
 from __future__ import annotations
 
 import abc
@@ -78,8 +79,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} does not split evenly over "
-                     f"{process_count} processes.")
+    raise ValueError(
+      f"global_batch_size={global_batch_size} does not split evenly over {process_count} processes."
+    )
   return global_batch_size // process_count
 
 
@@ -87,8 +89,9 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 # Per-example transforms (TensorFlow graph functions).
 
 
-def random_resized_crop_window(tf, height, width, seed, scale=CROP_SCALE, ratio=CROP_RATIO,
-                                attempts: int = 10):
+def random_resized_crop_window(
+  tf, height, width, seed, scale=CROP_SCALE, ratio=CROP_RATIO, attempts: int = 10
+):
   """torchvision RandomResizedCrop.get_params: (top, left, h, w) as int32 scalars.
 
   All `attempts` proposals are drawn at once; the first that fits wins, else the
@@ -98,8 +101,9 @@ def random_resized_crop_window(tf, height, width, seed, scale=CROP_SCALE, ratio=
   h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   area = h_f * w_f
   target_area = area * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
-  log_ratio = tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
-                                          math.log(ratio[1]))
+  log_ratio = tf.random.stateless_uniform(
+    [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1])
+  )
   aspect = tf.exp(log_ratio)
   ws = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
   hs = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
@@ -109,11 +113,12 @@ def random_resized_crop_window(tf, height, width, seed, scale=CROP_SCALE, ratio=
 
   # Fallback: centre crop of the whole image with the ratio clamped (torchvision).
   in_ratio = w_f / h_f
-  fb_w = tf.where(in_ratio < ratio[0], width,
-                  tf.where(in_ratio > ratio[1],
-                           tf.cast(tf.round(h_f * ratio[1]), tf.int32), width))
-  fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w_f / ratio[0]), tf.int32),
-                  height)
+  fb_w = tf.where(
+    in_ratio < ratio[0],
+    width,
+    tf.where(in_ratio > ratio[1], tf.cast(tf.round(h_f * ratio[1]), tf.int32), width),
+  )
+  fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
   found = tf.reduce_any(ok)
   h = tf.where(found, hs[first], fb_h)
   w = tf.where(found, ws[first], fb_w)
@@ -131,17 +136,19 @@ def _decode_window(tf, image_bytes, window_fn):
   JPEG: the shape comes from the header and only the window is decoded. Anything else TF
   can read (PNG, BMP; e.g. the one PNG among ImageNet's .JPEG files): full decode + slice.
   """
+
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
     top, left, h, w = window_fn(shape[0], shape[1])
-    return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]),
-                                         channels=3, dct_method="INTEGER_ACCURATE")
+    return tf.image.decode_and_crop_jpeg(
+      image_bytes, tf.stack([top, left, h, w]), channels=3, dct_method="INTEGER_ACCURATE"
+    )
 
   def other():
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     shape = tf.shape(image)
     top, left, h, w = window_fn(shape[0], shape[1])
-    return image[top:top + h, left:left + w, :]
+    return image[top : top + h, left : left + w, :]
 
   image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   image.set_shape([None, None, 3])
@@ -156,22 +163,31 @@ def _finish(tf, image, output_dtype: str, mean, std):
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def train_transform(image_bytes, seed, *, image_size: int, output_dtype: str = "uint8",
-                    mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
-                    std: Sequence[float] = augment_lib.IMAGENET_STD):
+def train_transform(
+  image_bytes,
+  seed,
+  *,
+  image_size: int,
+  output_dtype: str = "uint8",
+  mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
+  std: Sequence[float] = augment_lib.IMAGENET_STD,
+):
   """Encoded image + stateless seed [2] -> random-resized crop, flipped, [S, S, 3]."""
   tf = tf_lazy.tf()
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   image = _decode_window(
-      tf, image_bytes, lambda h, w: random_resized_crop_window(tf, h, w, crop_seed))
+    tf, image_bytes, lambda h, w: random_resized_crop_window(tf, h, w, crop_seed)
+  )
   image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-  image = tf.cond(tf.random.stateless_uniform([], flip_seed) < 0.5,
-                  lambda: tf.reverse(image, axis=[1]), lambda: image)
+  image = tf.cond(
+    tf.random.stateless_uniform([], flip_seed) < 0.5,
+    lambda: tf.reverse(image, axis=[1]),
+    lambda: image,
+  )
   return _finish(tf, image, output_dtype, mean, std)
 
 
-def two_view_transform(image_bytes, seed, *, image_size: int,
-                       crop_scale: tuple[float, float]):
+def two_view_transform(image_bytes, seed, *, image_size: int, crop_scale: tuple[float, float]):
   """Encoded image + stateless seed [2] -> two independent random-resized crops, uint8.
 
   MoCo's views: crops at `crop_scale`, not flipped (the device flips and colour-augments
@@ -180,8 +196,11 @@ def two_view_transform(image_bytes, seed, *, image_size: int,
   tf = tf_lazy.tf()
 
   def view(view_seed):
-    image = _decode_window(tf, image_bytes, lambda h, w: random_resized_crop_window(
-        tf, h, w, view_seed, scale=crop_scale))
+    image = _decode_window(
+      tf,
+      image_bytes,
+      lambda h, w: random_resized_crop_window(tf, h, w, view_seed, scale=crop_scale),
+    )
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return _finish(tf, image, "uint8", None, None)
 
@@ -189,9 +208,14 @@ def two_view_transform(image_bytes, seed, *, image_size: int,
   return view(seed1), view(seed2)
 
 
-def eval_transform(image_bytes, *, image_size: int, output_dtype: str = "uint8",
-                   mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
-                   std: Sequence[float] = augment_lib.IMAGENET_STD):
+def eval_transform(
+  image_bytes,
+  *,
+  image_size: int,
+  output_dtype: str = "uint8",
+  mean: Sequence[float] = augment_lib.IMAGENET_MEAN,
+  std: Sequence[float] = augment_lib.IMAGENET_STD,
+):
   """torchvision Resize(round(S * 256/224)) + CenterCrop(S) of an encoded image."""
   tf = tf_lazy.tf()
   resize = int(round(image_size * EVAL_RESIZE_RATIO))
@@ -206,7 +230,7 @@ def eval_transform(image_bytes, *, image_size: int, output_dtype: str = "uint8",
   image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
   top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
-  image = image[top:top + image_size, left:left + image_size, :]
+  image = image[top : top + image_size, left : left + image_size, :]
   image.set_shape([image_size, image_size, 3])
   return _finish(tf, image, output_dtype, mean, std)
 
@@ -226,6 +250,7 @@ class _StreamingSource(abc.ABC):
   """What both ImageNet sources share: metadata, steps, output conventions, and the parts
   of the data-source protocol (`mcl_jax.data.pipeline`) that do not depend on where the
   files come from."""
+
   mean = augment_lib.IMAGENET_MEAN
   std = augment_lib.IMAGENET_STD
   num_classes: int
@@ -252,6 +277,7 @@ class _StreamingSource(abc.ABC):
 
   def abstract_train_batch(self, global_batch_size: int) -> dict[str, Any]:
     import jax
+
     spec = lambda shape, dtype: jax.ShapeDtypeStruct((global_batch_size, *shape), dtype)
     image = spec(self.image_shape, np.uint8 if self.output_dtype == "uint8" else np.float32)
     batch = {"image": image, "label": spec((), np.int32), "index": spec((), np.int32)}
@@ -259,8 +285,9 @@ class _StreamingSource(abc.ABC):
       batch["image2"] = image
     return batch
 
-  def materialize(self, consts: dict[str, Any], batch: dict[str, Any], *,
-                  labels: bool = True) -> dict[str, Any]:
+  def materialize(
+    self, consts: dict[str, Any], batch: dict[str, Any], *, labels: bool = True
+  ) -> dict[str, Any]:
     """The host's decoded crops as they came (the labels left out with labels=False)."""
     del consts
     return {k: v for k, v in batch.items() if labels or k != "label"}
@@ -271,30 +298,45 @@ class _StreamingSource(abc.ABC):
 
   def eval_preprocess(self, images: Any, dtype: Any = None) -> Any:
     import jax.numpy as jnp
+
     return augment_lib.normalize(images, self.mean, self.std, dtype or jnp.float32)
 
   def two_views(self, spec: Any, dtype: Any) -> Any:
     """The host made both crops (`two_view_crop_scale`); colour, blur and flip on device."""
     from mcl_jax.data import views
+
     if self.two_view_crop_scale is None:
-      raise ValueError(f"{self.name} was built for one view per image; build it with "
-                       "two_view_crop_scale for a two-view regime.")
+      raise ValueError(
+        f"{self.name} was built for one view per image; build it with "
+        "two_view_crop_scale for a two-view regime."
+      )
     size = self.image_size
-    return lambda rng, batch: views.two_views(rng, batch["image"], batch["image2"], spec,
-                                             mean=self.mean, std=self.std, size=size,
-                                             dtype=dtype)
+    return lambda rng, batch: views.two_views(
+      rng,
+      batch["image"],
+      batch["image2"],
+      spec,
+      mean=self.mean,
+      std=self.std,
+      size=size,
+      dtype=dtype,
+    )
 
   @staticmethod
   def _check_order(samples_per_class: int) -> None:
     if samples_per_class:
-      raise ValueError(f"config.input.samples_per_class={samples_per_class}: streamed "
-                       "ImageNet batches are plain shuffles; set it to 0.")
+      raise ValueError(
+        f"config.input.samples_per_class={samples_per_class}: streamed "
+        "ImageNet batches are plain shuffles; set it to 0."
+      )
 
   @staticmethod
   def _check_split(split: str) -> None:
     if split not in ("test", protocol.TRAIN_SPLIT):
-      raise ValueError(f"Streaming sources evaluate on their validation set as 'test' (and "
-                       f"replay the training set as 'train'), not {split!r}.")
+      raise ValueError(
+        f"Streaming sources evaluate on their validation set as 'test' (and "
+        f"replay the training set as 'train'), not {split!r}."
+      )
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Whole global batches per epoch (remainder dropped, the same on every process)."""
@@ -311,14 +353,17 @@ class _StreamingSource(abc.ABC):
     if two_view_crop_scale is None:
       return
     if self.output_dtype != "uint8":
-      raise ConfigError("Two views per image need uint8 output (the device normalises "
-                        f"after colour augmentation), not {self.output_dtype}.")
+      raise ConfigError(
+        "Two views per image need uint8 output (the device normalises "
+        f"after colour augmentation), not {self.output_dtype}."
+      )
     self.two_view_crop_scale = tuple(two_view_crop_scale)
 
   def _train_map(self, epoch_seed: int):
     tf = tf_lazy.tf()
-    kwargs = dict(image_size=self.image_size, output_dtype=self.output_dtype,
-                  mean=self.mean, std=self.std)
+    kwargs = dict(
+      image_size=self.image_size, output_dtype=self.output_dtype, mean=self.mean, std=self.std
+    )
     crop_scale = self.two_view_crop_scale
 
     def fn(image_bytes, label, index):
@@ -328,24 +373,30 @@ class _StreamingSource(abc.ABC):
         example["image"] = train_transform(image_bytes, seed, **kwargs)
       else:
         example["image"], example["image2"] = two_view_transform(
-            image_bytes, seed, image_size=self.image_size, crop_scale=crop_scale)
+          image_bytes, seed, image_size=self.image_size, crop_scale=crop_scale
+        )
       return example
+
     return fn
 
   def _eval_map(self):
     tf = tf_lazy.tf()
-    kwargs = dict(image_size=self.image_size, output_dtype=self.output_dtype,
-                  mean=self.mean, std=self.std)
+    kwargs = dict(
+      image_size=self.image_size, output_dtype=self.output_dtype, mean=self.mean, std=self.std
+    )
 
     def fn(image_bytes, label, index, mask):
-      return {"image": eval_transform(image_bytes, **kwargs),
-              "label": tf.cast(label, tf.int32), "index": tf.cast(index, tf.int32),
-              "mask": tf.cast(mask, tf.float32)}
+      return {
+        "image": eval_transform(image_bytes, **kwargs),
+        "label": tf.cast(label, tf.int32),
+        "index": tf.cast(index, tf.int32),
+        "mask": tf.cast(mask, tf.float32),
+      }
+
     return fn
 
 
-def _list_images(folder: str, classes: Sequence[str]
-                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _list_images(folder: str, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(paths, labels, skipped) of `folder/<class>/**` images, classes in the given order,
   files sorted.
 
@@ -394,19 +445,29 @@ def _step_batches(columns: tuple[np.ndarray, ...], decode):
   local = columns[0].shape[1]
 
   def one_step(*step):
-    rows = tf.data.Dataset.from_tensor_slices(step).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    empty = tf.nest.map_structure(lambda spec: tf.zeros([0, *spec.shape], spec.dtype),
-                                  rows.element_spec)
+    rows = (
+      tf.data.Dataset.from_tensor_slices(step)
+      .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      .ignore_errors()
+    )
+    empty = tf.nest.map_structure(
+      lambda spec: tf.zeros([0, *spec.shape], spec.dtype), rows.element_spec
+    )
     return rows.batch(local).concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
 
   return tf.data.Dataset.from_tensor_slices(columns).interleave(
-      one_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    one_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
 
-def _complete_batches(batches: Iterator[dict[str, np.ndarray]], indices: np.ndarray,
-                      files: np.ndarray, *, what: str, fill: str
-                      ) -> Iterator[dict[str, np.ndarray]]:
+def _complete_batches(
+  batches: Iterator[dict[str, np.ndarray]],
+  indices: np.ndarray,
+  files: np.ndarray,
+  *,
+  what: str,
+  fill: str,
+) -> Iterator[dict[str, np.ndarray]]:
   """The batches of `_step_batches` with their rows that did not decode filled back in.
 
   `indices` [steps, local]: the dense indices each step asked for, `files` the paths by
@@ -426,9 +487,10 @@ def _complete_batches(batches: Iterator[dict[str, np.ndarray]], indices: np.ndar
         failed.update((str(f), None) for f in files[missing])
         if got == 0:
           raise ConfigError(
-              f"None of the {len(wanted)} {what} in a batch could be decoded "
-              f"({_some(files[wanted].tolist())}); the image folder is damaged: check "
-              "that its files are whole JPEG/PNG images.")
+            f"None of the {len(wanted)} {what} in a batch could be decoded "
+            f"({_some(files[wanted].tolist())}); the image folder is damaged: check "
+            "that its files are whole JPEG/PNG images."
+          )
         rows = np.arange(len(wanted)) % got
         batch = {key: value[rows] for key, value in batch.items()}
         if "mask" in batch:
@@ -436,8 +498,13 @@ def _complete_batches(batches: Iterator[dict[str, np.ndarray]], indices: np.ndar
       yield batch
   finally:
     if failed:
-      logging.warning("%d %s could not be decoded (truncated, empty or not an image: "
-                      "%s) and %s.", len(failed), what, _some(list(failed)), fill)
+      logging.warning(
+        "%d %s could not be decoded (truncated, empty or not an image: %s) and %s.",
+        len(failed),
+        what,
+        _some(list(failed)),
+        fill,
+      )
 
 
 class ImageFolderSource(_StreamingSource):
@@ -449,9 +516,16 @@ class ImageFolderSource(_StreamingSource):
   run resumed at any step (`start_step`) reads exactly the batches it would have.
   """
 
-  def __init__(self, root: str, *, image_size: int = 224, output_dtype: str = "uint8",
-               train_dir: str = "train", eval_dir: str = "val",
-               two_view_crop_scale: tuple[float, float] | None = None):
+  def __init__(
+    self,
+    root: str,
+    *,
+    image_size: int = 224,
+    output_dtype: str = "uint8",
+    train_dir: str = "train",
+    eval_dir: str = "val",
+    two_view_crop_scale: tuple[float, float] | None = None,
+  ):
     if output_dtype not in ("uint8", "float32"):
       raise ValueError(f"output_dtype={output_dtype!r} must be 'uint8' or 'float32'.")
     train_root = os.path.join(root, train_dir)
@@ -459,42 +533,55 @@ class ImageFolderSource(_StreamingSource):
     for path in (train_root, eval_root):
       if not os.path.isdir(path):
         raise DatasetNotFoundError(
-            f"Image folder {path} does not exist; the image_folder dataset needs "
-            f"{train_root}/<class>/*.jpg and {eval_root}/<class>/*.jpg.")
+          f"Image folder {path} does not exist; the image_folder dataset needs "
+          f"{train_root}/<class>/*.jpg and {eval_root}/<class>/*.jpg."
+        )
     self.root, self.image_size, self.output_dtype = root, int(image_size), output_dtype
     self.name = "image_folder"
     self._set_views(two_view_crop_scale)
     self.class_names = sorted(
-        e.name for e in os.scandir(train_root) if e.is_dir() and not e.name.startswith("."))
+      e.name for e in os.scandir(train_root) if e.is_dir() and not e.name.startswith(".")
+    )
     unknown = sorted(
-        e.name for e in os.scandir(eval_root)
-        if e.is_dir() and not e.name.startswith(".") and e.name not in self.class_names)
+      e.name
+      for e in os.scandir(eval_root)
+      if e.is_dir() and not e.name.startswith(".") and e.name not in self.class_names
+    )
     if unknown:
       raise DatasetNotFoundError(
-          f"{eval_root} has class folders that {train_root} lacks ({', '.join(unknown[:3])}"
-          "...); both must use the same class folder names.")
+        f"{eval_root} has class folders that {train_root} lacks ({', '.join(unknown[:3])}"
+        "...); both must use the same class folder names."
+      )
     self.num_classes = len(self.class_names)
     self.train_files, self._train_labels, skipped = _list_images(train_root, self.class_names)
     self.eval_files, self.eval_labels, eval_skipped = _list_images(eval_root, self.class_names)
     skipped += eval_skipped
     if skipped:
-      logging.warning("Image folder %s: skipped %d files that are not images (no image "
-                      "extension %s, or hidden): %s.", root, len(skipped),
-                      "/".join(IMAGE_EXTENSIONS), _some(skipped))
+      logging.warning(
+        "Image folder %s: skipped %d files that are not images (no image "
+        "extension %s, or hidden): %s.",
+        root,
+        len(skipped),
+        "/".join(IMAGE_EXTENSIONS),
+        _some(skipped),
+      )
     for path, files in ((train_root, self.train_files), (eval_root, self.eval_files)):
       if len(files) == 0:
         raise DatasetNotFoundError(
-            f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {path}/<class>/.")
+          f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {path}/<class>/."
+        )
     if self.num_classes < 2:
       raise DatasetNotFoundError(
-          f"{train_root} has {self.num_classes} class folder; a classifier needs at least 2 "
-          "(one folder of images per class).")
+        f"{train_root} has {self.num_classes} class folder; a classifier needs at least 2 "
+        "(one folder of images per class)."
+      )
     counts = np.bincount(self._train_labels, minlength=self.num_classes)
     if not counts.all():
       empty = [self.class_names[i] for i in np.flatnonzero(counts == 0)]
       raise DatasetNotFoundError(
-          f"The class folder {os.path.join(train_root, empty[0])} holds no images "
-          f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images.")
+        f"The class folder {os.path.join(train_root, empty[0])} holds no images "
+        f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images."
+      )
 
   @property
   def train_labels(self) -> np.ndarray:
@@ -512,33 +599,51 @@ class ImageFolderSource(_StreamingSource):
   def num_eval(self) -> int:
     return len(self.eval_files)
 
-  def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
-                    samples_per_class: int = 0, start_step: int = 0,
-                    process_index: int | None = None, process_count: int | None = None
-                    ) -> Iterator[dict[str, np.ndarray]]:
+  def train_batches(
+    self,
+    epoch: int,
+    *,
+    seed: int,
+    global_batch_size: int,
+    samples_per_class: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
     self._check_order(samples_per_class)
     tf = tf_lazy.tf()
     p, count = pipeline.process(process_index, process_count)
     _local_batch(global_batch_size, count)  # the batch must split evenly over processes
-    order = sampler.shuffled_epoch(self.num_train, epoch=epoch, seed=seed,
-                                   global_batch_size=global_batch_size)
+    order = sampler.shuffled_epoch(
+      self.num_train, epoch=epoch, seed=seed, global_batch_size=global_batch_size
+    )
     indices = pipeline.local_batch_indices(order, p, count)[start_step:]  # [steps, local]
     train_map = self._train_map(_epoch_seed(seed, epoch))
 
     def decode(path, label, index):
       return train_map(tf.io.read_file(path), label, index)
 
-    ds = _step_batches((self.train_files[indices].astype(str), self._train_labels[indices],
-                        indices), decode)
+    ds = _step_batches(
+      (self.train_files[indices].astype(str), self._train_labels[indices], indices), decode
+    )
     batches = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf)).as_numpy_iterator()
     return _complete_batches(
-        batches, indices, self.train_files, what=f"training images of epoch {epoch}",
-        fill="were replaced by copies of other images of their batches; training goes on")
+      batches,
+      indices,
+      self.train_files,
+      what=f"training images of epoch {epoch}",
+      fill="were replaced by copies of other images of their batches; training goes on",
+    )
 
-  def eval_batches(self, split: str, global_batch_size: int, *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(
+    self,
+    split: str,
+    global_batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of padded eval batches covering the whole val split (or the
     training split, 'train', with the eval transform) once."""
     self._check_split(split)
@@ -546,8 +651,9 @@ class ImageFolderSource(_StreamingSource):
     p, count = pipeline.process(process_index, process_count)
     _local_batch(global_batch_size, count)  # the batch must split evenly over processes
     train = split == protocol.TRAIN_SPLIT
-    files, labels = ((self.train_files, self._train_labels) if train else
-                     (self.eval_files, self.eval_labels))
+    files, labels = (
+      (self.train_files, self._train_labels) if train else (self.eval_files, self.eval_labels)
+    )
     indices, mask = pipeline.eval_indices(len(files), global_batch_size)
     indices = pipeline.local_batch_indices(indices, p, count)  # [steps, local]
     mask = pipeline.local_batch_indices(mask, p, count)
@@ -558,9 +664,13 @@ class ImageFolderSource(_StreamingSource):
 
     ds = _step_batches((files[indices].astype(str), labels[indices], indices, mask), decode)
     batches = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf)).as_numpy_iterator()
-    return _complete_batches(batches, indices, files,
-                             what="training images" if train else "validation images",
-                             fill="were left out of this evaluation")
+    return _complete_batches(
+      batches,
+      indices,
+      files,
+      what="training images" if train else "validation images",
+      fill="were left out of this evaluation",
+    )
 
 
 class TfdsImageNetSource(_StreamingSource):
@@ -573,11 +683,19 @@ class TfdsImageNetSource(_StreamingSource):
   file (from the split's shard lengths) + its position in the file (the `tfds_id`).
   """
 
-  def __init__(self, data_dir: str | None = None, *, image_size: int = 224,
-               output_dtype: str = "uint8", train_split: str = "train",
-               eval_split: str = "validation", shuffle_buffer: int = 16_384,
-               label_cache: str | None = None, name: str = "imagenet2012",
-               two_view_crop_scale: tuple[float, float] | None = None):
+  def __init__(
+    self,
+    data_dir: str | None = None,
+    *,
+    image_size: int = 224,
+    output_dtype: str = "uint8",
+    train_split: str = "train",
+    eval_split: str = "validation",
+    shuffle_buffer: int = 16_384,
+    label_cache: str | None = None,
+    name: str = "imagenet2012",
+    two_view_crop_scale: tuple[float, float] | None = None,
+  ):
     if output_dtype not in ("uint8", "float32"):
       raise ValueError(f"output_dtype={output_dtype!r} must be 'uint8' or 'float32'.")
     tfds = tf_lazy.tfds()
@@ -591,10 +709,11 @@ class TfdsImageNetSource(_StreamingSource):
       self.builder.as_dataset(split=eval_split)
     except AssertionError as e:
       raise DatasetNotFoundError(
-          f"tfds {name!r} was not found in {where}; ImageNet cannot be downloaded "
-          f"automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
-          f"MANUAL_DIR and run `tfds build {name} --manual_dir=MANUAL_DIR "
-          f"--data_dir=DATA_DIR` (see mcl_jax/data/imagenet.py).") from e
+        f"tfds {name!r} was not found in {where}; ImageNet cannot be downloaded "
+        f"automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+        f"MANUAL_DIR and run `tfds build {name} --manual_dir=MANUAL_DIR "
+        f"--data_dir=DATA_DIR` (see mcl_jax/data/imagenet.py)."
+      ) from e
     self.num_classes = int(self.builder.info.features["label"].num_classes)
     self._label_cache = label_cache
     self._train_labels: np.ndarray | None = None
@@ -634,9 +753,11 @@ class TfdsImageNetSource(_StreamingSource):
     """'…-00007-of-01024__123' -> offsets[7] + 123 (int64)."""
     tf = tf_lazy.tf()
     shard = tf.strings.to_number(
-        tf.strings.regex_replace(tfds_id, r"^.*-(\d+)-of-\d+__\d+$", r"\1"), tf.int64)
+      tf.strings.regex_replace(tfds_id, r"^.*-(\d+)-of-\d+__\d+$", r"\1"), tf.int64
+    )
     within = tf.strings.to_number(
-        tf.strings.regex_replace(tfds_id, r"^.*__(\d+)$", r"\1"), tf.int64)
+      tf.strings.regex_replace(tfds_id, r"^.*__(\d+)$", r"\1"), tf.int64
+    )
     return tf.gather(tf.constant(offsets, tf.int64), shard) + within
 
   def _read_labels(self, split: str) -> np.ndarray:
@@ -647,11 +768,16 @@ class TfdsImageNetSource(_StreamingSource):
     """
     tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
     ds = self.builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True))
+      split=split,
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True),
+    )
     offsets = self._shard_offsets(split)
-    ds = ds.map(lambda ex: (self._dense_index(ex["tfds_id"], offsets), ex["label"]),
-                num_parallel_calls=tf.data.AUTOTUNE).batch(65_536)
+    ds = ds.map(
+      lambda ex: (self._dense_index(ex["tfds_id"], offsets), ex["label"]),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(65_536)
     index, label = [], []
     for i, y in ds.as_numpy_iterator():
       index.append(i)
@@ -693,10 +819,17 @@ class TfdsImageNetSource(_StreamingSource):
     return labels
 
   # -- pipelines
-  def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
-                    samples_per_class: int = 0, start_step: int = 0,
-                    process_index: int | None = None, process_count: int | None = None
-                    ) -> Iterator[dict[str, np.ndarray]]:
+  def train_batches(
+    self,
+    epoch: int,
+    *,
+    seed: int,
+    global_batch_size: int,
+    samples_per_class: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch`, from `start_step` on."""
     self._check_order(samples_per_class)
     tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
@@ -706,23 +839,29 @@ class TfdsImageNetSource(_StreamingSource):
     epoch_seed = _epoch_seed(seed, epoch)
     split = tfds.split_for_jax_process(self.train_split, process_index=p, process_count=count)
     ds = self.builder.as_dataset(
-        split=split, shuffle_files=True,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=epoch_seed))
+      split=split,
+      shuffle_files=True,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=epoch_seed),
+    )
     offsets = self._shard_offsets(self.train_split)
     ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.skip(start_step * local)
-    ds = ds.map(lambda ex: (ex["image"], ex["label"],
-                            self._dense_index(ex["tfds_id"], offsets)))
+    ds = ds.map(lambda ex: (ex["image"], ex["label"], self._dense_index(ex["tfds_id"], offsets)))
     ds = ds.map(self._train_map(epoch_seed), num_parallel_calls=tf.data.AUTOTUNE)
     # Every process stops after the same number of batches, whatever its share's size.
     ds = ds.batch(local, drop_remainder=True).take(max(steps, 0))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(tf)).as_numpy_iterator()
 
-  def eval_batches(self, split: str, global_batch_size: int, *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(
+    self,
+    split: str,
+    global_batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of the eval split in batches padded (mask 0) to equal counts."""
     self._check_split(split)
     tfds, tf = tf_lazy.tfds(), tf_lazy.tf()
@@ -734,17 +873,25 @@ class TfdsImageNetSource(_StreamingSource):
     num_batches = math.ceil(per_process / local)
     process_split = tfds.split_for_jax_process(tfds_split, process_index=p, process_count=count)
     ds = self.builder.as_dataset(
-        split=process_split, shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True))
+      split=process_split,
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True),
+    )
     offsets = self._shard_offsets(tfds_split)
-    ds = ds.map(lambda ex: (ex["image"], ex["label"],
-                            self._dense_index(ex["tfds_id"], offsets), 1.0))
+    ds = ds.map(
+      lambda ex: (ex["image"], ex["label"], self._dense_index(ex["tfds_id"], offsets), 1.0)
+    )
     ds = ds.map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE)
     dtype = tf.uint8 if self.output_dtype == "uint8" else tf.float32
-    padding = tf.data.Dataset.from_tensors({
-        "image": tf.zeros(self.image_shape, dtype), "label": tf.constant(0, tf.int32),
-        "index": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}).repeat()
+    padding = tf.data.Dataset.from_tensors(
+      {
+        "image": tf.zeros(self.image_shape, dtype),
+        "label": tf.constant(0, tf.int32),
+        "index": tf.constant(0, tf.int32),
+        "mask": tf.constant(0.0, tf.float32),
+      }
+    ).repeat()
     ds = ds.concatenate(padding).take(num_batches * local).batch(local)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(tf)).as_numpy_iterator()

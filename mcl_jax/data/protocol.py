@@ -8,6 +8,7 @@ the compiled step the source's own `materialize` turns what the host sent into t
 the step computes on. Two-view mode (the self-supervised regimes) is chosen when the
 source is built (`make_source(..., two_view_crop_scale=...)`), never changed afterwards.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -22,8 +23,9 @@ TRAIN_SPLIT = "train"
 Views = Callable[[Any, dict[str, Any]], tuple[Any, Any]]
 
 
-def as_given(consts: dict[str, Any], batch: dict[str, Any], *, labels: bool = True
-             ) -> dict[str, Any]:
+def as_given(
+  consts: dict[str, Any], batch: dict[str, Any], *, labels: bool = True
+) -> dict[str, Any]:
   """The `materialize` of a batch that is already what the step computes on (tests and
   tools that call a step directly with images)."""
   del consts, labels
@@ -33,6 +35,7 @@ def as_given(consts: dict[str, Any], batch: dict[str, Any], *, labels: bool = Tr
 @runtime_checkable
 class Source(Protocol):
   """A data source (module docstring). Batches are numpy dicts, one process's share."""
+
   name: str
   num_classes: int
   mean: tuple[float, ...]
@@ -45,10 +48,17 @@ class Source(Protocol):
   @property
   def train_labels(self) -> np.ndarray: ...  # every training label, in index order
 
-  def train_batches(self, epoch: int, *, seed: int, global_batch_size: int,
-                    samples_per_class: int = 0, start_step: int = 0,
-                    process_index: int | None = None, process_count: int | None = None
-                    ) -> Iterator[dict[str, np.ndarray]]:
+  def train_batches(
+    self,
+    epoch: int,
+    *,
+    seed: int,
+    global_batch_size: int,
+    samples_per_class: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every training batch of `epoch` from `start_step` on: what
     `materialize` turns into the step's batch (in memory: {'index'}; streamed: decoded
     crops {'image' (, 'image2'), 'label', 'index'}). A pure function of (seed, epoch)."""
@@ -58,9 +68,14 @@ class Source(Protocol):
     """The splits results are reported on: 'test', and 'validation' when held out."""
     ...
 
-  def eval_batches(self, split: str, global_batch_size: int, *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(
+    self,
+    split: str,
+    global_batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """Padded batches {'image', 'label', 'index', 'mask'} covering `split` once, in order,
     un-augmented: any of `eval_split_names()` or TRAIN_SPLIT."""
     ...
@@ -74,8 +89,9 @@ class Source(Protocol):
     `train_batches` yields it: what an ahead-of-time compile (`mcl-plan`) feeds the step."""
     ...
 
-  def materialize(self, consts: dict[str, Any], batch: dict[str, Any], *,
-                  labels: bool = True) -> dict[str, Any]:
+  def materialize(
+    self, consts: dict[str, Any], batch: dict[str, Any], *, labels: bool = True
+  ) -> dict[str, Any]:
     """On device, inside the step: the batch it computes on, {'image', 'label', 'index'}
     ('label' left out with labels=False; two-view sources add 'image2' where the host
     made the second crop). Images are raw (uint8 or [0, 1]); `train_preprocess` or

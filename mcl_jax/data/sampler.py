@@ -12,6 +12,7 @@ row (`pipeline.local_batch_indices`). No state lives between calls: the order of
 is recomputed from (seed, epoch) alone, so a run resumed at step s sees the batches an
 uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,15 @@ def _rng(stream: int, seed: int, epoch: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([stream, int(seed), int(epoch)]))
 
 
-def class_aware_epoch(labels: np.ndarray, *, epoch: int, seed: int, global_batch_size: int,
-                      samples_per_class: int, num_examples_per_epoch: int | None = None
-                      ) -> np.ndarray:
+def class_aware_epoch(
+  labels: np.ndarray,
+  *,
+  epoch: int,
+  seed: int,
+  global_batch_size: int,
+  samples_per_class: int,
+  num_examples_per_epoch: int | None = None,
+) -> np.ndarray:
   """Indices [steps, global_batch_size] of one class-aware ("m per class") epoch.
 
   Each row (a global batch) is B/m classes x m examples, classes drawn without replacement
@@ -49,16 +56,18 @@ def class_aware_epoch(labels: np.ndarray, *, epoch: int, seed: int, global_batch
   labels = np.asarray(labels).reshape(-1)
   m, batch = int(samples_per_class), int(global_batch_size)
   if m < 1 or batch < 1 or batch % m:
-    raise ValueError(f"global_batch_size={batch} must be a positive multiple of "
-                     f"samples_per_class={m}.")
+    raise ValueError(
+      f"global_batch_size={batch} must be a positive multiple of samples_per_class={m}."
+    )
   classes_per_batch = batch // m
   _, class_of, counts = np.unique(labels, return_inverse=True, return_counts=True)
   num_classes = counts.size
   if classes_per_batch > num_classes:
     raise ValueError(
-        f"A class-aware batch of {batch} with {m} samples per class needs "
-        f"{classes_per_batch} distinct classes but the labels have only {num_classes}; "
-        "lower global_batch_size or raise samples_per_class.")
+      f"A class-aware batch of {batch} with {m} samples per class needs "
+      f"{classes_per_batch} distinct classes but the labels have only {num_classes}; "
+      "lower global_batch_size or raise samples_per_class."
+    )
   length = labels.size if num_examples_per_epoch is None else int(num_examples_per_epoch)
   steps = length // batch
   if steps < 1:
@@ -92,16 +101,18 @@ def class_aware_epoch(labels: np.ndarray, *, epoch: int, seed: int, global_batch
   return indices.reshape(steps, batch).astype(np.int32)
 
 
-def shuffled_epoch(num_examples: int, *, epoch: int, seed: int, global_batch_size: int
-                   ) -> np.ndarray:
+def shuffled_epoch(
+  num_examples: int, *, epoch: int, seed: int, global_batch_size: int
+) -> np.ndarray:
   """Indices [num_examples // B, B] of one shuffled epoch; the remainder is dropped."""
   batch = int(global_batch_size)
   steps = int(num_examples) // batch if batch > 0 else 0
   if steps < 1:
-    raise ValueError(f"An epoch of {num_examples} examples holds no whole batch of "
-                     f"{global_batch_size}.")
+    raise ValueError(
+      f"An epoch of {num_examples} examples holds no whole batch of {global_batch_size}."
+    )
   perm = _rng(_SHUFFLE_STREAM, seed, epoch).permutation(int(num_examples))
-  return perm[:steps * batch].reshape(steps, batch).astype(np.int32)
+  return perm[: steps * batch].reshape(steps, batch).astype(np.int32)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

@@ -5,6 +5,7 @@ cost seconds for in-memory datasets (digits, synthetic) and, on a GPU host, TF w
 the accelerator memory JAX needs; so every TF user in `mcl_jax.data` calls `tf()` inside a
 function, and the first call hides all GPUs from TensorFlow.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ def tf() -> Any:
   if _TF is None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow  # pylint: disable=g-import-not-at-top
+
     try:
       tensorflow.config.set_visible_devices([], "GPU")
     except RuntimeError:
@@ -32,4 +34,5 @@ def tfds() -> Any:
   """The `tensorflow_datasets` module (TensorFlow set up first, see `tf()`)."""
   tf()
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+
   return tensorflow_datasets

@@ -13,6 +13,7 @@ The operations follow torchvision's: RandomResizedCrop (10 attempts, then the wh
 with its ratio clamped), ColorJitter (four factors in a random order), RandomGrayscale,
 SimCLR's Gaussian blur, RandomHorizontalFlip.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,6 @@ from mcl_jax.data import augment as augment_lib
 Array = jax.Array
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
   """One view's augmentation (hashable: closed over by jit). Defaults: MoCo v1.
@@ -39,6 +39,7 @@ class ViewSpec:
   order (grayscale, then jitter) instead of v2's (jitter, grayscale); blur_p/blur_sigma:
   Gaussian blur (SimCLR's, sigma uniform in blur_sigma pixels); flip: horizontal flip.
   """
+
   crop_scale: tuple[float, float] = (0.2, 1.0)
   crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
   jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4)
@@ -55,8 +56,7 @@ class ViewSpec:
 # RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8,
 # RandomGrayscale(0.2), GaussianBlur([0.1, 2]) with p=0.5, flip.
 MOCO_V1 = ViewSpec()
-MOCO_V2 = ViewSpec(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_first=False,
-                   blur_p=0.5)
+MOCO_V2 = ViewSpec(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_first=False, blur_p=0.5)
 # Fashion-MNIST's 28x28 (or 14x14) grey clothes: crops of at least 40% of the area (a
 # smaller one is a patch of fabric), brightness/contrast jitter (saturation and hue do
 # nothing to grey images), flips (clothes are left-right symmetric), no blur at this size.
@@ -67,15 +67,20 @@ FASHION_MNIST_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.4, 1.0), blur_p
 # (what the v2 recipe did to digits: docs/RESULTS.md, "Earlier: MoCo on digits").
 DIGITS_VIEWS = dataclasses.replace(MOCO_V2, crop_scale=(0.8, 1.0), blur_p=0.0, flip=False)
 # config.ssl.views -> the recipe.
-VIEW_SPECS = {"v1": MOCO_V1, "v2": MOCO_V2, "digits": DIGITS_VIEWS,
-              "fashion_mnist": FASHION_MNIST_VIEWS}
+VIEW_SPECS = {
+  "v1": MOCO_V1,
+  "v2": MOCO_V2,
+  "digits": DIGITS_VIEWS,
+  "fashion_mnist": FASHION_MNIST_VIEWS,
+}
 
 
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop
 
 
-def crop_window(u: Array, height: int, width: int, scale: tuple[float, float],
-                ratio: tuple[float, float]) -> tuple[Array, ...]:
+def crop_window(
+  u: Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[Array, ...]:
   """torchvision RandomResizedCrop.get_params: (top, left, h, w) as float32 scalars.
 
   u: 2 CROP_ATTEMPTS + 2 uniforms in [0, 1). All proposals are drawn at once and the first
@@ -86,7 +91,7 @@ def crop_window(u: Array, height: int, width: int, scale: tuple[float, float],
   area = float(height * width)
   target = area * (scale[0] + (scale[1] - scale[0]) * u[:n])
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[n:2 * n])
+  aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[n : 2 * n])
   ws = jnp.round(jnp.sqrt(target * aspect))
   hs = jnp.round(jnp.sqrt(target / aspect))
   ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
@@ -101,10 +106,12 @@ def crop_window(u: Array, height: int, width: int, scale: tuple[float, float],
     fb_w, fb_h = width, height
   h = jnp.where(found, hs[first], fb_h)
   w = jnp.where(found, ws[first], fb_w)
-  top = jnp.where(found, jnp.minimum(jnp.floor(u[2 * n] * (height - h + 1)), height - h),
-                  (height - fb_h) // 2)
-  left = jnp.where(found, jnp.minimum(jnp.floor(u[2 * n + 1] * (width - w + 1)), width - w),
-                   (width - fb_w) // 2)
+  top = jnp.where(
+    found, jnp.minimum(jnp.floor(u[2 * n] * (height - h + 1)), height - h), (height - fb_h) // 2
+  )
+  left = jnp.where(
+    found, jnp.minimum(jnp.floor(u[2 * n + 1] * (width - w + 1)), width - w), (width - fb_w) // 2
+  )
   return top, left, h, w
 
 
@@ -117,8 +124,15 @@ def resized_crop(image: Array, window: tuple[Array, ...], size: int) -> Array:
   top, left, h, w = window
   scale_hw = jnp.stack([size / h, size / w])
   translation = -jnp.stack([top, left]) * scale_hw
-  out = jax.image.scale_and_translate(image, (size, size, image.shape[-1]), (0, 1), scale_hw,
-                                      translation, method="linear", antialias=True)
+  out = jax.image.scale_and_translate(
+    image,
+    (size, size, image.shape[-1]),
+    (0, 1),
+    scale_hw,
+    translation,
+    method="linear",
+    antialias=True,
+  )
   return jnp.clip(out, 0.0, 1.0)
 
 
@@ -126,7 +140,7 @@ def _gray(x: Array) -> Array:
   """[H, W, 1] luma (torchvision rgb_to_grayscale weights); a 1-channel image is itself."""
   if x.shape[-1] == 1:
     return x
-  return (0.299 * x[..., 0:1] + 0.587 * x[..., 1:2] + 0.114 * x[..., 2:3])
+  return 0.299 * x[..., 0:1] + 0.587 * x[..., 1:2] + 0.114 * x[..., 2:3]
 
 
 def _blend(a: Array, b: Array, ratio: Array) -> Array:
@@ -159,8 +173,11 @@ def hsv_to_rgb(x: Array) -> Array:
   q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
   t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
   sector = i[..., None] == jnp.arange(6, dtype=i.dtype)  # [..., 6]
-  table = (jnp.stack([v, q, p, p, t, v], -1), jnp.stack([t, v, v, q, p, p], -1),
-           jnp.stack([p, p, t, v, v, q], -1))
+  table = (
+    jnp.stack([v, q, p, p, t, v], -1),
+    jnp.stack([t, v, v, q, p, p], -1),
+    jnp.stack([p, p, t, v, v, q], -1),
+  )
   return jnp.stack([jnp.sum(jnp.where(sector, c, 0.0), -1) for c in table], axis=-1)
 
 
@@ -186,10 +203,10 @@ def color_jitter(u: Array, x: Array, strength: tuple[float, float, float, float]
   fh = h * (2.0 * u[3] - 1.0)
   rgb = x.shape[-1] == 3
   ops = [
-      (b > 0, lambda y: _blend(y, jnp.zeros_like(y), fb)),
-      (c > 0, lambda y: _blend(y, jnp.mean(_gray(y)), fc)),
-      (s > 0 and rgb, lambda y: _blend(y, _gray(y), fs)),
-      (h > 0 and rgb, lambda y: _shift_hue(y, fh)),
+    (b > 0, lambda y: _blend(y, jnp.zeros_like(y), fb)),
+    (c > 0, lambda y: _blend(y, jnp.mean(_gray(y)), fc)),
+    (s > 0 and rgb, lambda y: _blend(y, _gray(y), fs)),
+    (h > 0 and rgb, lambda y: _shift_hue(y, fh)),
   ]
   branches = [fn if on else (lambda y: y) for on, fn in ops]
   order = jnp.argsort(u[4:8])  # a uniformly random permutation of the four ops
@@ -204,8 +221,8 @@ def gaussian_blur(x: Array, sigma: Array, radius: int) -> Array:
   w = w / w.sum()
   height, width = x.shape[:2]
   pad = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-  y = sum(w[i] * pad[i:i + height] for i in range(2 * radius + 1))
-  return sum(w[i] * y[:, i:i + width] for i in range(2 * radius + 1))
+  y = sum(w[i] * pad[i : i + height] for i in range(2 * radius + 1))
+  return sum(w[i] * y[:, i : i + width] for i in range(2 * radius + 1))
 
 
 # Uniforms one view consumes: crop window, jitter (4 factors + 4 for the order), and one
@@ -216,8 +233,7 @@ _U_GRAY, _U_JITTER_P, _U_BLUR_P, _U_SIGMA, _U_FLIP = range(_U_JITTER.stop, _U_JI
 NUM_UNIFORMS = _U_FLIP + 1
 
 
-def augment_view(u: Array, image: Array, spec: ViewSpec, *, size: int,
-                 crop: bool = True) -> Array:
+def augment_view(u: Array, image: Array, spec: ViewSpec, *, size: int, crop: bool = True) -> Array:
   """One MoCo view of one image [H, W, C] (uint8 or [0, 1] float) -> [size, size, C] in [0, 1].
 
   u: NUM_UNIFORMS uniforms in [0, 1), all of this view's randomness (drawn for the whole
@@ -250,9 +266,17 @@ def augment_view(u: Array, image: Array, spec: ViewSpec, *, size: int,
   return x
 
 
-def two_views(key: Array, images: Array, images2: Array | None, spec: ViewSpec, *,
-              mean: Any, std: Any, size: int, dtype: Any = jnp.float32
-              ) -> tuple[Array, Array]:
+def two_views(
+  key: Array,
+  images: Array,
+  images2: Array | None,
+  spec: ViewSpec,
+  *,
+  mean: Any,
+  std: Any,
+  size: int,
+  dtype: Any = jnp.float32,
+) -> tuple[Array, Array]:
   """Query and key views [B, size, size, C], normalised, each with its own randomness.
 
   images2 None: both views from `images` (cropped here); else `images` and `images2` are

@@ -5,6 +5,7 @@ backbone module exports `ARCHS` and follows the backbone contract (stage_slice,
 num_stages, PyTorch names). `Cohort` runs M members over stacked variables;
 `extract_member` / `cohort_from_members` move between a cohort and single networks.
 """
+
 from mcl_jax.models.cohort import HEAD_NORMS
 from mcl_jax.models.cohort import HEADS
 from mcl_jax.models.cohort import STRATEGIES
@@ -19,7 +20,16 @@ from mcl_jax.models.registry import ARCHS
 from mcl_jax.models.registry import create
 
 __all__ = [
-    "ARCHS", "Cohort", "HEADS", "HEAD_NORMS", "ProjectionHead", "STRATEGIES",
-    "cohort_from_members", "count_cohort_params", "count_params", "create", "extract_member",
-    "resolve_strategy",
+  "ARCHS",
+  "Cohort",
+  "HEADS",
+  "HEAD_NORMS",
+  "ProjectionHead",
+  "STRATEGIES",
+  "cohort_from_members",
+  "count_cohort_params",
+  "count_params",
+  "create",
+  "extract_member",
+  "resolve_strategy",
 ]

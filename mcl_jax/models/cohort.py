@@ -26,6 +26,7 @@ The `train` flag reaches the members as a module attribute, never as a keyword a
 through a lifted transform: Flax's lifted transforms drop keyword arguments with only a
 RuntimeWarning, which would leave BatchNorm in training mode during evaluation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -62,8 +63,9 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   if strategy == "auto":
     return "unroll"
   if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown cohort strategy {strategy!r}; use one of auto, "
-                     f"{', '.join(STRATEGIES)}.")
+    raise ValueError(
+      f"Unknown cohort strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}."
+    )
   return strategy
 
 
@@ -80,6 +82,7 @@ class ProjectionHead(nn.Module):
   outputs, all positive); the official head has none. Measured on Fashion-MNIST it does
   not prevent the early collapse of the embeddings (docs/RESULTS.md, "The collapse").
   """
+
   embed_dim: int = 128
   dtype: Any = jnp.float32
   kind: str = "mlp"
@@ -101,8 +104,7 @@ class ProjectionHead(nn.Module):
     if self.kind != "mlp":
       raise ValueError(f"Unknown projection head {self.kind!r}; use one of {', '.join(HEADS)}.")
     hidden = layers.linear(self.embed_dim, fan_in, dtype=self.dtype, name="fc1")(features)
-    h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype,
-                      name="fc2")(nn.relu(hidden))
+    h = layers.linear(self.embed_dim, self.embed_dim, dtype=self.dtype, name="fc2")(nn.relu(hidden))
     return numerics.l2_normalize(h), hidden  # F.normalize(h, dim=1)
 
 
@@ -111,6 +113,7 @@ class _Member(nn.Module):
 
   `train` is an attribute (see the module docstring for why).
   """
+
   arch: str
   num_classes: int
   first_stage: int
@@ -122,14 +125,24 @@ class _Member(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array) -> dict[str, Array]:
-    backbone = registry.create(self.arch, self.num_classes, dtype=self.dtype,
-                             stage_slice=(self.first_stage, None), name="backbone")
+    backbone = registry.create(
+      self.arch,
+      self.num_classes,
+      dtype=self.dtype,
+      stage_slice=(self.first_stage, None),
+      name="backbone",
+    )
     logits, features = backbone(h, self.train)
     out = {"logits": numerics.at_least_float32(logits), "features": features}
     if self.head != "none":
       out["embeddings"], hidden = ProjectionHead(
-          self.embed_dim, dtype=self.dtype, kind=self.head, norm=self.head_norm,
-          train=self.train, name="head")(features)
+        self.embed_dim,
+        dtype=self.dtype,
+        kind=self.head,
+        norm=self.head_norm,
+        train=self.train,
+        name="head",
+      )(features)
       if hidden is not None:
         out["head_hidden"] = hidden
     return out
@@ -144,6 +157,7 @@ class Cohort(nn.Module):
   `metrics.embedding_health`)}. Apply with mutable=['batch_stats'] when train is True.
   `head`: 'mlp' (official), 'linear' or 'none' (MoCo brings its own projection).
   """
+
   arch: str
   num_classes: int
   num_members: int
@@ -161,26 +175,56 @@ class Cohort(nn.Module):
       raise ValueError(f"Cohort num_members must be >= 1, got {self.num_members}.")
     num_stages = registry.create(self.arch, self.num_classes).num_stages
     if not 0 <= self.shared_stages < num_stages:
-      raise ValueError(f"shared_stages={self.shared_stages} must be in [0, {num_stages}) for "
-                       f"{self.arch} ({num_stages} stages, stem included).")
+      raise ValueError(
+        f"shared_stages={self.shared_stages} must be in [0, {num_stages}) for "
+        f"{self.arch} ({num_stages} stages, stem included)."
+      )
     h = x
     if self.shared_stages:
-      h = registry.create(self.arch, self.num_classes, dtype=self.dtype,
-                        stage_slice=(0, self.shared_stages), name="trunk")(x, train)
-    member = functools.partial(_Member, self.arch, self.num_classes, self.shared_stages,
-                               self.embed_dim, self.dtype, train, self.head, self.head_norm)
+      h = registry.create(
+        self.arch,
+        self.num_classes,
+        dtype=self.dtype,
+        stage_slice=(0, self.shared_stages),
+        name="trunk",
+      )(x, train)
+    member = functools.partial(
+      _Member,
+      self.arch,
+      self.num_classes,
+      self.shared_stages,
+      self.embed_dim,
+      self.dtype,
+      train,
+      self.head,
+      self.head_norm,
+    )
     if strategy == "vmap" or self.is_initializing():
       stacked = nn.vmap(
-          _Member, variable_axes={"params": 0, "batch_stats": 0},
-          split_rngs={"params": True}, in_axes=None, out_axes=0,
-          axis_size=self.num_members)
+        _Member,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=0,
+        axis_size=self.num_members,
+      )
       # Same arguments as `member`, but the lifted class needs them as keywords here.
-      return stacked(self.arch, self.num_classes, self.shared_stages, self.embed_dim,
-                     self.dtype, train, self.head, self.head_norm, name="members")(h)
+      return stacked(
+        self.arch,
+        self.num_classes,
+        self.shared_stages,
+        self.embed_dim,
+        self.dtype,
+        train,
+        self.head,
+        self.head_norm,
+        name="members",
+      )(h)
     return self._apply_stacked(member(parent=None), h, train, strategy)
 
-  def _apply_stacked(self, member: _Member, h: Array, train: bool,
-                     strategy: str) -> dict[str, Array]:
+  def _apply_stacked(
+    self, member: _Member, h: Array, train: bool, strategy: str
+  ) -> dict[str, Array]:
     """unroll / map: run the unbound `member` on each slice of the stacked variables."""
     variables: dict[str, Any] = {"params": self.get_variable("params", "members")}
     stats: Any = self.get_variable("batch_stats", "members")
@@ -195,8 +239,9 @@ class Cohort(nn.Module):
       return member.apply(v, h), None
 
     if strategy == "unroll":
-      per_member = [run(jax.tree.map(lambda a, m=m: a[m], variables))
-                    for m in range(self.num_members)]
+      per_member = [
+        run(jax.tree.map(lambda a, m=m: a[m], variables)) for m in range(self.num_members)
+      ]
       out, new_stats = jax.tree.map(lambda *a: jnp.stack(a), *per_member)
     else:  # map
       out, new_stats = jax.lax.map(run, variables)

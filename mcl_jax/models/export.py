@@ -5,6 +5,7 @@ whose eval-mode logits equal the cohort's member m; `cohort_from_members` stacks
 networks back into cohort variables. Trunk params and the branch params have disjoint
 names (backbone contract), so a member is the plain union trunk | branch[m].
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,13 +23,16 @@ _COLLECTIONS = ("params", "batch_stats")
 def _check_trunk(tree: Mapping[str, Any], shared_stages: int, collection: str) -> None:
   has_trunk = "trunk" in tree
   if collection == "params" and has_trunk != (shared_stages > 0):
-    raise ValueError(f"shared_stages={shared_stages} but the cohort variables "
-                     f"{'have' if has_trunk else 'have no'} 'trunk'; pass the cohort's "
-                     "shared_stages.")
+    raise ValueError(
+      f"shared_stages={shared_stages} but the cohort variables "
+      f"{'have' if has_trunk else 'have no'} 'trunk'; pass the cohort's "
+      "shared_stages."
+    )
 
 
-def extract_member(cohort_variables: Mapping[str, Any], m: int,
-                   shared_stages: int) -> dict[str, Any]:
+def extract_member(
+  cohort_variables: Mapping[str, Any], m: int, shared_stages: int
+) -> dict[str, Any]:
   """Variables of the single network equal to cohort member `m` (head dropped).
 
   Returns {'params': ..., 'batch_stats': ...} for `create(arch, num_classes)`: the shared
@@ -48,8 +52,10 @@ def extract_member(cohort_variables: Mapping[str, Any], m: int,
     trunk = dict(tree.get("trunk", {}))
     clash = set(trunk) & set(single)
     if clash:
-      raise ValueError(f"Trunk and member branches share names {sorted(clash)[:3]}; the "
-                       "backbone breaks the stage naming contract.")
+      raise ValueError(
+        f"Trunk and member branches share names {sorted(clash)[:3]}; the "
+        "backbone breaks the stage naming contract."
+      )
     out[col] = {**trunk, **single}
   return out
 
@@ -58,14 +64,16 @@ def _trunk_names(arch: str, shared_stages: int) -> dict[str, set[str]]:
   """Top-level variable names of stages [0, shared_stages), per collection (no real init)."""
   trunk = registry.create(arch, 1, stage_slice=(0, shared_stages))
   shapes = jax.eval_shape(
-      lambda: trunk.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
+    lambda: trunk.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)
+  )
   return {col: set(shapes.get(col, {})) for col in _COLLECTIONS}
 
 
 def _feature_width(arch: str) -> int:
   net = registry.create(arch, 1)
   _, features = jax.eval_shape(
-      lambda: net.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)[0])
+    lambda: net.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)[0]
+  )
   return features.shape[-1]
 
 
@@ -73,9 +81,15 @@ def _stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
-def cohort_from_members(members: Sequence[Mapping[str, Any]], shared_stages: int,
-                        heads: Any = None, *, arch: str, embed_dim: int = 128,
-                        rng: jax.Array | None = None) -> dict[str, Any]:
+def cohort_from_members(
+  members: Sequence[Mapping[str, Any]],
+  shared_stages: int,
+  heads: Any = None,
+  *,
+  arch: str,
+  embed_dim: int = 128,
+  rng: jax.Array | None = None,
+) -> dict[str, Any]:
   """Cohort variables from single-network variables (one per member), the way back.
 
   With shared_stages > 0 the trunk (stages [0, shared_stages)) is taken from members[0];
@@ -86,8 +100,9 @@ def cohort_from_members(members: Sequence[Mapping[str, Any]], shared_stages: int
   """
   if not members:
     raise ValueError("cohort_from_members needs at least one member.")
-  trunk_names = (_trunk_names(arch, shared_stages) if shared_stages > 0
-                 else {col: set() for col in _COLLECTIONS})
+  trunk_names = (
+    _trunk_names(arch, shared_stages) if shared_stages > 0 else {col: set() for col in _COLLECTIONS}
+  )
   out: dict[str, Any] = {}
   for col in _COLLECTIONS:
     if col not in members[0]:
@@ -95,8 +110,9 @@ def cohort_from_members(members: Sequence[Mapping[str, Any]], shared_stages: int
     tree: dict[str, Any] = {}
     if shared_stages > 0:
       tree["trunk"] = {k: v for k, v in members[0][col].items() if k in trunk_names[col]}
-    branches = [{k: v for k, v in member[col].items() if k not in trunk_names[col]}
-                for member in members]
+    branches = [
+      {k: v for k, v in member[col].items() if k not in trunk_names[col]} for member in members
+    ]
     tree["members"] = {"backbone": _stack(branches)}
     out[col] = tree
   if heads is None:

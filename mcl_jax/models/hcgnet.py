@@ -25,6 +25,7 @@ and linear: exactly stages [0, 2) shared.
 
 Layout is NHWC; param paths joined with '.' are the official state-dict keys of `HCGNet`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,9 +55,16 @@ def _fc(x: Array, features: int, dtype: Any, name: str) -> Array:
   Kept a Conv (kernel [1, 1, C, F]) rather than a Dense so the weight converts like every
   other conv (OIHW <-> HWIO).
   """
-  conv = nn.Conv(features, (1, 1), padding=((0, 0), (0, 0)), use_bias=True, dtype=dtype,
-                 kernel_init=_conv_init, bias_init=layers.torch_bias_init(x.shape[-1]),
-                 name=name)
+  conv = nn.Conv(
+    features,
+    (1, 1),
+    padding=((0, 0), (0, 0)),
+    use_bias=True,
+    dtype=dtype,
+    kernel_init=_conv_init,
+    bias_init=layers.torch_bias_init(x.shape[-1]),
+    name=name,
+  )
   return conv(x[:, None, None, :])[:, 0, 0, :]
 
 
@@ -68,14 +76,23 @@ def _context_pool(x: Array, dtype: Any, name: str) -> Array:
   """
   n, h, w, c = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)  # softmax and sum at >= float32
-  logits = nn.Conv(1, (1, 1), padding=((0, 0), (0, 0)), use_bias=True, dtype=dtype,
-                   kernel_init=_conv_init, bias_init=layers.torch_bias_init(c), name=name)(x)
+  logits = nn.Conv(
+    1,
+    (1, 1),
+    padding=((0, 0), (0, 0)),
+    use_bias=True,
+    dtype=dtype,
+    kernel_init=_conv_init,
+    bias_init=layers.torch_bias_init(c),
+    name=name,
+  )(x)
   weights = jax.nn.softmax(logits.reshape(n, h * w).astype(acc), axis=-1)
   return jnp.einsum("npc,np->nc", x.reshape(n, h * w, c).astype(acc), weights).astype(x.dtype)
 
 
 class BasicConv(nn.Module):
   """Pre-activation conv: BN (`norm`), ReLU, bias-free conv (`conv`)."""
+
   features: int
   kernel: int
   stride: int = 1
@@ -88,10 +105,18 @@ class BasicConv(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     x = nn.relu(_bn(train, self.dtype, "norm")(x))
     p = self.padding
-    return nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                   padding=((p, p), (p, p)), kernel_dilation=(self.dilation, self.dilation),
-                   feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                   kernel_init=_conv_init, name="conv")(x)
+    return nn.Conv(
+      self.features,
+      (self.kernel, self.kernel),
+      strides=(self.stride, self.stride),
+      padding=((p, p), (p, p)),
+      kernel_dilation=(self.dilation, self.dilation),
+      feature_group_count=self.groups,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=_conv_init,
+      name="conv",
+    )(x)
 
 
 def _gates(x: Array, train: bool, *, reduction: int, forget: int, dtype: Any) -> Array:
@@ -114,14 +139,16 @@ def _gates(x: Array, train: bool, *, reduction: int, forget: int, dtype: Any) ->
   att = _fc(jnp.concatenate([v3, v5], axis=-1), 2 * c // reduction, dtype, "fcall")
   att = jnp.tanh(_bn(train, dtype, "bn_attention")(att))
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  mix = jax.nn.softmax(jnp.stack([_fc(att, c, dtype, "fc3x3"),
-                                  _fc(att, c, dtype, "fc5x5")]).astype(acc), axis=0)
+  mix = jax.nn.softmax(
+    jnp.stack([_fc(att, c, dtype, "fc3x3"), _fc(att, c, dtype, "fc5x5")]).astype(acc), axis=0
+  )
   update = (mix[0] * v3 + mix[1] * v5).astype(x.dtype)
   return x * gate[:, None, None, :] + update[:, None, None, :]
 
 
 class SMG(nn.Module):
   """Official `_SMG`: returns concat([input, gated new features]) (growth_rate more channels)."""
+
   growth_rate: int
   bn_size: int = 4
   groups: int = 4
@@ -133,15 +160,16 @@ class SMG(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     g = self.growth_rate
     y = BasicConv(self.bn_size * g, 1, dtype=self.dtype, name="conv1_1x1")(x, train)
-    y = BasicConv(g, 3, padding=1, groups=self.groups, dtype=self.dtype,
-                  name="conv2_3x3")(y, train)
-    y = _gates(y, train, reduction=self.reduction_factor, forget=self.forget_factor,
-               dtype=self.dtype)
+    y = BasicConv(g, 3, padding=1, groups=self.groups, dtype=self.dtype, name="conv2_3x3")(y, train)
+    y = _gates(
+      y, train, reduction=self.reduction_factor, forget=self.forget_factor, dtype=self.dtype
+    )
     return jnp.concatenate([x, y], axis=-1)
 
 
 class HybridBlock(nn.Module):
   """Official `_HybridBlock`: SMG1 .. SMG{num_layers}, each adding growth_rate channels."""
+
   num_layers: int
   growth_rate: int
   bn_size: int = 4
@@ -156,6 +184,7 @@ class HybridBlock(nn.Module):
 
 class Transition(nn.Module):
   """Official `_Transition`: squeeze to out_channels at stride 2, then the gates (4 / 4)."""
+
   out_channels: int
   reduction_factor: int = 4
   forget_factor: int = 4
@@ -166,14 +195,17 @@ class Transition(nn.Module):
     cin = x.shape[-1]
     mid = cin - (cin - self.out_channels) // 2
     y = BasicConv(mid, 1, dtype=self.dtype, name="conv1_1x1")(x, train)
-    y = BasicConv(self.out_channels, 3, stride=2, padding=1, dtype=self.dtype,
-                  name="conv2_3x3")(y, train)
-    return _gates(y, train, reduction=self.reduction_factor, forget=self.forget_factor,
-                  dtype=self.dtype)
+    y = BasicConv(self.out_channels, 3, stride=2, padding=1, dtype=self.dtype, name="conv2_3x3")(
+      y, train
+    )
+    return _gates(
+      y, train, reduction=self.reduction_factor, forget=self.forget_factor, dtype=self.dtype
+    )
 
 
 class HCGNet(nn.Module):
   """CIFAR HCGNet following the backbone contract (docs/DESIGN.md)."""
+
   num_classes: int
   dtype: Any = jnp.float32
   stage_slice: tuple[int, int | None] = (0, None)
@@ -189,45 +221,83 @@ class HCGNet(nn.Module):
     start, end, with_head = layers.stage_range(self)
     n = self.num_stages - 1
     if len(self.growth_rate) != n or len(self.block_config) != n:
-      raise ValueError(f"{type(self).__name__} needs {n} hybrid blocks, got "
-                       f"growth_rate={self.growth_rate}, block_config={self.block_config}.")
+      raise ValueError(
+        f"{type(self).__name__} needs {n} hybrid blocks, got "
+        f"growth_rate={self.growth_rate}, block_config={self.block_config}."
+      )
     x = x.astype(self.dtype)
     for stage in range(start, end):
       if stage == 0:
-        x = nn.Conv(2 * self.growth_rate[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    dtype=self.dtype, kernel_init=_conv_init, name="features.conv0")(x)
+        x = nn.Conv(
+          2 * self.growth_rate[0],
+          (3, 3),
+          padding=((1, 1), (1, 1)),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=_conv_init,
+          name="features.conv0",
+        )(x)
         continue
       i = stage - 1
-      x = HybridBlock(self.block_config[i], self.growth_rate[i], self.bn_size, dtype=self.dtype,
-                      name=f"features.HybridBlock{stage}")(x, train)
+      x = HybridBlock(
+        self.block_config[i],
+        self.growth_rate[i],
+        self.bn_size,
+        dtype=self.dtype,
+        name=f"features.HybridBlock{stage}",
+      )(x, train)
       if stage < self.num_stages - 1:
-        x = Transition(int(x.shape[-1] * self.theta), dtype=self.dtype,
-                       name=f"features.Transition{stage}")(x, train)
+        x = Transition(
+          int(x.shape[-1] * self.theta), dtype=self.dtype, name=f"features.Transition{stage}"
+        )(x, train)
       else:
         x = nn.relu(_bn(train, self.dtype, "features.norm5")(x))
     if not with_head:
       return x
     features = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype,
-                           name="classifier")(features)
+    logits = layers.linear(
+      self.num_classes, features.shape[-1], dtype=self.dtype, name="classifier"
+    )(features)
     return logits, features
 
 
-def hcgnet_a1(num_classes: int, *, dtype: Any = jnp.float32,
-              stage_slice: tuple[int, int | None] = (0, None), **kwargs) -> HCGNet:
+def hcgnet_a1(
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  stage_slice: tuple[int, int | None] = (0, None),
+  **kwargs,
+) -> HCGNet:
   """HCGNet-A1 (official `hcgnet_A1`): 1,102,651 params at 100 classes."""
-  return HCGNet(num_classes=num_classes, dtype=dtype, stage_slice=stage_slice,
-                growth_rate=(12, 24, 36), block_config=(8, 8, 8), **kwargs)
+  return HCGNet(
+    num_classes=num_classes,
+    dtype=dtype,
+    stage_slice=stage_slice,
+    growth_rate=(12, 24, 36),
+    block_config=(8, 8, 8),
+    **kwargs,
+  )
 
 
-def hcgnet_a2(num_classes: int, *, dtype: Any = jnp.float32,
-              stage_slice: tuple[int, int | None] = (0, None), **kwargs) -> HCGNet:
+def hcgnet_a2(
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  stage_slice: tuple[int, int | None] = (0, None),
+  **kwargs,
+) -> HCGNet:
   """HCGNet-A2 (official `hcgnet_A2`): 3,133,679 params at 100 classes."""
-  return HCGNet(num_classes=num_classes, dtype=dtype, stage_slice=stage_slice,
-                growth_rate=(24, 36, 64), block_config=(8, 8, 8), **kwargs)
+  return HCGNet(
+    num_classes=num_classes,
+    dtype=dtype,
+    stage_slice=stage_slice,
+    growth_rate=(24, 36, 64),
+    block_config=(8, 8, 8),
+    **kwargs,
+  )
 
 
 ARCHS = {
-    "hcgnet_a1": hcgnet_a1,
-    "hcgnet_a2": hcgnet_a2,
+  "hcgnet_a1": hcgnet_a1,
+  "hcgnet_a2": hcgnet_a2,
 }

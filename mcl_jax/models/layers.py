@@ -5,6 +5,7 @@ Every helper takes an explicit `name`, the PyTorch attribute name of the layer, 
 always an explicit symmetric pair, as PyTorch pads: Flax's 'SAME' pads a stride-2 3x3 conv
 on an even input by (0, 1), PyTorch by (1, 1), which shifts every output pixel.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,12 +39,27 @@ def torch_bias_init(fan_in: int) -> Callable[..., Array]:
   return init
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, dtype: Dtype,
-         name: str, kernel_init: Callable[..., Array] = kaiming_fan_out) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  *,
+  stride: int = 1,
+  padding: int = 0,
+  dtype: Dtype,
+  name: str,
+  kernel_init: Callable[..., Array] = kaiming_fan_out,
+) -> nn.Conv:
   """A bias-free Conv2d with PyTorch's symmetric `padding` (never 'SAME')."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=False,
-                 dtype=dtype, kernel_init=kernel_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
 class BatchNorm(nn.Module):
@@ -57,6 +73,7 @@ class BatchNorm(nn.Module):
   as torch does (Flax's BatchNorm uses the biased one). Running statistics are not
   updated during `init`.
   """
+
   use_running_average: bool
   momentum: float = 0.1  # PyTorch's convention: new = (1 - momentum) old + momentum batch
   epsilon: float = 1e-5
@@ -91,12 +108,14 @@ def batch_norm(train: bool, *, dtype: Dtype, name: str) -> BatchNorm:
   return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
-def linear(features: int, fan_in: int, *, dtype: Dtype, name: str,
-           zero_bias: bool = False) -> nn.Dense:
+def linear(
+  features: int, fan_in: int, *, dtype: Dtype, name: str, zero_bias: bool = False
+) -> nn.Dense:
   """nn.Linear with PyTorch's default init (WRN zeroes the classifier bias: `zero_bias`)."""
   bias_init = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
-  return nn.Dense(features, dtype=dtype, kernel_init=torch_linear_init, bias_init=bias_init,
-                  name=name)
+  return nn.Dense(
+    features, dtype=dtype, kernel_init=torch_linear_init, bias_init=bias_init, name=name
+  )
 
 
 def max_pool_3x3_s2(x: Array) -> Array:
@@ -119,6 +138,8 @@ def stage_range(module: nn.Module) -> tuple[int, int, bool]:
   n = module.num_stages
   end = n if stop is None else stop
   if not 0 <= start < end <= n:
-    raise ValueError(f"stage_slice {tuple(module.stage_slice)} of {type(module).__name__} must "
-                     f"satisfy 0 <= start < stop <= {n} (or stop None).")
+    raise ValueError(
+      f"stage_slice {tuple(module.stage_slice)} of {type(module).__name__} must "
+      f"satisfy 0 <= start < stop <= {n} (or stop None)."
+    )
   return start, end, stop is None

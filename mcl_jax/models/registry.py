@@ -3,6 +3,7 @@
 Every backbone module exports `ARCHS` (docs/DESIGN.md, "Adding an architecture"); this
 merges them. The Cohort and member export build networks through `create`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

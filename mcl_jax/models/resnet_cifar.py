@@ -11,6 +11,7 @@ Stages (docs/DESIGN.md):
   head        global average pool, classifier
 The official M > 2 cohort (`ResNet_b`) shares conv1/bn1/layer1: stages [0, 2).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ Array = jax.Array
 
 class BasicBlock(nn.Module):
   """torchvision BasicBlock: 3x3 (stride) - BN - ReLU - 3x3 - BN, + identity/downsample, ReLU."""
+
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -35,8 +37,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    out = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
-                      name="conv1")(x)
+    out = layers.conv(
+      self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype, name="conv1"
+    )(x)
     out = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(out))
     out = layers.conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(out)
     out = layers.batch_norm(train, dtype=self.dtype, name="bn2")(out)
@@ -45,6 +48,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (v1.5): 1x1 - 3x3 (stride) - 1x1 to 4 * planes, + shortcut, ReLU."""
+
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -56,8 +60,9 @@ class Bottleneck(nn.Module):
     bn = lambda name: layers.batch_norm(train, dtype=self.dtype, name=name)  # noqa: E731
     out = layers.conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
     out = nn.relu(bn("bn1")(out))
-    out = layers.conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
-                      name="conv2")(out)
+    out = layers.conv(
+      self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype, name="conv2"
+    )(out)
     out = nn.relu(bn("bn2")(out))
     out = layers.conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(out)
     out = bn("bn3")(out)
@@ -76,8 +81,16 @@ def _shortcut(x: Array, out_channels: int, stride: int, train: bool, dtype: Any)
   return layers.batch_norm(train, dtype=dtype, name="downsample.1")(y)
 
 
-def block_group(x: Array, block: type[nn.Module], planes: int, num_blocks: int, stride: int,
-                train: bool, dtype: Any, prefix: str) -> Array:
+def block_group(
+  x: Array,
+  block: type[nn.Module],
+  planes: int,
+  num_blocks: int,
+  stride: int,
+  train: bool,
+  dtype: Any,
+  prefix: str,
+) -> Array:
   """torchvision `_make_layer`: blocks named `{prefix}.{i}`, the first one strided."""
   for i in range(num_blocks):
     x = block(planes, stride if i == 0 else 1, dtype=dtype, name=f"{prefix}.{i}")(x, train)
@@ -86,6 +99,7 @@ def block_group(x: Array, block: type[nn.Module], planes: int, num_blocks: int, 
 
 class ResNetCifar(nn.Module):
   """The official CIFAR ResNet (single network), following the backbone contract."""
+
   num_classes: int
   num_blocks: Sequence[int] = (5, 5, 5)
   bottleneck: bool = False
@@ -100,8 +114,10 @@ class ResNetCifar(nn.Module):
   def __call__(self, x: Array, train: bool):
     start, end, with_head = layers.stage_range(self)
     if len(self.num_blocks) != self.num_stages - 1 or len(self.widths) != self.num_stages - 1:
-      raise ValueError(f"{type(self).__name__} needs {self.num_stages - 1} block groups, got "
-                       f"num_blocks={self.num_blocks}, widths={self.widths}.")
+      raise ValueError(
+        f"{type(self).__name__} needs {self.num_stages - 1} block groups, got "
+        f"num_blocks={self.num_blocks}, widths={self.widths}."
+      )
     block = Bottleneck if self.bottleneck else BasicBlock
     x = x.astype(self.dtype)
     for stage in range(start, end):
@@ -109,13 +125,22 @@ class ResNetCifar(nn.Module):
         x = layers.conv(self.stem_width, 3, padding=1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
       else:
-        x = block_group(x, block, self.widths[stage - 1], self.num_blocks[stage - 1],
-                        1 if stage == 1 else 2, train, self.dtype, f"layer{stage}")
+        x = block_group(
+          x,
+          block,
+          self.widths[stage - 1],
+          self.num_blocks[stage - 1],
+          1 if stage == 1 else 2,
+          train,
+          self.dtype,
+          f"layer{stage}",
+        )
     if not with_head:
       return x
     features = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype,
-                           name="classifier")(features)
+    logits = layers.linear(
+      self.num_classes, features.shape[-1], dtype=self.dtype, name="classifier"
+    )(features)
     return logits, features
 
 
@@ -131,8 +156,7 @@ def resnet56(num_classes: int, **kwargs: Any) -> ResNetCifar:
 
 def resnet110(num_classes: int, **kwargs: Any) -> ResNetCifar:
   """Bottleneck 12-12-12 (expansion 4, as in the official file): 1,170,868 params at 100."""
-  return ResNetCifar(num_classes=num_classes, num_blocks=(12, 12, 12), bottleneck=True,
-                     **kwargs)
+  return ResNetCifar(num_classes=num_classes, num_blocks=(12, 12, 12), bottleneck=True, **kwargs)
 
 
 ARCHS = {"resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110}

@@ -10,6 +10,7 @@ Stages (docs/DESIGN.md):
   head        global average pool, fc
 The official M > 2 cohort shares conv1/bn1/layer1/layer2: stages [0, 3).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ Array = jax.Array
 
 class ResNetImageNet(nn.Module):
   """torchvision ResNet (single network), following the backbone contract."""
+
   num_classes: int
   num_blocks: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
@@ -48,13 +50,22 @@ class ResNetImageNet(nn.Module):
         x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = layers.max_pool_3x3_s2(x)
       else:
-        x = block_group(x, block, 64 * 2 ** (stage - 1), self.num_blocks[stage - 1],
-                        1 if stage == 1 else 2, train, self.dtype, f"layer{stage}")
+        x = block_group(
+          x,
+          block,
+          64 * 2 ** (stage - 1),
+          self.num_blocks[stage - 1],
+          1 if stage == 1 else 2,
+          train,
+          self.dtype,
+          f"layer{stage}",
+        )
     if not with_head:
       return x
     features = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype,
-                           name="fc")(features)
+    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype, name="fc")(
+      features
+    )
     return logits, features
 
 
@@ -70,8 +81,7 @@ def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNetImageNet:
 
 def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNetImageNet:
   """Bottleneck 3-4-6-3 (stride on the 3x3, torchvision v1.5): 25,557,032 params at 1000."""
-  return ResNetImageNet(num_classes=num_classes, num_blocks=(3, 4, 6, 3), bottleneck=True,
-                        **kwargs)
+  return ResNetImageNet(num_classes=num_classes, num_blocks=(3, 4, 6, 3), bottleneck=True, **kwargs)
 
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}

@@ -18,6 +18,7 @@ Layout is NHWC. The official channel split and channel shuffle act on the NCHW c
 axis; here they act on the last axis with the same channel order, so weights convert
 one-to-one (conv OIHW <-> HWIO) and outputs match PyTorch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,12 +38,28 @@ Array = jax.Array
 _conv_init = layers.torch_linear_init
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-          dtype: Any, name: str) -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  *,
+  stride: int = 1,
+  padding: int = 0,
+  groups: int = 1,
+  dtype: Any,
+  name: str,
+) -> nn.Conv:
   """A bias-free Conv2d (groups allowed) with PyTorch's explicit symmetric padding."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                 use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    feature_group_count=groups,
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=_conv_init,
+    name=name,
+  )
 
 
 def _bn(train: bool, dtype: Any, name: str) -> layers.BatchNorm:
@@ -62,6 +79,7 @@ def channel_shuffle(x: Array, groups: int = 2) -> Array:
 
 class BasicBlock(nn.Module):
   """Stride-1 unit: split channels, transform the second half, concat, shuffle."""
+
   channels: int
   split_ratio: float = 0.5
   dtype: Any = jnp.float32
@@ -73,13 +91,15 @@ class BasicBlock(nn.Module):
     mid = int(self.channels * self.split_ratio)
     out = nn.relu(_bn(train, self.dtype, "bn1")(_conv(mid, 1, dtype=self.dtype, name="conv1")(x2)))
     out = _bn(train, self.dtype, "bn2")(
-        _conv(mid, 3, padding=1, groups=mid, dtype=self.dtype, name="conv2")(out))
+      _conv(mid, 3, padding=1, groups=mid, dtype=self.dtype, name="conv2")(out)
+    )
     out = nn.relu(_bn(train, self.dtype, "bn3")(_conv(mid, 1, dtype=self.dtype, name="conv3")(out)))
     return channel_shuffle(jnp.concatenate([x1, out], axis=-1))
 
 
 class DownBlock(nn.Module):
   """Stride-2 unit: two branches over the whole input, each giving out_channels // 2."""
+
   out_channels: int
   dtype: Any = jnp.float32
 
@@ -105,6 +125,7 @@ class ShuffleNetV2(nn.Module):
   Param paths joined with '.' are the official PyTorch state-dict keys (`conv1`, `bn1`,
   `layer1.0.conv1`, ..., `conv2`, `bn2`, `linear`).
   """
+
   num_classes: int
   dtype: Any = jnp.float32
   stage_slice: tuple[int, int | None] = (0, None)
@@ -119,9 +140,11 @@ class ShuffleNetV2(nn.Module):
     start, end, with_head = layers.stage_range(self)
     n = self.num_stages - 1
     if len(self.num_blocks) != n or len(self.out_channels) != n + 1:
-      raise ValueError(f"{type(self).__name__} needs {n} block groups and {n + 1} widths "
-                       f"(the last for conv2), got num_blocks={self.num_blocks}, "
-                       f"out_channels={self.out_channels}.")
+      raise ValueError(
+        f"{type(self).__name__} needs {n} block groups and {n + 1} widths "
+        f"(the last for conv2), got num_blocks={self.num_blocks}, "
+        f"out_channels={self.out_channels}."
+      )
     x = x.astype(self.dtype)
     for stage in range(start, end):
       if stage == 0:
@@ -131,8 +154,9 @@ class ShuffleNetV2(nn.Module):
       i = stage - 1
       x = DownBlock(self.out_channels[i], dtype=self.dtype, name=f"layer{stage}.0")(x, train)
       for j in range(self.num_blocks[i]):
-        x = BasicBlock(self.out_channels[i], dtype=self.dtype,
-                       name=f"layer{stage}.{j + 1}")(x, train)
+        x = BasicBlock(self.out_channels[i], dtype=self.dtype, name=f"layer{stage}.{j + 1}")(
+          x, train
+        )
       if stage == self.num_stages - 1:
         x = _conv(self.out_channels[-1], 1, dtype=self.dtype, name="conv2")(x)
         x = nn.relu(_bn(train, self.dtype, "bn2")(x))
@@ -141,26 +165,49 @@ class ShuffleNetV2(nn.Module):
     # Official single net: avg_pool2d(out, 4) on the 4x4 map of a 32x32 input, i.e. a global
     # mean (the M > 2 net uses AdaptiveAvgPool2d(1)); the global mean also serves other sizes.
     features = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype,
-                           name="linear")(features)
+    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype, name="linear")(
+      features
+    )
     return logits, features
 
 
-def shufflenetv2_05x(num_classes: int, *, dtype: Any = jnp.float32,
-                     stage_slice: tuple[int, int | None] = (0, None), **kwargs) -> ShuffleNetV2:
+def shufflenetv2_05x(
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  stage_slice: tuple[int, int | None] = (0, None),
+  **kwargs,
+) -> ShuffleNetV2:
   """ShuffleNetV2 0.5x (official `ShuffleNetV2_05x`): 444,292 params at 100 classes."""
-  return ShuffleNetV2(num_classes=num_classes, dtype=dtype, stage_slice=stage_slice,
-                      out_channels=(48, 96, 192, 1024), num_blocks=(3, 7, 3), **kwargs)
+  return ShuffleNetV2(
+    num_classes=num_classes,
+    dtype=dtype,
+    stage_slice=stage_slice,
+    out_channels=(48, 96, 192, 1024),
+    num_blocks=(3, 7, 3),
+    **kwargs,
+  )
 
 
-def shufflenetv2_1x(num_classes: int, *, dtype: Any = jnp.float32,
-                    stage_slice: tuple[int, int | None] = (0, None), **kwargs) -> ShuffleNetV2:
+def shufflenetv2_1x(
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  stage_slice: tuple[int, int | None] = (0, None),
+  **kwargs,
+) -> ShuffleNetV2:
   """ShuffleNetV2 1x (official `ShuffleNetV2_1x`): 1,356,104 params at 100 classes."""
-  return ShuffleNetV2(num_classes=num_classes, dtype=dtype, stage_slice=stage_slice,
-                      out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3), **kwargs)
+  return ShuffleNetV2(
+    num_classes=num_classes,
+    dtype=dtype,
+    stage_slice=stage_slice,
+    out_channels=(116, 232, 464, 1024),
+    num_blocks=(3, 7, 3),
+    **kwargs,
+  )
 
 
 ARCHS = {
-    "shufflenetv2_0.5x": shufflenetv2_05x,
-    "shufflenetv2_1x": shufflenetv2_1x,
+  "shufflenetv2_0.5x": shufflenetv2_05x,
+  "shufflenetv2_1x": shufflenetv2_1x,
 }

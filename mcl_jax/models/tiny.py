@@ -10,6 +10,7 @@ every layer kind that conversion and export must handle (conv, BN, downsample, l
 in for them in the ImageNet configs' CPU smoke runs (shared trunks of up to 4 stages, the
 bank regime) at about half the compile time of resnet18.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from mcl_jax.models.resnet_imagenet import ResNetImageNet
 
 class Tiny(ResNetCifar):
   """Stem + one block group + head; same names as the CIFAR ResNets."""
+
   num_blocks: Sequence[int] = (1,)
   widths: Sequence[int] = (16,)
   stem_width: int = 8

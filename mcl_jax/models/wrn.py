@@ -12,6 +12,7 @@ The official M > 2 cohort (`WideResNet_b`) shares conv1/block1 and gives every m
 own block2, block3, final BN and classifier: stages [0, 2) shared, and the final BN belongs
 to the head, so it is never shared.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ class WideBasicBlock(nn.Module):
   When the width changes, the pre-activation relu(bn1(x)) feeds both conv1 and the 1x1
   `convShortcut`; otherwise conv1 sees relu(bn1(x)) and the identity path the raw x.
   """
+
   out_planes: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -40,20 +42,23 @@ class WideBasicBlock(nn.Module):
     bn = lambda name: layers.batch_norm(train, dtype=self.dtype, name=name)  # noqa: E731
     equal_in_out = x.shape[-1] == self.out_planes
     pre = nn.relu(bn("bn1")(x))
-    out = layers.conv(self.out_planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
-                      name="conv1")(pre)
+    out = layers.conv(
+      self.out_planes, 3, stride=self.stride, padding=1, dtype=self.dtype, name="conv1"
+    )(pre)
     out = nn.relu(bn("bn2")(out))
     out = layers.conv(self.out_planes, 3, padding=1, dtype=self.dtype, name="conv2")(out)
     if equal_in_out:
       shortcut = x
     else:
-      shortcut = layers.conv(self.out_planes, 1, stride=self.stride, dtype=self.dtype,
-                             name="convShortcut")(pre)
+      shortcut = layers.conv(
+        self.out_planes, 1, stride=self.stride, dtype=self.dtype, name="convShortcut"
+      )(pre)
     return shortcut + out
 
 
 class WideResNet(nn.Module):
   """The official WideResNet (single network), following the backbone contract."""
+
   num_classes: int
   depth: int = 16
   widen_factor: int = 2
@@ -76,15 +81,17 @@ class WideResNet(nn.Module):
         continue
       for i in range(n):
         stride = (1 if stage == 1 else 2) if i == 0 else 1
-        x = WideBasicBlock(widths[stage - 1], stride, dtype=self.dtype,
-                           name=f"block{stage}.layer.{i}")(x, train)
+        x = WideBasicBlock(
+          widths[stage - 1], stride, dtype=self.dtype, name=f"block{stage}.layer.{i}"
+        )(x, train)
     if not with_head:
       return x
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name="bn1")(x))
     # Official: F.avg_pool2d(out, 8) on the 8x8 map of a 32x32 input, i.e. a global mean.
     features = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, features.shape[-1], dtype=self.dtype, name="fc",
-                           zero_bias=True)(features)
+    logits = layers.linear(
+      self.num_classes, features.shape[-1], dtype=self.dtype, name="fc", zero_bias=True
+    )(features)
     return logits, features
 
 

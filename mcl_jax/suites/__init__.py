@@ -10,6 +10,7 @@ Every (row, seed) trains in its own folder, `run_dir`: rows with the same config
 and overrides) share it, so a config shared by two tables trains once. A run is finished
 when its `RESULT_FILE` exists (written by `reproduce_eval.train_one`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ class Row:
   fewshot: held-out classes a self-supervised row's members are tested on in few-shot
       episodes (mcl_jax.fewshot); none: no few-shot test.
   """
+
   name: str
   variant: str
   table: str
@@ -71,13 +73,11 @@ def select_rows(rows: Sequence[Row], names: Sequence[str]) -> list[Row]:
   by_name = {r.name: r for r in rows}
   unknown = [n for n in names if n not in by_name]
   if unknown:
-    raise ValueError(f"--rows: unknown row {unknown[0]!r}; this suite has "
-                     f"{', '.join(by_name)}.")
+    raise ValueError(f"--rows: unknown row {unknown[0]!r}; this suite has {', '.join(by_name)}.")
   return [by_name[n] for n in names]
 
 
-def row_config(config_module: Any, row: Row, seed: int, smoke: bool,
-               variant: str | None = None):
+def row_config(config_module: Any, row: Row, seed: int, smoke: bool, variant: str | None = None):
   """The row's config (or the config module's `variant`, e.g. 'probe') with the row's
   overrides and `seed`; another variant takes only the row's data overrides (`input.*`): a
   probe sees the row's images with its own recipe, not the row's learning rate."""
@@ -100,8 +100,9 @@ def run_dir(workdir: str, row: Row, seed: int) -> str:
   return os.path.join(workdir, name, f"seed{seed}")
 
 
-def finished_runs(rows: Sequence[Row], seeds: Sequence[int], workdir: str
-                  ) -> Iterator[tuple[Row, int, str, dict[str, Any]]]:
+def finished_runs(
+  rows: Sequence[Row], seeds: Sequence[int], workdir: str
+) -> Iterator[tuple[Row, int, str, dict[str, Any]]]:
   """(row, seed, run directory, its result) of every finished run among rows x seeds."""
   for row in rows:
     for seed in seeds:

@@ -56,6 +56,7 @@ Writes tests/data/official_moco_trajectory.npz:
     `encoder_k_<m>.<layer>`, `queue` [M, d, K]); shape/<name> int64: their shapes,
   sensitivity/<name>: the largest |perturbed - unperturbed| final difference of a tensor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,12 @@ def views() -> tuple[np.ndarray, np.ndarray]:
   sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
   from mcl_jax.data import fashion_mnist
   from mcl_jax.data import pipeline
+
   x_train, _, _, _ = fashion_mnist.load()
   images = pipeline.resize_grey(x_train[:2000], IMAGE)[..., 0]  # [N, 14, 14] in [0, 1]
   mean, std = images.mean(), images.std()
   rng = np.random.default_rng(VIEW_SEED)
-  images = (images[rng.permutation(len(images))[:STEPS * BATCH]] - mean) / std
+  images = (images[rng.permutation(len(images))[: STEPS * BATCH]] - mean) / std
   flip = rng.random((2, len(images))) < 0.5
   view1 = np.where(flip[0, :, None, None], images[:, :, ::-1], images)
   offsets = rng.integers(0, IMAGE - CROP + 1, size=(len(images), 2))
@@ -105,14 +107,16 @@ def initial_queues(seed: int = QUEUE_SEED) -> np.ndarray:
   return (queue / np.linalg.norm(queue, axis=1, keepdims=True)).astype(np.float32)
 
 
-def initial_encoders(shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
-                     ) -> dict[str, np.ndarray]:
+def initial_encoders(
+  shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
+) -> dict[str, np.ndarray]:
   """float32 starting values of every `encoder_q_<m>.` / `encoder_k_<m>.` state-dict entry.
 
   `shapes` holds one network's entries (no prefix). Member m's query encoder is
   `initial_values` with seed `seed + m`; its key encoder a copy (the official init).
   """
   import record_official_trajectory as supervised  # the same directory
+
   out = {}
   for m in range(MEMBERS):
     values = supervised.initial_values(shapes, seed + m)
@@ -125,8 +129,7 @@ def initial_encoders(shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
 def sketch(name: str, value: np.ndarray) -> np.ndarray:
   """SKETCH_ROWS projections of `value` (float64) on unit random rows seeded by `name`."""
   flat = np.asarray(value, np.float64).reshape(-1)
-  rows = np.random.default_rng(zlib.crc32(name.encode())).standard_normal(
-      (SKETCH_ROWS, flat.size))
+  rows = np.random.default_rng(zlib.crc32(name.encode())).standard_normal((SKETCH_ROWS, flat.size))
   rows /= np.linalg.norm(rows, axis=1, keepdims=True)
   return rows @ flat
 
@@ -135,7 +138,6 @@ def _encoder_class(official_models):
   """The official CIFAR ResNet-32 returning only its classifier's output (a MoCo encoder)."""
 
   class CifarResNet32(official_models.resnet.ResNet):
-
     def __init__(self, num_classes):
       super().__init__(official_models.resnet.BasicBlock, [5, 5, 5], num_classes=num_classes)
 
@@ -149,19 +151,25 @@ def run(official: str, view1: np.ndarray, view2: np.ndarray, perturb: float = 0.
   """(losses [STEPS, 7], final state dict as float64 numpy) of the official float64 run."""
   import torch
   import torch.distributed as dist
+
   sys.path.insert(0, os.path.abspath(official))
   # The official code moves its permutation and labels with `.cuda()`; on a CPU: a no-op.
   torch.Tensor.cuda = lambda self, *a, **k: self
   from moco import builder_mcl
   import models  # the official models/
+
   if not dist.is_initialized():  # world size 1: shuffle-BN is BN over the whole batch
     store = os.path.join(tempfile.mkdtemp(), "gloo")
     dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)
   torch.manual_seed(0)  # the shuffle's permutation
-  model = builder_mcl.MoCo(_encoder_class(models), number_net=MEMBERS, dim=DIM, K=QUEUE,
-                           m=KEY_MOMENTUM, T=TAU, mlp=False)
-  one_net = {k[len("encoder_q_0."):]: tuple(v.shape) for k, v in model.state_dict().items()
-             if k.startswith("encoder_q_0.") and v.dtype.is_floating_point}
+  model = builder_mcl.MoCo(
+    _encoder_class(models), number_net=MEMBERS, dim=DIM, K=QUEUE, m=KEY_MOMENTUM, T=TAU, mlp=False
+  )
+  one_net = {
+    k[len("encoder_q_0.") :]: tuple(v.shape)
+    for k, v in model.state_dict().items()
+    if k.startswith("encoder_q_0.") and v.dtype.is_floating_point
+  }
   start = initial_encoders(one_net)
   start["queue"] = initial_queues()
   model.load_state_dict({k: torch.from_numpy(v) for k, v in start.items()}, strict=False)
@@ -174,8 +182,7 @@ def run(official: str, view1: np.ndarray, view2: np.ndarray, perturb: float = 0.
         for p_q, p_k in zip(query.parameters(), key.parameters()):
           p_q.mul_(1.0 + perturb * torch.randn(p_q.shape, generator=noise, dtype=p_q.dtype))
           p_k.copy_(p_q)
-  optimizer = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM,
-                              weight_decay=WEIGHT_DECAY)
+  optimizer = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
   model.train()
   losses = []
   for x1, x2 in zip(view1, view2):
@@ -189,25 +196,39 @@ def run(official: str, view1: np.ndarray, view2: np.ndarray, perturb: float = 0.
     loss.backward()
     optimizer.step()
     losses.append([float(t.detach()) for t in (loss, *ce, vcl, icl, soft_vcl, soft_icl)])
-  final = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()
-           if not k.endswith("num_batches_tracked")}
+  final = {
+    k: v.detach().numpy().astype(np.float64)
+    for k, v in model.state_dict().items()
+    if not k.endswith("num_batches_tracked")
+  }
   return np.asarray(losses), final
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--official", default=".official/winycg_MCL",
-                      help="folder holding the official repository (models/, moco/)")
+  parser.add_argument(
+    "--official",
+    default=".official/winycg_MCL",
+    help="folder holding the official repository (models/, moco/)",
+  )
   args = parser.parse_args()
   view1, view2 = views()
   losses64, final = run(args.official, view1, view2)
   losses_p, final_p = run(args.official, view1, view2, perturb=PERTURBATION)
-  arrays = {"view1": view1, "view2": view2, "lr": np.float64(LR),
-            "key_momentum": np.float64(KEY_MOMENTUM), "tau": np.float64(TAU),
-            "weight_decay": np.float64(WEIGHT_DECAY), "init_seed": np.int64(INIT_SEED),
-            "queue_seed": np.int64(QUEUE_SEED), "losses64": losses64,
-            "losses64_perturbed": losses_p, "perturbation": np.float64(PERTURBATION),
-            "queue_ptr": final.pop("queue_ptr").astype(np.int64)}
+  arrays = {
+    "view1": view1,
+    "view2": view2,
+    "lr": np.float64(LR),
+    "key_momentum": np.float64(KEY_MOMENTUM),
+    "tau": np.float64(TAU),
+    "weight_decay": np.float64(WEIGHT_DECAY),
+    "init_seed": np.int64(INIT_SEED),
+    "queue_seed": np.int64(QUEUE_SEED),
+    "losses64": losses64,
+    "losses64_perturbed": losses_p,
+    "perturbation": np.float64(PERTURBATION),
+    "queue_ptr": final.pop("queue_ptr").astype(np.int64),
+  }
   for name, value in final.items():
     if value.size <= FULL_MAX or name == "queue":
       arrays[f"full/{name}"] = value.astype(np.float32)
@@ -216,10 +237,13 @@ def main():
       arrays[f"norm/{name}"] = np.float64(np.linalg.norm(value))
     arrays[f"shape/{name}"] = np.asarray(value.shape, np.int64)
     arrays[f"sensitivity/{name}"] = np.float64(np.abs(final_p[name] - value).max())
-  print("official float64 x (1 + 1e-15 N(0, 1)) vs float64, largest loss difference per "
-        "step:", " ".join(f"{d:.0e}" for d in np.abs(losses_p - losses64).max(1)))
-  relative = max(float(np.abs(final_p[k] - v).max() / max(np.abs(v).max(), 1e-3))
-                 for k, v in final.items())
+  print(
+    "official float64 x (1 + 1e-15 N(0, 1)) vs float64, largest loss difference per step:",
+    " ".join(f"{d:.0e}" for d in np.abs(losses_p - losses64).max(1)),
+  )
+  relative = max(
+    float(np.abs(final_p[k] - v).max() / max(np.abs(v).max(), 1e-3)) for k, v in final.items()
+  )
   print(f"largest final difference relative to the tensor's largest value: {relative:.1e}")
   print("losses (total, ce0, ce1, vcl, icl, soft_vcl, soft_icl):")
   print(np.array2string(losses64, precision=5, max_line_width=120))

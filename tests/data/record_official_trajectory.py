@@ -35,6 +35,7 @@ Writes tests/data/official_step_trajectory.npz:
 Keys are the official state-dict names: `net.module_list.<m>.<layer>` for the networks
 and `embed_list.<m>.proj_head.<0|2>.<weight|bias>` for the heads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,17 +60,20 @@ def batches():
   from mcl_jax.data import fashion_mnist
   from mcl_jax.data import pipeline
   from mcl_jax.data import sampler
+
   x_train, y_train, _, _ = fashion_mnist.load()
   images = pipeline.resize_grey(x_train[:2000], 14)[..., 0]  # [N, 14, 14] in [0, 1]
   labels = y_train[:2000]
   mean, std = images.mean(), images.std()
-  idx = sampler.class_aware_epoch(labels, epoch=0, seed=0, global_batch_size=BATCH,
-                                  samples_per_class=BATCH // CLASSES_PER_BATCH)[:STEPS]
+  idx = sampler.class_aware_epoch(
+    labels, epoch=0, seed=0, global_batch_size=BATCH, samples_per_class=BATCH // CLASSES_PER_BATCH
+  )[:STEPS]
   return ((images[idx] - mean) / std).astype(np.float32), labels[idx].astype(np.int32)
 
 
-def initial_values(shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
-                   ) -> dict[str, np.ndarray]:
+def initial_values(
+  shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
+) -> dict[str, np.ndarray]:
   """float32 starting values for every state-dict entry, from numpy's PCG64 uniform doubles.
 
   The test regenerates them bit for bit (no weights need storing). Scales follow the
@@ -83,36 +87,47 @@ def initial_values(shapes: dict[str, tuple[int, ...]], seed: int = INIT_SEED
     shape = shapes[key]
     if key.endswith(("running_var",)) or (key.endswith("weight") and len(shape) == 1):
       value = np.ones(shape)
-    elif key.endswith(("running_mean",)) or (key.endswith("bias") and "proj_head" not in key
-                                              and "classifier" not in key):
+    elif key.endswith(("running_mean",)) or (
+      key.endswith("bias") and "proj_head" not in key and "classifier" not in key
+    ):
       value = np.zeros(shape)
     else:
       if len(shape) == 4:  # conv OIHW: kaiming_normal_(mode='fan_out', relu) has var 2/fan_out
         bound = np.sqrt(3.0 * 2.0 / (shape[0] * shape[2] * shape[3]))
       else:  # linear weight (out, in) or bias (out,), fan_in from the matching weight
-        fan_in = shapes[key[:-len("bias")] + "weight"][1] if key.endswith("bias") else shape[1]
+        fan_in = shapes[key[: -len("bias")] + "weight"][1] if key.endswith("bias") else shape[1]
         bound = 1.0 / np.sqrt(fan_in)
       value = (2.0 * rng.random(shape) - 1.0) * bound
     out[key] = value.astype(np.float32)
   return out
 
 
-def run(official: str, images: np.ndarray, labels: np.ndarray, dtype, init=None, lr=LR,
-        perturb: float = 0.0):
+def run(
+  official: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  dtype,
+  init=None,
+  lr=LR,
+  perturb: float = 0.0,
+):
   import torch
+
   sys.path.insert(0, os.path.abspath(official))
   # The official loss builds its masks with `.cuda()`; on a CPU that must be a no-op.
   torch.Tensor.cuda = lambda self, *a, **k: self
   from losses.cifar_sup_mcl_loss import Sup_MCL_Loss
   import models  # the official models/
+
   torch.manual_seed(0)
   net = models.resnet32(num_classes=10, number_net=2)
   args = types.SimpleNamespace(number_net=2, feat_dim=128, kd_T=3.0, tau=0.1, rep_dim=[64, 64])
   criterion = Sup_MCL_Loss(args)
   module = torch.nn.ModuleDict({"net": net, "embed_list": criterion.embed_list})
   if init is None:
-    init = initial_values({k: tuple(v.shape) for k, v in module.state_dict().items()
-                           if v.dtype.is_floating_point})
+    init = initial_values(
+      {k: tuple(v.shape) for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+    )
   module.load_state_dict({k: torch.from_numpy(v) for k, v in init.items()}, strict=False)
   module.to(dtype)
   if perturb:  # every weight times (1 + perturb N(0, 1)): how sensitive the trajectory is
@@ -120,8 +135,13 @@ def run(official: str, images: np.ndarray, labels: np.ndarray, dtype, init=None,
     with torch.no_grad():
       for p in module.parameters():
         p.mul_(1.0 + perturb * torch.randn(p.shape, generator=noise, dtype=p.dtype))
-  optimizer = torch.optim.SGD(list(net.parameters()) + list(criterion.embed_list.parameters()),
-                              lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+  optimizer = torch.optim.SGD(
+    list(net.parameters()) + list(criterion.embed_list.parameters()),
+    lr=lr,
+    momentum=0.9,
+    weight_decay=5e-4,
+    nesterov=True,
+  )
   ce = torch.nn.CrossEntropyLoss()
   net.train()
   losses = []
@@ -132,40 +152,66 @@ def run(official: str, images: np.ndarray, labels: np.ndarray, dtype, init=None,
     logits, embeddings = net(x)
     loss_ce = [ce(logit, y) for logit in logits]
     vcl, soft_vcl, icl, soft_icl = criterion(list(embeddings), y)
-    loss = (loss_ce[0] + loss_ce[1] + WEIGHTS["vcl"] * vcl + WEIGHTS["soft_vcl"] * soft_vcl
-            + WEIGHTS["icl"] * icl + WEIGHTS["soft_icl"] * soft_icl)
+    loss = (
+      loss_ce[0]
+      + loss_ce[1]
+      + WEIGHTS["vcl"] * vcl
+      + WEIGHTS["soft_vcl"] * soft_vcl
+      + WEIGHTS["icl"] * icl
+      + WEIGHTS["soft_icl"] * soft_icl
+    )
     loss.backward()
     optimizer.step()
     losses.append([float(t.detach()) for t in (loss, *loss_ce, vcl, icl, soft_vcl, soft_icl)])
-  final = {k: v.detach().numpy().astype(np.float64) for k, v in module.state_dict().items()
-           if v.dtype.is_floating_point}
+  final = {
+    k: v.detach().numpy().astype(np.float64)
+    for k, v in module.state_dict().items()
+    if v.dtype.is_floating_point
+  }
   return init, np.asarray(losses), final
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--official", default=".official/winycg_MCL",
-                      help="folder holding the official repository (models/, losses/)")
+  parser.add_argument(
+    "--official",
+    default=".official/winycg_MCL",
+    help="folder holding the official repository (models/, losses/)",
+  )
   args = parser.parse_args()
   import torch
+
   images, labels = batches()
   init, losses64, final64 = run(args.official, images, labels, torch.float64)
   _, losses32, final32 = run(args.official, images, labels, torch.float32, init=init)
-  _, losses_p, final_p = run(args.official, images, labels, torch.float64, init=init,
-                             perturb=PERTURBATION)
-  arrays = {"images": images, "labels": labels, "lr": np.float64(LR),
-            "init_seed": np.int64(INIT_SEED), "losses64": losses64,
-            "losses32": losses32, "losses64_perturbed": losses_p,
-            "perturbation": np.float64(PERTURBATION)}
+  _, losses_p, final_p = run(
+    args.official, images, labels, torch.float64, init=init, perturb=PERTURBATION
+  )
+  arrays = {
+    "images": images,
+    "labels": labels,
+    "lr": np.float64(LR),
+    "init_seed": np.int64(INIT_SEED),
+    "losses64": losses64,
+    "losses32": losses32,
+    "losses64_perturbed": losses_p,
+    "perturbation": np.float64(PERTURBATION),
+  }
   arrays.update({f"final64/{k}": v.astype(np.float32) for k, v in final64.items()})
-  arrays.update({f"sensitivity/{k}": np.float64(np.abs(final_p[k] - final64[k]).max())
-                 for k in final64})
-  arrays.update({f"drift32/{k}": np.float64(np.abs(final32[k] - final64[k]).max())
-                 for k in final64})
-  for name, other in (("float32", losses32),
-                      (f"float64 x (1 + {PERTURBATION:g} N(0, 1))", losses_p)):
-    print(f"official {name} vs float64, largest loss difference per step:",
-          " ".join(f"{d:.0e}" for d in np.abs(other - losses64).max(1)))
+  arrays.update(
+    {f"sensitivity/{k}": np.float64(np.abs(final_p[k] - final64[k]).max()) for k in final64}
+  )
+  arrays.update(
+    {f"drift32/{k}": np.float64(np.abs(final32[k] - final64[k]).max()) for k in final64}
+  )
+  for name, other in (
+    ("float32", losses32),
+    (f"float64 x (1 + {PERTURBATION:g} N(0, 1))", losses_p),
+  ):
+    print(
+      f"official {name} vs float64, largest loss difference per step:",
+      " ".join(f"{d:.0e}" for d in np.abs(other - losses64).max(1)),
+    )
   np.savez_compressed(OUT, **arrays)
   print(f"wrote {OUT} ({os.path.getsize(OUT) / 2**20:.1f} MiB)")
 
