@@ -326,7 +326,9 @@ def _check_fields(config: ml_collections.ConfigDict, schema: ml_collections.Conf
       continue  # bools and strings: the type is all (choices: `_check_choices`)
     # A number without bounds of its own must still fit JAX's int32 when it is an integer.
     bounds = FIELD_BOUNDS.get(field) or (Bounds(-INT32_MAX - 1) if is_int else None)
-    for item in items if bounds else ():
+    if bounds is None:
+      continue  # a float without bounds of its own: any value
+    for item in items:
       wrong = bounds.violation(item, is_int)
       if wrong:
         where = ": each item " if isinstance(default, tuple) else " "

@@ -185,7 +185,8 @@ class LinclsTask:
       "batch_stats": exported.get("batch_stats", {}),
     }
     replicated = sharding_lib.replicated(mesh)
-    self.consts = setup.device_arrays()
+    # The source's device arrays, and the frozen backbone's variables (a nested dict).
+    self.consts: dict[str, Any] = setup.device_arrays()
     self.consts["frozen"] = jax.device_put(frozen, replicated)
     self.shardings = jax.tree.map(lambda _: replicated, self.abstract_state())
     self.compiled_train_step = sharding_lib.compile_step(

@@ -63,7 +63,7 @@ class Setup:
   steps_per_epoch: int
   total_steps: int
   tx: optax.GradientTransformation
-  schedule: Callable[[jax.Array], jax.Array]
+  schedule: optim.Schedule
 
   @property
   def global_batch(self) -> int:
@@ -142,6 +142,8 @@ def count_over_split(
     local = {k: local[k] for k in ("image", "label", "mask")}
     counts = jax.tree.map(np.asarray, count_step(sharding_lib.global_batch(local, setup.mesh)))
     totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
+  if totals is None:
+    raise ValueError(f"The eval split {split!r} has no batches to count over.")
   return totals
 
 
@@ -236,7 +238,7 @@ class Run:
 
   def train_steps(self, num_steps: int | None = None) -> list[dict]:
     """Runs `num_steps` steps (all remaining by default); returns per-step metrics."""
-    history = []
+    history: list[dict[str, jax.Array]] = []
     for _, batch in self.batches():
       if num_steps is not None and len(history) >= num_steps:
         break
@@ -297,7 +299,9 @@ def fit(run: Run) -> dict[str, Any]:
   bar = _progress(total, start_step)
   guard = PreemptionGuard()
   watch = DivergenceWatch(workdir, ckpt)
-  pending, last_train, done = [], {}, start_step
+  pending: list[dict[str, jax.Array]] = []
+  last_train: dict[str, float] = {}
+  done = start_step
   evaluated: dict[str, Any] = {"result": None, "step": None}
   collapse = CollapseWatch(
     task.collapse_remedy,

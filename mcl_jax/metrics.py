@@ -22,9 +22,8 @@ from mcl_jax import losses
 
 # Mean pairwise cosine of a member's embeddings above which they are called collapsed: the
 # in-batch contrastive terms then sit near log(B - 1) per row and give almost no gradient
-# (docs/RESULTS.md, "The collapse"). Measured on Fashion-MNIST (resnet32): ~0.93 at
-# initialisation (a common component of the all-positive pooled features), 0.99+ while
-# collapsed, 0.7-0.85 once the contrastive terms work.
+# (docs/RESULTS.md, "The collapse", has the cosines healthy and collapsed runs log: the
+# threshold sits between a fresh head's and a collapsed one's).
 COLLAPSE_COSINE = 0.95
 
 # A member's own contrastive loss divided by its chance value (`contrastive_vs_chance`)

@@ -225,15 +225,11 @@ def init_queues(rng: Array, num_members: int, size: int, dim: int) -> Array:
   return numerics.l2_normalize(jax.random.normal(rng, (num_members, size, dim), jnp.float32))
 
 
-def create_state(
-  encoders: MocoEncoders,
-  tx: optax.GradientTransformation,
-  rng: Array,
-  mesh: jax.sharding.Mesh,
-  *,
-  queue_size: int,
-) -> MocoState:
-  """The state, created already replicated; key encoders start as copies of the queries."""
+def state_init(
+  encoders: MocoEncoders, tx: optax.GradientTransformation, queue_size: int
+) -> Callable[[Array], MocoState]:
+  """rng -> the initial state (pure: what `create_state` compiles and `abstract_state`
+  traces); key encoders start as copies of the queries."""
 
   def init(rng):
     enc_rng, queue_rng, state_rng = jax.random.split(rng, 3)
@@ -251,6 +247,19 @@ def create_state(
       queue_ptr=jnp.zeros((), jnp.int32),
     )
 
+  return init
+
+
+def create_state(
+  encoders: MocoEncoders,
+  tx: optax.GradientTransformation,
+  rng: Array,
+  mesh: jax.sharding.Mesh,
+  *,
+  queue_size: int,
+) -> MocoState:
+  """The state, created already replicated (`train_state.initialise`)."""
+  init = state_init(encoders, tx, queue_size)
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
   return train_state.initialise(init, rng, shardings)
@@ -282,6 +291,8 @@ def compute_keys(
   if not shuffle_bn_groups:
     k, _, stats = encoders.apply(key_variables, images, train=True)
     return jax.lax.stop_gradient(k), stats
+  if shuffle_rng is None:
+    raise ValueError(f"shuffle_bn_groups={shuffle_bn_groups} needs a shuffle_rng.")
   perm = jax.random.permutation(shuffle_rng, images.shape[0])
   k, _, stats, _ = apply_in_groups(encoders, key_variables, images[perm], shuffle_bn_groups)
   return jax.lax.stop_gradient(k[:, jnp.argsort(perm)]), stats
@@ -501,7 +512,8 @@ class MocoTask:
     self.monitor = knn.Monitor(setup, self.compiled_eval_step)
 
   def abstract_state(self) -> MocoState:
-    return jax.eval_shape(self.init_state)
+    init = state_init(self.encoders, self.setup.tx, self.setup.config.moco.queue_size)
+    return jax.eval_shape(init, jax.random.PRNGKey(self.setup.config.seed))
 
   def init_state(self) -> MocoState:
     config = self.setup.config

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# The LR at a step (a Python int on the host, a traced array inside optax's update).
+Schedule = Callable[[int | jax.Array], jax.Array]
 
-def learning_rate_schedule(
-  config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> Callable[[jax.Array], jax.Array]:
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
   """LR as a function of the step; epochs are whole (official) or fractional (per step).
 
   `schedule.kind`: 'cosine' to 0 over `schedule.epochs`, or 'step' (x `decay_factor` at
@@ -51,7 +52,7 @@ def learning_rate_schedule(
 
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+) -> tuple[optax.GradientTransformation, Schedule]:
   """(SGD with coupled weight decay, its LR schedule) of `config.optim` / `config.schedule`."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
   tx = optax.chain(

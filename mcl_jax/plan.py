@@ -147,18 +147,21 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
 # ----------------------------------------------------------------------------- shapes only
 
 
-def _shape_only_source(input_cfg: Any) -> Any:
+def _shape_only_source(
+  input_fields: Any, *, two_view_crop_scale: tuple[float, float] | None = None
+) -> Any:
   """A data source with the real one's shapes, preprocessing and sizes, and no data.
 
   ImageNet: a streaming source that holds no files (1,281,167 training examples, 1000
-  classes). CIFAR: an in-memory `Dataset` of zero pages (the OS maps them lazily; only
-  shapes reach the compiler). The small datasets (digits, Fashion-MNIST, synthetic) are
-  read for real.
+  classes), two crops per image when `two_view_crop_scale` is given, as the real one.
+  CIFAR: an in-memory `Dataset` of zero pages (the OS maps them lazily; only shapes reach
+  the compiler). The small datasets (digits, Fashion-MNIST, synthetic) are read for real.
+  The signature is `data.make_source`'s, which it stands in for.
   """
   from mcl_jax.data import pipeline
   from mcl_jax.data import sources
 
-  name = input_cfg.dataset
+  name = input_fields.dataset
   if name in sources.STREAMING:
     from mcl_jax.data import imagenet
 
@@ -169,6 +172,7 @@ def _shape_only_source(input_cfg: Any) -> Any:
 
       def __init__(self, image_size: int):
         self.image_size = int(image_size)
+        self._set_views(two_view_crop_scale)
 
       @property
       def num_train(self) -> int:
@@ -178,7 +182,7 @@ def _shape_only_source(input_cfg: Any) -> Any:
       def train_labels(self) -> np.ndarray:
         return (np.arange(IMAGENET_TRAIN) % IMAGENET_CLASSES).astype(np.int32)
 
-    return ShapeOnlyImageNet(input_cfg.image_size)
+    return ShapeOnlyImageNet(input_fields.image_size)
   if name in CIFAR:
     from mcl_jax.data import augment as augment_lib
 
@@ -196,12 +200,12 @@ def _shape_only_source(input_cfg: Any) -> Any:
       std=augment_lib.CIFAR_STD,
       augment=augment_lib.AugmentSpec(crop_padding=4, flip=True),
     )
-    if input_cfg.validation_size or input_cfg.train_subset:
+    if input_fields.validation_size or input_fields.train_subset:
       dataset = pipeline.hold_out_validation(
-        dataset, input_cfg.validation_size, input_cfg.train_subset
+        dataset, input_fields.validation_size, input_fields.train_subset
       )
     return dataset
-  return sources.make_source(input_cfg)
+  return sources.make_source(input_fields, two_view_crop_scale=two_view_crop_scale)
 
 
 def _abstract_put(x: Any, device: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -271,7 +275,7 @@ class Planned:
   task: Any
   state: Any  # ShapeDtypeStructs carrying the task's state shardings
   batch: dict[str, Any]
-  eval_args: tuple[Any, ...] | None
+  eval_args: tuple[Any, ...]
   eval_fn: Any
 
 
@@ -643,6 +647,8 @@ def load_config(value: str) -> Any:
   if not os.path.isfile(path):
     raise ConfigError(f"--config={value} names no config of mcl_jax/configs/ and no file.")
   spec = importlib.util.spec_from_file_location(f"_plan_config_{abs(hash(path))}", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"--config={value}: {path} cannot be loaded as a Python module.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
@@ -674,6 +680,7 @@ def main(argv: list[str]) -> None:
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
+  configs: list[tuple[str | None, Any]]
   try:
     if FLAGS.all:
       configs = [(name, load_config(name)) for name in config_lib.experiment_names()]

@@ -26,9 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from mcl_jax import knn
+  from mcl_jax import models
 
 
 def _tsne_2d(
@@ -316,6 +320,18 @@ def compare_curves(runs: dict[str, str], tags: Sequence[str], path: str) -> str:
   return path
 
 
+class _MonitoredTask(Protocol):
+  """What `eval_outputs` reads of a self-supervised task: its kNN monitor."""
+
+  monitor: knn.Monitor
+
+
+class _ModelTask(Protocol):
+  """What `eval_outputs` reads of a supervised cohort task: its model."""
+
+  model: models.Cohort
+
+
 def eval_outputs(workdir: str, split: str = "test", examples: int = 1000) -> dict[str, np.ndarray]:
   """The newest checkpoint of a run, applied to the first `examples` of an eval split.
 
@@ -347,18 +363,21 @@ def eval_outputs(workdir: str, split: str = "test", examples: int = 1000) -> dic
       f"{config.input.dataset} has no {split!r} split; it has "
       f"{', '.join(source.eval_split_names())}."
     )
-  images, labels = [], []
+  image_parts: list[np.ndarray] = []
+  label_parts: list[np.ndarray] = []
   for batch in source.eval_batches(split, run.setup.eval_batch_size()):
     keep = batch["mask"] > 0
-    images.append(batch["image"][keep])
-    labels.append(batch["label"][keep])
-    if sum(len(x) for x in labels) >= examples:
+    image_parts.append(batch["image"][keep])
+    label_parts.append(batch["label"][keep])
+    if sum(len(x) for x in label_parts) >= examples:
       break
-  images, labels = np.concatenate(images)[:examples], np.concatenate(labels)[:examples]
+  images = np.concatenate(image_parts)[:examples]
+  labels = np.concatenate(label_parts)[:examples]
   if regimes.self_supervised(config.trainer):
-    features, _ = run.task.monitor.embed_split(run.state, split)
+    monitor = cast(_MonitoredTask, run.task).monitor
+    features, _ = monitor.embed_split(run.state, split)
     return {"features": features[:, :examples], "labels": labels}
-  model, state = run.task.model, run.state
+  model, state = cast(_ModelTask, run.task).model, run.state
   apply = jax.jit(
     lambda x: model.apply(
       {"params": state.params, "batch_stats": state.batch_stats}, x, train=False

@@ -104,13 +104,13 @@ def get(name: str) -> Regime:
         f"Unknown regime {name!r}: it is not one of {', '.join(names())}, "
         f"and importing it as a module failed ({e})."
       ) from None
-    regime = getattr(module, "REGIME", None)
-    if not isinstance(regime, Regime) or regime.name != name:
+    declared = getattr(module, "REGIME", None)
+    if not isinstance(declared, Regime) or declared.name != name:
       raise ValueError(
         f"Module {name} declares no REGIME = regimes.Regime(name={name!r}, "
         "...); a regime module must."
       )
-    return regime
+    return declared
   raise ValueError(
     f"Unknown regime {name!r}; the registered ones are {', '.join(names())} "
     "(or give the dotted path of a module that declares REGIME)."

@@ -91,6 +91,13 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test") -> dict[
   return summary
 
 
+def _test_split_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """`row_summary` of the test split, which every run is evaluated on (never None)."""
+  summary = row_summary(results, "test")
+  assert summary is not None, "a run without a test split"
+  return summary
+
+
 def _pm(values: Sequence[float] | None) -> str:
   if values is None:
     return "-"
@@ -133,7 +140,7 @@ PAIRED_FIGURES = {
 }
 
 
-def paired_difference(values: Sequence[float]) -> tuple[float, float, float]:
+def paired_difference(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
   """(mean, low, high): the mean of per-seed differences and its two-sided 95% confidence
   interval from Student's t with n - 1 degrees of freedom (n >= 2 differences)."""
   from scipy import stats
@@ -159,8 +166,8 @@ def paired_lines(table_rows: Sequence[Row], results: dict[str, list[dict[str, An
     seeds = sorted(set(runs) & set(ref_runs))
     if len(seeds) < 2:
       continue
-    ref = row_summary([ref_runs[s] for s in seeds])
-    this = row_summary([runs[s] for s in seeds])
+    ref = _test_split_summary([ref_runs[s] for s in seeds])
+    this = _test_split_summary([runs[s] for s in seeds])
     cells = []
     for key, name in PAIRED_FIGURES[this["kind"]]:
       if key in this and key in ref:
@@ -221,7 +228,7 @@ def format_tables(
       ]
     for row in table_rows:
       res = results[row.name]
-      test, val = row_summary(res, "test"), row_summary(res, "validation") or {}
+      test, val = _test_split_summary(res), row_summary(res, "validation") or {}
       per_member = " / ".join(f"{v:.2f}" for v in test["members"].mean(0))
       minutes = np.mean([r["wall_s"] for r in res]) / 60
       if ssl:
@@ -278,7 +285,7 @@ def plot(
   FigureCanvasAgg(fig)
   for i, (_, title, table_rows) in enumerate(panels):
     ax = fig.add_subplot(len(panels), 1, i + 1)
-    summaries = [row_summary(results[r.name]) for r in table_rows]
+    summaries = [_test_split_summary(results[r.name]) for r in table_rows]
     if summaries[0]["kind"] == "probed":
       series = [
         ("SGD probe, members' mean", "mean"),

@@ -15,6 +15,7 @@ interrupted one resumes from its newest checkpoint (`jobs.run`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import os
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def run_all(
         cmd,
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=lambda c=cores: os.sched_setaffinity(0, c),
+        preexec_fn=functools.partial(os.sched_setaffinity, 0, cores),
       )
       running.append((proc, row, seed, time.time(), cores, log))
       print(

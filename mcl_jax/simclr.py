@@ -137,7 +137,10 @@ def embed_step(
   preprocess: Callable[[Array], Array],
 ) -> Array:
   """Pooled backbone features [M, B, F], BN in eval mode (the kNN monitor's)."""
-  out = model.apply({"params": params, "batch_stats": batch_stats}, preprocess(images), train=False)
+  variables = {"params": params, "batch_stats": batch_stats}
+  # Flax types apply's result as output-or-(output, mutated); without `mutable` it is the
+  # output alone.
+  out: dict[str, Array] = model.apply(variables, preprocess(images), train=False)  # type: ignore[assignment]
   return out["features"].astype(jnp.float32)
 
 

@@ -98,7 +98,9 @@ def eval_step(
   Returns sums, not means: padded examples carry mask 0, so summing over batches and
   dividing by the split size is exact on any device count.
   """
-  outputs = model.apply(
+  # Flax types apply's result as output-or-(output, mutated); without `mutable` it is the
+  # output alone.
+  outputs: dict[str, jax.Array] = model.apply(  # type: ignore[assignment]
     {"params": state.params, "batch_stats": state.batch_stats},
     preprocess(batch["image"]),
     train=False,

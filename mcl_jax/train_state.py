@@ -111,7 +111,8 @@ def initialise(init: Callable[[jax.Array], Any], rng: jax.Array, shardings: Any)
   compiled = (
     jax.jit(init, out_shardings=shardings)
     .lower(rng)
-    .compile(compiler_options=INIT_COMPILER_OPTIONS)
+    # JAX annotates option values as str | bool; XLA takes the int level as well.
+    .compile(compiler_options=INIT_COMPILER_OPTIONS)  # type: ignore[arg-type]
   )
   return compiled(rng)
 

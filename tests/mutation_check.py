@@ -76,9 +76,9 @@ MUTATIONS = (
   Mutation(
     "d",
     "ICL not added to the total loss (computed and logged, no gradient)",
-    "mcl_jax/supervised.py",
-    "      total = total + weight * scale * terms[name]\n",
-    '      total = total + (name != "icl") * weight * scale * terms[name]\n',
+    "mcl_jax/losses.py",
+    "        for name in MCL_TERMS\n",
+    '        for name in MCL_TERMS\n        if name != "icl"\n',
     (
       "tests/test_fashion_mnist.py::test_a_short_supervised_run_on_real_images_"
       "clearly_learns_and_mcl_aligns_the_members",

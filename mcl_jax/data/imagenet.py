@@ -253,6 +253,7 @@ class _StreamingSource(abc.ABC):
 
   mean = augment_lib.IMAGENET_MEAN
   std = augment_lib.IMAGENET_STD
+  name: str
   num_classes: int
   image_size: int
   output_dtype: str
@@ -357,7 +358,8 @@ class _StreamingSource(abc.ABC):
         "Two views per image need uint8 output (the device normalises "
         f"after colour augmentation), not {self.output_dtype}."
       )
-    self.two_view_crop_scale = tuple(two_view_crop_scale)
+    lo, hi = two_view_crop_scale
+    self.two_view_crop_scale = (lo, hi)
 
   def _train_map(self, epoch_seed: int):
     tf = tf_lazy.tf()
@@ -778,11 +780,12 @@ class TfdsImageNetSource(_StreamingSource):
       lambda ex: (self._dense_index(ex["tfds_id"], offsets), ex["label"]),
       num_parallel_calls=tf.data.AUTOTUNE,
     ).batch(65_536)
-    index, label = [], []
+    index_parts: list[np.ndarray] = []
+    label_parts: list[np.ndarray] = []
     for i, y in ds.as_numpy_iterator():
-      index.append(i)
-      label.append(y)
-    index, label = np.concatenate(index), np.concatenate(label)
+      index_parts.append(i)
+      label_parts.append(y)
+    index, label = np.concatenate(index_parts), np.concatenate(label_parts)
     labels = np.full(len(index), -1, np.int32)
     labels[index] = label
     if (labels < 0).any():

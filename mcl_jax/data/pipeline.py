@@ -59,6 +59,7 @@ class Dataset:
     """{'test': (images, labels)} and, when held out, {'validation': ...} as well."""
     splits = {"test": (self.eval_images, self.eval_labels)}
     if self.val_labels is not None:
+      assert self.val_images is not None, "val_labels without val_images"
       splits["validation"] = (self.val_images, self.val_labels)
     return splits
 

@@ -36,11 +36,14 @@ def as_given(
 class Source(Protocol):
   """A data source (module docstring). Batches are numpy dicts, one process's share."""
 
-  name: str
-  num_classes: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
+  @property
+  def name(self) -> str: ...
+  @property
+  def num_classes(self) -> int: ...
+  @property
+  def mean(self) -> tuple[float, ...]: ...  # per-channel normalisation mean
+  @property
+  def std(self) -> tuple[float, ...]: ...  # per-channel normalisation std
   @property
   def image_shape(self) -> tuple[int, ...]: ...
   @property

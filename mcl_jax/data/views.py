@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -221,8 +222,9 @@ def gaussian_blur(x: Array, sigma: Array, radius: int) -> Array:
   w = w / w.sum()
   height, width = x.shape[:2]
   pad = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-  y = sum(w[i] * pad[i : i + height] for i in range(2 * radius + 1))
-  return sum(w[i] * y[:, i : i + width] for i in range(2 * radius + 1))
+  taps = range(2 * radius + 1)
+  y = functools.reduce(operator.add, (w[i] * pad[i : i + height] for i in taps))
+  return functools.reduce(operator.add, (w[i] * y[:, i : i + width] for i in taps))
 
 
 # Uniforms one view consumes: crop window, jitter (4 factors + 4 for the order), and one
@@ -286,7 +288,7 @@ def two_views(
   """
   crop = images2 is None
   batch = images.shape[0]
-  sources = jnp.stack([images, images if crop else images2], axis=1)  # [B, 2, H, W, C]
+  sources = jnp.stack([images, images if images2 is None else images2], axis=1)  # [B, 2, H, W, C]
   sources = sources.reshape(batch * 2, *sources.shape[2:])
   u = jax.random.uniform(key, (batch * 2, NUM_UNIFORMS))
   x = jax.vmap(functools.partial(augment_view, spec=spec, size=size, crop=crop))(u, sources)

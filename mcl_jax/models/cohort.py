@@ -79,8 +79,8 @@ class ProjectionHead(nn.Module):
   kind 'mlp' is the official head; 'linear' is Dense(F, d) then L2 normalisation (no
   hidden layer). `norm='batchnorm'` puts a BatchNorm1d (PyTorch defaults, `train` as the
   backbone's) on the head's input, centring the pooled features (averages of ReLU
-  outputs, all positive); the official head has none. Measured on Fashion-MNIST it does
-  not prevent the early collapse of the embeddings (docs/RESULTS.md, "The collapse").
+  outputs, all positive); the official head has none. Whether it prevents the early
+  collapse of the embeddings: docs/RESULTS.md, "The collapse".
   """
 
   embed_dim: int = 128

@@ -54,6 +54,12 @@ class Row:
   def title(self) -> str:
     return self.label or self.name
 
+  @property
+  def override_pairs(self) -> tuple[tuple[str, Any], ...]:
+    """`overrides` as `__post_init__` leaves them: (key, value) pairs sorted by key."""
+    assert isinstance(self.overrides, tuple)
+    return self.overrides
+
 
 def load_suite(suite: str) -> tuple[Any, list[Row], dict[str, str]]:
   """(config module, rows, tables) of the suite `mcl_jax/suites/<suite>.py`."""
@@ -82,7 +88,7 @@ def row_config(config_module: Any, row: Row, seed: int, smoke: bool, variant: st
   overrides and `seed`; another variant takes only the row's data overrides (`input.*`): a
   probe sees the row's images with its own recipe, not the row's learning rate."""
   config = config_module.get_config((variant or row.variant) + (",smoke" if smoke else ""))
-  for key, value in row.overrides:
+  for key, value in row.override_pairs:
     if variant and not key.startswith("input."):
       continue
     node, *path, field = key.split(".")
@@ -96,7 +102,7 @@ def row_config(config_module: Any, row: Row, seed: int, smoke: bool, variant: st
 
 def run_dir(workdir: str, row: Row, seed: int) -> str:
   """WORKDIR/<variant>[__field=value...]/seed<k>: rows with the same config share a run."""
-  name = "__".join([row.variant.replace("+", "-")] + [f"{k}={v}" for k, v in row.overrides])
+  name = "__".join([row.variant.replace("+", "-")] + [f"{k}={v}" for k, v in row.override_pairs])
   return os.path.join(workdir, name, f"seed{seed}")
 
 
