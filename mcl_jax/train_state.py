@@ -71,6 +71,30 @@ def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int, rng: jax.
   return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
 
 
+def state_init(
+  model: models.Cohort,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  num_devices: int,
+  *,
+  bank_rows: int = 0,
+) -> Callable[[jax.Array], TrainState]:
+  """rng -> the initial state (pure; `create_train_state` compiles it, and
+  `abstract_train_state` traces it)."""
+
+  def init(rng):
+    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
+    bank = _init_bank(model, bank_rows, num_devices, bank_rng) if bank_rows else None
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      rng=state_rng,
+      bank=bank,
+      **init_variables(model, tx, image_shape, init_rng),
+    )
+
+  return init
+
+
 def abstract_train_state(
   model: models.Cohort,
   tx: optax.GradientTransformation,
@@ -80,17 +104,7 @@ def abstract_train_state(
   bank_rows: int = 0,
 ) -> TrainState:
   """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
-
-  def init(rng):
-    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      rng=state_rng,
-      bank=bank,
-      **init_variables(model, tx, image_shape, init_rng),
-    )
-
+  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows)
   return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
@@ -134,16 +148,7 @@ def create_train_state(
   sampled (indices come from the class table of the real examples).
   """
 
-  def init(rng):
-    init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-    bank = _init_bank(model, bank_rows, mesh.size, bank_rng) if bank_rows else None
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      rng=state_rng,
-      bank=bank,
-      **init_variables(model, tx, image_shape, init_rng),
-    )
-
+  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows)
   shardings = state_shardings(jax.eval_shape(init, rng), mesh)
   return initialise(init, rng, shardings)
 
