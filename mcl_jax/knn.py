@@ -205,25 +205,31 @@ def knn_accuracy(
 MONITOR_KS = (20, DEFAULT_K)  # the self-supervised trainers' kNN monitor (InstDisc: 200)
 
 
+def metric_name(k: int) -> str:
+  """The kNN monitor's name of its top-1 at `k` neighbours: 'knn_top1' at the default k
+  (200), 'knn_top1_k{k}' otherwise (e.g. 'knn_top1_k20')."""
+  return "knn_top1" if k == DEFAULT_K else f"knn_top1_k{k}"
+
+
 def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict:
   """kNN top-1 [M] of each member's frozen features against the training split.
 
   `source`: a data source (`data.protocol.Source`); `embed_split(split) -> (features
   [M, N, F], labels [N])` of one whole split of it, un-augmented (`loop.embed_split`).
-  Returns {'top1': k = 200 on the test split, 'top1_k20': k = 20, ...} and the same keys
-  with a `val_` prefix for a held-out validation split.
+  Returns {split: {'knn_top1': k = 200, 'knn_top1_k20': k = 20, ...}} for 'test' and,
+  when the source holds one out, 'validation' (`metric_name` names them).
   """
   import numpy as np
 
   from mcl_jax.data import protocol
 
   train_f, train_labels = embed_split(protocol.TRAIN_SPLIT)
-  result = {}
+  result: dict[str, dict[str, np.ndarray]] = {}
   for split in source.eval_split_names():
     eval_f, labels = embed_split(split)
+    split_result = result.setdefault(split, {})
     for k in ks:
-      key = ("" if split == "test" else "val_") + ("top1" if k == DEFAULT_K else f"top1_k{k}")
-      result[key] = np.asarray(
+      split_result[metric_name(k)] = np.asarray(
         [
           float(
             knn_accuracy(
@@ -237,27 +243,27 @@ def monitor(source, embed_split, ks: tuple[int, ...] = MONITOR_KS) -> dict:
 
 
 def format_monitor(result: dict) -> str:
-  """'kNN top-1 % (per member): top1: 80.1 81.2  |  top1_k20: ...'."""
+  """'kNN top-1 % (per member): test knn_top1: 80.1 81.2  |  test knn_top1_k20: ...'."""
   return "kNN top-1 % (per member): " + "  |  ".join(
-    f"{name}: " + " ".join(f"{100 * a:.2f}" for a in acc) for name, acc in result.items()
+    f"{split} {name}: " + " ".join(f"{100 * a:.2f}" for a in acc)
+    for split, metrics in result.items()
+    for name, acc in metrics.items()
   )
 
 
 def monitor_scalars(result: dict) -> dict[str, float]:
-  """`{split}/knn_{top1|top1_k20}/{member_m|best_member|members_mean}` for TensorBoard, e.g.
-  `test/knn_top1/member_0`, `validation/knn_top1_k20/best_member` (`monitor`'s keys with
-  a `val_` prefix are the validation split's)."""
+  """`{split}/{knn_top1|knn_top1_k20}/{member_m|best_member|members_mean}` for TensorBoard,
+  e.g. `test/knn_top1/member_0`, `validation/knn_top1_k20/best_member` (`monitor`'s
+  splits and metrics)."""
   import numpy as np
 
   from mcl_jax import metrics
 
   scalars = {}
-  for name, values in result.items():
-    split, metric = (
-      ("validation", name[len("val_") :]) if name.startswith("val_") else ("test", name)
-    )
-    members = np.asarray(values, np.float64).reshape(-1)
-    scalars.update(metrics.member_scalars(members, f"{split}/knn_{metric}"))
+  for split, split_metrics in result.items():
+    for metric, values in split_metrics.items():
+      members = np.asarray(values, np.float64).reshape(-1)
+      scalars.update(metrics.member_scalars(members, f"{split}/{metric}"))
   return scalars
 
 

@@ -140,8 +140,8 @@ def eval_step(
 class LinclsTask:
   """The probe as a `loop.Task`: an exported member frozen, a fresh classifier trained.
 
-  evaluate(state) -> {'top1', 'top5'} on the test split, and 'val_top1', 'val_top5' when a
-  validation split is held out (floats in [0, 1], whole split).
+  evaluate(state) -> {split: {'top1', 'top5'}} for 'test' and, when one is held out,
+  'validation' (floats in [0, 1], whole split; the cohort's split-first shape).
   """
 
   collapse_remedy = ""  # a frozen backbone: nothing of its own to collapse
@@ -225,7 +225,7 @@ class LinclsTask:
   def train_step(self, state: LinclsState, batch: dict[str, Array]) -> tuple[LinclsState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def evaluate(self, state: LinclsState) -> dict[str, float]:
+  def evaluate(self, state: LinclsState) -> dict[str, dict[str, float]]:
     result = {}
     for split in self.setup.source.eval_split_names():
       totals = loop.count_over_split(
@@ -233,29 +233,27 @@ class LinclsTask:
         split,
         lambda batch: self.compiled_eval_step(state, batch, self.consts["frozen"]),
       )
-      prefix = "" if split == "test" else "val_"
-      result.update(
-        {
-          prefix + k: float(np.asarray(v).reshape(-1)[0])
-          for k, v in metrics_lib.cohort_accuracy(totals).items()
-        }
-      )
+      result[split] = {
+        k: float(np.asarray(v).reshape(-1)[0])
+        for k, v in metrics_lib.cohort_accuracy(totals).items()
+      }
     return result
 
   @staticmethod
-  def eval_scalars(result: dict[str, float]) -> dict[str, float]:
+  def eval_scalars(result: dict[str, dict[str, float]]) -> dict[str, float]:
     """`{split}/{top1|top5}/member_0` (one network, the cohort's naming)."""
     return {
-      f"{'validation' if k.startswith('val_') else 'test'}/"
-      f"{k[len('val_') :] if k.startswith('val_') else k}/member_0": v
-      for k, v in result.items()
+      f"{split}/{metric}/member_0": value
+      for split, split_metrics in result.items()
+      for metric, value in split_metrics.items()
     }
 
   @staticmethod
-  def format_eval(r: dict[str, float]) -> str:
-    text = f"eval top-1 {100 * r['top1']:.2f}% top-5 {100 * r['top5']:.2f}%"
-    if "val_top1" in r:
-      text += f" (validation top-1 {100 * r['val_top1']:.2f}%)"
+  def format_eval(r: dict[str, dict[str, float]]) -> str:
+    test = r["test"]
+    text = f"eval top-1 {100 * test['top1']:.2f}% top-5 {100 * test['top5']:.2f}%"
+    if "validation" in r:
+      text += f" (validation top-1 {100 * r['validation']['top1']:.2f}%)"
     return text
 
   def logits(self, state: LinclsState, images: np.ndarray) -> jax.Array:

@@ -15,6 +15,8 @@ variance, with the training split's statistics), a multinomial logistic regressi
 the C with the best validation accuracy is kept, and its test accuracy is reported. The
 dataset is built as `config.input` would build it (`--classes`, `--validation_size`,
 `--train_subset`), so the probe sees the same labelled images as the SGD probe of a run.
+`--json_out` writes `fit`'s result, split-first as the tasks' evaluations: {'test':
+{'top1'}, 'validation': {'top1', 'top1_per_c'}, 'c'}.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def fit(
   test: tuple[np.ndarray, np.ndarray],
   cs: Sequence[float] = C_GRID,
 ) -> dict[str, Any]:
-  """{'top1', 'val_top1', 'c', 'val_top1_per_c'}: the probe with the C chosen on validation.
+  """The probe with the C chosen on validation, split-first as the tasks' evaluations:
+  {'test': {'top1'}, 'validation': {'top1', 'top1_per_c'}, 'c'}: the chosen C's test and
+  validation top-1, the validation top-1 of every C of `cs` (in its order), and (at the
+  top, not a split's accuracy) the chosen C.
 
   Each argument is (features [N, F], labels [N]).
   """
@@ -57,10 +62,9 @@ def fit(
   # The first best on validation: ties keep the stronger regularisation (smaller C first).
   c, val_top1, clf = max(fits, key=lambda fit: fit[1])
   return {
-    "top1": float(clf.score(standardise(test[0]), test[1])),
-    "val_top1": val_top1,
+    "test": {"top1": float(clf.score(standardise(test[0]), test[1]))},
+    "validation": {"top1": val_top1, "top1_per_c": per_c},
     "c": float(c),
-    "val_top1_per_c": per_c,
   }
 
 
@@ -109,12 +113,12 @@ def main(argv: Sequence[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   per_c = "  ".join(
-    f"C={float(c):g}: {100 * v:.2f}" for c, v in zip(f.cs, result["val_top1_per_c"])
+    f"C={float(c):g}: {100 * v:.2f}" for c, v in zip(f.cs, result["validation"]["top1_per_c"])
   )
   print(f"logistic-regression probe of {f.export}: validation top-1 per C: {per_c}")
   print(
-    f"chosen C = {result['c']:g}: test top-1 {100 * result['top1']:.2f}% "
-    f"(validation {100 * result['val_top1']:.2f}%)"
+    f"chosen C = {result['c']:g}: test top-1 {100 * result['test']['top1']:.2f}% "
+    f"(validation {100 * result['validation']['top1']:.2f}%)"
   )
   if f.json_out:
     with open(f.json_out, "w") as out:

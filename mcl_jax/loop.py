@@ -12,8 +12,9 @@ on a preemption notice or a diverged loss.
   Task    describe, eval_every_epochs; init_state() -> the state, already sharded;
           abstract_state() -> its shapes and dtypes (nothing allocated: plans, restores);
           train_step(state, global_batch) -> (state, metrics); evaluate(state) -> a
-          result or None; eval_scalars(result) -> {name: float}; format_eval(result) ->
-          str; meta() -> what export needs to rebuild a member.
+          result ({split: {metric: values}}, split 'test' / 'validation') or None;
+          eval_scalars(result) -> {name: float}; format_eval(result) -> str; meta() ->
+          what export needs to rebuild a member.
   Run     a task and its current state: batches, one step, resume (tests drive it too).
 
 Metrics of the step are arrays: scalars, or [M] vectors (one value per member), logged as

@@ -532,7 +532,7 @@ class MocoTask:
   def train_step(self, state: MocoState, batch: dict[str, Array]) -> tuple[MocoState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def evaluate(self, state: MocoState) -> dict[str, np.ndarray]:
+  def evaluate(self, state: MocoState) -> dict[str, dict[str, np.ndarray]]:
     """`knn.monitor` of the members' backbone features (knn.Monitor)."""
     return self.monitor.evaluate(state)
 

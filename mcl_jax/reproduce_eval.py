@@ -12,7 +12,11 @@ None when there was none), then:
   logistic regression on the features with its L2 strength chosen on the validation split
   (`mcl_jax.logreg_probe`; `logreg_probe`), each with its test and validation top-1; and
   few-shot accuracy on the row's held-out classes when it names them (`fewshot`);
-and the run's wall time (`wall_s`).
+and the run's wall time (`wall_s`). Accuracies are split-first, as the tasks' evaluations
+and the TensorBoard tags: `eval` {split: {'top1': [M + 1], 'top5': [M + 1]}}; `knn`
+{split: {'knn_top1': [M], 'knn_top1_k20': [M]}}; `probe` {split: {'top1': [M],
+'top5': [M]}}; `logreg_probe` {split: {'top1': [M]}, 'c': [M]} (each member's chosen C);
+split in 'test' and, when the row holds one out, 'validation'.
 """
 
 from __future__ import annotations
@@ -76,35 +80,38 @@ def train_one(config_module: Any, row: Row, seed: int, workdir: str, smoke: bool
 
 def probe_members(
   config_module: Any, row: Row, seed: int, directory: str, smoke: bool
-) -> dict[str, list[float]]:
+) -> dict[str, dict[str, list[float]]]:
   """Exports each member of a self-supervised run and trains the suite's linear probe on it.
 
-  Returns {'top1': [M], 'val_top1': [M], ...}: each member's probe accuracy.
+  Returns {split: {'top1': [M], 'top5': [M]}}: each member's probe accuracy on 'test'
+  and (when held out) 'validation' (`lincls.LinclsTask.evaluate`'s splits and metrics).
   """
   from mcl_jax import export
   from mcl_jax import jobs
 
   _, _, meta = export.read_checkpoint(directory)
-  probes: dict[str, list[float]] = {}
+  probes: dict[str, dict[str, list[float]]] = {}
   for member in range(int(meta["num_members"])):
     out = os.path.join(directory, f"member{member}")
     export.export_member(directory, member, out)
     config = suites.row_config(config_module, row, seed, smoke, variant="probe")
     config.lincls.pretrained = out
     result = jobs.run(config, os.path.join(directory, f"probe{member}"))
-    for key, value in result["eval"].items():
-      probes.setdefault(key, []).append(float(value))
+    for split, split_metrics in result["eval"].items():
+      for key, value in split_metrics.items():
+        probes.setdefault(split, {}).setdefault(key, []).append(float(value))
   return probes
 
 
-def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
+def logreg_members(config: Any, directory: str) -> dict[str, Any]:
   """The logistic-regression probe (mcl_jax.logreg_probe) of each exported member on the
-  run's own labelled images: {'top1': [M], 'val_top1': [M], 'c': [M]}."""
+  run's own labelled images: {'test': {'top1': [M]}, 'validation': {'top1': [M]},
+  'c': [M]} (each member's C, chosen on validation)."""
   from mcl_jax import export
   from mcl_jax import logreg_probe
 
   _, _, meta = export.read_checkpoint(directory)
-  out: dict[str, list[float]] = {}
+  out: dict[str, Any] = {"test": {"top1": []}, "validation": {"top1": []}, "c": []}
   for member in range(int(meta["num_members"])):
     result = logreg_probe.evaluate(
       os.path.join(directory, f"member{member}"),
@@ -112,8 +119,9 @@ def logreg_members(config: Any, directory: str) -> dict[str, list[float]]:
       validation_size=int(config.input.validation_size),
       train_subset=int(config.input.train_subset),
     )
-    for key in ("top1", "val_top1", "c"):
-      out.setdefault(key, []).append(result[key])
+    for split in ("test", "validation"):
+      out[split]["top1"].append(result[split]["top1"])
+    out["c"].append(result["c"])
   return out
 
 

@@ -68,12 +68,11 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test") -> dict[
       "best": members.max(1),
       "ensemble": top1[:, -1],
     }
-  prefix = "" if split == "test" else "val_"
-  if prefix + "top1" not in results[0]["probe"]:
+  if split not in results[0]["probe"]:
     return None
-  knn200 = 100 * np.asarray([r["knn"][prefix + "top1"] for r in results])
-  knn20 = 100 * np.asarray([r["knn"][prefix + "top1_k20"] for r in results])
-  probe = 100 * np.asarray([r["probe"][prefix + "top1"] for r in results])
+  knn200 = 100 * np.asarray([r["knn"][split]["knn_top1"] for r in results])
+  knn20 = 100 * np.asarray([r["knn"][split]["knn_top1_k20"] for r in results])
+  probe = 100 * np.asarray([r["probe"][split]["top1"] for r in results])
   summary = {
     "kind": "probed",
     "members": probe,
@@ -83,7 +82,7 @@ def row_summary(results: Sequence[dict[str, Any]], split: str = "test") -> dict[
     "knn20": knn20.mean(1),
   }
   if all("logreg_probe" in r for r in results):
-    logreg = 100 * np.asarray([r["logreg_probe"][prefix + "top1"] for r in results])
+    logreg = 100 * np.asarray([r["logreg_probe"][split]["top1"] for r in results])
     summary.update(logreg_members=logreg, logreg=logreg.mean(1))
   if split == "test" and all("fewshot" in r for r in results):
     for key, _ in FEWSHOT_COLUMNS:

@@ -218,7 +218,7 @@ class SimclrTask:
   ) -> tuple[train_state.TrainState, dict]:
     return self.compiled_train_step(state, batch, self.consts)
 
-  def evaluate(self, state: train_state.TrainState) -> dict[str, np.ndarray]:
+  def evaluate(self, state: train_state.TrainState) -> dict[str, dict[str, np.ndarray]]:
     """`knn.monitor` of the members' backbone features (knn.Monitor)."""
     return self.monitor.evaluate(state)
 

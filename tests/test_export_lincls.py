@@ -178,7 +178,7 @@ def test_linear_probe_on_the_export_finishes_with_accuracy(probed):
   result = probed.result
   assert result["steps"] == 3 and not result["preempted"]
   assert np.isfinite(result["train"]["loss"])
-  top1, top5 = result["eval"]["top1"], result["eval"]["top5"]
+  top1, top5 = result["eval"]["test"]["top1"], result["eval"]["test"]["top5"]
   assert 0 <= top1 <= top5 <= 1
   # 24 eval examples: the accuracy counts every one of them exactly once.
   assert abs(top1 * 24 - round(top1 * 24)) < 1e-4
@@ -298,6 +298,6 @@ def test_logreg_probe_command_on_the_export(supervised, tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
-  assert result["c"] in (0.1, 10.0) and len(result["val_top1_per_c"]) == 2
-  assert 0 <= result["top1"] <= 1
+  assert result["c"] in (0.1, 10.0) and len(result["validation"]["top1_per_c"]) == 2
+  assert 0 <= result["test"]["top1"] <= 1 and 0 <= result["validation"]["top1"] <= 1
   assert "chosen C =" in proc.stdout

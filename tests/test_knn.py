@@ -164,3 +164,30 @@ def test_sharded_inputs_match_unsharded():
     jnp.asarray(train), jnp.asarray(train_y), jnp.asarray(query), num_classes=4, k=5
   )
   np.testing.assert_allclose(np.asarray(scores), np.asarray(ref), rtol=1e-5)
+
+
+class _TwoSplitSource:
+  num_classes = 2
+
+  @staticmethod
+  def eval_split_names():
+    return ("test", "validation")
+
+
+def test_monitor_is_split_first_and_its_tags_are_the_cohorts():
+  # Two members: member 0's features carry the label, member 1's are constant.
+  labels = np.arange(6) % 2
+  good = np.stack([labels, 1 - labels], 1).astype(np.float32)
+  features = np.stack([good, np.ones_like(good)])  # [M = 2, N, F]
+  result = knn.monitor(_TwoSplitSource(), lambda split: (features, labels), ks=(3, knn.DEFAULT_K))
+  assert set(result) == {"test", "validation"}
+  assert (
+    set(result["test"]) == {"knn_top1", "knn_top1_k3"} == {knn.metric_name(k) for k in (200, 3)}
+  )
+  np.testing.assert_allclose(result["test"]["knn_top1_k3"], result["validation"]["knn_top1_k3"])
+  assert result["test"]["knn_top1_k3"][0] == 1.0
+  scalars = knn.monitor_scalars(result)
+  assert scalars["test/knn_top1_k3/member_0"] == 1.0
+  assert {"test/knn_top1/member_1", "validation/knn_top1/best_member"} <= set(scalars)
+  assert "validation/knn_top1_k3/members_mean" in scalars
+  assert "validation knn_top1_k3: 100.00" in knn.format_monitor(result)

@@ -318,7 +318,8 @@ def test_train_and_embed_steps_compile_once(tmp_path):
   trainer = jobs.build(c, str(tmp_path))
   trainer.train_steps(3)
   trainer.evaluate()
-  trainer.evaluate()
+  result = trainer.evaluate()
+  assert result["test"]["knn_top1"].shape == result["test"]["knn_top1_k20"].shape == (2,)
   assert trainer.task.compiled_train_step._cache_size() == 1
   assert trainer.task.compiled_eval_step._cache_size() == 1
 

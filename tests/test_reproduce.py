@@ -32,9 +32,13 @@ def fake_result(row, seed, top1, trainer="supervised", collapsed=None):
       "trainer": "moco",
       "wall_s": 60.0,
       "collapsed": collapsed,
-      "knn": {"top1": top1, "top1_k20": top1, "val_top1": top1, "val_top1_k20": top1},
-      "probe": {"top1": top1, "val_top1": top1},
-      "logreg_probe": {"top1": [v + 0.05 for v in top1], "val_top1": [v + 0.05 for v in top1]},
+      "knn": {split: {"knn_top1": top1, "knn_top1_k20": top1} for split in ("test", "validation")},
+      "probe": {split: {"top1": top1} for split in ("test", "validation")},
+      "logreg_probe": {
+        "test": {"top1": [v + 0.05 for v in top1]},
+        "validation": {"top1": [v + 0.05 for v in top1]},
+        "c": [1.0] * len(top1),
+      },
     }
   split = {"top1": top1, "top5": [1.0] * len(top1)}
   return {
@@ -129,7 +133,8 @@ def test_rows_sharing_seeds_get_the_paired_difference_and_its_interval():
 def test_committed_results_hold_every_record_the_report_reads():
   """Every committed run records its first collapse, and every self-supervised one its
   logistic-regression probe (runs from before either existed were given them from their
-  logs and exports once), so the report reads them as they are."""
+  logs and exports once), its accuracies split-first (runs from before that were
+  rewritten once), so the report reads them as they are."""
   paths = glob.glob(os.path.join(COMMITTED, "**", suites.RESULT_FILE), recursive=True)
   assert paths
   for path in paths:
@@ -137,6 +142,14 @@ def test_committed_results_hold_every_record_the_report_reads():
     assert "collapsed" in result, path
     if regimes.get(result["trainer"]).self_supervised:
       assert "logreg_probe" in result, path
+      splits = {"test", "validation"}
+      assert set(result["knn"]) == set(result["probe"]) == splits, path
+      assert set(result["logreg_probe"]) == splits | {"c"}, path
+      for split in splits:
+        assert set(result["knn"][split]) == {"knn_top1", "knn_top1_k20"}, path
+        assert "top1" in result["probe"][split] and "top1" in result["logreg_probe"][split]
+    else:
+      assert "test" in result["eval"], path
 
 
 @pytest.mark.skipif(not os.path.isdir(COMMITTED_SSL), reason="no committed SSL results")
@@ -230,9 +243,12 @@ def test_smoke_suite_trains_resumes_and_reports(tmp_path):
   assert np.asarray(result["eval"]["test"]["top1"]).shape == (3,)
   assert "collapsed" in result  # loop.fit's first collapse, or None
   moco = json.load(open(os.path.join(suites.run_dir(workdir, chosen[1], 0), "result.json")))
-  assert len(moco["probe"]["top1"]) == 1 and len(moco["knn"]["top1_k20"]) == 1
+  assert len(moco["probe"]["test"]["top1"]) == 1 and len(moco["knn"]["test"]["knn_top1_k20"]) == 1
+  assert set(moco["probe"]) == set(moco["knn"]) == {"test", "validation"}
   assert set(moco["fewshot"]) >= {"nearest_centroid_1shot", "logistic_regression_5shot"}
-  assert len(moco["logreg_probe"]["top1"]) == 1 and moco["logreg_probe"]["c"][0] > 0
+  logreg = moco["logreg_probe"]
+  assert len(logreg["test"]["top1"]) == len(logreg["validation"]["top1"]) == 1
+  assert logreg["c"][0] > 0
   # Finished runs are not repeated.
   assert reproduce_schedule.pending_runs(workdir, chosen, [0]) == []
   text = reproduce_report.write_report("fashion_mnist", rows, tables, [0], workdir)

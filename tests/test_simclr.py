@@ -99,8 +99,10 @@ def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):
   c = tiny_config()
   c.ssl.knn_every_epochs = 1
   result = jobs.run(c, str(tmp_path / "run"))
-  knn = result["eval"]
-  assert knn["top1"].shape == (2,) and np.all((0 <= knn["top1"]) & (knn["top1"] <= 1))
+  knn = result["eval"]["test"]
+  assert set(knn) == {"knn_top1", "knn_top1_k20"}
+  top1 = knn["knn_top1"]
+  assert top1.shape == (2,) and np.all((0 <= top1) & (top1 <= 1))
   assert np.isfinite(result["train"]["loss"])
   # The logged collapse signals: each member's own NT-Xent over log(2B - 1) (the other
   # views of the global batch); summed over members and times that log, VCL.
