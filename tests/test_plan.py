@@ -261,3 +261,29 @@ def test_command_line_prints_the_plan_and_appends_json(tmp_path):
   result = json.loads(out.read_text())
   assert (result["topology"], result["chips"], result["global_batch"]) == (TOPOLOGY, CHIPS, 8)
   assert result["train"]["hbm_per_chip"]["fits"] and "eval" not in result
+
+
+def test_the_state_initialisation_compiles_for_tpu_with_its_compiler_options():
+  """`train_state.initialise` passes XLA options (backend optimisations off) that must be
+  accepted by the TPU compiler too, not only by XLA:CPU where the tests run it; the state
+  comes out sharded as `state_shardings` says."""
+  from mcl_jax import config_lib
+  from mcl_jax import optim
+  from mcl_jax import sharding
+  from mcl_jax import train_state
+  from mcl_jax.configs import common
+
+  mesh = sharding.make_mesh(list(plan.topology_devices(TOPOLOGY)))
+  c = common.smoke(config_lib.default_config(), arch="tiny", image_size=8)
+  model = train_state.build_model(c, 10)
+  tx, _ = optim.make_optimizer(c, 4)
+  init = train_state.state_init(model, tx, (8, 8, 3), mesh.size, bank_rows=64)
+  rng = jax.random.PRNGKey(0)
+  shardings = train_state.state_shardings(jax.eval_shape(init, rng), mesh)
+  compiled = (
+    jax.jit(init, out_shardings=shardings)
+    .lower(rng)
+    .compile(compiler_options=train_state.INIT_COMPILER_OPTIONS)  # type: ignore[arg-type]
+  )
+  bank = compiled.output_shardings.bank
+  assert bank.shard_shape((c.cohort.num_members, 64, c.model.embed_dim))[1] == 64 // CHIPS
