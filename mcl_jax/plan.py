@@ -434,7 +434,7 @@ def analyse(
 
 
 @contextlib.contextmanager
-def _no_persistent_cache() -> Iterator[None]:
+def no_persistent_cache() -> Iterator[None]:
   """A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
   cache (there is no TPU client to load it into), so plans neither write nor read it.
 
@@ -462,7 +462,7 @@ def compile_and_analyse(
   """Lowers and compiles the jitted `fn` on abstract `args`; (`analyse`'s plan, the
   compiled program)."""
   start = time.perf_counter()
-  with _no_persistent_cache():
+  with no_persistent_cache():
     compiled = fn.lower(*args).compile()
   result = analyse(
     compiled,
