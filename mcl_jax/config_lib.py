@@ -400,7 +400,8 @@ def validate(
 
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
-  from mcl_jax import models  # Imported here: the registries pull in Flax.
+  from mcl_jax import memory_bank  # Imported here: the registries pull in Flax.
+  from mcl_jax import models
   from mcl_jax import regimes
   from mcl_jax.data import sources
   from mcl_jax.data import views
@@ -417,6 +418,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     )
   _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
+  _choice(config.bank.layout, "bank.layout", memory_bank.LAYOUTS)
   _choice(config.model.head, "model.head", models.HEADS)
   _choice(config.model.head_norm, "model.head_norm", models.HEAD_NORMS)
   _choice(config.loss.logit_kd_targets, "loss.logit_kd_targets", KD_TARGETS)

@@ -281,6 +281,53 @@ def gather_similarities(
     [M, M, B, C] float32, split along B as P(None, None, 'data').
   """
   rows_per_device = _rows_per_device(bank, mesh)
+  _check_similarity_args(bank, idx, z, mesh)
+
+  def take_owned_rows(local_bank, idx_chunk):
+    local, owned = _local_index(idx_chunk, rows_per_device)
+    rows = jnp.take(local_bank, jnp.where(owned, local, 0), axis=1)  # [M, B, c, d]
+    return jnp.where(owned[..., None], rows, jnp.zeros((), rows.dtype))
+
+  @jax.checkpoint
+  def local_similarities(local_bank, idx, z):
+    sims = _candidate_similarities(take_owned_rows, local_bank, idx, z, chunk_size)
+    return jax.lax.psum_scatter(sims, DATA_AXIS, scatter_dimension=2, tiled=True)
+
+  return jax.shard_map(
+    local_similarities,
+    mesh=mesh,
+    in_specs=(P(None, DATA_AXIS, None), P(), P()),
+    out_specs=P(None, None, DATA_AXIS),
+  )(jax.lax.stop_gradient(bank), idx, z)
+
+
+def _candidate_similarities(take_rows, bank, idx, z, chunk_size: int) -> Array:
+  """sims[a, b, i, k] = rows[a, i, k] . z[b, i] with rows = take_rows(bank, idx), the
+  candidates taken `chunk_size` at a time (0: all at once; see `gather_similarities`)."""
+  num_candidates = idx.shape[1]
+  chunk = chunk_size if 0 < chunk_size < num_candidates else num_candidates
+  num_chunks = -(-num_candidates // chunk)
+
+  def dots(idx_chunk):
+    rows = take_rows(bank, idx_chunk)  # [M, B, c, d]
+    # HIGHEST: no bfloat16/TF32 rounding of similarities that 1 / tau then amplifies.
+    return jnp.einsum(
+      "aikd,bid->abik",
+      rows.astype(jnp.float32),
+      z.astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+
+  if num_chunks == 1:
+    return dots(idx)
+  # Padded with index 0 (a real row) to whole chunks; the padding is cut off.
+  padded = jnp.pad(idx, ((0, 0), (0, num_chunks * chunk - num_candidates)))
+  chunks = padded.reshape(idx.shape[0], num_chunks, chunk).transpose(1, 0, 2)
+  sims = jax.lax.map(dots, chunks)  # [n, M, M, B, c]
+  return jnp.moveaxis(sims, 0, 3).reshape(*sims.shape[1:4], -1)[..., :num_candidates]
+
+
+def _check_similarity_args(bank: Array, idx: Array, z: Array, mesh: Mesh) -> None:
   n_dev = mesh.shape[DATA_AXIS]
   if (
     idx.ndim != 2
@@ -296,40 +343,6 @@ def gather_similarities(
     raise ValueError(
       f"the batch size {idx.shape[0]} must be a multiple of the {n_dev} devices of 'data'."
     )
-
-  num_candidates = idx.shape[1]
-  chunk = chunk_size if 0 < chunk_size < num_candidates else num_candidates
-  num_chunks = -(-num_candidates // chunk)
-
-  def dots(local_bank, idx_chunk, z):
-    local, owned = _local_index(idx_chunk, rows_per_device)
-    rows = jnp.take(local_bank, jnp.where(owned, local, 0), axis=1)  # [M, B, c, d]
-    rows = jnp.where(owned[..., None], rows, jnp.zeros((), rows.dtype))
-    # HIGHEST: no bfloat16/TF32 rounding of similarities that 1 / tau then amplifies.
-    return jnp.einsum(
-      "aikd,bid->abik",
-      rows.astype(jnp.float32),
-      z.astype(jnp.float32),
-      precision=jax.lax.Precision.HIGHEST,
-    )
-
-  @jax.checkpoint
-  def local_similarities(local_bank, idx, z):
-    if num_chunks == 1:
-      sims = dots(local_bank, idx, z)
-    else:  # Padded with index 0 (a real row) to whole chunks; the padding is cut off.
-      padded = jnp.pad(idx, ((0, 0), (0, num_chunks * chunk - num_candidates)))
-      chunks = padded.reshape(idx.shape[0], num_chunks, chunk).transpose(1, 0, 2)
-      sims = jax.lax.map(lambda c: dots(local_bank, c, z), chunks)  # [n, M, M, B, c]
-      sims = jnp.moveaxis(sims, 0, 3).reshape(*sims.shape[1:4], -1)[..., :num_candidates]
-    return jax.lax.psum_scatter(sims, DATA_AXIS, scatter_dimension=2, tiled=True)
-
-  return jax.shard_map(
-    local_similarities,
-    mesh=mesh,
-    in_specs=(P(None, DATA_AXIS, None), P(), P()),
-    out_specs=P(None, None, DATA_AXIS),
-  )(jax.lax.stop_gradient(bank), idx, z)
 
 
 def update_sharded(bank: Array, own_idx: Array, z: Array, momentum: float, mesh: Mesh) -> Array:
@@ -368,3 +381,76 @@ def update_sharded(bank: Array, own_idx: Array, z: Array, momentum: float, mesh:
     in_specs=(spec, P(), P()),
     out_specs=spec,
   )(bank, own_idx, z)
+
+
+# -------------------------------------------------------------------------------------
+# Bank replicated on every device: each device reads only its own examples' rows
+# -------------------------------------------------------------------------------------
+#
+# The sharded layout keeps 1 / D of the bank per device but makes every device take the
+# rows of ALL the global batch's candidates (zeros for the rows it does not hold): its
+# per-device work and memory traffic do not shrink with D. A replicated bank costs the
+# whole bank's HBM on every device (1.83 GiB for imagenet_r18_x3, as each GPU of the
+# official DDP run holds its own copy) and makes every device take only its own B / D
+# examples' candidates, with no collective for the read; the update all-gathers the
+# batch's embeddings ([M, B, d], small) and every device writes the same rows. Same
+# indices, same values (tests/test_memory_bank.py); `bank.layout` chooses, and
+# docs/IMAGENET.md says when each one pays.
+
+LAYOUTS = ("sharded", "replicated")
+
+
+def layout_sharding(layout: str, mesh: Mesh) -> jax.sharding.NamedSharding:
+  """The bank's sharding under `layout` (one of LAYOUTS)."""
+  if layout == "sharded":
+    return bank_sharding(mesh)
+  if layout == "replicated":
+    return jax.sharding.NamedSharding(mesh, P())
+  raise ValueError(f"unknown bank layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+
+
+def gather_similarities_replicated(
+  bank: Array, idx: Array, z: Array, mesh: Mesh, *, chunk_size: int = 0
+) -> Array:
+  """`gather_similarities` for a bank replicated on every device: each device takes the
+  rows of its own examples' candidates ([M, B / D, C, d]) from its copy and dots them
+  with their embeddings; nothing crosses devices.
+
+  Args:
+    bank: [M, N, d], replicated; read with stop_gradient.
+    idx: [B, C] dataset indices, split along B over 'data' as the batch is.
+    z: [M, B, d] embeddings, split along B; gradients flow to it.
+    mesh: a mesh with axis 'data'; B must be a multiple of its size.
+    chunk_size: candidates per gather (0: all C at once).
+
+  Returns:
+    [M, M, B, C] float32, split along B as P(None, None, 'data').
+  """
+  _check_similarity_args(bank, idx, z, mesh)
+
+  def take_rows(bank, idx_chunk):
+    return jnp.take(bank, idx_chunk, axis=1)  # [M, B / D, c, d]
+
+  @jax.checkpoint
+  def local_similarities(bank, idx, z):
+    return _candidate_similarities(take_rows, bank, idx, z, chunk_size)
+
+  return jax.shard_map(
+    local_similarities,
+    mesh=mesh,
+    in_specs=(P(), P(DATA_AXIS), P(None, DATA_AXIS)),
+    out_specs=P(None, None, DATA_AXIS),
+  )(jax.lax.stop_gradient(bank), idx, z)
+
+
+def update_replicated(bank: Array, own_idx: Array, z: Array, momentum: float, mesh: Mesh) -> Array:
+  """`update` for a bank replicated on every device: the batch's indices and embeddings
+  are gathered to every device ([B] and [M, B, d]) and each device applies the same update
+  to its copy, so the copies stay identical. The result stays replicated."""
+  _check_update_args(bank, own_idx, z)
+  return jax.shard_map(
+    lambda bank, own_idx, z: update(bank, own_idx, z, momentum),
+    mesh=mesh,
+    in_specs=(P(), P(), P()),
+    out_specs=P(),
+  )(bank, own_idx, jax.lax.stop_gradient(z))

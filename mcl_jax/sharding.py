@@ -2,8 +2,9 @@
 
 One mesh axis, `data`, spans all devices (all hosts in a multi-process run). Batches are
 split along it; params, optimizer state and BN statistics are replicated; the memory bank
-is split along its row axis (see memory_bank.py). Global arrays are built from each
-process's local share, so the same code runs on one CPU and on a TPU pod.
+is split along its row axis or replicated, as `bank.layout` says (memory_bank.py). Global
+arrays are built from each process's local share, so the same code runs on one CPU and on
+a TPU pod.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over devices."""
   return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def bank_sharded(mesh: Mesh) -> NamedSharding:
-  """[M, N, d] memory bank: rows N split over devices, so no device holds it all."""
-  return NamedSharding(mesh, P(None, DATA_AXIS, None))
 
 
 def global_batch(local: Any, mesh: Mesh) -> Any:

@@ -115,13 +115,16 @@ def eval_step(
 class BankOps:
   """The memory-bank regime's on-device operations (docs/SPEC.md 2.2), bound to a mesh.
 
-  The bank [M, N, d] is split along N over the mesh. Each step samples 1 + P positives and
-  K negatives per example from the class table, dots exactly those rows with the batch's
-  embeddings with `memory_bank.gather_similarities` (each device dots the rows it holds;
-  the similarities, not the rows, are reduce-scattered to the devices that hold the
-  batch's examples: no all-gather of the bank, d / M times less traffic than moving the
-  rows), and after the step writes each example's row on the device that owns it
-  (`update_sharded`).
+  Each step samples 1 + P positives and K negatives per example from the class table and
+  dots exactly those rows of the bank [M, N, d] with the batch's embeddings. `layout`
+  (memory_bank.LAYOUTS) says where the bank lives:
+  - "sharded": split along N over the mesh. `memory_bank.gather_similarities`: each
+    device dots the rows it holds; the similarities, not the rows, are reduce-scattered
+    to the devices that hold the batch's examples (no all-gather of the bank). After the
+    step each example's row is written on the device that owns it (`update_sharded`).
+  - "replicated": a copy per device; each device dots only its own examples' candidates
+    (`gather_similarities_replicated`) and applies the whole batch's update to its copy
+    (`update_replicated`).
   """
 
   mesh: jax.sharding.Mesh
@@ -130,6 +133,7 @@ class BankOps:
   tau: float
   kd_temperature: float
   gather_chunk: int = 0
+  layout: str = "sharded"
 
   def sample(self, rng, labels, own_idx, table):
     return memory_bank.sample_indices(
@@ -143,7 +147,12 @@ class BankOps:
 
   def losses(self, z, bank, pos_idx, neg_idx):
     idx = jnp.concatenate([pos_idx, neg_idx], axis=1)
-    sims = memory_bank.gather_similarities(bank, idx, z, self.mesh, chunk_size=self.gather_chunk)
+    gather = (
+      memory_bank.gather_similarities_replicated
+      if self.layout == "replicated"
+      else memory_bank.gather_similarities
+    )
+    sims = gather(bank, idx, z, self.mesh, chunk_size=self.gather_chunk)
     terms = losses.bank_mcl_from_similarities(
       sims, num_positives=self.num_positives, tau=self.tau, kd_temperature=self.kd_temperature
     )
@@ -154,6 +163,8 @@ class BankOps:
     return terms
 
   def update(self, bank, own_idx, z, momentum):
+    if self.layout == "replicated":
+      return memory_bank.update_replicated(bank, own_idx, z, momentum, self.mesh)
     return memory_bank.update_sharded(bank, own_idx, z, momentum, self.mesh)
 
 
@@ -297,8 +308,11 @@ class SupervisedTask:
         config.loss.tau,
         config.loss.kd_temperature,
         config.bank.gather_chunk,
+        config.bank.layout,
       )
-    self.shardings = train_state.state_shardings(self.abstract_state(), mesh)
+    self.shardings = train_state.state_shardings(
+      self.abstract_state(), mesh, bank_layout=config.bank.layout
+    )
     self.compiled_train_step = sharding_lib.compile_step(
       functools.partial(
         train_step,
@@ -335,6 +349,7 @@ class SupervisedTask:
       jax.random.PRNGKey(self.setup.config.seed),
       self.setup.mesh,
       bank_rows=self.bank_rows,
+      bank_layout=self.setup.config.bank.layout,
     )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:

@@ -27,7 +27,7 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key: checkpoints as a plain array.
-  bank: jax.Array | None = None  # [M, N, d] memory bank (loss.regime == "bank"), row-sharded.
+  bank: jax.Array | None = None  # [M, N, d] memory bank (loss.regime == "bank"), see bank.layout.
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -139,8 +139,10 @@ def create_train_state(
   mesh: jax.sharding.Mesh,
   *,
   bank_rows: int = 0,
+  bank_layout: str = "sharded",
 ) -> TrainState:
-  """The state, created already sharded (params replicated, bank split along its rows).
+  """The state, created already sharded (params replicated, the bank placed as
+  `bank_layout` says: split along its rows, or replicated).
 
   bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
   those rows, then zero-padded to a multiple of the device count so it splits evenly: the
@@ -149,15 +151,18 @@ def create_train_state(
   """
 
   init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows)
-  shardings = state_shardings(jax.eval_shape(init, rng), mesh)
+  shardings = state_shardings(jax.eval_shape(init, rng), mesh, bank_layout=bank_layout)
   return initialise(init, rng, shardings)
 
 
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(
+  state: TrainState, mesh: jax.sharding.Mesh, *, bank_layout: str = "sharded"
+) -> TrainState:
+  """Everything replicated but the bank, which `bank_layout` (memory_bank.LAYOUTS) places."""
   replicated = sharding_lib.replicated(mesh)
   shardings = jax.tree.map(lambda _: replicated, state)
   if state.bank is not None:
-    shardings = shardings.replace(bank=sharding_lib.bank_sharded(mesh))
+    shardings = shardings.replace(bank=memory_bank.layout_sharding(bank_layout, mesh))
   return shardings
 
 

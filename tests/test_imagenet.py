@@ -122,3 +122,32 @@ def test_streamed_image_folder_with_the_bank(tmp_path):
   assert result["steps"] == 3 and result["eval"]["test"]["top1"].shape == (4,)
   assert np.isfinite(result["train"]["loss"])
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3")
+
+
+def test_a_replicated_bank_trains_as_the_sharded_one_and_resumes_its_checkpoint(tmp_path):
+  """bank.layout="replicated" (a copy per device, each reading only its own examples'
+  candidates) gives the sharded layout's losses and bank on 8 devices, and restores a
+  checkpoint the sharded layout wrote: switching layouts keeps a run."""
+  c = tiny_bank_config()
+  c.model.dtype = "float32"
+  sharded = jobs.build(c, str(tmp_path / "sharded"))
+  c.bank.layout = "replicated"
+  replicated = jobs.build(c, str(tmp_path / "replicated"))
+  assert replicated.state.bank.sharding.spec == P()
+  hs, hr = sharded.train_steps(2), replicated.train_steps(2)
+  for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl", "logit_kd"):
+    np.testing.assert_allclose(
+      np.asarray(hr[-1][name]), np.asarray(hs[-1][name]), rtol=2e-5, atol=2e-6, err_msg=name
+    )
+  np.testing.assert_allclose(
+    np.asarray(replicated.state.bank), np.asarray(sharded.state.bank), atol=1e-5
+  )
+  assert replicated.state.bank.sharding.spec == P()
+
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "sharded"))
+  ckpt.save(2, sharded.state, sharded.task.meta())
+  ckpt.close()
+  fresh = jobs.build(c, str(tmp_path / "sharded"))
+  assert fresh.restore(checkpointing.Checkpointer(str(tmp_path / "sharded")))
+  np.testing.assert_array_equal(np.asarray(fresh.state.bank), np.asarray(sharded.state.bank))
+  assert fresh.state.bank.sharding.spec == P()

@@ -1,8 +1,10 @@
 """Tests of mcl_jax.memory_bank: init and momentum update (docs/SPEC.md 2.2), on-device sampling of
-positives and negatives, and the bank sharded along N over the 'data' mesh axis."""
+positives and negatives, and the bank split along N over the 'data' mesh axis or replicated
+(bank.layout)."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +157,10 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 
 
 def collectives(compiled):
-  hlo = compiled.as_text()
+  return collectives_of(compiled.as_text())
+
+
+def collectives_of(hlo):
   return {op for op in COLLECTIVES if op in hlo}
 
 
@@ -178,20 +183,29 @@ def test_gather_rows_equals_take(scatter):
       )
 
 
-def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient():
+GATHERS = {
+  "sharded": memory_bank.gather_similarities,
+  "replicated": memory_bank.gather_similarities_replicated,
+}
+
+
+@pytest.mark.parametrize("layout", memory_bank.LAYOUTS)
+def test_gather_similarities_equals_the_unsharded_dot_products_and_gradient(layout):
   for mesh in meshes():
-    check_gather_similarities(mesh)
+    check_gather_similarities(mesh, layout)
 
 
-def check_gather_similarities(mesh):
+def check_gather_similarities(mesh, layout="sharded"):
   rng, bank = sharded_inputs(mesh)
+  bank = jax.device_put(bank, memory_bank.layout_sharding(layout, mesh))
   idx = rng.integers(0, 64, (8, 9))  # with repeats
   idx[0, :3] = [0, 63, 63]  # first and last rows of the bank
   z = jnp.asarray(unit(rng, 2, 8, 4), jnp.float32)
   weights = jnp.asarray(rng.normal(size=(2, 2, 8, 9)), jnp.float32)
+  gather = GATHERS[layout]
 
   def sharded(z, chunk_size=0):
-    sims = memory_bank.gather_similarities(bank, idx, z, mesh, chunk_size=chunk_size)
+    sims = gather(bank, idx, z, mesh, chunk_size=chunk_size)
     return jnp.sum(weights * sims), sims
 
   def unsharded(z):
@@ -212,25 +226,39 @@ def check_gather_similarities(mesh):
   np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(chunked_grad, got_grad, rtol=1e-6, atol=1e-6)
   if mesh.size == 8:
-    # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the bank;
-    # the all-gather is that of the small embeddings z.
-    compiled = jax.jit(lambda z: memory_bank.gather_similarities(bank, idx, z, mesh))
-    assert collectives(compiled.lower(z).compile()) <= {"reduce-scatter", "all-gather"}
+    compiled = jax.jit(lambda z: gather(bank, idx, z, mesh)).lower(z).compile()
+    if layout == "sharded":
+      # Only the [M, M, B, C] similarities travel (reduce-scatter), never rows or the
+      # bank; the all-gather is that of the small embeddings z.
+      assert collectives(compiled) <= {"reduce-scatter", "all-gather"}
+    else:
+      # Each device reads its own examples' rows from its copy: nothing travels.
+      assert not collectives(compiled)
 
 
-def test_update_sharded_equals_update():
+UPDATES = {"sharded": memory_bank.update_sharded, "replicated": memory_bank.update_replicated}
+
+
+@pytest.mark.parametrize("layout", memory_bank.LAYOUTS)
+def test_update_of_either_layout_equals_update(layout):
   for mesh in meshes():
     rng, bank = sharded_inputs(mesh)
-    z = jnp.asarray(unit(rng, 2, 6, 4), jnp.float32)
-    own = rng.permutation(64)[:6]
+    bank = jax.device_put(bank, memory_bank.layout_sharding(layout, mesh))
+    z = jax.device_put(
+      jnp.asarray(unit(rng, 2, 8, 4), jnp.float32), NamedSharding(mesh, P(None, "data"))
+    )
+    own = rng.permutation(64)[:8]
     own[:2] = [0, 63]  # first and last rows of the bank
-    got = jax.jit(memory_bank.update_sharded, static_argnums=(3, 4))(bank, own, z, 0.5, mesh)
+    update = jax.jit(UPDATES[layout], static_argnums=(3, 4))
+    got = update(bank, own, z, 0.5, mesh)
     want = jax.jit(memory_bank.update, static_argnums=3)(np.asarray(bank), own, z, 0.5)
     np.testing.assert_array_equal(got, want)
-    assert got.sharding.is_equivalent_to(memory_bank.bank_sharding(mesh), got.ndim)
-  # Every device writes its own rows: no communication at all.
-  update = jax.jit(memory_bank.update_sharded, static_argnums=(3, 4))
-  assert not collectives(update.lower(bank, own, z, 0.5, mesh).compile())
+    assert got.sharding.is_equivalent_to(memory_bank.layout_sharding(layout, mesh), got.ndim)
+  # Only the batch's embeddings (split like the batch) are gathered, never bank rows: each
+  # device writes the rows it holds (sharded) or all of them to its copy (replicated).
+  hlo = update.lower(bank, own, z, 0.5, mesh).compile().as_text()
+  assert collectives_of(hlo) == {"all-gather"}
+  assert re.findall(r"= f32\[([\d,]+)\]\S* all-gather", hlo) == ["2,8,4"]
 
 
 def test_sharded_bank_rows_must_split_evenly():
@@ -241,7 +269,8 @@ def test_sharded_bank_rows_must_split_evenly():
     memory_bank.gather_rows(jnp.zeros((2, 64, 4)), np.zeros((6, 3), np.int32), mesh, scatter=True)
 
 
-def test_sharded_bank_step_equals_unsharded():
+@pytest.mark.parametrize("layout", memory_bank.LAYOUTS)
+def test_sharded_bank_step_equals_unsharded(layout):
   """Sample, gather (batch-scattered), loss and update on 8 devices == one device."""
   from mcl_jax import losses
 
@@ -258,17 +287,17 @@ def test_sharded_bank_step_equals_unsharded():
       jax.random.key(5), jnp.asarray(labels)[own], own, table, num_positives=1, num_negatives=7
     )
     if sharded:
-      sims = memory_bank.gather_similarities(bank, jnp.concatenate([pos_idx, neg_idx], 1), z, mesh)
+      sims = GATHERS[layout](bank, jnp.concatenate([pos_idx, neg_idx], 1), z, mesh)
       out = losses.bank_mcl_from_similarities(sims, num_positives=1, **kw)
-      return out, memory_bank.update_sharded(bank, pos_idx[:, 0], z, 0.5, mesh)
+      return out, UPDATES[layout](bank, pos_idx[:, 0], z, 0.5, mesh)
     out = losses.bank_mcl(z, bank, pos_idx, neg_idx, **kw)
     return out, memory_bank.update(bank, pos_idx[:, 0], z, 0.5)
 
   want_out, want_bank = jax.jit(functools.partial(step, sharded=False))(bank, own, z)
-  bank = jax.device_put(bank, memory_bank.bank_sharding(mesh))
+  bank = jax.device_put(bank, memory_bank.layout_sharding(layout, mesh))
   z = jax.device_put(z, NamedSharding(mesh, P(None, "data")))
   got_out, got_bank = jax.jit(functools.partial(step, sharded=True))(bank, own, z)
   for key in want_out:
     np.testing.assert_allclose(float(got_out[key]), float(want_out[key]), rtol=1e-6)
   np.testing.assert_array_equal(got_bank, want_bank)
-  assert got_bank.sharding.is_equivalent_to(memory_bank.bank_sharding(mesh), 3)
+  assert got_bank.sharding.is_equivalent_to(memory_bank.layout_sharding(layout, mesh), 3)

@@ -59,6 +59,10 @@ def get_config(arg=None):
   # Candidates (1 + P + K) gathered from the sharded bank at a time: the transient buffer of
   # rows is [M, B, gather_chunk, d] per device instead of [M, B, 1 + P + K, d]. 0: all.
   c.bank.gather_chunk = 0
+  # Where the bank lives (memory_bank.LAYOUTS): "sharded", split along N (1 / D of it per
+  # device; every device reads all the batch's candidates), or "replicated", a copy per
+  # device (each reads only its own examples' candidates). docs/IMAGENET.md compares them.
+  c.bank.layout = "sharded"
 
   c.moco = ml_collections.ConfigDict()
   # The official --mlp flag is a no-op, so its published "v2" runs had the linear head.
