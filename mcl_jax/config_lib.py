@@ -224,6 +224,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
   "bank.num_negatives": Bounds(1),
   "bank.momentum": Bounds(0, 1),
   "bank.gather_chunk": Bounds(0, note="(0: all candidates at once)"),
+  "model.bn_group_size": Bounds(0, note="(0: the whole global batch)"),
   "moco.queue_size": Bounds(1),
   "moco.key_momentum": Bounds(0, 1),
   "moco.bn_group_size": Bounds(0, note="(0: one group per device)"),

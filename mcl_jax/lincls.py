@@ -284,6 +284,11 @@ def check_config(config) -> None:
       "config.lincls.pretrained is empty; pass the export directory, e.g. "
       "--config.lincls.pretrained=DIR."
     )
+  if config.model.bn_group_size:
+    raise ConfigError(
+      "config.model.bn_group_size does not apply to the probe: its backbone is frozen, "
+      "with the exported BatchNorm statistics."
+    )
 
 
 # The probe trains one classifier on a frozen exported member: nothing of it is a cohort to

@@ -163,32 +163,17 @@ def apply_in_groups(
   encoders: MocoEncoders, variables: dict[str, Any], images: Array, num_groups: int
 ) -> tuple[Array, Array, Any, Array | None]:
   """`encoders.apply_with_hidden` in training mode with BN statistics per group of
-  B / num_groups consecutive images (official: per GPU), outputs back in batch order.
-
-  The batch is reshaped to [G, B / G, ...] and the encoders vmapped over the groups, so
-  every BN layer normalises each group by its own mean and variance. The new running
-  statistics are the mean over the groups of each group's update (module docstring).
-  One group is plain global BN.
+  B / num_groups consecutive images (official: per GPU), outputs back in batch order
+  (`layers.apply_in_bn_groups`; running statistics: the mean over the groups of each
+  group's update). One group is plain global BN.
   """
-  if num_groups <= 1:
-    return encoders.apply_with_hidden(variables, images, train=True)
-  batch = images.shape[0]
-  if batch % num_groups:
-    raise ValueError(f"A batch of {batch} cannot be cut into {num_groups} equal BN groups.")
-  grouped = images.reshape(num_groups, batch // num_groups, *images.shape[1:])
-  z, features, stats, hidden = jax.vmap(
-    lambda x: encoders.apply_with_hidden(variables, x, train=True)
-  )(grouped)
 
-  def ungroup(a):  # [G, M, B / G, ...] -> [M, B, ...]
-    return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], batch, *a.shape[3:])
+  def apply(x):
+    z, features, stats, hidden = encoders.apply_with_hidden(variables, x, train=True)
+    return (z, features, hidden), stats
 
-  return (
-    ungroup(z),
-    ungroup(features),
-    jax.tree.map(lambda v: jnp.mean(v, 0), stats),
-    None if hidden is None else ungroup(hidden),
-  )
+  (z, features, hidden), stats = layers.apply_in_bn_groups(apply, images, num_groups)
+  return z, features, stats, hidden
 
 
 def num_bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -200,7 +185,7 @@ def num_bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
   if not config.moco.shuffle_bn:
     return 0
   batch, size = config.input.global_batch_size, config.moco.bn_group_size
-  return num_devices if size == 0 else max(1, batch // size)
+  return num_devices if size == 0 else layers.num_bn_groups(batch, size)
 
 
 def build_encoders(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> MocoEncoders:
@@ -563,13 +548,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   if not 0.0 <= moco.key_momentum <= 1.0:
     raise ConfigError(f"config.moco.key_momentum={moco.key_momentum} must be in [0, 1].")
-  group = moco.bn_group_size
-  # A group of one image has no variance to normalise by; a group size at least the
-  # global batch is one group (global BN); otherwise the groups must tile the batch.
-  if moco.shuffle_bn and (group < 0 or group == 1 or (0 < group < batch and batch % group)):
+  if moco.shuffle_bn and moco.bn_group_size:  # 0: one group per device
+    layers.check_bn_group_size(
+      moco.bn_group_size, batch, "moco.bn_group_size", "one group per device"
+    )
+  if config.model.bn_group_size:
     raise ConfigError(
-      f"config.moco.bn_group_size={group} must be 0 (one group per device), at least 2 "
-      f"and divide the global batch {batch}, or be at least the batch (one group)."
+      "config.model.bn_group_size is the supervised trainer's; MoCo's BN groups are "
+      "config.moco.bn_group_size (shuffle-BN)."
     )
   knn.check_monitor_config(config)
 

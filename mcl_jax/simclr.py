@@ -237,6 +237,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       "config.model.head='none' leaves SimCLR no embeddings; use 'mlp' or 'linear'."
     )
+  if config.model.bn_group_size:
+    raise ConfigError(
+      "config.model.bn_group_size is the supervised trainer's; SimCLR normalises over "
+      "the whole global batch (global BN)."
+    )
   knn.check_monitor_config(config)
 
 

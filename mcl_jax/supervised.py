@@ -35,6 +35,7 @@ from mcl_jax import sharding as sharding_lib
 from mcl_jax import train_state
 from mcl_jax.data import protocol as data_protocol
 from mcl_jax.errors import ConfigError
+from mcl_jax.models import layers
 
 # ----------------------------------------------------------------------------- losses
 
@@ -181,6 +182,7 @@ def train_step(
   bank_ops: BankOps | None = None,
   bank_momentum: float = 0.5,
   soft_ramp_steps: float = 0.0,
+  bn_groups: int = 1,
 ) -> tuple[train_state.TrainState, dict]:
   """One SGD step of the whole cohort.
 
@@ -188,6 +190,8 @@ def train_step(
   source's, data.protocol.Source) turns it into image [B, ...], label [B], index [B] here,
   on device. consts: the source's device arrays, and the bank's class table.
   soft_ramp_steps: steps over which the soft terms' weights ramp in (losses.soft_term_ramp).
+  bn_groups: BatchNorm statistics per this many groups of consecutive images
+    (layers.apply_in_bn_groups; 1: the whole batch).
   """
   batch = materialize(consts, batch)
   rng, aug_rng, sample_rng = jax.random.split(state.rng, 3)
@@ -197,12 +201,16 @@ def train_step(
     pos_idx, neg_idx = bank_ops.sample(sample_rng, labels, own_idx, consts)
 
   def loss_fn(params):
-    outputs, mutated = model.apply(
-      {"params": params, "batch_stats": state.batch_stats},
-      images,
-      train=True,
-      mutable=["batch_stats"],
-    )
+    def forward(x):
+      outputs, mutated = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return outputs, mutated["batch_stats"]
+
+    outputs, batch_stats = layers.apply_in_bn_groups(forward, images, bn_groups)
     bank_terms = None
     if bank_ops is not None:
       bank_terms = bank_ops.losses(outputs["embeddings"], state.bank, pos_idx, neg_idx)
@@ -233,7 +241,7 @@ def train_step(
         )
       )
     metrics["finite"] = metrics_lib.all_finite(metrics)
-    return loss, (metrics, mutated["batch_stats"], outputs["embeddings"])
+    return loss, (metrics, batch_stats, outputs["embeddings"])
 
   grads, (metrics, batch_stats, embeddings) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -324,6 +332,7 @@ class SupervisedTask:
         bank_ops=self.bank_ops,
         bank_momentum=config.bank.momentum,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+        bn_groups=layers.num_bn_groups(config.input.global_batch_size, config.model.bn_group_size),
       ),
       self.shardings,
       mesh,
@@ -393,6 +402,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       "config.model.head='none' leaves the contrastive terms no embeddings; "
       "use 'mlp' or 'linear', or set the MCL weights to 0."
     )
+  layers.check_bn_group_size(
+    config.model.bn_group_size,
+    config.input.global_batch_size,
+    "model.bn_group_size",
+    "the whole batch",
+  )
   per_class = config.input.samples_per_class
   if loss.regime == "batch" and config_lib.mcl_terms_on(config) and per_class < 2:
     raise ConfigError(

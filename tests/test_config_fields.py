@@ -117,6 +117,7 @@ ALLOWED = {
   ("seed", "zero"): "0 is the default seed",
   ("model.num_classes", "zero"): "0 takes the class count from the dataset (default)",
   ("model.shared_stages", "zero"): "0: every member has its own stem (default)",
+  ("model.bn_group_size", "zero"): "0: BatchNorm over the whole global batch (default)",
   **{
     (f"loss.{term}_weight", "zero"): _TERM_OFF
     for term in ("vcl", "icl", "soft_vcl", "soft_icl", "logit_kd", "co2")

@@ -1,5 +1,7 @@
 """The supervised trainer: loss composition, the step, eval, resume, shardings."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -222,3 +224,60 @@ def test_step_logs_each_members_collapse_signals(regime, tmp_path):
   np.testing.assert_allclose(
     metrics["contrastive_vs_chance"].sum() * np.log(candidates), metrics["vcl"], rtol=1e-4
   )
+
+
+def test_bn_groups_normalise_each_group_by_its_own_statistics():
+  """layers.apply_in_bn_groups == the cohort applied to each group of consecutive images on
+  its own (outputs in batch order), running statistics the mean of the groups' updates."""
+  from mcl_jax import train_state
+  from mcl_jax.models import layers
+
+  c = tiny_config()
+  model = train_state.build_model(c, 10)
+  images = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+  def forward(x):
+    out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return out, mutated["batch_stats"]
+
+  grouped, stats = layers.apply_in_bn_groups(forward, images, 2)
+  (first, stats_a), (second, stats_b) = forward(images[:4]), forward(images[4:])
+  for key in ("logits", "embeddings"):
+    want = np.concatenate([first[key], second[key]], axis=1)  # cohort-first [M, B, ...]
+    np.testing.assert_allclose(grouped[key], want, rtol=1e-5, atol=1e-6)
+  leaves_close(stats, jax.tree.map(lambda a, b: (a + b) / 2, stats_a, stats_b), atol=1e-6)
+  whole, _ = forward(images)
+  assert not np.allclose(whole["logits"], grouped["logits"], atol=1e-3)
+
+
+def test_bn_groups_follow_the_config_not_the_devices_and_need_no_bn_collectives(tmp_path):
+  """model.bn_group_size: the same step on 1 and 8 devices (the groups are the config's);
+  with one group per device the compiled step drops the per-layer BN all-reduces."""
+  grouped = tiny_config(**{"model.bn_group_size": 2})  # 16 images: one group per device
+  eight = jobs.build(grouped, str(tmp_path / "a"))
+  one = jobs.build(grouped, str(tmp_path / "b"), mesh=sharding_lib.make_mesh(jax.devices()[:1]))
+  global_bn = jobs.build(tiny_config(), str(tmp_path / "c"))
+
+  def all_reduces(trainer):
+    ((_, batch),) = [next(iter(trainer.batches()))]
+    task = trainer.task
+    hlo = task.compiled_train_step.lower(trainer.state, batch, task.consts).compile().as_text()
+    return len(re.findall(r"\ball-reduce(-start)?\(", hlo))
+
+  fewer, more = all_reduces(eight), all_reduces(global_bn)
+  m8, m1, mg = eight.train_steps(2), one.train_steps(2), global_bn.train_steps(2)
+  np.testing.assert_allclose(m8[-1]["loss"], m1[-1]["loss"], rtol=1e-5)
+  leaves_close(eight.state.params, one.state.params, atol=1e-5)
+  leaves_close(eight.state.batch_stats, one.state.batch_stats, atol=1e-5)
+  assert abs(float(m8[0]["loss"]) - float(mg[0]["loss"])) > 1e-4  # groups of 2 != global BN
+  assert fewer < more, (fewer, more)
+
+
+@pytest.mark.parametrize("size", [-2, 1, 3, 6])
+def test_bn_group_size_must_tile_the_batch(size):
+  from mcl_jax import config_lib
+
+  with pytest.raises(config_lib.ConfigError, match=f"config.model.bn_group_size={size}"):
+    config_lib.validate(tiny_config(**{"model.bn_group_size": size}))
+  config_lib.validate(tiny_config(**{"model.bn_group_size": 64}))  # >= the batch: one group

@@ -28,6 +28,11 @@ def get_config(arg=None):
   c.model.head_norm = "none"
   c.model.strategy = "auto"  # auto | vmap | unroll | map: how the M members execute
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # BatchNorm statistics per group of this many consecutive images of the global batch, as
+  # PyTorch computes them per GPU without SyncBN (the official ImageNet run's DataParallel);
+  # groups of the per-device batch need no collective per BN layer. 0: the whole batch
+  # (the official single-GPU CIFAR runs). Supervised trainer; MoCo: moco.bn_group_size.
+  c.model.bn_group_size = 0
 
   c.cohort = ml_collections.ConfigDict()
   c.cohort.num_members = 2  # --number-net

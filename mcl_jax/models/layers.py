@@ -108,6 +108,53 @@ def batch_norm(train: bool, *, dtype: Dtype, name: str) -> BatchNorm:
   return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
+def num_bn_groups(batch: int, group_size: int) -> int:
+  """G, the BatchNorm groups of a batch of `batch` images cut into groups of `group_size`
+  consecutive images (0, or a size of at least the batch: one group, i.e. the whole batch)."""
+  return 1 if group_size <= 0 or group_size >= batch else batch // group_size
+
+
+def check_bn_group_size(group_size: int, batch: int, field: str, zero_means: str) -> None:
+  """ConfigError (one sentence) unless `group_size` images per BN group tile `batch`."""
+  from mcl_jax.errors import ConfigError
+
+  # A group of one image has no variance to normalise by; a size at least the batch is
+  # one group (BN over the whole batch); otherwise the groups must tile the batch.
+  if group_size < 0 or group_size == 1 or (0 < group_size < batch and batch % group_size):
+    raise ConfigError(
+      f"config.{field}={group_size} must be 0 ({zero_means}), at least 2 and divide "
+      f"the global batch {batch}, or be at least the batch (one group)."
+    )
+
+
+def apply_in_bn_groups(
+  apply: Callable[[Array], tuple[Any, Any]], images: Array, num_groups: int
+) -> tuple[Any, Any]:
+  """`apply(images) -> (outputs, batch_stats)` in training mode with BatchNorm statistics
+  per group of B / num_groups consecutive images, as PyTorch computes them on each GPU of
+  a data-parallel run without SyncBN; outputs come back in batch order.
+
+  The batch is reshaped to [G, B / G, ...] and `apply` vmapped over the groups, so every
+  BN layer normalises each group by its own mean and variance. When the groups follow the
+  devices (B / G images per device), a group's statistics never leave its device: no
+  collective per BN layer, forward or backward. `outputs` is a pytree of cohort-first
+  arrays [M, B / G, ...] (None leaves allowed); the new running statistics are the mean
+  over the groups of each group's update. One group is `apply(images)` itself.
+  """
+  if num_groups <= 1:
+    return apply(images)
+  batch = images.shape[0]
+  if batch % num_groups:
+    raise ValueError(f"A batch of {batch} cannot be cut into {num_groups} equal BN groups.")
+  grouped = images.reshape(num_groups, batch // num_groups, *images.shape[1:])
+  outputs, stats = jax.vmap(apply)(grouped)
+
+  def ungroup(a):  # [G, M, B / G, ...] -> [M, B, ...]
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], batch, *a.shape[3:])
+
+  return jax.tree.map(ungroup, outputs), jax.tree.map(lambda v: jnp.mean(v, 0), stats)
+
+
 def linear(
   features: int, fan_in: int, *, dtype: Dtype, name: str, zero_bias: bool = False
 ) -> nn.Dense:
