@@ -21,6 +21,9 @@ def tiny_bank_config():
   c.model.shared_stages = 1
   c.input.image_size = 8
   c.input.synthetic_train_size = 60  # not a multiple of 8: the bank is padded to 64 rows
+  # The sharded layout, whose split these tests check (the configs' replicated one:
+  # test_a_replicated_bank_trains_as_the_sharded_one_and_resumes_its_checkpoint).
+  c.bank.layout = "sharded"
   return c
 
 
@@ -130,6 +133,7 @@ def test_a_replicated_bank_trains_as_the_sharded_one_and_resumes_its_checkpoint(
   checkpoint the sharded layout wrote: switching layouts keeps a run."""
   c = tiny_bank_config()
   c.model.dtype = "float32"
+  assert imagenet_r18_x3.get_config().bank.layout == "replicated"
   sharded = jobs.build(c, str(tmp_path / "sharded"))
   c.bank.layout = "replicated"
   replicated = jobs.build(c, str(tmp_path / "replicated"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -112,12 +113,13 @@ def test_all_reduce_bytes_do_not_grow_faster_than_the_parameters():
   assert_gradients_reduced_once(planned, result)
 
 
-def test_bank_step_keeps_the_bank_split_over_the_chips():
+def compile_bank_step(layout):
   config = shrunk(
     "imagenet_r18_x3:smoke",
     model__arch="tiny",
     model__shared_stages=1,
     input__synthetic_train_size=1000,
+    bank__layout=layout,
   )
   planned = plan.build(config, TOPOLOGY)
   result, compiled = plan.compile_and_analyse(
@@ -129,6 +131,11 @@ def test_bank_step_keeps_the_bank_split_over_the_chips():
   )
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
+  return planned, result, compiled
+
+
+def test_bank_step_keeps_the_bank_split_over_the_chips():
+  planned, result, compiled = compile_bank_step("sharded")
   members, rows, dim = planned.state.bank.shape
   assert rows == 1000
   assert planned.state.bank.sharding.shard_shape((members, rows, dim)) == (
@@ -141,6 +148,20 @@ def test_bank_step_keeps_the_bank_split_over_the_chips():
   hlo = compiled.as_text()
   assert f"f32[{members},{rows // CHIPS},{dim}]" in hlo
   assert f"f32[{members},{rows},{dim}]" not in hlo
+
+
+def test_a_replicated_bank_is_read_on_each_chip_without_moving_rows():
+  """bank.layout="replicated": each chip holds the whole bank and reads its own examples'
+  candidates from it; no collective carries bank rows (only the batch's [M, B, d]
+  embeddings and [B] indices are gathered, for the update)."""
+  planned, result, compiled = compile_bank_step("replicated")
+  members, rows, dim = planned.state.bank.shape
+  assert planned.state.bank.sharding.is_fully_replicated
+  hlo = compiled.as_text()
+  assert f"f32[{members},{rows},{dim}]" in hlo
+  for line in hlo.splitlines():
+    if re.search(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all)(-start)?\(", line):
+      assert f"{rows},{dim}]" not in line, line  # no bank rows in any collective
 
 
 def test_moco_step_compiles():
