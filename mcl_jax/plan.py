@@ -1,12 +1,21 @@
-r"""`mcl-plan`: compile a config's real train step for a TPU slice, from a CPU host.
+r"""`mcl-plan`: compile a config's real train step for a TPU slice or NVIDIA GPUs, from a CPU
+host.
 
   mcl-plan --config=imagenet_r18_x3 --topology=v4:2x2x4 [--batch=N] [--json_out=F]
   mcl-plan --config=cifar100_resnet32:mcl_x4 --topology=v5e:2x2 --max_batch
+  mcl-plan --config=imagenet_r18_x3 --topology=h100:1x1x8    (one 8-GPU H100 SXM node)
   mcl-plan --all --topology=v5e:2x2 --json_out=plans.jsonl     (every shipped config)
 
 XLA's TPU compiler (libtpu, `pip install "jax[tpu]==0.10.2"`) runs on any CPU host:
 `jax.experimental.topologies` gives compile-only TPU devices, and a program lowered for a
-mesh over them compiles into what the slice would run. The plan compiles the step exactly
+mesh over them compiles into what the slice would run. XLA's GPU compiler does the same
+for NVIDIA GPUs (JAX's CUDA plugin, `pip install "jax[cuda12]==0.10.2"`, no GPU needed):
+`--topology=GPU:PARTITIONSxHOSTSxGPUS` (h100, a100; e.g. h100:1x1x8, GPUs per host last)
+makes compile-only devices from XLA's description of that GPU (a
+`stream_executor.GpuTargetConfigProto`, mcl_jax/gpu_specs/, written from NVIDIA's
+datasheets). Without a GPU driver the plugin's start-up check fails, so the plan sets
+JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (JAX_PLATFORMS=cpu also skips it, and keeps JAX from
+trying a GPU backend). The plan compiles the step exactly
 as `fit` would: the regime's own task (`regimes.get(config.trainer)`) is built from a
 `loop.Setup` by `loop.prepare`, so the step function, its shardings and its donation are
 the task's (`sharding.compile_step`), not a copy. Nothing is read or allocated: the data
@@ -23,6 +32,14 @@ max(FLOPs / peak, bytes / HBM bandwidth) per chip; the label says which), images
 at that estimate, the collectives with their counts and result bytes, whether anything is
 float64 or a host callback, and the compile time. These are the compiler's estimates for
 a program it never ran, not measurements.
+
+On GPUs (one JAX device, one "chip", per GPU) XLA gives no cost analysis of the compiled
+program: the FLOPs are XLA's cost analysis of the per-GPU program after SPMD partitioning
+and before optimisation (`partitioned_cost`), there are no bytes accessed of the compiled
+program, so the step time is the compute bound FLOPs / peak alone (a lower bound; the
+label says so), and the bytes the unfused program would move are reported beside it. A
+compile-only GPU plan cannot know which kernels cuDNN's autotuning picks at run time (nor
+their scratch memory), the kernels' times, NCCL's bandwidth, or the input pipeline's.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -46,7 +64,7 @@ from mcl_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-  """One TPU chip's published figures (per chip, not per TensorCore)."""
+  """One accelerator chip's published figures (per chip, not per TensorCore)."""
 
   kind: str
   bf16_tflops: float
@@ -55,6 +73,23 @@ class ChipSpec:
   source: str
   megacore: bool = False  # one JAX device per chip (both TensorCores): v4, v5p
   devices_per_chip: int = 1  # v3: one device per TensorCore, two per chip
+  # GPUs: the file of mcl_jax/gpu_specs/ that describes the GPU to XLA's GPU compiler (a
+  # stream_executor.GpuTargetConfigProto in text format); None for TPUs.
+  target_config: str | None = None
+  # GPUs: the dense TF32 Tensor Core rate, at which XLA:GPU runs float32 convolutions and
+  # dots of default precision. None (TPUs): the bf16 rate, as their default precision
+  # multiplies float32 operands in bfloat16 passes.
+  tf32_tflops: float | None = None
+
+  @property
+  def platform(self) -> str:
+    return "tpu" if self.target_config is None else "cuda"
+
+  def peak_tflops(self, dtype: str) -> float:
+    """The peak of a step that computes in `dtype` (config.model.dtype)."""
+    if dtype == "float32" and self.tf32_tflops is not None:
+      return self.tf32_tflops
+    return self.bf16_tflops
 
 
 GiB, GB = 2**30, 10**9
@@ -76,6 +111,43 @@ CHIPS = {
 }
 EXAMPLES = "v4:2x2x4, v5e:2x2, v5e:4x4, v5p:2x2x1, v6e:2x2, v3:4x4"
 INSTALL = "pip install 'jax[tpu]==0.10.2'"
+# NVIDIA's datasheets (dense figures: the H100 datasheet gives Tensor Core rates "with
+# sparsity", twice the dense ones, in a footnote): "NVIDIA H100 Tensor Core GPU" datasheet,
+# column H100 SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity (989.5 dense), TF32 Tensor
+# Core 989 TFLOPS with sparsity (494.5 dense), GPU memory 80 GB, 3.35 TB/s; "NVIDIA A100
+# Tensor Core GPU" datasheet, column A100 80GB SXM: BF16 Tensor Core 312 TFLOPS (624 with
+# sparsity), TF32 Tensor Core 156 TFLOPS (312 with sparsity), 80 GB HBM2e, 2,039 GB/s. The
+# figures XLA's compiler is given (SMs, clocks, shared memory, L2) are in the spec files of
+# mcl_jax/gpu_specs/, each with its source.
+GPUS = {
+  "h100": ChipSpec(
+    "NVIDIA H100 SXM5 80GB",
+    989.5,
+    80 * GB,
+    3350.0,
+    "nvidia.com/en-us/data-center/h100 (H100 SXM datasheet)",
+    target_config="h100_sxm.txtpb",
+    tf32_tflops=494.5,
+  ),
+  "a100": ChipSpec(
+    "NVIDIA A100 SXM4 80GB",
+    312.0,
+    80 * GB,
+    2039.0,
+    "nvidia.com/en-us/data-center/a100 (A100 80GB SXM datasheet)",
+    target_config="a100_sxm_80.txtpb",
+    tf32_tflops=156.0,
+  ),
+}
+GPU_EXAMPLES = "h100:1x1x8, a100:1x1x8"
+GPU_INSTALL = "pip install 'jax[cuda12]==0.10.2'"
+GPU_SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
+# The pip packages of JAX's CUDA 12 plugin: the XLA:GPU compiler (jax-cuda12-pjrt) and its
+# kernels' Python side (jax-cuda12-plugin); `jax[cuda12]` installs both.
+CUDA_MODULES = ("jax_plugins.xla_cuda12", "jax_cuda12_plugin")
+# JAX's GPU client preallocates this fraction of a GPU's memory by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION); a step that needs more must raise it.
+GPU_DEFAULT_MEM_FRACTION = 0.75
 # Training-set sizes of the datasets whose files a plan never reads.
 IMAGENET_TRAIN, IMAGENET_CLASSES = 1_281_167, 1000
 CIFAR = {"cifar10": (50_000, 10_000, 10), "cifar100": (50_000, 10_000, 100)}
@@ -113,20 +185,59 @@ def require_libtpu() -> None:
     )
 
 
-def chip_spec(topology: str) -> ChipSpec:
-  generation = topology.split(":")[0].lower()
-  if generation not in CHIPS or ":" not in topology:
+def require_cuda_compiler() -> None:
+  """ConfigError (one sentence) when XLA's GPU compiler (JAX's CUDA plugin) is not installed."""
+  import importlib.util
+
+  def found(name: str) -> bool:
+    try:
+      return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package (jax_plugins) is absent
+      return False
+
+  if not all(found(name) for name in CUDA_MODULES):
     raise ConfigError(
-      f"Unknown --topology={topology!r}; name a TPU slice as GENERATION:SHAPE "
-      f"with GENERATION one of {', '.join(CHIPS)}, e.g. {EXAMPLES}."
+      f"GPU plans need XLA's GPU compiler (JAX's CUDA plugin), which is not installed; run "
+      f"{GPU_INSTALL} (about 5.5 GB of CUDA wheels, no GPU needed)."
     )
-  return CHIPS[generation]
+
+
+def chip_spec(topology: str) -> ChipSpec:
+  """The chip of `topology`: GENERATION:SHAPE for a TPU slice, GPU:PxHxG for NVIDIA GPUs."""
+  name, _, shape = topology.partition(":")
+  spec = CHIPS.get(name.lower()) or GPUS.get(name.lower())
+  if (
+    spec is None
+    or not shape
+    or (spec.platform == "cuda" and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape))
+  ):
+    raise ConfigError(
+      f"Unknown --topology={topology!r}; name a TPU slice as GENERATION:SHAPE with "
+      f"GENERATION one of {', '.join(CHIPS)}, e.g. {EXAMPLES}; or NVIDIA GPUs as "
+      f"GPU:PARTITIONSxHOSTSxGPUS with GPU one of {', '.join(GPUS)}, e.g. {GPU_EXAMPLES}."
+    )
+  return spec
+
+
+def gpu_target_config(spec: ChipSpec) -> str:
+  """The text of the GPU's description for XLA (a file of mcl_jax/gpu_specs/)."""
+  path = os.path.join(GPU_SPECS, str(spec.target_config))
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError as e:
+    raise ConfigError(
+      f"XLA's description of the {spec.kind} cannot be read ({e.strerror}: {path})."
+    ) from None
 
 
 @functools.cache
 def topology_devices(topology: str) -> tuple[Any, ...]:
-  """The compile-only devices of a TPU slice (one per chip on v4/v5p: megacore)."""
+  """The compile-only devices of a TPU slice (one per chip on v4/v5p: megacore) or of
+  NVIDIA GPUs (one per GPU)."""
   spec = chip_spec(topology)
+  if spec.platform == "cuda":
+    return _gpu_devices(topology, spec)
   require_libtpu()
   # Another process on this host that touched libtpu holds its lock file; compiling
   # needs no exclusive TPU, so a second loader is harmless here.
@@ -137,9 +248,43 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # libtpu's own message: keep its first line
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(
-      f"libtpu does not know --topology={topology!r} ({first[:160]}); try one of {EXAMPLES}."
+      f"libtpu does not know --topology={topology!r} ({_first_line(e)}); try one of {EXAMPLES}."
+    ) from None
+  return tuple(desc.devices)
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def _gpu_devices(topology: str, spec: ChipSpec) -> tuple[Any, ...]:
+  """Compile-only GPUs made by JAX's CUDA plugin from `spec`'s description of the GPU;
+  the shape is PARTITIONSxHOSTSxGPUS (GPUs per host)."""
+  require_cuda_compiler()
+  config_text = gpu_target_config(spec)
+  # Without a GPU driver the plugin's start-up check of the CUDA libraries fails and the
+  # plugin is not registered; compiling needs neither. (JAX_PLATFORMS=cpu skips the check
+  # too.) Read when JAX first loads its plugins, so it helps only if nothing did before.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  from jax.experimental import topologies
+
+  name, _, shape = topology.partition(":")
+  try:
+    desc = topologies.get_topology_desc(
+      topology_name=name.lower(), platform="cuda", target_config=config_text, topology=shape
+    )
+  except NotImplementedError:  # the plugin failed to start in this process
+    raise ConfigError(
+      "JAX's CUDA plugin did not start in this process (its check of the CUDA libraries "
+      "needs a GPU driver); set JAX_PLATFORMS=cpu before JAX starts to plan for GPUs on a "
+      "host without one."
+    ) from None
+  except Exception as e:  # the plugin's own message: keep its first line
+    raise ConfigError(
+      f"JAX's CUDA plugin cannot make --topology={topology!r} ({_first_line(e)}); try one "
+      f"of {GPU_EXAMPLES}."
     ) from None
   return tuple(desc.devices)
 
@@ -369,10 +514,50 @@ def host_callbacks(hlo: str) -> list[str]:
   return sorted(set(re.findall(r'custom_call_target="([^"]*callback[^"]*)"', hlo)))
 
 
+# Compiler options that make XLA dump the module right after its SPMD partitioning pass:
+# one device's program, before the backend's optimisations (XLA:GPU and XLA:CPU alike).
+PARTITIONED_DUMP = {"xla_dump_hlo_as_text": True, "xla_dump_hlo_pass_re": "^spmd-partitioning$"}
+
+
+def partitioned_cost(dump_dir: str) -> dict[str, float]:
+  """XLA's cost analysis ({'flops', 'bytes accessed', ...}) of the per-device program after
+  SPMD partitioning, read from a compile's dump (`PARTITIONED_DUMP`); {} if absent.
+
+  For a backend (XLA:GPU) that gives no cost analysis of its compiled program. Per device,
+  unlike the lowered program's (the whole mesh's work, except inside shard_map, whose body
+  is already one device's), and before fusion: convolutions and dots are counted as XLA
+  counts them (2 per multiply-add), and 'bytes accessed' counts every unfused op's
+  operands and result, far more than a fused program moves. The analysis is XLA:CPU's
+  (`hlo_module_cost_analysis` of JAX's internals; the FLOPs of an op do not depend on the
+  backend)."""
+  import glob
+
+  import jax
+  from jax._src.lib import _jax  # pylint: disable=protected-access
+  from jax._src.lib import hlo as hlo_lib  # pylint: disable=protected-access
+
+  files = sorted(glob.glob(os.path.join(dump_dir, "*.after_spmd-partitioning.*.txt")))
+  if not files:
+    return {}
+  with open(files[0]) as f:
+    module = hlo_lib.hlo_module_from_text(f.read())
+  cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+  return {k: float(v) for k, v in dict(cost).items()}
+
+
 def analyse(
-  compiled: Any, spec: ChipSpec, *, num_chips: int, batch_size: int, compile_s: float
+  compiled: Any,
+  spec: ChipSpec,
+  *,
+  num_chips: int,
+  batch_size: int,
+  compile_s: float,
+  partitioned: dict[str, float] | None = None,
+  dtype: str = "bfloat16",
 ) -> dict[str, Any]:
-  """The plan of one compiled step (module docstring), per chip."""
+  """The plan of one compiled step (module docstring), per chip. `partitioned`: the
+  `partitioned_cost` of the step, for a compiled program without a cost analysis (GPU);
+  `dtype`: the step's compute dtype, which picks the peak (`ChipSpec.peak_tflops`)."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -385,14 +570,32 @@ def analyse(
   temporaries = memory.temp_size_in_bytes * per_chip
   code = memory.generated_code_size_in_bytes * per_chip
   total = arguments + outputs - aliased + temporaries + code
-  flops = float(cost.get("flops", 0.0)) * per_chip
-  bytes_accessed = float(cost.get("bytes accessed", 0.0)) * per_chip
-  compute_s = flops / (spec.bf16_tflops * 1e12)
-  memory_s = bytes_accessed / (spec.hbm_gbps * 1e9)
-  roofline_s = max(compute_s, memory_s)
+  unfused_bytes = None
+  if "flops" in cost or partitioned is None:
+    flops_basis = "XLA cost analysis of the compiled program"
+    flops = float(cost.get("flops", 0.0)) * per_chip
+    bytes_accessed: float | None = float(cost.get("bytes accessed", 0.0)) * per_chip
+  else:  # XLA:GPU: no cost analysis of the compiled program, no bytes it accesses
+    flops_basis = (
+      "XLA cost analysis of the per-device program after SPMD partitioning, before "
+      "optimisation (the compiled program has none)"
+      if "flops" in partitioned
+      else "none: XLA dumped no partitioned program to count"
+    )
+    flops = partitioned.get("flops", 0.0) * per_chip
+    bytes_accessed = None
+    unfused_bytes = partitioned.get("bytes accessed", 0.0) * per_chip
+  peak = spec.peak_tflops(dtype) * 1e12
+  compute_s = flops / peak
+  memory_s = None if bytes_accessed is None else bytes_accessed / (spec.hbm_gbps * 1e9)
+  roofline_s = max(compute_s, memory_s or 0.0)
   optimal = cost.get("optimal_seconds")
   if optimal is not None and math.isfinite(optimal) and optimal > 0:
     step_s, basis = float(optimal), "compiler optimal_seconds"
+  elif memory_s is None:
+    # No bytes accessed: only the compute side of the roofline, a lower bound on the time
+    # (so images/s is an upper bound, and MFU 100% by construction).
+    step_s, basis = compute_s, "compute bound only: FLOPs/peak (no bytes accessed on GPU)"
   else:
     # The compiler's FLOPs over the peak, or its bytes accessed (every op's operands and
     # result, as the cost analysis counts them) over the HBM bandwidth, whichever is longer.
@@ -403,20 +606,22 @@ def analyse(
         + ("FLOPs/peak" if compute_s >= memory_s else "bytes accessed/HBM bandwidth")
       ),
     )
-  return {
-    "hbm_per_chip": {
-      "arguments": arguments,
-      "outputs": outputs,
-      "aliased": aliased,
-      "temporaries": temporaries,
-      "code": code,
-      "total": total,
-      "capacity": spec.hbm_bytes,
-      "fits": total <= spec.hbm_bytes,
-      "margin": spec.hbm_bytes - total,
-    },
+  hbm: dict[str, Any] = {
+    "arguments": arguments,
+    "outputs": outputs,
+    "aliased": aliased,
+    "temporaries": temporaries,
+    "code": code,
+    "total": total,
+    "capacity": spec.hbm_bytes,
+    "fits": total <= spec.hbm_bytes,
+    "margin": spec.hbm_bytes - total,
+  }
+  result: dict[str, Any] = {
+    "hbm_per_chip": hbm,
     "flops_per_chip": flops,
     "flops_per_step": flops * num_chips,
+    "flops_basis": flops_basis,
     "bytes_accessed_per_chip": bytes_accessed,
     "compiler_optimal_seconds": None if optimal is None else float(optimal),
     "roofline_seconds": roofline_s,
@@ -425,18 +630,38 @@ def analyse(
     "step_seconds": step_s,
     "step_seconds_basis": basis,
     "images_per_second": batch_size / step_s if step_s > 0 else None,
-    "mfu": flops / step_s / (spec.bf16_tflops * 1e12) if step_s > 0 else None,
+    "mfu": flops / step_s / peak if step_s > 0 else None,
     "collectives": collectives(hlo),
     "float64": bool(re.search(r"\bf64\[", hlo)),
     "host_callbacks": host_callbacks(hlo),
     "compile_seconds": compile_s,
   }
+  if spec.platform == "cuda":
+    # What the unfused program's ops would move (an overestimate of a fused program's
+    # traffic), at the HBM bandwidth: beside the compute bound, not used for the estimate.
+    result["unfused_bytes_accessed_per_chip"] = unfused_bytes
+    result["unfused_memory_seconds"] = (
+      None if unfused_bytes is None else unfused_bytes / (spec.hbm_gbps * 1e9)
+    )
+    result["custom_calls"] = custom_calls(hlo)
+    hbm["fits_default_preallocation"] = total <= GPU_DEFAULT_MEM_FRACTION * spec.hbm_bytes
+  return result
+
+
+def custom_calls(hlo: str) -> dict[str, int]:
+  """{target: count} of the compiled program's custom calls (on GPU: cuDNN convolutions,
+  cuBLAS GEMMs, ...)."""
+  found: dict[str, int] = {}
+  for target in re.findall(r'custom_call_target="([^"]*)"', hlo):
+    found[target] = found.get(target, 0) + 1
+  return dict(sorted(found.items()))
 
 
 @contextlib.contextmanager
 def no_persistent_cache() -> Iterator[None]:
   """A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
-  cache (there is no TPU client to load it into), so plans neither write nor read it.
+  cache (there is no TPU client to load it into), so plans neither write nor read it; a
+  GPU plan must compile for real too, as the compile dumps what `partitioned_cost` counts.
 
   JAX decides once per process whether the cache is used: reset that decision on the way
   in and out, so the process's other compiles keep the cache."""
@@ -457,19 +682,32 @@ def no_persistent_cache() -> Iterator[None]:
 
 
 def compile_and_analyse(
-  fn: Any, args: tuple[Any, ...], spec: ChipSpec, *, num_chips: int, batch_size: int
+  fn: Any,
+  args: tuple[Any, ...],
+  spec: ChipSpec,
+  *,
+  num_chips: int,
+  batch_size: int,
+  dtype: str = "bfloat16",
 ) -> tuple[dict[str, Any], Any]:
   """Lowers and compiles the jitted `fn` on abstract `args`; (`analyse`'s plan, the
   compiled program)."""
   start = time.perf_counter()
-  with no_persistent_cache():
-    compiled = fn.lower(*args).compile()
+  with no_persistent_cache(), tempfile.TemporaryDirectory(prefix="mcl_plan_") as dump:
+    # XLA:GPU gives no cost analysis of the compiled program: count the FLOPs on the
+    # partitioned program that the compile dumps (`partitioned_cost`).
+    options = None if spec.platform == "tpu" else {**PARTITIONED_DUMP, "xla_dump_to": dump}
+    compiled = fn.lower(*args).compile(compiler_options=options)
+    compile_s = time.perf_counter() - start
+    partitioned = None if options is None else partitioned_cost(dump)
   result = analyse(
     compiled,
     spec,
     num_chips=num_chips,
     batch_size=batch_size,
-    compile_s=time.perf_counter() - start,
+    compile_s=compile_s,
+    partitioned=partitioned,
+    dtype=dtype,
   )
   return result, compiled
 
@@ -482,6 +720,7 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
   planned = build(config, topology)
   chips = planned.mesh.size // spec.devices_per_chip
   batch_size = planned.config.input.global_batch_size
+  dtype = planned.config.model.dtype
   # The task's jitted step (`sharding.compile_step`: its shardings and donation), the very
   # object `train_step` calls; lowered here instead of called.
   train_plan, _ = compile_and_analyse(
@@ -490,11 +729,13 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
     spec,
     num_chips=chips,
     batch_size=batch_size,
+    dtype=dtype,
   )
   result = {
     "config": config_name(planned.config),
     "topology": topology,
     "chip": spec.kind,
+    "platform": spec.platform,
     "chips": chips,
     "devices": planned.mesh.size,
     "trainer": planned.config.trainer,
@@ -505,6 +746,8 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
     "steps_per_epoch": planned.task.setup.steps_per_epoch,
     "chip_source": spec.source,
     "bf16_tflops_per_chip": spec.bf16_tflops,
+    # The peak of the step's dtype that the time estimate and MFU use (`peak_tflops`).
+    "peak_tflops_per_chip": spec.peak_tflops(dtype),
     "hbm_gbps_per_chip": spec.hbm_gbps,
     "jax": jax.__version__,
     "optimizations": (
@@ -515,15 +758,23 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
   }
   bank = getattr(planned.state, "bank", None)
   if bank is not None:
+    # Split over the chips (bank.layout "sharded") or a whole copy on each ("replicated").
+    per_device = math.prod(bank.sharding.shard_shape(bank.shape)) * bank.dtype.itemsize
     result["bank"] = {
       "shape": list(bank.shape),
+      "layout": planned.config.bank.layout,
       "total_bytes": bank.size * bank.dtype.itemsize,
-      "per_chip_bytes": bank.size * bank.dtype.itemsize // chips,
+      "per_chip_bytes": per_device * spec.devices_per_chip,
     }
   if with_eval and planned.eval_fn is not None:
     eval_size = planned.task.setup.eval_batch_size()
     result["eval"], _ = compile_and_analyse(
-      planned.eval_fn, planned.eval_args, spec, num_chips=chips, batch_size=eval_size
+      planned.eval_fn,
+      planned.eval_args,
+      spec,
+      num_chips=chips,
+      batch_size=eval_size,
+      dtype=dtype,
     )
   return result
 
@@ -591,10 +842,17 @@ def _gib(x: float) -> str:
 
 def format_plan(result: dict[str, Any]) -> str:
   """The plan as a short table."""
+  gpu = result.get("platform") == "cuda"
   lines = [
     f"{result['config']} on {result['topology']} ({result['chips']} x "
-    f"{result['chip']}), global batch {result['global_batch']}, {result['dtype']}",
-    "  (XLA:TPU compiler estimates for a program that never ran, not measurements)",
+    f"{result['chip']}), global batch {result['global_batch']}, {result['dtype']}"
+    + (
+      f" (peak {result['peak_tflops_per_chip']:g} TFLOP/s per chip)"
+      if "peak_tflops_per_chip" in result
+      else ""
+    ),
+    f"  (XLA:{'GPU' if gpu else 'TPU'} compiler estimates for a program that never ran, "
+    "not measurements)",
   ]
   for name in ("train", "eval"):
     step = result.get(name)
@@ -607,11 +865,21 @@ def format_plan(result: dict[str, Any]) -> str:
       f"{_gib(hbm['total'])} of {_gib(hbm['capacity'])}: "
       + ("fits" if hbm["fits"] else "DOES NOT FIT")
       + f" (margin {_gib(hbm['margin'])})"
+      + (
+        ""
+        if hbm.get("fits_default_preallocation", True)
+        else f"; over JAX's default {GPU_DEFAULT_MEM_FRACTION:.0%} preallocation: raise "
+        "XLA_PYTHON_CLIENT_MEM_FRACTION"
+      )
     )
     mfu = f", MFU {100 * step['mfu']:.1f}%" if step["mfu"] is not None else ""
     ips = f", {step['images_per_second']:,.0f} images/s" if step["images_per_second"] else ""
+    at_least = ""
+    if step["step_seconds_basis"].startswith("compute bound only") and ips:
+      # A lower bound on the time: images/s at most, MFU 100% by construction.
+      at_least, mfu, ips = ">= ", "", f", at most {step['images_per_second']:,.0f} images/s"
     lines.append(
-      f"        {step['flops_per_step'] / 1e12:.3f} TFLOP/step; est. step "
+      f"        {step['flops_per_step'] / 1e12:.3f} TFLOP/step; est. step {at_least}"
       f"{1e3 * step['step_seconds']:.2f} ms [{step['step_seconds_basis']}]{ips}"
       f"{mfu}; compiled in {step['compile_seconds']:.0f} s"
     )
@@ -622,15 +890,24 @@ def format_plan(result: dict[str, Any]) -> str:
       )
       or "none"
     )
+    if step.get("unfused_memory_seconds") is not None:
+      lines.append(
+        f"        unfused ops would move {_gib(step['unfused_bytes_accessed_per_chip'])}/GPU: "
+        f"{1e3 * step['unfused_memory_seconds']:.2f} ms at {result['hbm_gbps_per_chip']:,.0f} "
+        "GB/s (before fusion: an overestimate of the traffic)"
+      )
     lines.append(f"        collectives: {ops}")
+    if step.get("custom_calls"):
+      calls = ", ".join(f"{k} x{n}" for k, n in step["custom_calls"].items())
+      lines.append(f"        custom calls: {calls}")
     if step["float64"] or step["host_callbacks"]:
       lines.append(
         f"        WARNING: float64 {step['float64']}, host callbacks {step['host_callbacks']}"
       )
   if "bank" in result:
     lines.append(
-      f"  bank {result['bank']['shape']}: {_gib(result['bank']['total_bytes'])}, "
-      f"{_gib(result['bank']['per_chip_bytes'])} per chip"
+      f"  bank {result['bank']['shape']} ({result['bank']['layout']}): "
+      f"{_gib(result['bank']['total_bytes'])}, {_gib(result['bank']['per_chip_bytes'])} per chip"
     )
   if "max_batch" in result:
     lines.append(f"  largest global batch that fits: {result['max_batch']['max_global_batch']}")
@@ -664,7 +941,11 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "An experiment config: NAME[:ARG].", lock_config=True
   )
-  flags.DEFINE_string("topology", "v4:2x2x4", f"A TPU slice: {EXAMPLES}.")
+  flags.DEFINE_string(
+    "topology",
+    "v4:2x2x4",
+    f"A TPU slice ({EXAMPLES}) or NVIDIA GPUs as GPU:PARTITIONSxHOSTSxGPUS ({GPU_EXAMPLES}).",
+  )
   flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
   flags.DEFINE_string("json_out", None, "Append the plan as one JSON line to this file.")
   flags.DEFINE_bool("max_batch", False, "Also bisect the largest global batch that fits.")
