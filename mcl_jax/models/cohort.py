@@ -54,8 +54,10 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
   grouped convolution, which XLA:CPU runs far slower at CIFAR widths (16-64 channels) and
   somewhat faster at ImageNet widths; map runs members one after another in a loop XLA
   cannot fuse across; unroll was never far from the best on CPU (docs/PERFORMANCE.md has
-  the measurements). No accelerator has measured it yet; unroll is kept there too because
-  JAX issues #13800, #26266 and #26568 report grouped (vmapped) convolutions slow on GPU.
+  the measurements). No accelerator has measured it yet. Under XLA:TPU's own counts
+  (`mcl-plan`, resnet32 and wrn_16_2 x2 on a v5e-4) unroll was as fast or faster than
+  vmap (docs/PERFORMANCE.md); on GPU unroll is kept because JAX issues #13800, #26266 and
+  #26568 report grouped (vmapped) convolutions slow there.
   Re-measure with `benchmarks/gpu.sh` before changing this; `backend` is the hook for a
   per-backend answer.
   """
