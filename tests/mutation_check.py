@@ -71,7 +71,7 @@ MUTATIONS = (
     "mcl_jax/memory_bank.py",
     '    return local_bank.at[:, target].set(new_rows, mode="drop")\n',
     "    return local_bank\n",
-    ("tests/test_memory_bank.py::test_update_sharded_equals_update",),
+    ("tests/test_memory_bank.py::test_update_of_either_layout_equals_update[sharded]",),
   ),
   Mutation(
     "d",
