@@ -21,9 +21,10 @@ import sys
 
 import jax
 import numpy as np
+from plan_checks import assert_gradients_reduced_once
+from plan_checks import shrunk
 import pytest
 
-from mcl_jax import losses
 from mcl_jax import plan
 from mcl_jax.errors import ConfigError
 
@@ -36,17 +37,6 @@ pytestmark = [
 ]
 TOPOLOGY = "v5e:2x2"
 CHIPS = 4
-
-
-def shrunk(name: str, **overrides) -> object:
-  """A shipped config (its smoke variant) at the smallest shapes: 16 px, batch 8."""
-  c = plan.load_config(name)
-  c.input.image_size = 16
-  c.input.global_batch_size = c.input.eval_batch_size = 8
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
 
 
 def compile_train(config):
@@ -74,22 +64,6 @@ def assert_clean(result) -> None:
   assert not result["host_callbacks"], f"host callbacks: {result['host_callbacks']}"
   assert result["hbm_per_chip"]["fits"]
   assert result["flops_per_chip"] > 0
-
-
-def assert_gradients_reduced_once(planned, result) -> None:
-  """The all-reduced elements cover every trained parameter's gradient once: at least as
-  many as those parameters have (the gradients are reduced at all) and under twice (not
-  once per member). Elements, not bytes: a bfloat16 step reduces bfloat16 gradients.
-  Without MCL terms the projection head gets no gradient, so it is not counted."""
-  trained = [
-    leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(planned.state.params)[0]
-    if any(losses.mcl_weights(planned.config.loss).values())
-    or "head" not in [getattr(k, "key", None) for k in path]
-  ]
-  params = num_elements(trained)
-  reduced = result["collectives"]["all-reduce"]["elements"]
-  assert params <= reduced < 2 * params, (params, reduced)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import subprocess
@@ -23,9 +22,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from plan_checks import assert_gradients_reduced_once
+from plan_checks import shrunk
 import pytest
 
-from mcl_jax import losses
 from mcl_jax import plan
 from mcl_jax.errors import ConfigError
 
@@ -246,17 +246,6 @@ def test_partitioned_cost_counts_one_devices_work():
 # ----------------------------------------------------------------------------- with the CUDA wheels
 
 
-def shrunk(name: str, **overrides) -> object:
-  """A shipped config (its smoke variant) at the smallest shapes: 16 px, batch 8."""
-  c = plan.load_config(name)
-  c.input.image_size = 16
-  c.input.global_batch_size = c.input.eval_batch_size = 8
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
-
-
 def compile_train(config, topology=TOPOLOGY):
   planned = plan.build(config, topology)
   result, compiled = plan.compile_and_analyse(
@@ -268,20 +257,6 @@ def compile_train(config, topology=TOPOLOGY):
     dtype=config.model.dtype,
   )
   return planned, result, compiled
-
-
-def assert_gradients_reduced_once(planned, result) -> None:
-  """As tests/test_plan.py: the all-reduced elements cover every trained parameter's
-  gradient once (at least as many, under twice)."""
-  trained = [
-    leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(planned.state.params)[0]
-    if any(losses.mcl_weights(planned.config.loss).values())
-    or "head" not in [getattr(k, "key", None) for k in path]
-  ]
-  params = sum(math.prod(x.shape) for x in trained)
-  reduced = result["collectives"]["all-reduce"]["elements"]
-  assert params <= reduced < 2 * params, (params, reduced)
 
 
 @needs_cuda
