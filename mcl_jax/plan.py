@@ -634,6 +634,9 @@ def analyse(
     "collectives": collectives(hlo),
     "float64": bool(re.search(r"\bf64\[", hlo)),
     "host_callbacks": host_callbacks(hlo),
+    # XLA's cost analysis counts a loop's body once, not once per iteration (a chunked
+    # bank gather, the `map` cohort strategy): FLOPs and bytes then undercount.
+    "while_loops": len(re.findall(r"\bwhile\(", hlo)),
     "compile_seconds": compile_s,
   }
   if spec.platform == "cuda":
@@ -900,6 +903,11 @@ def format_plan(result: dict[str, Any]) -> str:
     if step.get("custom_calls"):
       calls = ", ".join(f"{k} x{n}" for k, n in step["custom_calls"].items())
       lines.append(f"        custom calls: {calls}")
+    if step.get("while_loops"):
+      lines.append(
+        f"        NOTE: {step['while_loops']} loop(s) in the program; the cost analysis counts "
+        "a loop's body once, so FLOPs, bytes and the step estimate undercount"
+      )
     if step["float64"] or step["host_callbacks"]:
       lines.append(
         f"        WARNING: float64 {step['float64']}, host callbacks {step['host_callbacks']}"

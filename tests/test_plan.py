@@ -87,13 +87,14 @@ def test_all_reduce_bytes_do_not_grow_faster_than_the_parameters():
   assert_gradients_reduced_once(planned, result)
 
 
-def compile_bank_step(layout):
+def compile_bank_step(layout, gather_chunk=0):
   config = shrunk(
     "imagenet_r18_x3:smoke",
     model__arch="tiny",
     model__shared_stages=1,
     input__synthetic_train_size=1000,
     bank__layout=layout,
+    bank__gather_chunk=gather_chunk,
   )
   planned = plan.build(config, TOPOLOGY)
   result, compiled = plan.compile_and_analyse(
@@ -122,6 +123,18 @@ def test_bank_step_keeps_the_bank_split_over_the_chips():
   hlo = compiled.as_text()
   assert f"f32[{members},{rows // CHIPS},{dim}]" in hlo
   assert f"f32[{members},{rows},{dim}]" not in hlo
+
+
+def test_a_chunked_gather_is_flagged_as_undercounted():
+  """The chunked bank gather is a loop, whose body XLA's cost analysis counts once: the
+  plan counts the loops and says so."""
+  _, unchunked, _ = compile_bank_step("replicated")
+  _, chunked, _ = compile_bank_step("replicated", gather_chunk=4)
+  assert chunked["while_loops"] > unchunked["while_loops"]
+  assert chunked["flops_per_chip"] < unchunked["flops_per_chip"]  # the undercount itself
+  header = {"config": "c", "topology": TOPOLOGY, "chips": CHIPS, "chip": "TPU v5e"}
+  text = plan.format_plan({**header, "global_batch": 8, "dtype": "float32", "train": chunked})
+  assert "counts a loop's body once" in text
 
 
 def test_a_replicated_bank_is_read_on_each_chip_without_moving_rows():
