@@ -36,3 +36,18 @@ def assert_gradients_reduced_once(planned, result) -> None:
   params = sum(math.prod(x.shape) for x in trained)
   reduced = result["collectives"]["all-reduce"]["elements"]
   assert params <= reduced < 2 * params, (params, reduced)
+
+
+def compile_train(config, topology: str, num_chips: int, **analyse_kwargs):
+  """(planned, the plan's result, the compiled program) of `config`'s train step compiled
+  for `topology`'s compile-only devices, as `mcl-plan` compiles it."""
+  planned = plan.build(config, topology)
+  result, compiled = plan.compile_and_analyse(
+    planned.task.compiled_train_step,
+    (planned.state, planned.batch, planned.task.consts),
+    plan.chip_spec(topology),
+    num_chips=num_chips,
+    batch_size=config.input.global_batch_size,
+    **analyse_kwargs,
+  )
+  return planned, result, compiled

@@ -21,6 +21,7 @@ import sys
 
 import jax
 import numpy as np
+import plan_checks
 from plan_checks import assert_gradients_reduced_once
 from plan_checks import shrunk
 import pytest
@@ -40,14 +41,7 @@ CHIPS = 4
 
 
 def compile_train(config):
-  planned = plan.build(config, TOPOLOGY)
-  result, _ = plan.compile_and_analyse(
-    planned.task.compiled_train_step,
-    (planned.state, planned.batch, planned.task.consts),
-    plan.chip_spec(TOPOLOGY),
-    num_chips=CHIPS,
-    batch_size=config.input.global_batch_size,
-  )
+  planned, result, _ = plan_checks.compile_train(config, TOPOLOGY, CHIPS)
   return planned, result
 
 
@@ -96,14 +90,7 @@ def compile_bank_step(layout, gather_chunk=0):
     bank__layout=layout,
     bank__gather_chunk=gather_chunk,
   )
-  planned = plan.build(config, TOPOLOGY)
-  result, compiled = plan.compile_and_analyse(
-    planned.task.compiled_train_step,
-    (planned.state, planned.batch, planned.task.consts),
-    plan.chip_spec(TOPOLOGY),
-    num_chips=CHIPS,
-    batch_size=config.input.global_batch_size,
-  )
+  planned, result, compiled = plan_checks.compile_train(config, TOPOLOGY, CHIPS)
   assert_clean(result)
   assert_gradients_reduced_once(planned, result)
   return planned, result, compiled

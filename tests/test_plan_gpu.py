@@ -22,6 +22,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plan_checks
 from plan_checks import assert_gradients_reduced_once
 from plan_checks import shrunk
 import pytest
@@ -247,16 +248,7 @@ def test_partitioned_cost_counts_one_devices_work():
 
 
 def compile_train(config, topology=TOPOLOGY):
-  planned = plan.build(config, topology)
-  result, compiled = plan.compile_and_analyse(
-    planned.task.compiled_train_step,
-    (planned.state, planned.batch, planned.task.consts),
-    plan.chip_spec(topology),
-    num_chips=GPUS,
-    batch_size=config.input.global_batch_size,
-    dtype=config.model.dtype,
-  )
-  return planned, result, compiled
+  return plan_checks.compile_train(config, topology, GPUS, dtype=config.model.dtype)
 
 
 @needs_cuda
