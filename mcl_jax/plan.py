@@ -979,7 +979,9 @@ def main(argv: list[str]) -> None:
       configs = [(None, FLAGS.config)]
     chip_spec(FLAGS.topology)
     topology_devices(FLAGS.topology)
-    for name, config in configs:
+    for index, (name, config) in enumerate(configs, 1):
+      if name is not None:
+        print(f"[{index}/{len(configs)}] planning {name} on {FLAGS.topology}", flush=True)
       config = config.copy_and_resolve_references()
       if FLAGS.batch:
         config.input.global_batch_size = FLAGS.batch
@@ -990,7 +992,18 @@ def main(argv: list[str]) -> None:
       except ConfigError as e:
         if name is None:
           raise
-        print(f"{name}: not planned: {e}")
+        print(f"{name}: not planned: {e}", flush=True)
+        continue
+      except Exception as e:  # noqa: BLE001 - one config's compile failure must not end --all
+        if name is None:
+          raise
+        failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"{name}: FAILED to compile: {failure}", flush=True)
+        if FLAGS.json_out:
+          with open(FLAGS.json_out, "a") as f:
+            f.write(
+              json.dumps({"config_name": name, "topology": FLAGS.topology, "error": failure}) + "\n"
+            )
         continue
       if name is not None:
         result["config_name"] = name
