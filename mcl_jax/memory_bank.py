@@ -416,6 +416,12 @@ def gather_similarities_replicated(
   rows of its own examples' candidates ([M, B / D, C, d]) from its copy and dots them
   with their embeddings; nothing crosses devices.
 
+  Unchunked, the gathered rows are kept from the forward to the backward pass (one device's
+  share, [M, B / D, C, d]) rather than gathered again: rematerialising that gather made
+  XLA:TPU re-lay-out the whole bank every step, a bigger copy than the rows themselves
+  (docs/PERFORMANCE.md, "The bank's bytes"). With `chunk_size` > 0 each chunk's gather is
+  rematerialised, since a bounded buffer is what chunking is asked for.
+
   Args:
     bank: [M, N, d], replicated; read with stop_gradient.
     idx: [B, C] dataset indices, split along B over 'data' as the batch is.
@@ -431,12 +437,11 @@ def gather_similarities_replicated(
   def take_rows(bank, idx_chunk):
     return jnp.take(bank, idx_chunk, axis=1)  # [M, B / D, c, d]
 
-  @jax.checkpoint
   def local_similarities(bank, idx, z):
     return _candidate_similarities(take_rows, bank, idx, z, chunk_size)
 
   return jax.shard_map(
-    local_similarities,
+    jax.checkpoint(local_similarities) if chunk_size > 0 else local_similarities,
     mesh=mesh,
     in_specs=(P(), P(DATA_AXIS), P(None, DATA_AXIS)),
     out_specs=P(None, None, DATA_AXIS),

@@ -136,6 +136,10 @@ def test_a_replicated_bank_is_read_on_each_chip_without_moving_rows():
   for line in hlo.splitlines():
     if re.search(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all)(-start)?\(", line):
       assert f"{rows},{dim}]" not in line, line  # no bank rows in any collective
+  # Nor is the whole bank copied into another layout each step (what a rematerialised
+  # gather of its rows made XLA:TPU do).
+  whole_bank_copy = re.compile(rf"= f32\[{members},{rows},{dim}\]\S* copy(-start)?\(")
+  assert not [line for line in hlo.splitlines() if whole_bank_copy.search(line)]
 
 
 def test_moco_step_compiles():
