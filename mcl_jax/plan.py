@@ -959,6 +959,62 @@ def _define_flags() -> None:
   flags.DEFINE_bool("max_batch", False, "Also bisect the largest global batch that fits.")
   flags.DEFINE_bool("eval", True, "Also compile the eval (or kNN feature) step.")
   flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
+  flags.DEFINE_list(
+    "names", [], "Plan these shipped configs (NAME[:ARG], comma-separated) as --all does."
+  )
+
+
+def plan_configs(
+  configs: list[tuple[str | None, Any]],
+  topology: str,
+  *,
+  batch: int | None = None,
+  with_eval: bool = True,
+  with_max_batch: bool = False,
+  json_out: str | None = None,
+) -> list[dict[str, Any]]:
+  """Plans each (name, config) on `topology`, prints each plan and appends it to `json_out`.
+
+  A named config (one of --all or --names) that cannot be planned is reported and skipped,
+  so one failure does not lose the others' plans: a ConfigError is printed, any other error
+  (a compile failure) is printed and written to `json_out` as {"config_name", "error"}.
+  An unnamed config (--config) raises instead. Returns the plans written.
+  """
+
+  def append(record: dict[str, Any]) -> None:
+    if json_out:
+      with open(json_out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  plans = []
+  for index, (name, config) in enumerate(configs, 1):
+    if name is not None:
+      print(f"[{index}/{len(configs)}] planning {name} on {topology}", flush=True)
+    config = config.copy_and_resolve_references()
+    if batch:
+      config.input.global_batch_size = batch
+    try:
+      result = plan(config, topology, with_eval=with_eval)
+      if with_max_batch:
+        result["max_batch"] = max_batch(config, topology)
+    except ConfigError as e:
+      if name is None:
+        raise
+      print(f"{name}: not planned: {e}", flush=True)
+      continue
+    except Exception as e:  # noqa: BLE001 - one config's compile failure must not end --all
+      if name is None:
+        raise
+      failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+      print(f"{name}: FAILED to compile: {failure}", flush=True)
+      append({"config_name": name, "topology": topology, "error": failure})
+      continue
+    if name is not None:
+      result["config_name"] = name
+    print(format_plan(result), flush=True)
+    append(result)
+    plans.append(result)
+  return plans
 
 
 def main(argv: list[str]) -> None:
@@ -971,46 +1027,23 @@ def main(argv: list[str]) -> None:
     errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   configs: list[tuple[str | None, Any]]
   try:
-    if FLAGS.all:
-      configs = [(name, load_config(name)) for name in config_lib.experiment_names()]
+    if FLAGS.all or FLAGS.names:
+      names = FLAGS.names or config_lib.experiment_names()
+      configs = [(name, load_config(name)) for name in names]
     elif FLAGS.config is None:
-      errors.exit_with("pass --config=NAME[:ARG] (or --all).")
+      errors.exit_with("pass --config=NAME[:ARG] (or --all, or --names=A,B).")
     else:
       configs = [(None, FLAGS.config)]
     chip_spec(FLAGS.topology)
     topology_devices(FLAGS.topology)
-    for index, (name, config) in enumerate(configs, 1):
-      if name is not None:
-        print(f"[{index}/{len(configs)}] planning {name} on {FLAGS.topology}", flush=True)
-      config = config.copy_and_resolve_references()
-      if FLAGS.batch:
-        config.input.global_batch_size = FLAGS.batch
-      try:
-        result = plan(config, FLAGS.topology, with_eval=FLAGS.eval)
-        if FLAGS.max_batch:
-          result["max_batch"] = max_batch(config, FLAGS.topology)
-      except ConfigError as e:
-        if name is None:
-          raise
-        print(f"{name}: not planned: {e}", flush=True)
-        continue
-      except Exception as e:  # noqa: BLE001 - one config's compile failure must not end --all
-        if name is None:
-          raise
-        failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        print(f"{name}: FAILED to compile: {failure}", flush=True)
-        if FLAGS.json_out:
-          with open(FLAGS.json_out, "a") as f:
-            f.write(
-              json.dumps({"config_name": name, "topology": FLAGS.topology, "error": failure}) + "\n"
-            )
-        continue
-      if name is not None:
-        result["config_name"] = name
-      print(format_plan(result), flush=True)
-      if FLAGS.json_out:
-        with open(FLAGS.json_out, "a") as f:
-          f.write(json.dumps(result) + "\n")
+    plan_configs(
+      configs,
+      FLAGS.topology,
+      batch=FLAGS.batch,
+      with_eval=FLAGS.eval,
+      with_max_batch=FLAGS.max_batch,
+      json_out=FLAGS.json_out,
+    )
   except ConfigError as e:
     errors.exit_with(str(e))
 

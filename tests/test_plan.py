@@ -287,3 +287,39 @@ def test_the_state_initialisation_compiles_for_tpu_with_its_compiler_options():
     )
   bank = compiled.output_shardings.bank
   assert bank.shard_shape((c.cohort.num_members, 64, c.model.embed_dim))[1] == 64 // CHIPS
+
+
+def test_a_named_config_that_fails_is_reported_and_the_others_still_planned(tmp_path, monkeypatch):
+  """`--all` / `--names`: a compile failure of one config is written to the JSON and does
+  not lose the plans of the configs after it; a config error is printed and skipped."""
+  import ml_collections
+
+  def fake_plan(config, topology, *, with_eval):
+    if config.seed == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: compile failed\nmore detail")
+    if config.seed == 2:
+      raise ConfigError("the batch does not divide over the chips.")
+    return {"config": "c", "topology": topology}
+
+  monkeypatch.setattr(plan, "plan", fake_plan)
+  monkeypatch.setattr(plan, "format_plan", lambda result: "a plan")
+
+  def config(seed):
+    return ml_collections.ConfigDict({"seed": seed, "input": {"global_batch_size": 8}})
+
+  out = tmp_path / "plans.jsonl"
+  plans = plan.plan_configs(
+    [("a", config(1)), ("b", config(2)), ("c", config(3))], TOPOLOGY, json_out=str(out)
+  )
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert lines == [
+    {
+      "config_name": "a",
+      "topology": TOPOLOGY,
+      "error": "RuntimeError: RESOURCE_EXHAUSTED: compile failed",
+    },
+    {"config": "c", "topology": TOPOLOGY, "config_name": "c"},
+  ]
+  assert [p["config_name"] for p in plans] == ["c"]
+  with pytest.raises(RuntimeError):  # a single --config fails loudly
+    plan.plan_configs([(None, config(1))], TOPOLOGY)
