@@ -843,6 +843,41 @@ def _gib(x: float) -> str:
   return f"{x / GiB:.2f} GiB"
 
 
+def markdown_table(plans: list[dict[str, Any]]) -> str:
+  """One markdown row per plan (train step) of `plans` (`--json_out` lines), failures too:
+  what `--table_from` prints for a committed `--all` run."""
+  header = (
+    "| config | network | topology | batch, dtype | HBM per chip (of capacity) | TFLOP/step "
+    "| est. step (basis) | images/s, MFU | all-reduce / all-gather | loops | compile |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+  )
+  rows = [header]
+  for result in plans:
+    name = result.get("config_name", result.get("config", "?"))
+    if "error" in result:
+      rows.append(f"| {name} | FAILED: {result['error']} |" + " |" * 9)
+      continue
+    train = result["train"]
+    hbm = train["hbm_per_chip"]
+    collectives = train["collectives"]
+    basis = "compiler" if train["step_seconds_basis"].startswith("compiler") else "roofline"
+    reduces, gathers = (
+      collectives.get(k, {}).get("count", 0) for k in ("all-reduce", "all-gather")
+    )
+    rows.append(
+      f"| {name} | {result['config']} | {result['topology']} | "
+      f"{result['global_batch']}, {result['dtype']} | "
+      f"{hbm['total'] / GiB:.2f} of {hbm['capacity'] / GiB:.1f} GiB"
+      f"{'' if hbm['fits'] else ' (does not fit)'} | {train['flops_per_step'] / 1e12:.3g} | "
+      f"{train['step_seconds'] * 1e3:.2f} ms ({basis}) | "
+      f"{train['images_per_second']:,.0f}, {train['mfu']:.1%} | "
+      f"{reduces} / {gathers} | "
+      f"{train['while_loops'] or ''}{' (undercounted)' if train['while_loops'] else ''} | "
+      f"{train['compile_seconds']:.0f} s |"
+    )
+  return "\n".join(rows)
+
+
 def format_plan(result: dict[str, Any]) -> str:
   """The plan as a short table."""
   gpu = result.get("platform") == "cuda"
@@ -959,6 +994,11 @@ def _define_flags() -> None:
   flags.DEFINE_bool("max_batch", False, "Also bisect the largest global batch that fits.")
   flags.DEFINE_bool("eval", True, "Also compile the eval (or kNN feature) step.")
   flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
+  flags.DEFINE_string(
+    "table_from",
+    None,
+    "Print the plans of a --json_out file as one markdown table; compile nothing.",
+  )
   flags.DEFINE_list(
     "names", [], "Plan these shipped configs (NAME[:ARG], comma-separated) as --all does."
   )
@@ -1026,6 +1066,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     errors.exit_with(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value.")
   configs: list[tuple[str | None, Any]]
+  if FLAGS.table_from:
+    try:
+      with open(FLAGS.table_from) as f:
+        print(markdown_table([json.loads(line) for line in f if line.strip()]))
+    except (OSError, ValueError, KeyError) as e:
+      errors.exit_with(f"--table_from={FLAGS.table_from}: not a file of mcl-plan JSON lines ({e}).")
+    return
   try:
     if FLAGS.all or FLAGS.names:
       names = FLAGS.names or config_lib.experiment_names()

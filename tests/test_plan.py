@@ -323,3 +323,56 @@ def test_a_named_config_that_fails_is_reported_and_the_others_still_planned(tmp_
   assert [p["config_name"] for p in plans] == ["c"]
   with pytest.raises(RuntimeError):  # a single --config fails loudly
     plan.plan_configs([(None, config(1))], TOPOLOGY)
+
+
+def test_table_from_prints_one_row_per_plan_and_failure(tmp_path):
+  """`mcl-plan --table_from=F`: the committed `--all` output as one markdown table, with
+  failures, loops (undercounted) and plans that do not fit said in their rows."""
+  train = {
+    "hbm_per_chip": {"total": 3 * 2**30, "capacity": 16e9, "fits": True},
+    "flops_per_step": 4.8e12,
+    "step_seconds": 0.0138,
+    "step_seconds_basis": "roofline (compiler estimate invalid): bytes accessed/HBM bandwidth",
+    "images_per_second": 18527.0,
+    "mfu": 0.11,
+    "collectives": {"all-reduce": {"count": 71}, "all-gather": {"count": 104}},
+    "while_loops": 0,
+    "compile_seconds": 273.0,
+  }
+  good = {
+    "config_name": "imagenet_r18_x3",
+    "config": "resnet18 x3 (supervised)",
+    "topology": "v5e:4x4",
+    "global_batch": 256,
+    "dtype": "bfloat16",
+    "train": train,
+  }
+  looped = {
+    **good,
+    "config_name": "looped",
+    "train": {**train, "while_loops": 2, "hbm_per_chip": {**train["hbm_per_chip"], "fits": False}},
+  }
+  failed = {"config_name": "broken", "topology": "v5e:4x4", "error": "RuntimeError: no"}
+  out = tmp_path / "plans.jsonl"
+  out.write_text("".join(json.dumps(p) + "\n" for p in (good, looped, failed)))
+  run = subprocess.run(
+    [sys.executable, "-m", "mcl_jax.plan", f"--table_from={out}"], capture_output=True, text=True
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [line for line in run.stdout.splitlines() if line.startswith("| ")][1:]
+  assert len(rows) == 3
+  assert rows[0].startswith(
+    "| imagenet_r18_x3 | resnet18 x3 (supervised) | v5e:4x4 | 256, bfloat16 | "
+    "3.00 of 14.9 GiB | 4.8 |"
+  )
+  assert (
+    "13.80 ms (roofline)" in rows[0] and "18,527, 11.0%" in rows[0] and "| 71 / 104 |" in rows[0]
+  )
+  assert "(does not fit)" in rows[1] and "2 (undercounted)" in rows[1]
+  assert rows[2].startswith("| broken | FAILED: RuntimeError: no |")
+  bad = subprocess.run(
+    [sys.executable, "-m", "mcl_jax.plan", f"--table_from={tmp_path / 'none.jsonl'}"],
+    capture_output=True,
+    text=True,
+  )
+  assert bad.returncode == 2 and "not a file of mcl-plan JSON lines" in bad.stderr
