@@ -220,6 +220,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
   "loss.kd_temperature": _TEMPERATURE,
   "loss.co2_temperature": _TEMPERATURE,
   "loss.soft_warmup_epochs": Bounds(0, note="(0: constant weights)"),
+  "loss.icl_warmup_epochs": Bounds(0, note="(0: constant weights)"),
   "bank.num_positives": Bounds(1),
   "bank.num_negatives": Bounds(1),
   "bank.momentum": Bounds(0, 1),
@@ -401,7 +402,8 @@ def validate(
 
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
-  from mcl_jax import memory_bank  # Imported here: the registries pull in Flax.
+  from mcl_jax import losses  # Imported here: the registries pull in JAX and Flax.
+  from mcl_jax import memory_bank
   from mcl_jax import models
   from mcl_jax import regimes
   from mcl_jax.data import sources
@@ -426,6 +428,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   _choice(config.schedule.kind, "schedule.kind", SCHEDULES)
   _choice(config.input.dataset, "input.dataset", sources.DATASETS)
   _choice(config.ssl.views, "ssl.views", tuple(views.VIEW_SPECS))
+  _choice(config.moco.icl_keys, "moco.icl_keys", losses.ICL_KEYS)
   if config.model.arch not in models.ARCHS:
     raise ConfigError(
       f"Unknown architecture config.model.arch={config.model.arch!r}; "

@@ -29,6 +29,8 @@ LossDict = dict[str, Array]
 
 MCL_TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
 SOFT_TERMS = ("soft_vcl", "soft_icl")
+# The terms in which one member learns from another (ICL, Eq. 5; Soft ICL, Eq. 7).
+INTERACTIVE_TERMS = ("icl", "soft_icl")
 
 
 def mcl_weights(loss_cfg) -> dict[str, float]:
@@ -37,33 +39,61 @@ def mcl_weights(loss_cfg) -> dict[str, float]:
 
 
 def weighted_mcl(
-  terms: LossDict, loss_cfg, soft_scale: Array | float = 1.0, start: Array | float = 0.0
+  terms: LossDict,
+  loss_cfg,
+  soft_scale: Array | float = 1.0,
+  start: Array | float = 0.0,
+  interactive_scale: Array | float = 1.0,
 ) -> Array:
-  """start + sum over the four MCL terms of weight x term, the soft terms' weights times
-  `soft_scale` (`soft_term_ramp`): docs/SPEC.md 2.5, the sum every regime trains."""
+  """start + sum over the four MCL terms of weight x term: docs/SPEC.md 2.5, the sum every
+  regime trains. The soft terms' weights are multiplied by `soft_scale` (`soft_term_ramp`),
+  the interactive terms' (ICL, Soft ICL) by `interactive_scale` (`interactive_term_ramp`);
+  Soft ICL gets both."""
   weights = mcl_weights(loss_cfg)
-  return jnp.asarray(
-    sum(
-      (
-        weights[name] * (soft_scale if name in SOFT_TERMS else 1.0) * terms[name]
-        for name in MCL_TERMS
-      ),
-      start,
+
+  def scale(name: str) -> Array | float:
+    return (soft_scale if name in SOFT_TERMS else 1.0) * (
+      interactive_scale if name in INTERACTIVE_TERMS else 1.0
     )
-  )
+
+  return jnp.asarray(sum((weights[name] * scale(name) * terms[name] for name in MCL_TERMS), start))
+
+
+def linear_ramp(step: Array, ramp_steps: float) -> Array:
+  """min(1, (step + 1) / ramp_steps): 1 / ramp_steps at step 0, 1 from step ramp_steps - 1
+  on; 1 without ramp (ramp_steps <= 0)."""
+  if ramp_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
 
 
 def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
-  """The factor on the soft terms' weights: min(1, (step + 1) / ramp_steps), 1 without ramp.
+  """The factor on the soft terms' weights: `linear_ramp(step, ramp_steps)`.
 
   The soft terms are minimised by collapse (identical embeddings make every similarity
   distribution uniform, so every KL is 0) and carry 10x the weight of VCL/ICL in the
   official recipe; ramping them in over the first steps lets VCL/ICL spread the embeddings
   first (docs/RESULTS.md, "The collapse"). `loss.soft_warmup_epochs` sets ramp_steps.
   """
+  return linear_ramp(step, ramp_steps)
+
+
+def interactive_term_ramp(step: Array, ramp_steps: float) -> Array | float:
+  """The factor on the interactive terms' weights (ICL, Soft ICL): `linear_ramp`.
+
+  With MoCo on Fashion-MNIST, ICL (a member's queries against the other member's key and
+  queue) drove both members into collapse within the first epoch (docs/RESULTS.md, "What
+  drives it: ICL"). Ramping it in lets each member first learn alone (VCL, Soft VCL), so
+  that the other member's keys carry some structure before they are a target.
+  `loss.icl_warmup_epochs` sets ramp_steps.
+
+  Without ramp it is the Python float 1.0, not a float32 array: weight x 1.0 then stays
+  the Python weight, so the loss is bit for bit what it was before this factor existed,
+  in float64 too (tests/test_step_parity.py; a float32 1 would round a weight of 0.1).
+  """
   if ramp_steps <= 0:
-    return jnp.ones((), jnp.float32)
-  return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
+    return 1.0
+  return linear_ramp(step, ramp_steps)
 
 
 # -------------------------------------------------------------------------------------
@@ -333,7 +363,18 @@ def bank_mcl(
 # -------------------------------------------------------------------------------------
 
 
-def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float, kd_temperature: float) -> LossDict:
+ICL_KEYS = ("queue", "batch")
+
+
+def moco_mcl(
+  q: Array,
+  k: Array,
+  queues: Array,
+  *,
+  tau: float,
+  kd_temperature: float,
+  icl_keys: str = "queue",
+) -> LossDict:
   """MoCo-based self-supervised MCL (docs/SPEC.md 2.3; Eqs. 2, 5, 6, 7 with one positive).
 
   logits_ab = [q_a . k_b, q_a Q_b^T] / tau, [B, 1 + K], positive at index 0.
@@ -341,6 +382,10 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float, kd_temperature: f
   Soft VCL = sum_{a != b} KL_T(logits_bb || logits_aa);
   Soft ICL = sum_{a != b} KL_T(logits_ba || logits_ab).
   Keys and queues come from the momentum encoders and are read with stop_gradient.
+
+  icl_keys="batch" (not the paper's) builds ICL and Soft ICL from `batch_icl_logits`
+  instead: member a's queries against member b's keys of the current batch, [B, B], the
+  positive (the same image) on the diagonal, no queue. VCL and Soft VCL are unchanged.
 
   Args:
     q: [M, B, d] L2-normalised queries (view 1, trained encoders).
@@ -360,16 +405,46 @@ def moco_mcl(q: Array, k: Array, queues: Array, *, tau: float, kd_temperature: f
   q = numerics.at_least_float32(q)
   k = numerics.at_least_float32(jax.lax.stop_gradient(k))
   queues = numerics.at_least_float32(jax.lax.stop_gradient(queues))
+  if icl_keys not in ICL_KEYS:
+    raise ValueError(f"icl_keys must be one of {', '.join(ICL_KEYS)}, got {icl_keys!r}.")
   l_pos = _similarity("aid,bid->abi", q, k)[..., None]  # [M, M, B, 1]
   l_neg = _similarity("aid,bkd->abik", q, queues)  # [M, M, B, K]
   logits = jnp.concatenate([l_pos, l_neg], axis=-1) / tau
   vcl, icl = _split_terms(_positives_first_ce(logits, 1))
+  soft_vcl = _soft_vcl(jnp.einsum("aaik->aik", logits), kd_temperature)
+  if icl_keys == "batch":
+    # The queue logits above still serve VCL and Soft VCL (their diagonal pairs a == b);
+    # the interactive terms are rebuilt from the batch keys.
+    batch_logits = batch_icl_logits(q, k, tau=tau)  # [M, M, B, B]
+    # CE with the positive on the diagonal: row i's target is column i.
+    diagonal = jnp.diagonal(batch_logits, axis1=-2, axis2=-1)  # [M, M, B]
+    per_pair = jnp.mean(jax.nn.logsumexp(batch_logits, axis=-1) - diagonal, axis=-1)
+    return {
+      "vcl": vcl,
+      "icl": _off_diagonal_sum(per_pair),
+      "soft_vcl": soft_vcl,
+      "soft_icl": _soft_icl(batch_logits, kd_temperature),
+    }
   return {
     "vcl": vcl,
     "icl": icl,
-    "soft_vcl": _soft_vcl(jnp.einsum("aaik->aik", logits), kd_temperature),
+    "soft_vcl": soft_vcl,
     "soft_icl": _soft_icl(logits, kd_temperature),
   }
+
+
+def batch_icl_logits(q: Array, k: Array, *, tau: float) -> Array:
+  """[M, M, B, B] logits of member a's queries against member b's keys of this batch.
+
+  logits[a, b, i, j] = q_a[i] . k_b[j] / tau: the positive of row i is column i (b's key of
+  the same image), its negatives b's keys of the other images of the batch. Keys are read
+  with stop_gradient. All of them come from b's key encoder of this step (a queue holds keys
+  of earlier steps); there are B - 1 negatives instead of K. The ICL variant
+  `moco.icl_keys = "batch"`.
+  """
+  q = numerics.at_least_float32(q)
+  k = numerics.at_least_float32(jax.lax.stop_gradient(k))
+  return _similarity("aid,bjd->abij", q, k) / tau
 
 
 def co2(q: Array, k: Array, queues: Array, *, temperature: float, cross: bool = False) -> Array:

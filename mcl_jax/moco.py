@@ -301,13 +301,19 @@ def moco_loss(
   encoders: MocoEncoders,
   loss_cfg: ml_collections.ConfigDict,
   soft_scale: Array | float = 1.0,
+  interactive_scale: Array | float = 1.0,
   bn_groups: int = 0,
+  icl_keys: str = "queue",
 ) -> tuple[Array, tuple[dict[str, Array], Any, Array]]:
   """docs/SPEC.md 2.3 total: weighted VCL + ICL + SoftVCL + SoftICL of the queries of
   `images` (+ CO2 with `loss.co2_weight`).
 
-  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`). `bn_groups`
-  G > 1: BN per group of B / G consecutive images (shuffle-BN's query side).
+  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`),
+  `interactive_scale` the ICL and Soft ICL weights (`losses.interactive_term_ramp`).
+  `bn_groups` G > 1: BN per group of B / G consecutive images (shuffle-BN's query side).
+  `icl_keys` (`config.moco.icl_keys`): what ICL contrasts a member's queries with, the
+  other member's key and queue ("queue", the paper's) or its keys of this batch ("batch",
+  `losses.batch_icl_logits`).
 
   Returns (loss, (metrics, new query batch_stats, queries)). Per-member metrics: `ce`
   (the member's own InfoNCE, CE(logits_aa, 0)), `instance_accuracy` (how often the
@@ -317,8 +323,10 @@ def moco_loss(
   q, _, new_stats, hidden = apply_in_groups(
     encoders, {"params": params, "batch_stats": batch_stats}, images, bn_groups
   )
-  terms = losses.moco_mcl(q, keys, queues, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature)
-  total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
+  terms = losses.moco_mcl(
+    q, keys, queues, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature, icl_keys=icl_keys
+  )
+  total = losses.weighted_mcl(terms, loss_cfg, soft_scale, interactive_scale=interactive_scale)
   metrics = dict(terms)
   if loss_cfg.co2_weight:
     metrics["co2"] = losses.co2(
@@ -356,7 +364,9 @@ def train_step(
   materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
   views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
   soft_ramp_steps: float = 0.0,
+  icl_ramp_steps: float = 0.0,
   shuffle_bn_groups: int = 0,
+  icl_keys: str = "queue",
 ) -> tuple[MocoState, dict[str, Array]]:
   """One MoCo-MCL step of the whole cohort (order: module docstring).
 
@@ -366,6 +376,9 @@ def train_step(
   shuffle_bn_groups: 0 (the default), BN over the global batch in both encoders; G > 0,
   shuffle-BN with G groups (`num_bn_groups`; module docstring), its permutation drawn from
   the state's rng.
+  soft_ramp_steps, icl_ramp_steps: steps over which the soft terms' and the interactive
+  terms' weights ramp in (losses.soft_term_ramp, losses.interactive_term_ramp).
+  icl_keys: "queue" or "batch" (moco_loss).
   """
   batch = materialize(consts, batch)
   shuffle_rng = None
@@ -388,7 +401,9 @@ def train_step(
       encoders=encoders,
       loss_cfg=loss_cfg,
       soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+      interactive_scale=losses.interactive_term_ramp(state.step, icl_ramp_steps),
       bn_groups=shuffle_bn_groups,
+      icl_keys=icl_keys,
     ),
     has_aux=True,
   )
@@ -486,7 +501,9 @@ class MocoTask:
         materialize=functools.partial(source.materialize, labels=False),
         views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+        icl_ramp_steps=config.loss.icl_warmup_epochs * setup.steps_per_epoch,
         shuffle_bn_groups=self.bn_groups,
+        icl_keys=config.moco.icl_keys,
       ),
       self.shardings,
       mesh,

@@ -64,14 +64,16 @@ def simclr_loss(
   model: models.Cohort,
   loss_cfg: ml_collections.ConfigDict,
   soft_scale: Array | float = 1.0,
+  interactive_scale: Array | float = 1.0,
 ) -> tuple[Array, tuple[dict, Any]]:
-  """Weighted VCL + ICL + Soft VCL + Soft ICL of the 2B views (module docstring)."""
+  """Weighted VCL + ICL + Soft VCL + Soft ICL of the 2B views (module docstring); the
+  factors on the weights: losses.weighted_mcl."""
   out, mutated = model.apply(
     {"params": params, "batch_stats": batch_stats}, views, train=True, mutable=["batch_stats"]
   )
   z = out["embeddings"]
   terms = losses.batch_mcl(z, image_ids, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature)
-  total = losses.weighted_mcl(terms, loss_cfg, soft_scale)
+  total = losses.weighted_mcl(terms, loss_cfg, soft_scale, interactive_scale=interactive_scale)
   metrics = {**terms, "loss": total}
   # Per member: how often the other view is the nearest of the 2B - 1 (instance accuracy).
   zs = jax.lax.stop_gradient(z)
@@ -102,11 +104,14 @@ def train_step(
   materialize: Callable[..., dict[str, Array]] = data_protocol.as_given,
   views: Callable[[Array, dict[str, Array]], tuple[Array, Array]],
   soft_ramp_steps: float = 0.0,
+  icl_ramp_steps: float = 0.0,
 ) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One step: two views of every image, the in-batch MCL terms, SGD.
 
   batch: what the source's train_batches yielded; `materialize(consts, batch)` and
   `views(rng, batch)` (the source's, data.protocol.Source) make the two views on device.
+  soft_ramp_steps, icl_ramp_steps: steps over which the soft terms' and the interactive
+  terms' weights ramp in (losses.soft_term_ramp, losses.interactive_term_ramp).
   """
   batch = materialize(consts, batch)
   rng, view_rng = jax.random.split(state.rng)
@@ -117,6 +122,7 @@ def train_step(
       model=model,
       loss_cfg=loss_cfg,
       soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+      interactive_scale=losses.interactive_term_ramp(state.step, icl_ramp_steps),
     ),
     has_aux=True,
   )
@@ -184,6 +190,7 @@ class SimclrTask:
         materialize=functools.partial(source.materialize, labels=False),
         views=self.views,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+        icl_ramp_steps=config.loss.icl_warmup_epochs * setup.steps_per_epoch,
       ),
       self.shardings,
       mesh,

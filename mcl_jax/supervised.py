@@ -54,12 +54,14 @@ def total_loss(
   *,
   bank_terms: dict[str, jax.Array] | None = None,
   soft_scale: jax.Array | float = 1.0,
+  interactive_scale: jax.Array | float = 1.0,
 ) -> tuple[jax.Array, dict]:
   """docs/SPEC.md 2.5: sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL (+ KD).
 
   Terms with weight 0 are not computed at all (the baseline pays nothing for MCL).
   `bank_terms`: the four terms already computed against the memory bank (ImageNet).
-  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`).
+  `soft_scale` multiplies the soft terms' weights (`losses.soft_term_ramp`),
+  `interactive_scale` the ICL and Soft ICL weights (`losses.interactive_term_ramp`).
   """
   logits = outputs["logits"]
   ce = cross_entropy(logits, labels)
@@ -73,7 +75,9 @@ def total_loss(
         outputs["embeddings"], labels, tau=loss_cfg.tau, kd_temperature=loss_cfg.kd_temperature
       )
     metrics.update({name: terms[name] for name in losses.MCL_TERMS})
-    total = losses.weighted_mcl(terms, loss_cfg, soft_scale, start=total)
+    total = losses.weighted_mcl(
+      terms, loss_cfg, soft_scale, start=total, interactive_scale=interactive_scale
+    )
   if loss_cfg.logit_kd_weight != 0:
     kd = losses.logit_kd(
       logits, temperature=loss_cfg.kd_temperature, targets=loss_cfg.logit_kd_targets
@@ -182,6 +186,7 @@ def train_step(
   bank_ops: BankOps | None = None,
   bank_momentum: float = 0.5,
   soft_ramp_steps: float = 0.0,
+  icl_ramp_steps: float = 0.0,
   bn_groups: int = 1,
 ) -> tuple[train_state.TrainState, dict]:
   """One SGD step of the whole cohort.
@@ -190,6 +195,8 @@ def train_step(
   source's, data.protocol.Source) turns it into image [B, ...], label [B], index [B] here,
   on device. consts: the source's device arrays, and the bank's class table.
   soft_ramp_steps: steps over which the soft terms' weights ramp in (losses.soft_term_ramp).
+  icl_ramp_steps: steps over which the ICL and Soft ICL weights ramp in
+    (losses.interactive_term_ramp).
   bn_groups: BatchNorm statistics per this many groups of consecutive images
     (layers.apply_in_bn_groups; 1: the whole batch).
   """
@@ -220,6 +227,7 @@ def train_step(
       loss_cfg,
       bank_terms=bank_terms,
       soft_scale=losses.soft_term_ramp(state.step, soft_ramp_steps),
+      interactive_scale=losses.interactive_term_ramp(state.step, icl_ramp_steps),
     )
     if "embeddings" in outputs:
       # The collapse signals: each member's own contrastive loss against its chance value,
@@ -332,6 +340,7 @@ class SupervisedTask:
         bank_ops=self.bank_ops,
         bank_momentum=config.bank.momentum,
         soft_ramp_steps=config.loss.soft_warmup_epochs * setup.steps_per_epoch,
+        icl_ramp_steps=config.loss.icl_warmup_epochs * setup.steps_per_epoch,
         bn_groups=layers.num_bn_groups(config.input.global_batch_size, config.model.bn_group_size),
       ),
       self.shardings,

@@ -123,6 +123,7 @@ ALLOWED = {
     for term in ("vcl", "icl", "soft_vcl", "soft_icl", "logit_kd", "co2")
   },
   ("loss.soft_warmup_epochs", "zero"): "0: the official constant weights (default)",
+  ("loss.icl_warmup_epochs", "zero"): "0: the official constant weights (default)",
   ("bank.momentum", "zero"): "0: each bank row becomes the newest embedding",
   ("bank.gather_chunk", "zero"): "0: all candidates gathered at once (default)",
   ("moco.key_momentum", "zero"): "0: the key encoder copies the query encoder each step",
@@ -154,6 +155,7 @@ ALLOWED = {
     for field in ("optim.lr", "optim.weight_decay", "schedule.decay_factor")
   },
   ("loss.soft_warmup_epochs", "huge"): _LONG_RAMP,
+  ("loss.icl_warmup_epochs", "huge"): _LONG_RAMP,
   ("schedule.warmup_epochs", "huge"): _LONG_RAMP,
   **{
     (field, "an unknown string"): _PATH
@@ -220,9 +222,21 @@ def test_moco_fields_are_checked_under_the_moco_trainer():
     ("moco.key_momentum", 1.5),
     ("moco.key_momentum", math.nan),
     ("moco.mlp", 1),
+    ("moco.icl_keys", "bank"),
   ):
     with pytest.raises(config_lib.ConfigError, match="^" + re.escape(f"config.{field}=")):
       config_lib.validate(with_value(c, field, value), num_devices=8)
+
+
+def test_moco_icl_keys_takes_queue_or_batch():
+  c = _moco()
+  for choice in ("queue", "batch"):
+    config_lib.validate(with_value(c, "moco.icl_keys", choice), num_devices=8)
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=re.escape("config.moco.icl_keys='queues' is not one of queue, batch."),
+  ):
+    config_lib.validate(with_value(c, "moco.icl_keys", "queues"), num_devices=8)
 
 
 def test_shared_stages_must_leave_each_member_its_own_stages():

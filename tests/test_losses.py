@@ -508,3 +508,133 @@ def test_co2_gradient_reaches_only_the_query():
   )(q, k, queues)
   assert np.any(np.asarray(g_q) != 0.0)
   assert np.all(np.asarray(g_k) == 0.0) and np.all(np.asarray(g_queues) == 0.0)
+
+
+# -------------------------------------------------------------------------------------
+# The ramps and the weighted sum (docs/SPEC.md 2.5)
+# -------------------------------------------------------------------------------------
+
+
+def test_interactive_term_ramp_rises_from_near_zero_to_one():
+  ramp = 3 * 39.0  # loss.icl_warmup_epochs = 3 at 39 steps per epoch
+  at = lambda step: float(losses.interactive_term_ramp(jnp.asarray(step), ramp))  # noqa: E731
+  assert at(0) == pytest.approx(1 / ramp) and at(0) < 0.01
+  assert at(57) == pytest.approx(58 / ramp)
+  assert at(116) == at(117) == at(10_000) == 1.0
+  assert float(losses.interactive_term_ramp(jnp.asarray(0), 0.0)) == 1.0  # off
+
+
+LOSS_CFG = {"vcl_weight": 0.1, "icl_weight": 0.3, "soft_vcl_weight": 1.0, "soft_icl_weight": 2.0}
+TERMS = {"vcl": 1.5, "icl": 2.5, "soft_vcl": 0.7, "soft_icl": 0.9}
+
+
+def weighted_mcl_before_the_interactive_ramp(terms, loss_cfg, soft_scale=1.0, start=0.0):
+  """losses.weighted_mcl as it was before `interactive_scale` (the committed results')."""
+  weights = losses.mcl_weights(loss_cfg)
+  return jnp.asarray(
+    sum(
+      (
+        weights[name] * (soft_scale if name in losses.SOFT_TERMS else 1.0) * terms[name]
+        for name in losses.MCL_TERMS
+      ),
+      start,
+    )
+  )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("soft_ramp_steps", [0.0, 39.0])
+def test_weighted_mcl_with_the_interactive_ramp_off_is_the_old_sum_exactly(soft_ramp_steps, dtype):
+  """Bit for bit, also in float64, where a float32 factor of 1 would round the weights
+  0.1 and 0.3 (the float64 official-parity test)."""
+
+  @jax.jit
+  def both(terms, step):
+    soft = losses.soft_term_ramp(step, soft_ramp_steps)
+    new = losses.weighted_mcl(
+      terms, LOSS_CFG, soft, start=4.0, interactive_scale=losses.interactive_term_ramp(step, 0.0)
+    )
+    return new, weighted_mcl_before_the_interactive_ramp(terms, LOSS_CFG, soft, start=4.0)
+
+  with jax.enable_x64(dtype == "float64"):
+    terms = {k: jnp.asarray(v, dtype) for k, v in TERMS.items()}
+    for step in (0, 5, 100):
+      new, old = both(terms, jnp.asarray(step))
+      assert new.dtype == old.dtype == jnp.dtype(dtype)
+      assert float(new) == float(old), step
+
+
+def test_interactive_scale_multiplies_icl_and_soft_icl_and_soft_icl_gets_both():
+  w, t = LOSS_CFG, TERMS
+  soft, inter = 0.5, 0.25
+  got = float(losses.weighted_mcl(t, w, soft, interactive_scale=inter))
+  want = (
+    0.1 * t["vcl"]
+    + 0.3 * inter * t["icl"]
+    + soft * t["soft_vcl"]
+    + 2.0 * soft * inter * t["soft_icl"]
+  )
+  assert got == pytest.approx(want, rel=1e-6)
+  # At step 0 of a 3-epoch ramp the interactive terms add almost nothing; VCL still does.
+  first = float(losses.interactive_term_ramp(jnp.asarray(0), 117.0))
+  alone = 0.1 * t["vcl"] + t["soft_vcl"]
+  at_step0 = float(losses.weighted_mcl(t, w, 1.0, interactive_scale=first))
+  assert at_step0 - alone == pytest.approx((0.3 * t["icl"] + 2.0 * t["soft_icl"]) / 117.0)
+  full = 0.3 * t["icl"] + 2.0 * t["soft_icl"]  # what they add at full weight: 3x VCL's part
+  assert at_step0 - alone < 0.01 * full
+
+
+# -------------------------------------------------------------------------------------
+# MoCo ICL against the other member's batch keys (moco.icl_keys = "batch")
+# -------------------------------------------------------------------------------------
+
+
+def np_moco_mcl_batch_keys(q, k, queues, tau, temperature):
+  """np_moco_mcl with ICL's logits (a, c) = q_a k_c^T / tau, [B, B], target of row i = i."""
+  out = np_moco_mcl(q, k, queues, tau, temperature)
+  m = q.shape[0]
+
+  def logits(a, c):
+    return q[a] @ k[c].T / tau
+
+  out["icl"] = out["soft_icl"] = 0.0
+  for a in range(m):
+    for c in range(m):
+      if a != c:
+        log_p = np_log_softmax(logits(a, c))
+        out["icl"] += -np.mean(np.diag(log_p))
+        out["soft_icl"] += np_kl(logits(c, a), logits(a, c), temperature)
+  return out
+
+
+def test_batch_icl_logits_are_queries_against_the_other_members_batch_keys():
+  q, k, _ = moco_inputs(np.random.default_rng(11), 2, b=5)
+  logits = np.asarray(losses.batch_icl_logits(f32(q), f32(k), tau=0.2))
+  assert logits.shape == (2, 2, 5, 5)
+  np.testing.assert_allclose(logits[0, 1], q[0] @ k[1].T / 0.2, rtol=1e-5, atol=1e-6)
+  # The positive, b's key of the same image, is on the diagonal: the queue regime's l_pos.
+  np.testing.assert_allclose(
+    np.diagonal(logits[0, 1]), np.sum(q[0] * k[1], -1) / 0.2, rtol=1e-5, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_moco_batch_icl_keys_match_numpy_and_leave_vcl_alone(m):
+  q, k, queues = moco_inputs(np.random.default_rng(20 + m), m, b=6)
+  run = jax.jit(functools.partial(losses.moco_mcl, tau=0.07, kd_temperature=T, icl_keys="batch"))
+  got = run(f32(q), f32(k), f32(queues))
+  assert_losses(got, np_moco_mcl_batch_keys(q, k, queues, 0.07, T))
+  queue = jax.jit(MOCO)(f32(q), f32(k), f32(queues))
+  for name in ("vcl", "soft_vcl"):
+    assert float(got[name]) == float(queue[name]), name
+  assert abs(float(got["icl"]) - float(queue["icl"])) > 1e-3
+
+
+def test_moco_queue_icl_keys_is_the_official_default():
+  q, k, queues = (f32(x) for x in moco_inputs(np.random.default_rng(30), 2))
+  default = jax.jit(MOCO)(q, k, queues)
+  queue = jax.jit(functools.partial(MOCO, icl_keys="queue"))(q, k, queues)
+  for name in KEYS:
+    assert float(default[name]) == float(queue[name]), name
+  with pytest.raises(ValueError, match="icl_keys must be one of queue, batch"):
+    MOCO(q, k, queues, icl_keys="bank")

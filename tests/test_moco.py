@@ -336,6 +336,28 @@ def test_co2_adds_its_weighted_term_to_the_first_step(tmp_path):
   np.testing.assert_allclose(float(b["loss"]) - float(a["loss"]), 2.0 * float(b["co2"]), rtol=1e-4)
 
 
+def test_icl_ramp_and_batch_keys_reach_the_first_step(tmp_path):
+  """Same seed, same first batch and state as the plain run: with loss.icl_warmup_epochs
+  the ICL and Soft ICL weights are 1 / ramp steps at step 0 (VCL and Soft VCL in full);
+  with moco.icl_keys="batch" the ICL terms change and VCL / Soft VCL stay the same."""
+  plain = jobs.build(tiny_config(), str(tmp_path / "plain"))
+  ramped = jobs.build(tiny_config(**{"loss.icl_warmup_epochs": 25.0}), str(tmp_path / "ramp"))
+  batch = jobs.build(tiny_config(**{"moco.icl_keys": "batch"}), str(tmp_path / "batch"))
+  a, r, b = (t.train_steps(1)[0] for t in (plain, ramped, batch))
+  for name in losses.MCL_TERMS:  # the terms themselves are logged unweighted
+    np.testing.assert_allclose(float(r[name]), float(a[name]), rtol=1e-6, err_msg=name)
+  scale = 1.0 / (25.0 * ramped.setup.steps_per_epoch)  # (step + 1) / ramp steps at step 0
+  assert scale == 0.01  # 4 steps per epoch
+  alone = float(r["vcl"]) + float(r["soft_vcl"])  # the tiny config's weights are all 1
+  np.testing.assert_allclose(
+    float(r["loss"]), alone + scale * (float(r["icl"]) + float(r["soft_icl"])), rtol=1e-6
+  )
+  assert float(a["loss"]) - float(r["loss"]) > 0.5 * float(a["icl"])  # ICL mostly gone
+  for name in ("vcl", "soft_vcl"):
+    np.testing.assert_allclose(float(b[name]), float(a[name]), rtol=1e-6, err_msg=name)
+  assert abs(float(b["icl"]) - float(a["icl"])) > 0.1
+
+
 # ----------------------------------------------------------------------------- shuffle-BN
 
 

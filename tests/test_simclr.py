@@ -93,6 +93,24 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
   assert eight.task.compiled_train_step._cache_size() == 1
 
 
+def test_icl_warmup_epochs_reaches_the_first_step(tmp_path):
+  """Same seed, batch and state: with loss.icl_warmup_epochs the first step's ICL and Soft
+  ICL weights are 1 / ramp steps (the tiny config's weights are all 1)."""
+  plain = jobs.build(tiny_config(), str(tmp_path / "plain"))
+  c = tiny_config()
+  c.loss.icl_warmup_epochs = 25.0
+  ramped = jobs.build(c, str(tmp_path / "ramp"))
+  a, r = plain.train_steps(1)[0], ramped.train_steps(1)[0]
+  for name in losses.MCL_TERMS:
+    np.testing.assert_allclose(float(r[name]), float(a[name]), rtol=1e-6, err_msg=name)
+  scale = 1.0 / (25.0 * ramped.setup.steps_per_epoch)
+  alone = float(r["vcl"]) + float(r["soft_vcl"])
+  np.testing.assert_allclose(
+    float(r["loss"]), alone + scale * (float(r["icl"]) + float(r["soft_icl"])), rtol=1e-6
+  )
+  assert float(a["loss"]) - float(r["loss"]) > 0.5 * float(a["icl"])
+
+
 def test_fit_monitors_knn_and_writes_an_exportable_checkpoint(tmp_path):
   from mcl_jax import export
 

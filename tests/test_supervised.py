@@ -62,6 +62,39 @@ def test_total_loss_weights_each_term():
   assert metrics["ce"].shape == (3,) and metrics["accuracy"].shape == (3,)
 
 
+def test_interactive_scale_weights_icl_and_soft_icl_only():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 8, 5)), jnp.float32)
+  z = rng.normal(size=(2, 8, 4))
+  z = jnp.asarray(z / np.linalg.norm(z, axis=-1, keepdims=True), jnp.float32)
+  labels = jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)
+  cfg = default.get_config().loss
+  outputs = {"logits": logits, "embeddings": z}
+  full, metrics = supervised.total_loss(outputs, labels, cfg, soft_scale=0.5)
+  scaled, _ = supervised.total_loss(outputs, labels, cfg, soft_scale=0.5, interactive_scale=0.01)
+  interactive = 0.1 * metrics["icl"] + 0.5 * metrics["soft_icl"]
+  np.testing.assert_allclose(full - scaled, 0.99 * interactive, rtol=1e-5)
+  alone = metrics["ce"].sum() + 0.1 * metrics["vcl"] + 0.5 * metrics["soft_vcl"]
+  np.testing.assert_allclose(scaled, alone + 0.01 * interactive, rtol=1e-6)
+
+
+def test_icl_warmup_epochs_reaches_the_first_step(tmp_path):
+  """Same seed, batch and state: with loss.icl_warmup_epochs the first step's ICL and Soft
+  ICL weights are 1 / ramp steps, every other term is weighted as in the plain run."""
+  plain = jobs.build(tiny_config(), str(tmp_path / "plain"))
+  ramped = jobs.build(tiny_config(**{"loss.icl_warmup_epochs": 25.0}), str(tmp_path / "ramp"))
+  a, r = plain.train_steps(1)[0], ramped.train_steps(1)[0]
+  for name in ("vcl", "icl", "soft_vcl", "soft_icl"):
+    np.testing.assert_allclose(float(r[name]), float(a[name]), rtol=1e-6, err_msg=name)
+  scale = 1.0 / (25.0 * ramped.setup.steps_per_epoch)
+  w = ramped.setup.config.loss
+  assert w.soft_warmup_epochs == 0.0 and w.icl_weight > 0 and w.soft_icl_weight > 0
+  interactive = w.icl_weight * float(r["icl"]) + w.soft_icl_weight * float(r["soft_icl"])
+  np.testing.assert_allclose(
+    float(a["loss"]) - float(r["loss"]), (1 - scale) * interactive, rtol=1e-4
+  )
+
+
 def test_baseline_computes_no_mcl_terms():
   cfg = default.get_config().loss
   cfg.vcl_weight = cfg.icl_weight = cfg.soft_vcl_weight = cfg.soft_icl_weight = 0.0

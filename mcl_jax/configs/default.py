@@ -51,6 +51,10 @@ def get_config(arg=None):
   # Soft VCL / Soft ICL weights ramp linearly from 0 over this many epochs (0: the official
   # constant weights). The soft terms are minimised by collapsed embeddings (docs/RESULTS.md).
   c.loss.soft_warmup_epochs = 0.0
+  # ICL / Soft ICL weights (the terms where a member learns from another) ramp linearly
+  # from 0 over this many epochs, so the members first learn alone (0: constant weights).
+  # Soft ICL gets both ramps. MoCo's ICL drove its collapse on Fashion-MNIST (docs/RESULTS.md).
+  c.loss.icl_warmup_epochs = 0.0
   # CO2 (Wei et al. 2021, MoCo only): consistency of the query's and the positive key's
   # similarity distributions over the queue (losses.co2). 0: off.
   c.loss.co2_weight = 0.0
@@ -81,6 +85,10 @@ def get_config(arg=None):
   # Images per BN group (the per-GPU batch): 32 = the official 256 over 8 GPUs. 0: one
   # group per device. At least the global batch: one group (global BN, nothing shuffled).
   c.moco.bn_group_size = 32
+  # What ICL contrasts member a's queries with (losses.moco_mcl): "queue", member b's
+  # positive key and b's queue (the paper's); "batch", b's keys of the current batch (the
+  # same image's key positive, the others' negatives, no queue).
+  c.moco.icl_keys = "queue"
 
   # Self-supervised trainers (moco, simclr): the two views and the kNN monitor.
   c.ssl = ml_collections.ConfigDict()
