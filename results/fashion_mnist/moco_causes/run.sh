@@ -21,6 +21,13 @@ run global_bn_soft_off --config.moco.shuffle_bn=False --config.loss.soft_vcl_wei
 run global_bn_icl_off --config.moco.shuffle_bn=False --config.loss.icl_weight=0.0 --config.loss.soft_icl_weight=0.0
 run global_bn_official_like --config.moco.shuffle_bn=False --config.moco.mlp=False --config.loss.tau=0.07 --config.moco.queue_size=256 --config.moco.key_momentum=0.999 --config.optim.weight_decay=0.0001
 run global_bn_no_ramp --config.moco.shuffle_bn=False --config.loss.soft_warmup_epochs=0.0
+# The two untried ICL variants (default shuffle-BN, as the ICL weight rows):
+# ICL and soft ICL ramped in over the run's 3 epochs (full weight only at its end) and over
+# its first epoch (then two epochs at full weight); ICL against the other member's keys of
+# the current batch instead of its key and queue.
+run icl_ramp --config.loss.icl_warmup_epochs=3
+run icl_batch_keys --config.moco.icl_keys=batch
+run icl_ramp_1 --config.loss.icl_warmup_epochs=1
 # MoCo v2 with one network (its own config, not the MCL one):
 name=mocov2_alone_global_bn; mkdir -p $OUT/$name
 .venv/bin/mcl-train --config=fashion_mnist:mocov2 --config.input.classes="(0,1,2,3,4)" \
