@@ -42,12 +42,17 @@ def leaves_close(a, b, atol=0.0):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
 
 
-def test_total_loss_weights_each_term():
-  rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
-  z = rng.normal(size=(3, 8, 4))
+def cohort_outputs(seed: int, members: int):
+  """Random logits [M, 8, 5], unit embeddings [M, 8, 4] and 4 classes x 2 labels."""
+  rng = np.random.default_rng(seed)
+  logits = jnp.asarray(rng.normal(size=(members, 8, 5)), jnp.float32)
+  z = rng.normal(size=(members, 8, 4))
   z = jnp.asarray(z / np.linalg.norm(z, axis=-1, keepdims=True), jnp.float32)
-  labels = jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)
+  return logits, z, jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)
+
+
+def test_total_loss_weights_each_term():
+  logits, z, labels = cohort_outputs(0, members=3)
   cfg = default.get_config().loss
   cfg.logit_kd_weight = 0.5
   cfg.logit_kd_targets = "last"
@@ -63,11 +68,7 @@ def test_total_loss_weights_each_term():
 
 
 def test_interactive_scale_weights_icl_and_soft_icl_only():
-  rng = np.random.default_rng(1)
-  logits = jnp.asarray(rng.normal(size=(2, 8, 5)), jnp.float32)
-  z = rng.normal(size=(2, 8, 4))
-  z = jnp.asarray(z / np.linalg.norm(z, axis=-1, keepdims=True), jnp.float32)
-  labels = jnp.asarray(np.repeat(np.arange(4), 2), jnp.int32)
+  logits, z, labels = cohort_outputs(1, members=2)
   cfg = default.get_config().loss
   outputs = {"logits": logits, "embeddings": z}
   full, metrics = supervised.total_loss(outputs, labels, cfg, soft_scale=0.5)
