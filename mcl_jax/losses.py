@@ -59,15 +59,19 @@ def weighted_mcl(
   return jnp.asarray(sum((weights[name] * scale(name) * terms[name] for name in MCL_TERMS), start))
 
 
-def linear_ramp(step: Array, ramp_steps: float) -> Array:
+def linear_ramp(step: Array, ramp_steps: float) -> Array | float:
   """min(1, (step + 1) / ramp_steps): 1 / ramp_steps at step 0, 1 from step ramp_steps - 1
-  on; 1 without ramp (ramp_steps <= 0)."""
+  on; without ramp (ramp_steps <= 0) the Python float 1.0.
+
+  Not a float32 array without ramp: weight x 1.0 then stays the Python weight, so the loss
+  is bit for bit what it is with no factor at all, in float64 too
+  (tests/test_step_parity.py; a float32 1 would round a weight of 0.1)."""
   if ramp_steps <= 0:
-    return jnp.ones((), jnp.float32)
+    return 1.0
   return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
 
 
-def soft_term_ramp(step: Array, ramp_steps: float) -> Array:
+def soft_term_ramp(step: Array, ramp_steps: float) -> Array | float:
   """The factor on the soft terms' weights: `linear_ramp(step, ramp_steps)`.
 
   The soft terms are minimised by collapse (identical embeddings make every similarity
@@ -86,13 +90,7 @@ def interactive_term_ramp(step: Array, ramp_steps: float) -> Array | float:
   drives it: ICL"). Ramping it in lets each member first learn alone (VCL, Soft VCL), so
   that the other member's keys carry some structure before they are a target.
   `loss.icl_warmup_epochs` sets ramp_steps.
-
-  Without ramp it is the Python float 1.0, not a float32 array: weight x 1.0 then stays
-  the Python weight, so the loss is bit for bit what it was before this factor existed,
-  in float64 too (tests/test_step_parity.py; a float32 1 would round a weight of 0.1).
   """
-  if ramp_steps <= 0:
-    return 1.0
   return linear_ramp(step, ramp_steps)
 
 
