@@ -87,6 +87,8 @@ def measure(
   import torch
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  # main_cifar.py sets cudnn.benchmark (per-shape algorithm search); so does this timing.
+  torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
   module, forward = build(members, official, device, channels_last)
   opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)

@@ -224,10 +224,10 @@ def settings(
   """(setting, picked by auto) for every requested combination, duplicates removed."""
   from mcl_jax import models
 
-  auto = models.resolve_strategy("auto", backend)
+  auto = models.resolve_strategy("auto", backend, arch)
   concrete = []
   for s in strategies:
-    c = models.resolve_strategy(s, backend)
+    c = models.resolve_strategy(s, backend, arch)
     if c not in concrete:
       concrete.append(c)
   mcl_values = {"on": [True], "off": [False], "both": [False, True]}[mcl]
@@ -330,7 +330,23 @@ def _flops(cost: Any) -> float | None:
 
 
 def model_flops(s: Setting, mesh: Mesh) -> float | None:
-  """FLOPs of one step, counted on the `unroll` program before XLA's optimisations."""
+  """FLOPs of one step, counted on the `unroll` program before XLA's optimisations.
+
+  Where the mesh's backend gives no count (XLA:GPU's analysis of the unoptimised program
+  came back empty on an H200, jax 0.11), the same program is counted on the host's CPU
+  backend on one device: the count is of the whole global step either way."""
+  import jax
+
+  from mcl_jax import sharding as sharding_lib
+
+  flops = _lowered_flops(s, mesh)
+  host_mesh = sharding_lib.make_mesh(jax.devices("cpu")[:1])
+  if flops is None and list(mesh.devices.flat) != list(host_mesh.devices.flat):
+    flops = _lowered_flops(s, host_mesh)
+  return flops
+
+
+def _lowered_flops(s: Setting, mesh: Mesh) -> float | None:
   task, state = build(dataclasses.replace(s, strategy="unroll"), mesh, abstract=True)
   batch = task.setup.source.abstract_train_batch(s.batch)
   try:
@@ -500,7 +516,7 @@ def ratios(records: Sequence[dict[str, Any]]) -> list[str]:
       continue
     what = "MCL on" if r["mcl"] else "CE only"
     lines.append(
-      f"cohort overhead {r['arch']} M={r['members']} {r['strategy']} ({what}): "
+      f"cohort overhead {r['arch']} M={r['members']} {r['dtype']} {r['strategy']} ({what}): "
       f"{_ratio_text(r, singles[key(r)], r['members'])}  (target <= 1.0)"
     )
   for r in records:
@@ -515,7 +531,7 @@ def ratios(records: Sequence[dict[str, Any]]) -> list[str]:
       ]
       if base:
         lines.append(
-          f"MCL overhead {r['arch']} M={r['members']} {r['strategy']}: "
+          f"MCL overhead {r['arch']} M={r['members']} {r['dtype']} {r['strategy']}: "
           f"{_ratio_text(r, base[0])}  (target <= 1.05)"
         )
   return lines

@@ -434,12 +434,17 @@ def build(config: Any, topology: str) -> Planned:
 
   from mcl_jax import config_lib
   from mcl_jax import loop
+  from mcl_jax import models
   from mcl_jax import regimes
   from mcl_jax import sharding as sharding_lib
 
   devices = topology_devices(topology)
   mesh = sharding_lib.make_mesh(list(devices))
   config = config.copy_and_resolve_references()
+  # 'auto' as the target chip would resolve it, not as this host's backend would.
+  config.model.strategy = models.resolve_strategy(
+    config.model.strategy, devices[0].platform, config.model.arch
+  )
   if not config.lincls.pretrained:
     # A probe's export is replaced by config.model.arch's abstract variables (other regimes
     # do not read the field).

@@ -105,11 +105,15 @@ def test_settings_deduplicate():
     "resnet32", [1, 2], ["vmap", "auto", "unroll", "map"], "both", "float32", 128, 32, 100, 0, "cpu"
   )
   got = [(s.members, s.strategy, s.mcl, auto) for s, auto in todo]
-  auto = models.resolve_strategy("auto", "cpu")
+  auto = models.resolve_strategy("auto", "cpu", "resnet32")
   assert got[0] == (1, auto, False, True)  # one M = 1 run: CE only, the auto strategy
   assert len(got) == 1 + 3 * 2
   assert {(m, st) for m, st, _, _ in got[1:]} == {(2, "vmap"), (2, "unroll"), (2, "map")}
   assert all(a == (st == auto) for m, st, _, a in got[1:])
+  on_gpu = bench.settings(
+    "resnet32", [2], ["auto", "unroll"], "on", "float32", 128, 32, 100, 0, "gpu"
+  )
+  assert [(s.strategy, a) for s, a in on_gpu] == [("vmap", True), ("unroll", False)]
 
 
 def test_peak_lookup_prefers_the_most_specific_device_name():
@@ -153,7 +157,38 @@ def test_ratios():
   ]
   lines = bench.ratios(records)
   assert lines == [
-    "cohort overhead a M=2 unroll (CE only): 0.900 (host CPU time: 0.750)  (target <= 1.0)",
-    "MCL overhead a M=2 unroll: 1.111  (target <= 1.05)",
-    "MCL overhead a M=2 map: 1.100  (target <= 1.05)",
+    "cohort overhead a M=2 float32 unroll (CE only): 0.900 (host CPU time: 0.750)  (target <= 1.0)",
+    "MCL overhead a M=2 float32 unroll: 1.111  (target <= 1.05)",
+    "MCL overhead a M=2 float32 map: 1.100  (target <= 1.05)",
   ]
+
+
+def test_model_flops_falls_back_to_the_host_cpu_when_the_backend_counts_nothing(monkeypatch):
+  # XLA:GPU returned no count for the unoptimised program (H200, jax 0.11): the same
+  # program is then counted on one host CPU device, and the count is the global step's.
+  import jax
+
+  from mcl_jax import sharding as sharding_lib
+
+  s = bench.Setting(
+    arch="tiny",
+    members=2,
+    strategy="unroll",
+    mcl=True,
+    dtype="float32",
+    batch=16,
+    image_size=8,
+    num_classes=10,
+  )
+  mesh = sharding_lib.make_mesh(jax.devices()[:2])
+  direct = bench._lowered_flops(s, mesh)
+  real, meshes = bench._lowered_flops, []
+
+  def counts_nothing_on_the_mesh(setting, m):
+    meshes.append(m.devices.size)
+    return None if m.devices.size > 1 else real(setting, m)
+
+  monkeypatch.setattr(bench, "_lowered_flops", counts_nothing_on_the_mesh)
+  assert meshes == [] and direct > 0
+  assert bench.model_flops(s, mesh) == pytest.approx(direct, rel=1e-3)
+  assert meshes == [2, 1]

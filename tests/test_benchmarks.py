@@ -67,3 +67,66 @@ def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
   assert epoch["steps"] == 4 and epoch["seconds"] > 0
   summary = open(tmp_path / "summary.md").read()
   assert "| PyTorch code |" in summary and "s per 390-step epoch" in summary
+  assert json.loads(open(tmp_path / "ceiling.json").read())["tflops"] > 0
+
+
+def test_gpu_script_skips_what_its_budget_does_not_cover_and_still_summarises(tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, GPU_BUDGET_S="1")
+  proc = subprocess.run(
+    ["bash", "benchmarks/gpu.sh", "--cpu"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("skipped: budget of 1s spent") == 5
+  assert "| arch | M | strategy |" in open(tmp_path / "summary.md").read()
+
+
+def test_count_flops_fills_what_the_backend_left_out(tmp_path):
+  setting = dict(
+    arch="tiny",
+    members=2,
+    strategy="vmap",
+    mcl=True,
+    dtype="float32",
+    batch=16,
+    image_size=8,
+    num_classes=10,
+    shared_stages=0,
+  )
+  counted = {**setting, "model_flops": 5.0, "step_s_median": 0.5, "peak_tflops": 2.0}
+  empty = {**counted, "model_flops": None, "mfu": None, "num_devices": 1}
+  (tmp_path / "in.jsonl").write_text(json.dumps(counted) + "\n" + json.dumps(empty) + "\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/count_flops.py",
+      str(tmp_path / "in.jsonl"),
+      str(tmp_path / "out.jsonl"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kept, filled = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+  assert kept == counted  # a record with a count is copied unchanged
+  from mcl_jax import bench
+
+  assert filled["model_flops"] > 1e6 and filled["model_flops_basis"] == "host CPU count"
+  assert filled["mfu"] == pytest.approx(filled["model_flops"] / 0.5 / 2e12)
+  # The same count the benchmark makes of the unroll program on one host CPU device.
+  import jax
+
+  from mcl_jax import sharding as sharding_lib
+
+  mesh = sharding_lib.make_mesh(jax.devices("cpu")[:1])
+  direct = bench.model_flops(bench.Setting(**setting), mesh)
+  assert filled["model_flops"] == pytest.approx(direct, rel=1e-3)

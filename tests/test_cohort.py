@@ -188,6 +188,23 @@ def test_train_needs_mutable_batch_stats():
     jax.eval_shape(lambda v: _cohort(0).apply(v, X, True), _variables(0)[1])
 
 
+@pytest.mark.parametrize(
+  "backend, arch, expected",
+  [
+    ("gpu", "resnet32", "vmap"),  # measured: vmap 1.27-1.60x faster on an H200 (bf16)
+    ("cuda", "resnet110", "vmap"),  # a compile-only GPU device's platform name
+    ("gpu", "resnet18", "unroll"),  # measured: unroll 1.10x faster at 224 px
+    ("gpu", "wrn_16_2", "unroll"),  # measured: a tie
+    ("tpu", "resnet32", "unroll"),  # XLA:TPU's estimate: unroll as fast or faster
+    ("cpu", "resnet32", "unroll"),
+    (None, "resnet32", "unroll"),
+  ],
+)
+def test_auto_strategy_per_backend_and_arch(backend, arch, expected):
+  assert models.resolve_strategy("auto", backend, arch) == expected
+  assert models.resolve_strategy("map", backend, arch) == "map"  # explicit ones stay
+
+
 def test_unknown_strategy_and_bad_shared_stages():
   with pytest.raises(ValueError, match="strategy"):
     _cohort(0, "pmap").init(jax.random.PRNGKey(0), X, False)

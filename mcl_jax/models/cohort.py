@@ -18,7 +18,7 @@ Execution strategies, one set of variables (a checkpoint written under one runs 
           stacked variables, so XLA sees M ordinary convolutions it can schedule freely.
   map     jax.lax.map over the stacked variables: one member's program in a loop (smallest
           compile and memory, members run one after another).
-  auto    `resolve_strategy`: picked per backend from the measurements in its docstring.
+  auto    `resolve_strategy`: picked per backend and backbone from measurements.
 Initialisation always goes through the nn.vmap path (params RNG split per member, so
 members differ at init), hence the same RNG gives the same variables for every strategy.
 
@@ -47,23 +47,31 @@ Array = jax.Array
 STRATEGIES = ("vmap", "unroll", "map")
 
 
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-  """The concrete strategy for `strategy` ('auto' | 'vmap' | 'unroll' | 'map').
+# Where `auto` is vmap: on GPU, the CIFAR ResNets (16-64 channels). Measured on one H200
+# (benchmarks/results/gpu-h200-20261204, docs/PERFORMANCE.md "On a GPU"), resnet32 with
+# MCL at B = 128: vmap 1.27x (M = 2) and 1.60x (M = 4, shared trunk) faster than unroll in
+# bfloat16, 1.03x and 1.43x in float32. resnet56 and resnet110 have the same layer widths
+# and more of the same layers, so they follow resnet32. Not here, because measured no
+# faster: wrn_16_2 x2 (a tie, 4.48 vs 4.64 ms) and resnet18 x3 at 224 px (unroll 1.10x
+# faster).
+GPU_VMAP_ARCHS = frozenset({"resnet32", "resnet56", "resnet110"})
 
-  'auto' is 'unroll' on every backend. vmap turns each member's convolutions into one
-  grouped convolution, which XLA:CPU runs far slower at CIFAR widths (16-64 channels) and
-  somewhat faster at ImageNet widths; map runs members one after another in a loop XLA
-  cannot fuse across; unroll was never far from the best on CPU (docs/PERFORMANCE.md has
-  the measurements). No accelerator has measured it yet. Under XLA:TPU's own counts
-  (`mcl-plan`, resnet32 and wrn_16_2 x2 on a v5e-4) unroll was as fast or faster than
-  vmap (docs/PERFORMANCE.md); on GPU unroll is kept because JAX issues #13800, #26266 and
-  #26568 report grouped (vmapped) convolutions slow there.
-  Re-measure with `benchmarks/gpu.sh` before changing this; `backend` is the hook for a
-  per-backend answer.
+
+def resolve_strategy(strategy: str, backend: str | None = None, arch: str | None = None) -> str:
+  """The concrete strategy for `strategy` ('auto' | 'vmap' | 'unroll' | 'map') on
+  `backend` ('cpu', 'gpu' or 'cuda', 'tpu'; None: unknown) for backbone `arch`.
+
+  'auto' is 'vmap' for GPU_VMAP_ARCHS on GPU, else 'unroll'. vmap turns each member's
+  convolutions into one grouped convolution: on GPU that fills a chip that the narrow CIFAR
+  ResNets' small convolutions leave idle; XLA:CPU runs it far slower at CIFAR widths, and
+  under XLA:TPU's own counts (`mcl-plan`, resnet32 and wrn_16_2 x2 on a v5e-4) unroll was
+  as fast or faster. map runs members one after another in a loop XLA cannot fuse across.
+  docs/PERFORMANCE.md has every measurement; re-measure with `benchmarks/gpu.sh` before
+  changing this.
   """
-  del backend  # One answer for now; kept so callers need not change when it differs.
   if strategy == "auto":
-    return "unroll"
+    on_gpu = backend in ("gpu", "cuda")
+    return "vmap" if on_gpu and arch in GPU_VMAP_ARCHS else "unroll"
   if strategy not in STRATEGIES:
     raise ValueError(
       f"Unknown cohort strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}."
@@ -172,7 +180,7 @@ class Cohort(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> dict[str, Array]:
-    strategy = resolve_strategy(self.strategy)
+    strategy = resolve_strategy(self.strategy, jax.default_backend(), self.arch)
     if self.num_members < 1:
       raise ValueError(f"Cohort num_members must be >= 1, got {self.num_members}.")
     num_stages = registry.create(self.arch, self.num_classes).num_stages
