@@ -191,7 +191,7 @@ def test_train_needs_mutable_batch_stats():
 @pytest.mark.parametrize(
   "backend, arch, expected",
   [
-    ("gpu", "resnet32", "vmap"),  # measured: vmap 1.27-1.60x faster on an H200 (bf16)
+    ("gpu", "resnet32", "vmap"),  # measured: vmap 1.27-1.59x faster on an H200 (bf16)
     ("cuda", "resnet110", "vmap"),  # a compile-only GPU device's platform name
     ("gpu", "resnet18", "unroll"),  # measured: unroll 1.10x faster at 224 px
     ("gpu", "wrn_16_2", "unroll"),  # measured: a tie
