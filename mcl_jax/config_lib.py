@@ -96,6 +96,7 @@ STATE_FIELDS = (
   "input.rotation_classes",
   "input.train_subset",
   "input.validation_size",
+  "bank.dtype",
   "moco.queue_size",
   "moco.mlp",
   "lincls.pretrained",
@@ -422,6 +423,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
   _choice(config.model.strategy, "model.strategy", ("auto",) + models.STRATEGIES)
   _choice(config.model.dtype, "model.dtype", DTYPES)
   _choice(config.bank.layout, "bank.layout", memory_bank.LAYOUTS)
+  _choice(config.bank.dtype, "bank.dtype", memory_bank.DTYPES)
   _choice(config.model.head, "model.head", models.HEADS)
   _choice(config.model.head_norm, "model.head_norm", models.HEAD_NORMS)
   _choice(config.loss.logit_kd_targets, "loss.logit_kd_targets", KD_TARGETS)

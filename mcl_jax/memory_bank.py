@@ -35,14 +35,22 @@ DATA_AXIS = "data"
 # -------------------------------------------------------------------------------------
 
 
-def init(rng: Array, num_members: int, num_rows: int, dim: int) -> Array:
-  """A new bank [M, N, d], float32, uniform in [-s, s] with s = 1 / sqrt(d / 3) (docs/SPEC.md 2.2).
+# Storage dtypes of the bank (config.bank.dtype); every computation on its rows is float32.
+DTYPES = ("float32", "bfloat16")
+
+
+def init(rng: Array, num_members: int, num_rows: int, dim: int, dtype: str = "float32") -> Array:
+  """A new bank [M, N, d], uniform in [-s, s] with s = 1 / sqrt(d / 3) (docs/SPEC.md 2.2),
+  drawn in float32 and stored as `dtype` (DTYPES).
 
   As in the official code the initial rows are not normalised; each row is normalised the
   first time its example is seen by `update`.
   """
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown bank dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
   s = 1.0 / math.sqrt(dim / 3)
-  return jax.random.uniform(rng, (num_members, num_rows, dim), jnp.float32, -s, s)
+  bank = jax.random.uniform(rng, (num_members, num_rows, dim), jnp.float32, -s, s)
+  return bank.astype(dtype)
 
 
 def _momentum_rows(old: Array, z: Array, momentum: float) -> Array:

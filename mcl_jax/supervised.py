@@ -357,6 +357,7 @@ class SupervisedTask:
       self.setup.source.image_shape,
       self.setup.mesh,
       bank_rows=self.bank_rows,
+      bank_dtype=self.setup.config.bank.dtype,
     )
 
   def init_state(self) -> train_state.TrainState:
@@ -368,6 +369,7 @@ class SupervisedTask:
       self.setup.mesh,
       bank_rows=self.bank_rows,
       bank_layout=self.setup.config.bank.layout,
+      bank_dtype=self.setup.config.bank.dtype,
     )
 
   def eval_step_inputs(self, state: Any, batch: dict[str, Any]) -> tuple:

@@ -64,9 +64,11 @@ def init_variables(
   }
 
 
-def _init_bank(model: models.Cohort, bank_rows: int, num_devices: int, rng: jax.Array) -> jax.Array:
+def _init_bank(
+  model: models.Cohort, bank_rows: int, bank_dtype: str, num_devices: int, rng: jax.Array
+) -> jax.Array:
   """The bank drawn for exactly `bank_rows` rows, zero-padded to split over the devices."""
-  bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim)
+  bank = memory_bank.init(rng, model.num_members, bank_rows, model.embed_dim, bank_dtype)
   padding = round_up(bank_rows, num_devices) - bank_rows
   return jnp.pad(bank, ((0, 0), (0, padding), (0, 0)))
 
@@ -78,13 +80,14 @@ def state_init(
   num_devices: int,
   *,
   bank_rows: int = 0,
+  bank_dtype: str = "float32",
 ) -> Callable[[jax.Array], TrainState]:
   """rng -> the initial state (pure; `create_train_state` compiles it, and
   `abstract_train_state` traces it)."""
 
   def init(rng):
     init_rng, bank_rng, state_rng = jax.random.split(rng, 3)
-    bank = _init_bank(model, bank_rows, num_devices, bank_rng) if bank_rows else None
+    bank = _init_bank(model, bank_rows, bank_dtype, num_devices, bank_rng) if bank_rows else None
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       rng=state_rng,
@@ -102,9 +105,10 @@ def abstract_train_state(
   mesh: jax.sharding.Mesh,
   *,
   bank_rows: int = 0,
+  bank_dtype: str = "float32",
 ) -> TrainState:
   """Shapes and dtypes of the state without allocating it (memory planning, restores)."""
-  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows)
+  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows, bank_dtype=bank_dtype)
   return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
@@ -140,6 +144,7 @@ def create_train_state(
   *,
   bank_rows: int = 0,
   bank_layout: str = "sharded",
+  bank_dtype: str = "float32",
 ) -> TrainState:
   """The state, created already sharded (params replicated, the bank placed as
   `bank_layout` says: split along its rows, or replicated).
@@ -147,10 +152,11 @@ def create_train_state(
   bank_rows: the number of training examples (0: no bank). The bank is drawn for exactly
   those rows, then zero-padded to a multiple of the device count so it splits evenly: the
   same seed gives the same bank on any number of devices, and padding rows are never
-  sampled (indices come from the class table of the real examples).
+  sampled (indices come from the class table of the real examples). bank_dtype: its
+  storage dtype (memory_bank.DTYPES).
   """
 
-  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows)
+  init = state_init(model, tx, image_shape, mesh.size, bank_rows=bank_rows, bank_dtype=bank_dtype)
   shardings = state_shardings(jax.eval_shape(init, rng), mesh, bank_layout=bank_layout)
   return initialise(init, rng, shardings)
 

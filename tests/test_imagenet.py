@@ -155,3 +155,32 @@ def test_a_replicated_bank_trains_as_the_sharded_one_and_resumes_its_checkpoint(
   assert fresh.restore(checkpointing.Checkpointer(str(tmp_path / "sharded")))
   np.testing.assert_array_equal(np.asarray(fresh.state.bank), np.asarray(sharded.state.bank))
   assert fresh.state.bank.sharding.spec == P()
+
+
+def test_a_bfloat16_bank_trains_as_the_float32_one_to_bfloat16_precision(tmp_path):
+  """bank.dtype="bfloat16" stores the bank in half the bytes, in either layout; rows are
+  mixed and normalised in float32 and the similarities are float32 dots, so the losses
+  and the bank stay within bfloat16 rounding of the float32 bank's run."""
+  c = tiny_bank_config()
+  c.model.dtype = "float32"
+  f32 = jobs.build(c, str(tmp_path / "f32"))
+  f32_initial = np.asarray(f32.state.bank.astype(jnp.bfloat16), np.float32)
+  h32 = f32.train_steps(2)
+  c.bank.dtype = "bfloat16"
+  for layout in ("sharded", "replicated"):
+    c.bank.layout = layout
+    bf16 = jobs.build(c, str(tmp_path / f"bf16_{layout}"))
+    assert bf16.state.bank.dtype == jnp.bfloat16 and bf16.state.bank.shape == f32.state.bank.shape
+    # The same draw, rounded once.
+    initial = np.asarray(bf16.state.bank.astype(jnp.float32))
+    np.testing.assert_array_equal(initial, f32_initial)
+    h16 = bf16.train_steps(2)
+    assert bf16.state.bank.dtype == jnp.bfloat16
+    for name in ("loss", "vcl", "icl", "soft_vcl", "soft_icl"):
+      np.testing.assert_allclose(
+        np.asarray(h16[-1][name]), np.asarray(h32[-1][name]), rtol=2e-2, err_msg=name
+      )
+    bank16 = np.asarray(bf16.state.bank.astype(jnp.float32))
+    np.testing.assert_allclose(bank16, np.asarray(f32.state.bank), atol=2e-2)
+    changed = np.any(bank16 != initial, axis=(0, 2))
+    assert changed.sum() >= c.input.global_batch_size  # two batches' rows were written

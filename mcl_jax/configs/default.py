@@ -72,6 +72,10 @@ def get_config(arg=None):
   # device; every device reads all the batch's candidates), or "replicated", a copy per
   # device (each reads only its own examples' candidates). docs/IMAGENET.md compares them.
   c.bank.layout = "sharded"
+  # The bank's storage dtype (memory_bank.DTYPES). "bfloat16" halves its memory and the
+  # bytes its gathers and update move; rows are still mixed and normalised in float32 and
+  # every similarity is a float32 dot. The official bank is float32 (docs/SPEC.md 7).
+  c.bank.dtype = "float32"
 
   c.moco = ml_collections.ConfigDict()
   # The official --mlp flag is a no-op, so its published "v2" runs had the linear head.
