@@ -170,16 +170,7 @@ def test_model_flops_falls_back_to_the_host_cpu_when_the_backend_counts_nothing(
 
   from mcl_jax import sharding as sharding_lib
 
-  s = bench.Setting(
-    arch="tiny",
-    members=2,
-    strategy="unroll",
-    mcl=True,
-    dtype="float32",
-    batch=16,
-    image_size=8,
-    num_classes=10,
-  )
+  s = bench.Setting("tiny", 2, "unroll", True, "float32", batch=16, image_size=8, num_classes=10)
   mesh = sharding_lib.make_mesh(jax.devices()[:2])
   direct = bench._lowered_flops(s, mesh)
   real, meshes = bench._lowered_flops, []

@@ -35,16 +35,11 @@ def test_the_torch_port_computes_the_jax_losses():
     np.testing.assert_allclose(float(ours[name]), float(value), rtol=2e-5, err_msg=name)
 
 
-def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
-  pytest.importorskip("torch")
-  env = dict(
-    os.environ,
-    OUT=str(tmp_path),
-    PY=sys.executable,
-    JAX_PLATFORMS="cpu",
-    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-  )
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a GPU machine has one GPU
+def run_gpu_script_on_cpu(out, **env_vars) -> subprocess.CompletedProcess:
+  """`benchmarks/gpu.sh --cpu` writing to `out`, on one CPU device (as a GPU machine has
+  one GPU); fails the test unless it exits 0."""
+  env = dict(os.environ, OUT=str(out), PY=sys.executable, JAX_PLATFORMS="cpu", **env_vars)
+  env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
     ["bash", "benchmarks/gpu.sh", "--cpu"],
     cwd=ROOT,
@@ -54,6 +49,12 @@ def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
     timeout=900,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
+  pytest.importorskip("torch")
+  run_gpu_script_on_cpu(tmp_path, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   records = [json.loads(line) for line in open(tmp_path / "bench.jsonl")]
   assert {(r["arch"], r["members"], r["dtype"]) for r in records} >= {
     ("tiny", 1, "float32"),
@@ -71,16 +72,7 @@ def test_gpu_script_runs_end_to_end_in_cpu_mode(tmp_path):
 
 
 def test_gpu_script_skips_what_its_budget_does_not_cover_and_still_summarises(tmp_path):
-  env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, GPU_BUDGET_S="1")
-  proc = subprocess.run(
-    ["bash", "benchmarks/gpu.sh", "--cpu"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run_gpu_script_on_cpu(tmp_path, GPU_BUDGET_S="1")
   assert proc.stdout.count("skipped: budget of 1s spent") == 5
   assert "| arch | M | strategy |" in open(tmp_path / "summary.md").read()
 
