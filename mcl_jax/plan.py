@@ -750,6 +750,7 @@ def plan(config: Any, topology: str, *, with_eval: bool = True) -> dict[str, Any
     "arch": planned.config.model.arch,
     "members": planned.config.cohort.num_members,
     "dtype": planned.config.model.dtype,
+    "strategy": planned.config.model.strategy,  # `auto` resolved for the target chip
     "global_batch": batch_size,
     "steps_per_epoch": planned.task.setup.steps_per_epoch,
     "chip_source": spec.source,

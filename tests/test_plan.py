@@ -260,6 +260,7 @@ def test_command_line_prints_the_plan_and_appends_json(tmp_path):
   result = json.loads(out.read_text())
   assert (result["topology"], result["chips"], result["global_batch"]) == (TOPOLOGY, CHIPS, 8)
   assert result["train"]["hbm_per_chip"]["fits"] and "eval" not in result
+  assert result["strategy"] == "unroll"  # the config's `auto`, resolved for a TPU
 
 
 def test_the_state_initialisation_compiles_for_tpu_with_its_compiler_options():
