@@ -44,7 +44,7 @@ their scratch memory), the kernels' times, NCCL's bandwidth, or the input pipeli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import functools
@@ -801,45 +801,84 @@ def config_name(config: Any) -> str:
 
 
 def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, Any]:
-  """The largest global batch (a multiple of the chips and of samples_per_class) whose
-  train step fits in HBM: doubling from the config's batch, then bisection."""
+  """The largest global batch (a multiple of the chips and of samples_per_class, at most
+  `limit`) whose train step fits in HBM, with the compiles it took."""
   spec = chip_spec(topology)
   devices = len(topology_devices(topology))
   unit = math.lcm(devices, config.input.samples_per_class or 1)
-  tried: dict[int, bool] = {}
+
+  def bytes_per_chip(batch: int) -> int | None:
+    """Per-chip HBM of the train step at `batch`; None when the config cannot run it."""
+    trial = config.copy_and_resolve_references()
+    trial.input.global_batch_size = batch
+    try:
+      planned = build(trial, topology)
+    except ConfigError:  # e.g. more classes per class-aware batch than the dataset has
+      return None
+    result, _ = compile_and_analyse(
+      planned.task.compiled_train_step,
+      (planned.state, planned.batch, planned.task.consts),
+      spec,
+      num_chips=devices // spec.devices_per_chip,
+      batch_size=batch,
+    )
+    return int(result["hbm_per_chip"]["total"])
+
+  start = max(unit, min(limit, config.input.global_batch_size) // unit * unit)
+  found = search_max_batch(bytes_per_chip, int(spec.hbm_bytes), start=start, unit=unit, limit=limit)
+  return {
+    "max_global_batch": found["max_global_batch"],
+    "tried": {str(k): v for k, v in sorted(found["bytes_per_chip"].items())},
+  }
+
+
+def search_max_batch(
+  bytes_per_chip: Callable[[int], int | None], capacity: int, *, start: int, unit: int, limit: int
+) -> dict[str, Any]:
+  """The largest multiple of `unit` in [unit, limit] with bytes_per_chip(batch) <= capacity
+  (0 when none), calling bytes_per_chip (a compile: minutes at real size) as few times as it
+  can. A step's memory is a fixed part (parameters, optimiser state, a bank) plus a part
+  proportional to the batch (activations), so the batch where it meets the capacity is
+  predicted from the line through the two compiled points nearest the capacity (the
+  secant method), then the next unit up is compiled to confirm the boundary: about four
+  compiles, where doubling and bisection need ten or more. Where the line points past a
+  batch that did not fit, the search bisects instead. The answer is exact whatever the
+  curve (as long as memory grows with the batch): every step keeps a fitting `low` and a
+  non-fitting `high`, compiles strictly between them, and ends when they are one unit
+  apart.
+  """
+  memory: dict[int, int | None] = {}
+
+  def measure(batch: int) -> int | None:
+    if batch not in memory:
+      memory[batch] = bytes_per_chip(batch)
+    return memory[batch]
 
   def fits(batch: int) -> bool:
-    if batch not in tried:
-      trial = config.copy_and_resolve_references()
-      trial.input.global_batch_size = batch
-      try:
-        planned = build(trial, topology)
-      except ConfigError:  # e.g. more classes per class-aware batch than the dataset has
-        tried[batch] = False
-        return False
-      result, _ = compile_and_analyse(
-        planned.task.compiled_train_step,
-        (planned.state, planned.batch, planned.task.consts),
-        spec,
-        num_chips=devices // spec.devices_per_chip,
-        batch_size=batch,
-      )
-      tried[batch] = result["hbm_per_chip"]["fits"]
-    return tried[batch]
+    used = measure(batch)
+    return used is not None and used <= capacity
 
-  low = max(unit, config.input.global_batch_size // unit * unit)
-  if not fits(low):
-    high, low = low, 0
-  else:
-    high = low * 2
-    while high <= limit and fits(high):
-      low, high = high, high * 2
+  low, high = 0, (limit // unit + 1) * unit  # fits at low (0: none known); not at high
+  batch = start
+  while not fits(batch):  # halve down to a batch that fits
+    high = batch
+    if batch == unit:
+      return {"max_global_batch": 0, "bytes_per_chip": memory}
+    batch = max(unit, batch // 2 // unit * unit)
+  low = batch
   while high - low > unit:
-    middle = (low + high) // 2 // unit * unit
-    if middle in (low, high):
-      break
-    low, high = (middle, high) if fits(middle) else (low, middle)
-  return {"max_global_batch": low, "tried": {str(k): v for k, v in sorted(tried.items())}}
+    points = sorted((b, m) for b, m in memory.items() if m is not None)
+    if len(points) >= 2:  # the secant through the two points nearest the boundary
+      (b1, m1), (b2, m2) = sorted(points, key=lambda p: abs(p[1] - capacity))[:2]
+      slope = (m2 - m1) / (b2 - b1) if b2 != b1 and m2 != m1 else 0.0
+      guess = b1 + (capacity - m1) / slope if slope > 0 else 2 * low
+    else:
+      guess = 2 * low
+    batch = max(int(guess) // unit * unit, low + unit)  # at low + unit: confirms low
+    if batch >= high:  # the line says "beyond high", which a compile at high refuted
+      batch = high - unit if high not in memory else (low + high) // 2 // unit * unit
+    low, high = (batch, high) if fits(batch) else (low, batch)
+  return {"max_global_batch": low, "bytes_per_chip": memory}
 
 
 # ----------------------------------------------------------------------------- output
@@ -997,7 +1036,9 @@ def _define_flags() -> None:
   )
   flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
   flags.DEFINE_string("json_out", None, "Append the plan as one JSON line to this file.")
-  flags.DEFINE_bool("max_batch", False, "Also bisect the largest global batch that fits.")
+  flags.DEFINE_bool(
+    "max_batch", False, "Also find the largest global batch that fits (a few compiles)."
+  )
   flags.DEFINE_bool("eval", True, "Also compile the eval (or kNN feature) step.")
   flags.DEFINE_bool("all", False, "Plan every shipped config (config_lib.experiment_names).")
   flags.DEFINE_string(

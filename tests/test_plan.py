@@ -377,3 +377,59 @@ def test_table_from_prints_one_row_per_plan_and_failure(tmp_path):
     text=True,
   )
   assert bad.returncode == 2 and "not a file of mcl-plan JSON lines" in bad.stderr
+
+
+def _largest_that_fits(memory, capacity, unit, limit):
+  fitting = [b for b in range(unit, limit + 1, unit) if (memory(b) or capacity + 1) <= capacity]
+  return max(fitting, default=0)
+
+
+@pytest.mark.parametrize(
+  "name, memory, capacity, start, most_compiles",
+  [
+    # Linear (fixed part + activations): the line through two compiles finds the boundary,
+    # a fourth confirms it.
+    ("linear", lambda b: 10_000 + 37 * b, 10_000 + 37 * 3000, 256, 4),
+    # Curved (buffer sizes rounded up, reuse): still exact, with a few more compiles.
+    ("curved", lambda b: 5_000 + b * b // 40 + 64 * ((b + 511) // 512), 400_000, 128, 7),
+    # The config's batch does not fit: halve, then search above what fits.
+    ("start too big", lambda b: 100 + 50 * b, 100 + 50 * 100, 1024, 7),
+    # A batch the config cannot run (None) counts as not fitting; the line through the
+    # batches that fit points past it, so the search bisects.
+    ("config refuses", lambda b: None if b > 700 else 10 * b, 10**9, 256, 11),
+    # Everything up to the limit fits.
+    ("limit", lambda b: b, 10**9, 256, 3),
+    # Nothing fits.
+    ("none", lambda b: 10**6 + b, 10**5, 64, 3),
+  ],
+)
+def test_max_batch_search_is_exact_in_few_compiles(name, memory, capacity, start, most_compiles):
+  """plan.search_max_batch against every batch tried: the largest multiple of the unit
+  that fits, with few calls of the (at real size, minutes-long) compile."""
+  unit, limit = 16, 4096
+  calls = []
+
+  def compile_bytes(batch):
+    calls.append(batch)
+    return memory(batch)
+
+  found = plan.search_max_batch(compile_bytes, capacity, start=start, unit=unit, limit=limit)
+  assert found["max_global_batch"] == _largest_that_fits(memory, capacity, unit, limit), name
+  assert len(calls) == len(set(calls)) <= most_compiles, (name, calls)
+  assert all(b % unit == 0 and unit <= b <= limit for b in calls), calls
+  assert found["bytes_per_chip"] == {b: memory(b) for b in calls}
+
+
+def test_max_batch_compiles_the_real_step():
+  """plan.max_batch on a tiny cohort whose step fits at any batch here, on a dataset of 10
+  classes: class-aware batches of 2 per class stop at 20 (larger ones are refused by the
+  config, so they do not count as fitting). Each try is a real TPU compile whose per-chip
+  memory grows with the batch."""
+  config = shrunk("cifar100_resnet32:mcl_x2,smoke", model__arch="tiny", input__image_size=8)
+  found = plan.max_batch(config, TOPOLOGY, limit=64)
+  assert found["max_global_batch"] == 20
+  tried = {int(b): used for b, used in found["tried"].items()}
+  fitting = [tried[b] for b in sorted(tried) if b <= 20]
+  assert len(fitting) >= 2 and fitting == sorted(fitting) and fitting[0] < fitting[-1]
+  assert all(tried[b] is None for b in tried if b > 20)
+  assert len(tried) <= 8, tried
