@@ -800,9 +800,16 @@ def config_name(config: Any) -> str:
   return f"{config.model.arch} x{config.cohort.num_members} ({config.trainer})"
 
 
-def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, Any]:
+def max_batch(
+  config: Any,
+  topology: str,
+  *,
+  limit: int = 1 << 16,
+  report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
   """The largest global batch (a multiple of the chips and of samples_per_class, at most
-  `limit`) whose train step fits in HBM, with the compiles it took."""
+  `limit`) whose train step fits in HBM, with the compiles it took; `report` gets one line
+  per compile (minutes each at real size)."""
   spec = chip_spec(topology)
   devices = len(topology_devices(topology))
   unit = math.lcm(devices, config.input.samples_per_class or 1)
@@ -813,7 +820,9 @@ def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, 
     trial.input.global_batch_size = batch
     try:
       planned = build(trial, topology)
-    except ConfigError:  # e.g. more classes per class-aware batch than the dataset has
+    except ConfigError as e:  # e.g. more classes per class-aware batch than the dataset has
+      if report:
+        report(f"  max_batch: global batch {batch}: not run by this config ({e})")
       return None
     result, _ = compile_and_analyse(
       planned.task.compiled_train_step,
@@ -822,7 +831,14 @@ def max_batch(config: Any, topology: str, *, limit: int = 1 << 16) -> dict[str, 
       num_chips=devices // spec.devices_per_chip,
       batch_size=batch,
     )
-    return int(result["hbm_per_chip"]["total"])
+    hbm = result["hbm_per_chip"]
+    if report:
+      report(
+        f"  max_batch: global batch {batch}: {_gib(hbm['total'])} per chip, "
+        + ("fits" if hbm["fits"] else "does not fit")
+        + f" (compiled in {result['compile_seconds']:.0f} s)"
+      )
+    return int(hbm["total"])
 
   start = max(unit, min(limit, config.input.global_batch_size) // unit * unit)
   found = search_max_batch(bytes_per_chip, int(spec.hbm_bytes), start=start, unit=unit, limit=limit)
@@ -1083,7 +1099,9 @@ def plan_configs(
     try:
       result = plan(config, topology, with_eval=with_eval)
       if with_max_batch:
-        result["max_batch"] = max_batch(config, topology)
+        result["max_batch"] = max_batch(
+          config, topology, report=lambda line: print(line, flush=True)
+        )
     except ConfigError as e:
       if name is None:
         raise

@@ -426,10 +426,12 @@ def test_max_batch_compiles_the_real_step():
   config, so they do not count as fitting). Each try is a real TPU compile whose per-chip
   memory grows with the batch."""
   config = shrunk("cifar100_resnet32:mcl_x2,smoke", model__arch="tiny", input__image_size=8)
-  found = plan.max_batch(config, TOPOLOGY, limit=64)
+  lines = []
+  found = plan.max_batch(config, TOPOLOGY, limit=64, report=lines.append)
   assert found["max_global_batch"] == 20
   tried = {int(b): used for b, used in found["tried"].items()}
   fitting = [tried[b] for b in sorted(tried) if b <= 20]
   assert len(fitting) >= 2 and fitting == sorted(fitting) and fitting[0] < fitting[-1]
   assert all(tried[b] is None for b in tried if b > 20)
   assert len(tried) <= 8, tried
+  assert len(lines) == len(tried) and "per chip, fits (compiled in" in lines[0], lines
