@@ -813,6 +813,7 @@ def max_batch(
   spec = chip_spec(topology)
   devices = len(topology_devices(topology))
   unit = math.lcm(devices, config.input.samples_per_class or 1)
+  analysed: dict[int, dict[str, Any]] = {}  # the train step's plan at each batch compiled
 
   def bytes_per_chip(batch: int) -> int | None:
     """Per-chip HBM of the train step at `batch`; None when the config cannot run it."""
@@ -831,6 +832,7 @@ def max_batch(
       num_chips=devices // spec.devices_per_chip,
       batch_size=batch,
     )
+    analysed[batch] = result
     hbm = result["hbm_per_chip"]
     if report:
       report(
@@ -842,9 +844,11 @@ def max_batch(
 
   start = max(unit, min(limit, config.input.global_batch_size) // unit * unit)
   found = search_max_batch(bytes_per_chip, int(spec.hbm_bytes), start=start, unit=unit, limit=limit)
+  largest = found["max_global_batch"]
   return {
-    "max_global_batch": found["max_global_batch"],
+    "max_global_batch": largest,
     "tried": {str(k): v for k, v in sorted(found["bytes_per_chip"].items())},
+    "train_at_max": analysed.get(largest),  # HBM, step estimate, MFU at the largest batch
   }
 
 
@@ -1014,7 +1018,16 @@ def format_plan(result: dict[str, Any]) -> str:
       f"{_gib(result['bank']['total_bytes'])}, {_gib(result['bank']['per_chip_bytes'])} per chip"
     )
   if "max_batch" in result:
-    lines.append(f"  largest global batch that fits: {result['max_batch']['max_global_batch']}")
+    largest, at_max = result["max_batch"]["max_global_batch"], result["max_batch"]["train_at_max"]
+    line = f"  largest global batch that fits: {largest}"
+    if at_max and at_max["images_per_second"]:
+      mfu = f", MFU {100 * at_max['mfu']:.1f}%" if at_max["mfu"] is not None else ""
+      line += (
+        f" ({_gib(at_max['hbm_per_chip']['total'])} per chip; est. step "
+        f"{1e3 * at_max['step_seconds']:.2f} ms [{at_max['step_seconds_basis']}], "
+        f"{at_max['images_per_second']:,.0f} images/s{mfu})"
+      )
+    lines.append(line)
   return "\n".join(lines)
 
 

@@ -435,3 +435,8 @@ def test_max_batch_compiles_the_real_step():
   assert all(tried[b] is None for b in tried if b > 20)
   assert len(tried) <= 8, tried
   assert len(lines) == len(tried) and "per chip, fits (compiled in" in lines[0], lines
+  at_max = found["train_at_max"]  # the plan of the step at the largest batch
+  assert at_max["hbm_per_chip"]["total"] == tried[20] and at_max["flops_per_step"] > 0
+  header = {"config": "c", "topology": TOPOLOGY, "chips": CHIPS, "chip": "v5e"}
+  text = plan.format_plan({**header, "global_batch": 8, "dtype": "float32", "max_batch": found})
+  assert "largest global batch that fits: 20 (" in text and "images/s" in text
