@@ -9,8 +9,8 @@
 # Sections run in the order of what matters most, so a budget cuts the least useful ones:
 # resnet32 bfloat16 (M = 1, 2), the official PyTorch step as it runs, resnet32 x4, resnet18
 # at 224 px, the tuned PyTorch step, one epoch, then the float32 and remaining settings.
-# If the first section fails, the script stops at once: the library does not run on this
-# machine, and no lease time should go on the rest.
+# If the first section fails (not cut by the budget), the script stops at once: the library
+# does not run on this machine, and no lease time should go on the rest.
 #
 # Writes to $OUT (the device tool's return folder) or benchmarks/results/gpu-<date>/:
 #   bench.jsonl   mcl_jax.bench records (step time, compile, images/s, MFU, peak memory)
@@ -61,7 +61,7 @@ section() {  # section NAME COMMAND...: run it unless the budget is spent; cut i
   SECTIONS_RUN=$((SECTIONS_RUN + 1))
   if ((rc != 0)); then
     echo "# section '$name' ended with rc=$rc$( ((rc == 124)) && echo ' (cut at the budget)')"
-    if ((SECTIONS_RUN == 1)); then
+    if ((SECTIONS_RUN == 1 && rc != 124)); then
       echo "# the first section failed: stopping here"
       exit "$rc"
     fi

@@ -64,7 +64,9 @@ def main(argv):
   tx, _ = optim.make_optimizer(config, steps_per_epoch=n // batch)
   image_shape = (config.input.image_size, config.input.image_size, 3)
   bank_rows = n if config.loss.regime == "bank" else 0
-  state = train_state.abstract_train_state(model, tx, image_shape, mesh, bank_rows=bank_rows)
+  state = train_state.abstract_train_state(
+    model, tx, image_shape, mesh, bank_rows=bank_rows, bank_dtype=config.bank.dtype
+  )
   shardings = train_state.state_shardings(state, mesh)
 
   print(

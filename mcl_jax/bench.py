@@ -340,10 +340,15 @@ def model_flops(s: Setting, mesh: Mesh) -> float | None:
   from mcl_jax import sharding as sharding_lib
 
   flops = _lowered_flops(s, mesh)
-  host_mesh = sharding_lib.make_mesh(jax.devices("cpu")[:1])
-  if flops is None and list(mesh.devices.flat) != list(host_mesh.devices.flat):
-    flops = _lowered_flops(s, host_mesh)
-  return flops
+  if flops is not None:
+    return flops
+  try:
+    host_mesh = sharding_lib.make_mesh(jax.devices("cpu")[:1])
+  except RuntimeError:  # JAX_PLATFORMS left the CPU backend out: no count, no MFU
+    return None
+  if list(mesh.devices.flat) == list(host_mesh.devices.flat):
+    return None
+  return _lowered_flops(s, host_mesh)
 
 
 def _lowered_flops(s: Setting, mesh: Mesh) -> float | None:

@@ -858,16 +858,19 @@ def search_max_batch(
   """The largest multiple of `unit` in [unit, limit] with bytes_per_chip(batch) <= capacity
   (0 when none), calling bytes_per_chip (a compile: minutes at real size) as few times as it
   can. A step's memory is a fixed part (parameters, optimiser state, a bank) plus a part
-  proportional to the batch (activations), so the batch where it meets the capacity is
-  predicted from the line through the two compiled points nearest the capacity (the
-  secant method), then the next unit up is compiled to confirm the boundary: about four
-  compiles, where doubling and bisection need ten or more. Where the line points past a
-  batch that did not fit, the search bisects instead. The answer is exact whatever the
-  curve (as long as memory grows with the batch): every step keeps a fitting `low` and a
-  non-fitting `high`, compiles strictly between them, and ends when they are one unit
-  apart.
+  proportional to the batch (activations), so while every batch tried fits, the line
+  through the two largest predicts where memory meets the capacity; once one does not fit,
+  the line through the two ends of the bracket does (regula falsi), and the next unit up
+  from a fitting batch confirms the boundary: about four compiles for a straight line,
+  where doubling and bisection need ten or more. A step that does not halve the bracket
+  is followed by a bisection, so a curved or stepped memory costs at most about twice the
+  compiles of bisection. The answer is exact whatever the curve, as long as memory grows
+  with the batch: every step keeps a fitting `low` and a non-fitting `high`, compiles
+  strictly between them, and ends when they are one unit apart.
   """
   memory: dict[int, int | None] = {}
+  if unit > limit:
+    return {"max_global_batch": 0, "bytes_per_chip": memory}
 
   def measure(batch: int) -> int | None:
     if batch not in memory:
@@ -878,7 +881,7 @@ def search_max_batch(
     used = measure(batch)
     return used is not None and used <= capacity
 
-  low, high = 0, (limit // unit + 1) * unit  # fits at low (0: none known); not at high
+  high = (limit // unit + 1) * unit  # not known to fit; compiled once `high in memory`
   batch = start
   while not fits(batch):  # halve down to a batch that fits
     high = batch
@@ -886,18 +889,27 @@ def search_max_batch(
       return {"max_global_batch": 0, "bytes_per_chip": memory}
     batch = max(unit, batch // 2 // unit * unit)
   low = batch
+  halved = True  # the last step at least halved a compiled bracket
   while high - low > unit:
-    points = sorted((b, m) for b, m in memory.items() if m is not None)
-    if len(points) >= 2:  # the secant through the two points nearest the boundary
-      (b1, m1), (b2, m2) = sorted(points, key=lambda p: abs(p[1] - capacity))[:2]
-      slope = (m2 - m1) / (b2 - b1) if b2 != b1 and m2 != m1 else 0.0
-      guess = b1 + (capacity - m1) / slope if slope > 0 else 2 * low
-    else:
-      guess = 2 * low
-    batch = max(int(guess) // unit * unit, low + unit)  # at low + unit: confirms low
-    if batch >= high:  # the line says "beyond high", which a compile at high refuted
-      batch = high - unit if high not in memory else (low + high) // 2 // unit * unit
+    width, bracketed = high - low, high in memory
+    m_low, m_high = memory[low], memory.get(high)
+    assert m_low is not None  # low fits
+    guess: float
+    if bracketed:  # regula falsi between the ends, or bisection after a poor step
+      if halved and m_high is not None and m_high > m_low:
+        guess = low + (capacity - m_low) * (high - low) / (m_high - m_low)
+      else:
+        guess = (low + high) / 2
+    else:  # everything tried fits: extrapolate from the two largest, or double
+      below = sorted(b for b in memory if b < low)
+      m_below = memory[below[-1]] if below else None
+      if m_below is not None and m_low > m_below:
+        guess = low + (capacity - m_low) * (low - below[-1]) / (m_low - m_below)
+      else:
+        guess = 2 * low
+    batch = min(max(int(guess) // unit * unit, low + unit), high - unit)
     low, high = (batch, high) if fits(batch) else (low, batch)
+    halved = not bracketed or 2 * (high - low) <= width
   return {"max_global_batch": low, "bytes_per_chip": memory}
 
 

@@ -184,3 +184,13 @@ def test_a_bfloat16_bank_trains_as_the_float32_one_to_bfloat16_precision(tmp_pat
     np.testing.assert_allclose(bank16, np.asarray(f32.state.bank), atol=2e-2)
     changed = np.any(bank16 != initial, axis=(0, 2))
     assert changed.sum() >= c.input.global_batch_size  # two batches' rows were written
+  # A checkpoint of the bfloat16 bank restores bit for bit, still bfloat16.
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "bf16_replicated"))
+  ckpt.save(2, bf16.state, bf16.task.meta())
+  ckpt.close()
+  fresh = jobs.build(c, str(tmp_path / "bf16_replicated"))
+  assert fresh.restore(checkpointing.Checkpointer(str(tmp_path / "bf16_replicated")))
+  assert fresh.state.bank.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+    np.asarray(fresh.state.bank, np.float32), np.asarray(bf16.state.bank, np.float32)
+  )

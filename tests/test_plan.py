@@ -392,6 +392,15 @@ def _largest_that_fits(memory, capacity, unit, limit):
     ("linear", lambda b: 10_000 + 37 * b, 10_000 + 37 * 3000, 256, 4),
     # Curved (buffer sizes rounded up, reuse): still exact, with a few more compiles.
     ("curved", lambda b: 5_000 + b * b // 40 + 64 * ((b + 511) // 512), 400_000, 128, 7),
+    # Quadratic, then flat past the boundary (as when the compiler starts rematerialising):
+    # the line through the first points overshoots; regula falsi and bisection recover.
+    (
+      "quadratic then flat",
+      lambda b: 10**6 + b * b if b <= 2000 else 5 * 10**6 + 10 * b,
+      4 * 10**6,
+      256,
+      9,
+    ),
     # The config's batch does not fit: halve, then search above what fits.
     ("start too big", lambda b: 100 + 50 * b, 100 + 50 * 100, 1024, 7),
     # A batch the config cannot run (None) counts as not fitting; the line through the
@@ -440,3 +449,34 @@ def test_max_batch_compiles_the_real_step():
   header = {"config": "c", "topology": TOPOLOGY, "chips": CHIPS, "chip": "v5e"}
   text = plan.format_plan({**header, "global_batch": 8, "dtype": "float32", "max_batch": found})
   assert "largest global batch that fits: 20 (" in text and "images/s" in text
+
+
+def test_max_batch_search_is_exact_on_random_growing_curves():
+  """Piecewise-linear memory with random kinks, slopes, capacity and start: always the
+  exact answer, never a batch twice, and at most about twice bisection's compiles."""
+  import random
+
+  unit, limit = 16, 4096
+  for seed in range(300):
+    rng = random.Random(seed)
+    kinks = sorted(rng.sample(range(unit, limit, unit), rng.randint(1, 5)))
+    slopes = [rng.choice([0.5, 1, 5, 50, 500, 5000]) for _ in range(len(kinks) + 1)]
+
+    def memory(b, kinks=kinks, slopes=slopes):
+      used, left = 1000.0, 0
+      for right, slope in zip([*kinks, limit + unit], slopes):
+        used += slope * max(0, min(b, right) - left)
+        left = right
+      return used
+
+    capacity = memory(rng.randrange(unit, limit)) + rng.random()
+    calls = []
+
+    def compile_bytes(b, memory=memory, calls=calls):
+      calls.append(b)
+      return memory(b)
+
+    start = rng.choice([16, 64, 256, 1024])
+    found = plan.search_max_batch(compile_bytes, capacity, start=start, unit=unit, limit=limit)
+    assert found["max_global_batch"] == _largest_that_fits(memory, capacity, unit, limit), seed
+    assert len(calls) == len(set(calls)) <= 20, (seed, calls)
