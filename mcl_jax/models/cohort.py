@@ -64,8 +64,9 @@ def resolve_strategy(strategy: str, backend: str | None = None, arch: str | None
   'auto' is 'vmap' for GPU_VMAP_ARCHS on GPU, else 'unroll'. vmap turns each member's
   convolutions into one grouped convolution: on GPU that fills a chip that the narrow CIFAR
   ResNets' small convolutions leave idle; XLA:CPU runs it far slower at CIFAR widths, and
-  under XLA:TPU's own counts (`mcl-plan`, resnet32 and wrn_16_2 x2 on a v5e-4) unroll was
-  as fast or faster. map runs members one after another in a loop XLA cannot fuse across.
+  under XLA:TPU's own counts (`mcl-plan` on a v5e-4: resnet32 x2 and x4 and wrn_16_2 x2 in
+  float32 and bfloat16, resnet18 x3 in bfloat16) unroll was as fast or faster but for one
+  tie. map runs members one after another in a loop XLA cannot fuse across.
   docs/PERFORMANCE.md has every measurement; re-measure with `benchmarks/gpu.sh` before
   changing this.
   """
