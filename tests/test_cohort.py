@@ -191,9 +191,9 @@ def test_train_needs_mutable_batch_stats():
 @pytest.mark.parametrize(
   "backend, arch, expected",
   [
-    ("gpu", "resnet32", "vmap"),  # measured: vmap 1.27-1.59x faster on an H200 (bf16)
+    ("gpu", "resnet32", "vmap"),  # measured faster on an H200 (docs/PERFORMANCE.md)
     ("cuda", "resnet110", "vmap"),  # a compile-only GPU device's platform name
-    ("gpu", "resnet18", "unroll"),  # measured: unroll 1.10x faster at 224 px
+    ("gpu", "resnet18", "unroll"),  # measured: unroll faster at 224 px
     ("gpu", "wrn_16_2", "unroll"),  # measured: a tie
     ("tpu", "resnet32", "unroll"),  # XLA:TPU's estimate: unroll as fast or faster
     ("cpu", "resnet32", "unroll"),

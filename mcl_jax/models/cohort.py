@@ -47,13 +47,10 @@ Array = jax.Array
 STRATEGIES = ("vmap", "unroll", "map")
 
 
-# Where `auto` is vmap: on GPU, the CIFAR ResNets (16-64 channels). Measured on one H200
-# (benchmarks/results/gpu-h200-20261204, docs/PERFORMANCE.md "On a GPU"), resnet32 with
-# MCL at B = 128: vmap 1.27x (M = 2) and 1.59x (M = 4, shared trunk) faster than unroll in
-# bfloat16, 1.03x and 1.43x in float32. resnet56 and resnet110 have the same layer widths
-# and more of the same layers, so they follow resnet32. Not here, because measured no
-# faster: wrn_16_2 x2 (a tie, 4.48 vs 4.64 ms) and resnet18 x3 at 224 px (unroll 1.10x
-# faster).
+# Where `auto` is vmap: on GPU, the CIFAR ResNets (16-64 channels), whose steps are bound by
+# kernel launches there, so one grouped convolution per layer beats M of them (measured on
+# resnet32: docs/PERFORMANCE.md, "On a GPU"; resnet56 and resnet110 have the same layer
+# widths). wrn_16_2 and the ImageNet resnet18 were measured no faster with vmap.
 GPU_VMAP_ARCHS = frozenset({"resnet32", "resnet56", "resnet110"})
 
 
